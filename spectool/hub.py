@@ -1,0 +1,247 @@
+"""Model references: a Hub id, a local model directory, or a path to a config.json -> `TargetInfo`.
+
+The one resolver every command uses. For a Hub id it fetches only the small files (config.json, and
+tokenizer_config.json / generation_config.json when present) through huggingface_hub, which honours
+HF_TOKEN, HF_HOME / HF_HUB_CACHE, HF_ENDPOINT, HF_HUB_OFFLINE and the local cache. When the Hub cannot be
+reached the cache answers; when nothing is cached, the built-in catalog of well-known targets does, and the
+result says so. Weights are never touched here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlparse
+
+from spectool import catalog
+from spectool.arch import ConfigError, TargetArch
+from spectool.errors import SpectoolError, UsageError
+
+Source = Literal["local", "hub", "cache", "catalog"]
+
+#: Where the embedded tiny target lives inside the installed package.
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+DEFAULT_MODEL_DIR = ASSETS_DIR / "tiny-qwen3"
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_OPTIONAL_FILES = ("tokenizer_config.json", "generation_config.json")
+
+
+@dataclass
+class TargetInfo:
+    """A resolved target: where its config came from, the config itself, and what is known beside it."""
+
+    ref: str  # what the user gave
+    source: Source
+    config: dict[str, Any]
+    arch: TargetArch
+    config_path: Path | None = None  # None for catalog entries
+    directory: Path | None = None  # the model directory (local), or the cache snapshot holding config.json
+    revision: str | None = None
+    tokenizer_length: int | None = None  # len(tokenizer), when it could be read
+    tokenizer_length_source: str | None = None
+    tokenizer_config: dict[str, Any] | None = None
+    generation_config: dict[str, Any] | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def hub_id(self) -> str | None:
+        return None if self.source == "local" else self.ref
+
+
+def default_model_ref() -> str:
+    """The embedded tiny target, used when a command takes an optional MODEL and none is given."""
+    if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+        raise UsageError(
+            "no MODEL given and the embedded tiny target is not installed with this copy of spectool; "
+            "pass a Hub id (e.g. Qwen/Qwen3-8B) or a local model directory"
+        )
+    return str(DEFAULT_MODEL_DIR)
+
+
+def resolve_model(ref: str, revision: str | None = None) -> TargetInfo:
+    """Resolve a MODEL argument. Bad paths are usage errors (exit 2); unreadable configs fail (exit 1)."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        return _resolve_local(ref, path)
+    if _looks_like_path(ref) or not _HUB_ID.match(ref):
+        raise UsageError(f"no such file or directory: {ref} (give a model directory, a config.json, or a Hub id)")
+    return _resolve_hub(ref, revision)
+
+
+def _looks_like_path(ref: str) -> bool:
+    return ref.startswith((".", "/", "~")) or ref.endswith(".json") or ref.count("/") > 1 or "\\" in ref
+
+
+def _resolve_local(ref: str, path: Path) -> TargetInfo:
+    if path.is_dir():
+        directory, config_path = path, path / "config.json"
+        if not config_path.is_file():
+            raise UsageError(f"{path} has no config.json; point MODEL at a Hugging Face model directory")
+    else:
+        directory, config_path = path.parent, path
+    config = read_json(config_path)
+    info = TargetInfo(
+        ref=ref,
+        source="local",
+        config=config,
+        arch=TargetArch.from_config(config, where=str(config_path)),
+        config_path=config_path,
+        directory=directory,
+    )
+    _attach_tokenizer_facts(info, {name: directory / name for name in _OPTIONAL_FILES}, directory / "tokenizer.json")
+    return info
+
+
+def read_json(path: Path) -> Any:
+    """Read a JSON file; a malformed one is a one-line error naming the file and position (exit 1)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    except OSError as exc:
+        raise SpectoolError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+@lru_cache(maxsize=4)
+def _hub_unreachable(endpoint: str) -> str | None:
+    """Why the Hub cannot be reached, or None. A 3-second connect test, skipped behind a proxy.
+
+    huggingface_hub retries a dead connection for ~20 s before it looks in the cache; this probe lets an
+    air-gapped `inspect` answer from the cache or the catalog at once.
+    """
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    url = urlparse(endpoint)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme != "http" else 80)
+    try:
+        socket.create_connection((host, port), timeout=3).close()
+    except OSError as exc:
+        return f"{host}:{port} is unreachable ({exc.strerror or exc})"
+    return None
+
+
+def _resolve_hub(ref: str, revision: str | None) -> TargetInfo:
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RemoteEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    offline_reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else _hub_unreachable(constants.ENDPOINT)
+    local_only = offline_reason is not None
+
+    def fetch(filename: str) -> Path:
+        return Path(hf_hub_download(ref, filename, revision=revision, local_files_only=local_only))
+
+    try:
+        config_path = fetch("config.json")
+    except GatedRepoError:
+        raise SpectoolError(
+            f"{ref} is gated: accept its licence on the Hub, then set HF_TOKEN (or run `hf auth login`)"
+        ) from None
+    except RepositoryNotFoundError:
+        raise SpectoolError(
+            f"{ref} was not found on the Hub (check the spelling; a private repo needs HF_TOKEN)"
+        ) from None
+    except RevisionNotFoundError:
+        raise SpectoolError(f"{ref} has no revision {revision!r}") from None
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
+        return _from_catalog(ref, revision, offline_reason or f"the Hub could not be reached ({exc})")
+    except RemoteEntryNotFoundError:
+        raise SpectoolError(f"{ref} has no config.json: it is not a transformers model repository") from None
+    except HfHubHTTPError as exc:
+        raise SpectoolError(f"the Hub answered with an error for {ref}: {str(exc).splitlines()[0]}") from None
+    except OSError as exc:  # connection failures that the probe did not catch
+        return _from_catalog(ref, revision, f"the Hub could not be reached ({exc})")
+    except HFValidationError as exc:
+        raise UsageError(f"{ref!r} is not a valid Hub id or local path ({exc})") from None
+
+    config = read_json(config_path)
+    info = TargetInfo(
+        ref=ref,
+        source="cache" if local_only else "hub",
+        config=config,
+        arch=TargetArch.from_config(config, where=f"{ref}/config.json"),
+        config_path=config_path,
+        directory=config_path.parent,
+        revision=revision,
+    )
+    if local_only:
+        info.notes.append(f"Hub not contacted ({offline_reason}): using the locally cached config.json")
+    optional: dict[str, Path | None] = {}
+    for name in _OPTIONAL_FILES:
+        try:
+            optional[name] = fetch(name)
+        except (EntryNotFoundError, OSError):
+            optional[name] = None
+    _attach_tokenizer_facts(info, optional, config_path.parent / "tokenizer.json")
+    if info.tokenizer_length is None:
+        entry = catalog.lookup(ref)
+        if entry is not None and entry.tokenizer_length is not None:
+            info.tokenizer_length, info.tokenizer_length_source = entry.tokenizer_length, "spectool catalog"
+    return info
+
+
+def _from_catalog(ref: str, revision: str | None, reason: str) -> TargetInfo:
+    entry = catalog.lookup(ref)
+    if entry is None:
+        raise SpectoolError(
+            f"cannot get config.json for {ref}: {reason}, it is not in the local cache, and spectool's offline "
+            "catalog does not know it; pass a local model directory or config.json path, fetch it once where "
+            "the Hub is reachable (HF_HUB_OFFLINE unset), or set HF_ENDPOINT to a reachable mirror"
+        )
+    note = f"Hub not reachable ({reason}) and nothing cached: using spectool's built-in catalog for {entry.hub_id}"
+    if revision:
+        note += f" (the catalog describes the main revision, not {revision!r})"
+    return TargetInfo(
+        ref=entry.hub_id,
+        source="catalog",
+        config=entry.config,
+        arch=TargetArch.from_config(entry.config, where=f"catalog entry {entry.hub_id}"),
+        revision=revision,
+        tokenizer_length=entry.tokenizer_length,
+        tokenizer_length_source="spectool catalog" if entry.tokenizer_length else None,
+        notes=[note],
+    )
+
+
+def _attach_tokenizer_facts(info: TargetInfo, optional: dict[str, Path | None], tokenizer_json: Path) -> None:
+    """Read tokenizer / generation configs and `len(tokenizer)` where the files allow."""
+    for name, path in optional.items():
+        if path is not None and path.is_file():
+            data = read_json(path)
+            if name == "tokenizer_config.json":
+                info.tokenizer_config = data
+            else:
+                info.generation_config = data
+    if tokenizer_json.is_file():
+        tokens = read_json(tokenizer_json)
+        ids = set((tokens.get("model") or {}).get("vocab", {}).values())
+        ids.update(t["id"] for t in tokens.get("added_tokens", []) if isinstance(t, dict) and "id" in t)
+        if ids:
+            info.tokenizer_length, info.tokenizer_length_source = len(ids), "tokenizer.json"
+            return
+    added = (info.tokenizer_config or {}).get("added_tokens_decoder") or {}
+    try:
+        top = max(int(i) for i in added) + 1 if added else None
+    except ValueError:
+        top = None
+    # Special tokens usually sit after the BPE vocabulary (Qwen3, Llama 3, Phi, gpt-oss): the highest added id
+    # + 1 is then len(tokenizer). Trust it only when it lands near vocab_size.
+    if top is not None and 0.9 * info.arch.vocab_size <= top <= info.arch.vocab_size:
+        info.tokenizer_length, info.tokenizer_length_source = top, "tokenizer_config.json added tokens"

@@ -1,0 +1,120 @@
+"""What `spectool inspect` reports: the target's facts and, per method, the draft it would get.
+
+Plain data built from a `TargetInfo`; the command renders it with Rich or prints it as JSON.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from spectool.errors import UsageError
+from spectool.hub import TargetInfo
+from spectool.layout import DraftLayout, draft_layout
+from spectool.registry import METHOD_TITLES, METHODS, DraftSpec, UnsupportedArchitecture, resolve
+
+
+@dataclass
+class MethodReport:
+    method: str
+    supported: bool
+    spec: DraftSpec | None = None
+    layout: DraftLayout | None = None
+    reason: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def title(self) -> str:
+        return METHOD_TITLES[self.method]
+
+    def to_json(self) -> dict[str, Any]:
+        spec, layout = self.spec, self.layout
+        return {
+            "supported": self.supported,
+            "reason": self.reason,
+            "draft_class": spec.draft_class if spec else None,
+            "architecture": spec.architecture if spec else None,
+            "target_layer_ids": list(spec.target_layer_ids) if spec else None,
+            "num_draft_layers": spec.num_draft_layers if spec else None,
+            "block_size": spec.block_size if spec else None,
+            "mask_token_id": spec.mask_token_id if spec else None,
+            "draft_vocab_size": spec.draft_vocab_size if spec else None,
+            "markov_rank": spec.markov_rank if spec else None,
+            "checkpoint_format": spec.checkpoint_format if spec else None,
+            "trainable_params": layout.trainable_params if layout else None,
+            "frozen_params": layout.frozen_params if layout else None,
+            "checkpoint_bytes_bf16": layout.stored_bytes_bf16 if layout else None,
+            "modules": (
+                [{"name": t.name, "shape": list(t.shape), "role": t.role, "params": t.numel} for t in layout.tensors]
+                if layout
+                else None
+            ),
+            "notes": self.notes,
+        }
+
+
+def target_json(info: TargetInfo) -> dict[str, Any]:
+    a = info.arch
+    total, active = a.parameter_counts()
+    return {
+        "ref": info.ref,
+        "source": info.source,
+        "revision": info.revision,
+        "architectures": list(a.architectures),
+        "model_type": a.model_type,
+        "num_hidden_layers": a.num_hidden_layers,
+        "hidden_size": a.hidden_size,
+        "intermediate_size": a.intermediate_size,
+        "num_attention_heads": a.num_attention_heads,
+        "num_key_value_heads": a.num_key_value_heads,
+        "head_dim": a.head_dim,
+        "vocab_size": a.vocab_size,
+        "tokenizer_length": info.tokenizer_length,
+        "num_experts": a.num_experts,
+        "num_experts_per_tok": a.num_experts_per_tok,
+        "moe_intermediate_size": a.moe_intermediate_size,
+        "rope_type": a.rope_type,
+        "rope_theta": a.rope_theta,
+        "max_position_embeddings": a.max_position_embeddings,
+        "tie_word_embeddings": a.tie_word_embeddings,
+        "dtype": a.dtype,
+        "parameters_total": total,
+        "parameters_active": active,
+        "notes": list(info.notes),
+    }
+
+
+def method_report(info: TargetInfo, method: str, **options: Any) -> MethodReport:
+    """Resolve one method against the target. Options the user gave that are invalid raise UsageError;
+    a method that cannot serve this target (architecture, or defaults that do not fit) is reported, not raised.
+    """
+    given = {k: v for k, v in options.items() if v is not None}
+    if method == "eagle3":
+        given.pop("num_feature_layers", None)  # EAGLE-3 always fuses three layers
+    if method in ("eagle1", "eagle3"):
+        given.pop("block_size", None)
+    try:
+        spec = resolve(method, info.arch, tokenizer_length=info.tokenizer_length, **given)
+    except UnsupportedArchitecture as exc:
+        return MethodReport(method, supported=False, reason=str(exc))
+    except UsageError as exc:
+        if given:
+            raise
+        return MethodReport(method, supported=False, reason=str(exc))
+    report = MethodReport(method, supported=True, spec=spec, layout=draft_layout(spec, info.arch))
+    n = info.arch.num_hidden_layers
+    edge = [i for i in spec.target_layer_ids if i in (-1, n - 1)]
+    if edge and method != "eagle1":
+        report.notes.append(
+            f"layer id {edge[0]} ({'embedding output' if edge[0] == -1 else 'post-norm last hidden'}) "
+            "is not capturable by SGLang; vLLM and spectool serve it"
+        )
+    if method in ("dflash", "dspark") and spec.mask_token_id is None:
+        report.notes.append("no spare embedding row is known: pass --mask-token-id to init / train")
+    if method == "eagle3" and spec.draft_vocab_size is None:
+        report.notes.append("draft vocabulary = the full target vocabulary (no pruning, no d2t / t2d)")
+    return report
+
+
+def inspect_report(info: TargetInfo, methods: list[str] | None = None, **options: Any) -> dict[str, MethodReport]:
+    return {m: method_report(info, m, **options) for m in (methods or list(METHODS))}

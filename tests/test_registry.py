@@ -1,0 +1,143 @@
+"""Registries (SPEC §1): dispatch on architectures, errors naming the method and the supported strings."""
+
+import pytest
+
+from spectool import catalog, registry
+from spectool.errors import UsageError
+from spectool.registry import (
+    DFLASH_REGISTRY,
+    UnsupportedArchitecture,
+    match_architecture,
+    resolve,
+    resolve_dflash,
+    resolve_dspark,
+    resolve_eagle1,
+    resolve_eagle3,
+)
+
+
+def config(archs, layers=36, vocab=151936, hidden=4096):
+    return {
+        "architectures": archs,
+        "model_type": "x",
+        "num_hidden_layers": layers,
+        "hidden_size": hidden,
+        "intermediate_size": 3 * hidden,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": vocab,
+    }
+
+
+DENSE = ["LlamaForCausalLM", "Phi3ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"]
+
+
+@pytest.mark.parametrize("arch", DENSE)
+def test_eagle_registries_cover_the_four_dense_strings(arch):
+    assert resolve_eagle1(config([arch])).draft_class == "LlamaEagleDraftModel"
+    assert resolve_eagle3(config([arch])).draft_class == "LlamaEagle3DraftModel"
+
+
+def test_gpt_oss_gets_the_yarn_eagle3_draft_only():
+    cfg = catalog.lookup("openai/gpt-oss-20b").config
+    assert resolve_eagle3(cfg).draft_class == "GptOssEagle3DraftModel"
+    for method in ("eagle1", "dflash", "dspark"):
+        with pytest.raises(UnsupportedArchitecture):
+            resolve(method, cfg)
+
+
+@pytest.mark.parametrize("arch", ["Qwen3ForCausalLM", "Qwen3MoeForCausalLM"])
+def test_dflash_and_dspark_take_qwen3(arch):
+    assert resolve_dflash(config([arch]), tokenizer_length=151669).draft_class == "Qwen3DFlashDraftModel"
+    assert resolve_dspark(config([arch]), tokenizer_length=151669).draft_class == "Qwen3DSparkModel"
+
+
+def test_unsupported_names_method_and_lists_supported():
+    with pytest.raises(UnsupportedArchitecture) as info:
+        resolve_dflash(config(["LlamaForCausalLM"]))
+    message = str(info.value)
+    assert message.startswith("DFlash has no draft for architectures [LlamaForCausalLM]")
+    assert "supported: Qwen3ForCausalLM, Qwen3MoeForCausalLM" in message
+    assert info.value.exit_code == 1
+    with pytest.raises(UnsupportedArchitecture, match="none listed"):
+        resolve_eagle3(config([]))
+
+
+def test_first_registered_string_in_config_wins():
+    arch, _ = match_architecture("eagle3", ["MyWrapper", "Qwen3MoeForCausalLM", "LlamaForCausalLM"])
+    assert arch == "Qwen3MoeForCausalLM"
+
+
+def test_multimodal_text_stack():
+    cfg = {"architectures": ["Qwen3VLForConditionalGeneration"], "text_config": config(["Qwen3ForCausalLM"], 28)}
+    spec = resolve_dspark(cfg, tokenizer_length=151669)
+    assert spec.architecture == "Qwen3ForCausalLM"
+    assert spec.target_layer_ids == (1, 8, 14, 20, 27)
+
+
+def test_adding_a_family_is_one_line(monkeypatch):
+    monkeypatch.setitem(DFLASH_REGISTRY, "Qwen3NextForCausalLM", "Qwen3DFlashDraftModel")
+    assert resolve_dflash(config(["Qwen3NextForCausalLM"]), mask_token_id=5).draft_class == "Qwen3DFlashDraftModel"
+
+
+def test_defaults_on_qwen3_8b():
+    cfg = catalog.lookup("Qwen/Qwen3-8B").config
+    dflash = resolve("dflash", cfg, tokenizer_length=151669)
+    assert (dflash.num_draft_layers, dflash.block_size, dflash.mask_token_id) == (5, 16, 151669)
+    assert dflash.target_layer_ids == (1, 9, 17, 25, 33)
+    dspark = resolve("dspark", cfg, tokenizer_length=151669)
+    assert (dspark.num_draft_layers, dspark.block_size, dspark.markov_rank) == (5, 7, 256)
+    assert dspark.target_layer_ids == (1, 10, 18, 26, 35)
+    eagle3 = resolve("eagle3", cfg)
+    assert eagle3.target_layer_ids == (1, 17, 32) and eagle3.draft_vocab_size == 32000
+    assert resolve("eagle1", cfg).target_layer_ids == (35,)
+
+
+def test_defaults_scale_down_on_a_shallow_target():
+    cfg = config(["Qwen3ForCausalLM"], layers=8, vocab=4096, hidden=256)
+    dflash = resolve("dflash", cfg, tokenizer_length=4080)
+    assert (dflash.num_draft_layers, dflash.block_size, dflash.mask_token_id) == (2, 8, 4080)
+    assert dflash.target_layer_ids == (1, 5)  # K defaults to the draft depth: round(1 + i*4/1)
+    dspark = resolve("dspark", cfg, tokenizer_length=4080)
+    assert dspark.markov_rank == 64 and dspark.target_layer_ids == (1, 2, 4, 6, 7)
+    assert resolve("eagle3", cfg).draft_vocab_size is None  # vocab 4096 <= 32000: no pruning
+
+
+def test_mask_token_unknown_without_spare_rows():
+    cfg = config(["Qwen3ForCausalLM"], vocab=1000)
+    assert resolve("dflash", cfg, tokenizer_length=1000).mask_token_id is None
+    assert resolve("dflash", cfg).mask_token_id is None
+    assert resolve("dflash", cfg, mask_token_id=7).mask_token_id == 7
+
+
+def test_user_layer_ids_are_validated():
+    cfg = config(["Qwen3ForCausalLM"])
+    assert resolve("dflash", cfg, target_layer_ids=[2, 4, 6]).target_layer_ids == (2, 4, 6)
+    with pytest.raises(UsageError, match="exactly 3"):
+        resolve("eagle3", cfg, target_layer_ids=[2, 4])
+    with pytest.raises(UsageError, match="strictly increasing"):
+        resolve("dspark", cfg, target_layer_ids=[4, 2])
+    with pytest.raises(UsageError, match="exactly 5"):
+        resolve("dspark", cfg, target_layer_ids=[1, 2], num_feature_layers=5)
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "message"),
+    [
+        ("dflash", {"block_size": 1}, "--block-size must be at least 2"),
+        ("dflash", {"mask_token_id": 151936}, "outside the target's embedding"),
+        ("eagle3", {"draft_vocab_size": 0}, "--draft-vocab-size"),
+        ("dspark", {"num_draft_layers": 0}, "--num-draft-layers"),
+        ("dspark", {"num_feature_layers": 40}, "between 1 and 35"),
+        ("medusa", {}, "unknown method"),
+    ],
+)
+def test_bad_options_are_usage_errors(method, options, message):
+    with pytest.raises(UsageError, match=message) as info:
+        resolve(method, config(["Qwen3ForCausalLM"]), **options)
+    assert info.value.exit_code == 2
+
+
+def test_every_method_has_a_format_and_title():
+    assert set(registry.CHECKPOINT_FORMATS) == set(registry.METHODS) == set(registry.METHOD_TITLES)
