@@ -245,3 +245,52 @@ def _attach_tokenizer_facts(info: TargetInfo, optional: dict[str, Path | None], 
     # + 1 is then len(tokenizer). Trust it only when it lands near vocab_size.
     if top is not None and 0.9 * info.arch.vocab_size <= top <= info.arch.vocab_size:
         info.tokenizer_length, info.tokenizer_length_source = top, "tokenizer_config.json added tokens"
+
+
+_WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]
+
+
+def model_directory(info: TargetInfo) -> Path:
+    """A local directory with the target's weights and tokenizer, downloading them from the Hub if needed.
+
+    Downloads show huggingface_hub's progress bars; with the Hub unreachable only the cache is used.
+    """
+    if info.source == "local":
+        assert info.directory is not None
+        return info.directory
+    if info.source == "catalog":
+        raise SpectoolError(
+            f"{info.ref}: the weights are needed, but the Hub is unreachable and nothing is cached; download the "
+            "model where the Hub is reachable (e.g. `hf download ...`) and pass its directory"
+        )
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    local_only = info.source == "cache"
+    try:
+        path = snapshot_download(
+            info.ref, revision=info.revision, allow_patterns=_WEIGHT_PATTERNS, local_files_only=local_only
+        )
+    except LocalEntryNotFoundError:
+        raise SpectoolError(
+            f"{info.ref}: the weights are not in the local cache ({constants.HF_HUB_CACHE}) and the Hub is "
+            "unreachable; download them first or pass a local model directory"
+        ) from None
+    return Path(path)
+
+
+def load_model_and_tokenizer(info: TargetInfo, *, dtype: str | None = None, device: str = "cpu"):
+    """(model, tokenizer) for a resolved target, frozen and in eval mode. `dtype` None keeps float32 on CPU
+    and uses bfloat16 on CUDA."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = model_directory(info)
+    torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype)
+    except OSError as exc:
+        raise SpectoolError(f"cannot load {info.ref} from {directory}: {str(exc).splitlines()[0]}") from None
+    model.to(device).eval().requires_grad_(False)
+    return model, tokenizer
