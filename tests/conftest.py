@@ -1,0 +1,114 @@
+"""Shared fixtures: tiny, seeded, random targets (no network, no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GptOssConfig, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+TINY_VOCAB = 256
+
+
+def tiny_qwen3_config(**overrides) -> Qwen3Config:
+    """4 layers, hidden 64, 4 heads x head_dim 32 (explicit, NOT hidden/heads), 2 kv heads."""
+    fields = dict(
+        vocab_size=TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=512,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+        architectures=["Qwen3ForCausalLM"],
+    )
+    fields.update(overrides)
+    return Qwen3Config(**fields)
+
+
+def tiny_llama_config(**overrides) -> LlamaConfig:
+    """3 layers, hidden 64, 4 heads (head_dim derived: 16), llama3 rope scaling in the legacy form."""
+    fields = dict(
+        vocab_size=TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rope_theta=500000.0,
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 128,
+        },
+        rms_norm_eps=1e-5,
+        architectures=["LlamaForCausalLM"],
+    )
+    fields.update(overrides)
+    return LlamaConfig(**fields)
+
+
+def tiny_gpt_oss_config() -> GptOssConfig:
+    """gpt-oss-shaped config (YaRN rope, attention bias, explicit head_dim); only its config is used."""
+    return GptOssConfig(
+        vocab_size=TINY_VOCAB,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        num_local_experts=2,
+        num_experts_per_tok=1,
+        max_position_embeddings=1024,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 150000.0,
+            "factor": 32.0,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "truncate": False,
+            "original_max_position_embeddings": 32,
+        },
+        architectures=["GptOssForCausalLM"],
+    )
+
+
+@pytest.fixture(scope="session")
+def qwen3_config() -> Qwen3Config:
+    return tiny_qwen3_config()
+
+
+@pytest.fixture(scope="session")
+def llama_config() -> LlamaConfig:
+    return tiny_llama_config()
+
+
+@pytest.fixture(scope="session")
+def gpt_oss_config() -> GptOssConfig:
+    return tiny_gpt_oss_config()
+
+
+@pytest.fixture(scope="session")
+def qwen3_target(qwen3_config) -> Qwen3ForCausalLM:
+    torch.manual_seed(0)
+    return Qwen3ForCausalLM(qwen3_config).eval()
+
+
+@pytest.fixture(scope="session")
+def llama_target(llama_config) -> LlamaForCausalLM:
+    torch.manual_seed(1)
+    return LlamaForCausalLM(llama_config).eval()
+
+
+@pytest.fixture
+def token_ids() -> torch.Tensor:
+    """A seeded [2, 12] batch of token ids."""
+    generator = torch.Generator().manual_seed(1234)
+    return torch.randint(0, TINY_VOCAB, (2, 12), generator=generator)
