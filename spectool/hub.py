@@ -294,3 +294,61 @@ def load_model_and_tokenizer(info: TargetInfo, *, dtype: str | None = None, devi
         raise SpectoolError(f"cannot load {info.ref} from {directory}: {str(exc).splitlines()[0]}") from None
     model.to(device).eval().requires_grad_(False)
     return model, tokenizer
+
+
+def transformers_config(info: TargetInfo):
+    """The target's config as a transformers `PretrainedConfig` (what the draft builders read), built from the
+    config.json dict alone: no download, no remote code."""
+    from transformers import AutoConfig, PretrainedConfig
+
+    fields = dict(info.config)
+    model_type = fields.pop("model_type", None)
+    try:
+        return AutoConfig.for_model(model_type, **fields) if model_type else PretrainedConfig(**fields)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SpectoolError(f"{info.ref}: transformers cannot read this config ({exc})") from None
+
+
+def read_target_weights(info: TargetInfo) -> dict[str, Any]:
+    """The target's input embedding and lm_head weights ("embed_tokens", "lm_head"), read straight from its
+    safetensors files: for a Hub target only the shard(s) holding them are downloaded, and no model is built.
+    A tied lm_head is the embedding."""
+    from safetensors import safe_open
+
+    if info.source == "local":
+        assert info.directory is not None
+        locate = info.directory.__truediv__
+    elif info.source == "catalog":
+        raise SpectoolError(f"{info.ref}: the weights are needed, but the Hub is unreachable and nothing is cached")
+    else:
+        from huggingface_hub import hf_hub_download
+
+        def locate(name: str) -> Path:
+            return Path(
+                hf_hub_download(info.ref, name, revision=info.revision, local_files_only=info.source == "cache")
+            )
+
+    try:
+        index = read_json(locate("model.safetensors.index.json"))["weight_map"]
+    except (OSError, SpectoolError, KeyError):
+        index = None
+    if index is None:
+        single = locate("model.safetensors")
+        with safe_open(single, framework="pt") as handle:
+            index = {key: "model.safetensors" for key in handle.keys()}  # noqa: SIM118
+
+    def find(suffix: str) -> str | None:
+        matches = sorted((k for k in index if k.endswith(suffix)), key=len)
+        return matches[0] if matches else None
+
+    names = {"embed_tokens": find("embed_tokens.weight"), "lm_head": find("lm_head.weight")}
+    if names["embed_tokens"] is None:
+        raise SpectoolError(f"{info.ref}: no embed_tokens.weight among the target's weights")
+    out: dict[str, Any] = {}
+    for role, key in names.items():
+        if key is None:
+            continue
+        with safe_open(locate(index[key]), framework="pt") as handle:
+            out[role] = handle.get_tensor(key)
+    out.setdefault("lm_head", out["embed_tokens"])  # tied embeddings
+    return out

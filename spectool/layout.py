@@ -123,7 +123,9 @@ def draft_layout(spec: DraftSpec, arch: TargetArch) -> DraftLayout:
             p = f"layers.{i}"
             tensors += _attention(f"{p}.self_attn", arch, h, qk_norm=False)
             tensors += _mlp(f"{p}.mlp", arch)
-            tensors += [_norm(f"{p}.input_layernorm", arch), _norm(f"{p}.post_attention_layernorm", arch)]
+            if i > 0:  # SafeAILab's EAGLE: the first layer's input is fc's output, not normed again
+                tensors.append(_norm(f"{p}.input_layernorm", arch))
+            tensors.append(_norm(f"{p}.post_attention_layernorm", arch))
         tensors.append(_norm("norm", arch))
         tensors.append(Tensor("lm_head.weight", (v, h), "borrowed"))
     elif spec.method == "eagle3":

@@ -40,7 +40,7 @@ REGISTRIES: dict[str, dict[str, str]] = {
 
 #: The on-disk layout `spectool init` writes for each method (SPEC §5).
 CHECKPOINT_FORMATS = {
-    "eagle1": "EAGLE-1/2 draft (LlamaEagleDraftModel; SafeAILab EAGLE layout)",
+    "eagle1": "EAGLE-1/2 (LlamaForCausalLMEagle: SafeAILab EAGLE keys embed_tokens, fc, layers.*, plus norm)",
     "eagle3": "EAGLE-3 for SGLang / vLLM (LlamaForCausalLMEagle3: midlayer.*, fc, norm, lm_head, d2t, t2d)",
     "dflash": "z-lab DFlash (DFlashDraftModel: layers.*, fc, hidden_norm, norm) for the dflash package and vLLM",
     "dspark": "DeepSpec DSpark (Qwen3DSparkModel: DFlash keys + embed_tokens, lm_head, markov/confidence heads)",

@@ -112,3 +112,22 @@ def token_ids() -> torch.Tensor:
     """A seeded [2, 12] batch of token ids."""
     generator = torch.Generator().manual_seed(1234)
     return torch.randint(0, TINY_VOCAB, (2, 12), generator=generator)
+
+
+CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+
+
+@pytest.fixture(scope="session")
+def tiny_target_dir(tmp_path_factory):
+    """A saved 8-layer tiny Qwen3 model directory (random weights) with a tokenizer_config.json whose added
+    tokens put len(tokenizer) at 250 < vocab 256, so row 250 is a spare mask token."""
+    import json
+
+    directory = tmp_path_factory.mktemp("tiny-qwen3")
+    torch.manual_seed(0)
+    Qwen3ForCausalLM(tiny_qwen3_config(num_hidden_layers=8)).save_pretrained(directory)
+    added = {str(i): {"content": f"<|special{i}|>"} for i in range(240, 250)}
+    (directory / "tokenizer_config.json").write_text(
+        json.dumps({"chat_template": CHAT_TEMPLATE, "added_tokens_decoder": added})
+    )
+    return directory

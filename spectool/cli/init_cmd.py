@@ -1,0 +1,135 @@
+"""`spectool init` and `spectool convert`: write drafts in the formats vLLM, SGLang, dflash and DeepSpec load."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+
+import typer
+from rich.table import Table
+from rich.text import Text
+
+from spectool.cli import app
+from spectool.cli.render import console, handles_errors, human_bytes, human_count
+from spectool.errors import UsageError
+from spectool.layers import parse_layer_ids
+
+
+class InitMethod(str, Enum):
+    eagle1 = "eagle1"
+    eagle3 = "eagle3"
+    dflash = "dflash"
+    dspark = "dspark"
+
+
+class DType(str, Enum):
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
+LOADERS = {
+    "eagle1": "SGLang, vLLM, spectool",
+    "eagle3": "SGLang, vLLM (and vLLM speculators' converter), spectool",
+    "dflash": "the z-lab dflash package (DFlashDraftModel.from_pretrained), vLLM, spectool",
+    "dspark": "DeepSpec, spectool",
+}
+
+
+class ConvertTarget(str, Enum):
+    sglang = "sglang"
+    vllm = "vllm"
+    dflash = "dflash"
+    deepspec = "deepspec"
+
+
+@app.command("init")
+@handles_errors
+def init_command(
+    model: str = typer.Argument(..., metavar="MODEL", help="Target: Hub id, model directory or config.json."),
+    method: InitMethod = typer.Option(..., "--method", "-m", help="Draft method."),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory to write the draft checkpoint to."),
+    num_draft_layers: int = typer.Option(None, "--num-draft-layers", help="Decoder layers in the draft."),
+    block_size: int = typer.Option(None, "--block-size", help="DFlash / DSpark block size."),
+    target_layer_ids: str = typer.Option(None, "--target-layer-ids", help='Feature layer ids, e.g. "1,9,17".'),
+    num_feature_layers: int = typer.Option(None, "--num-feature-layers", "-k", help="DFlash / DSpark feature layers."),
+    draft_vocab_size: int = typer.Option(None, "--draft-vocab-size", help="EAGLE-3 draft vocabulary size."),
+    mask_token_id: int = typer.Option(None, "--mask-token-id", help="DFlash / DSpark mask token (an unused row)."),
+    markov_rank: int = typer.Option(None, "--markov-rank", help="DSpark Markov head rank."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random initialisation."),
+    dtype: DType = typer.Option(DType.bfloat16, "--dtype", help="dtype of the written weights."),
+    revision: str = typer.Option(None, "--revision", help="Hub revision of the target."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty --out directory."),
+) -> None:
+    """Build a freshly initialised draft for MODEL and write it in the method's ecosystem format.
+
+    EAGLE-3 is written as SGLang / vLLM load it, DFlash as the z-lab dflash package and vLLM load it, DSpark in
+    DeepSpec's layout. Tensors the format stores from the target (EAGLE-1 embeddings, EAGLE-3 lm_head rows,
+    DSpark embeddings and lm_head) are read from the target's safetensors files without building the target.
+    """
+    from spectool.init import init_draft
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise UsageError(f"{out} exists and is not empty; choose another --out or pass --force to replace it")
+    ids = parse_layer_ids(target_layer_ids) if target_layer_ids else None
+    result = init_draft(
+        model,
+        method.value,
+        out,
+        revision=revision,
+        num_draft_layers=num_draft_layers,
+        block_size=block_size,
+        target_layer_ids=ids,
+        num_feature_layers=num_feature_layers,
+        draft_vocab_size=draft_vocab_size,
+        mask_token_id=mask_token_id,
+        markov_rank=markov_rank,
+        seed=seed,
+        dtype=dtype.value,
+    )
+    out_console = console()
+    for note in result.notes:
+        out_console.print(Text(f"note: {note}", style="yellow"), soft_wrap=True)
+    table = Table.grid(padding=(0, 2))
+    table.add_column(style="bold")
+    table.add_column()
+    spec = result.spec
+    table.add_row("draft", f"{spec.draft_class} for {result.target_ref} ({spec.architecture})")
+    table.add_row("format", spec.checkpoint_format)
+    table.add_row("feature layers", str(list(spec.target_layer_ids)))
+    table.add_row(
+        "parameters",
+        f"{human_count(result.trainable_params)} trainable, {human_count(result.frozen_params)} frozen copies "
+        f"of the target, {dtype.value}",
+    )
+    table.add_row("wrote", Text(f"{result.path}/", overflow="fold"))
+    for path in sorted(result.path.iterdir()):
+        table.add_row("", f"{path.name}  ({human_bytes(path.stat().st_size)})")
+    table.add_row("loads in", LOADERS[spec.method])
+    out_console.print(table)
+
+
+@app.command("convert")
+@handles_errors
+def convert_command(
+    src: Path = typer.Argument(..., metavar="SRC", help="A draft checkpoint directory (any layout spectool reads)."),
+    to: ConvertTarget = typer.Option(..., "--to", help="Layout to write."),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory to write."),
+    force: bool = typer.Option(False, "--force", help="Replace a non-empty --out directory."),
+) -> None:
+    """Re-save a draft in the layout another tool loads (names, prefixes, architecture strings, d2t/t2d), then
+    load the result to prove it."""
+    from spectool.checkpoint import convert
+
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise UsageError(f"{out} exists and is not empty; choose another --out or pass --force to replace it")
+    loaded = convert(src, to.value, out)
+    out_console = console()
+    for note in loaded.notes:
+        out_console.print(Text(f"note: {note}", style="yellow"), soft_wrap=True)
+    params = sum(p.numel() for p in loaded.model.parameters())
+    out_console.print(
+        f"wrote {loaded.method} draft ({human_count(params)} parameters) for {to.value} to {loaded.path}; "
+        "reloaded it: every weight matched",
+        soft_wrap=True,
+    )

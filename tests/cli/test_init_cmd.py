@@ -1,0 +1,104 @@
+"""`spectool init` / `spectool convert` through Typer's runner: formats, inspect agreement, errors."""
+
+import json
+
+import pytest
+import torch
+
+from spectool.checkpoint import load_draft
+from tests.cli.conftest import invoke
+
+METHODS = ("eagle1", "eagle3", "dflash", "dspark")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_init_matches_inspect(method, tiny_target_dir, tmp_path):
+    out = tmp_path / method
+    result = invoke("init", str(tiny_target_dir), "--method", method, "--out", str(out), "--dtype", "float32")
+    assert result.exit_code == 0, result.output
+    assert "model.safetensors" in result.stdout
+    report = json.loads(invoke("inspect", str(tiny_target_dir), "--json", "-m", method).stdout)["methods"][method]
+    model = load_draft(out).model
+    frozen = set(model.frozen_parameter_names())
+    trainable = sum(p.numel() for n, p in model.named_parameters() if n not in frozen)
+    assert trainable == report["trainable_params"]
+    assert sum(p.numel() for n, p in model.named_parameters() if n in frozen) == report["frozen_params"]
+    assert list(getattr(model.config, "target_layer_ids", None) or [7]) == report["target_layer_ids"]
+    stored = {m["name"]: m["shape"] for m in report["modules"] if m["role"] != "borrowed"}
+    assert {k: list(v.shape) for k, v in model.state_dict().items() if k in stored} == stored
+
+
+def test_init_options_shape_the_draft(tiny_target_dir, tmp_path):
+    out = tmp_path / "d"
+    args = ["init", str(tiny_target_dir), "-m", "dflash", "-o", str(out), "--num-draft-layers", "1"]
+    args += ["--block-size", "4", "--target-layer-ids", "0,3,6", "--mask-token-id", "252", "--seed", "3"]
+    assert invoke(*args).exit_code == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["num_hidden_layers"] == 1
+    assert config["dflash_config"] == {"block_size": 4, "mask_token_id": 252, "target_layer_ids": [0, 3, 6]}
+    assert config["torch_dtype"] == "bfloat16"
+    assert load_draft(out).model.fc.weight.dtype == torch.bfloat16
+
+
+def test_init_is_seeded(tiny_target_dir, tmp_path):
+    for name in ("a", "b"):
+        invoke("init", str(tiny_target_dir), "-m", "dflash", "-o", str(tmp_path / name), "--seed", "5")
+    a, b = load_draft(tmp_path / "a").model.state_dict(), load_draft(tmp_path / "b").model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_init_never_overwrites_without_force(tiny_target_dir, tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    result = invoke("init", str(tiny_target_dir), "-m", "dflash", "-o", str(out))
+    assert result.exit_code == 2 and "--force" in result.stderr
+    assert (out / "precious.txt").read_text() == "keep me"
+    assert invoke("init", str(tiny_target_dir), "-m", "dflash", "-o", str(out), "--force").exit_code == 0
+    assert not (out / "precious.txt").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["-m", "eagle3", "--target-layer-ids", "1,2"], 2, "exactly 3"),
+        (["-m", "dflash", "--target-layer-ids", "1,x"], 2, "comma-separated integers"),
+        (["-m", "dflash", "--mask-token-id", "999"], 2, "outside the target's embedding"),
+        (["-m", "dspark", "--num-feature-layers", "9"], 2, "between 1 and 7"),
+        (["-m", "medusa"], 2, ""),
+    ],
+)
+def test_init_bad_usage(tiny_target_dir, tmp_path, args, code, message):
+    result = invoke("init", str(tiny_target_dir), "-o", str(tmp_path / "x"), *args)
+    assert result.exit_code == code, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_init_needs_a_mask_token_when_no_row_is_spare(tiny_target_dir, tmp_path):
+    directory = tmp_path / "full"
+    directory.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (directory / name).write_bytes((tiny_target_dir / name).read_bytes())
+    result = invoke("init", str(directory), "-m", "dflash", "-o", str(tmp_path / "x"))
+    assert result.exit_code == 2 and "--mask-token-id" in result.stderr
+
+
+def test_init_unsupported_architecture(tmp_path):
+    (tmp_path / "config.json").write_text(
+        json.dumps({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 8, "hidden_size": 64,
+                    "num_attention_heads": 4, "vocab_size": 256, "intermediate_size": 128})
+    )  # fmt: skip
+    result = invoke("init", str(tmp_path), "-m", "dspark", "-o", str(tmp_path / "x"))
+    assert result.exit_code == 1 and "supported: Qwen3ForCausalLM, Qwen3MoeForCausalLM" in result.stderr
+
+
+def test_convert_command(tiny_target_dir, tmp_path):
+    src = tmp_path / "src"
+    invoke("init", str(tiny_target_dir), "-m", "eagle3", "-o", str(src))
+    result = invoke("convert", str(src), "--to", "vllm", "--out", str(tmp_path / "vllm"))
+    assert result.exit_code == 0 and "every weight matched" in result.stdout
+    bad = invoke("convert", str(src), "--to", "deepspec", "--out", str(tmp_path / "ds"))
+    assert bad.exit_code == 2 and "no deepspec layout" in bad.stderr
+    missing = invoke("convert", str(tmp_path / "nope"), "--to", "vllm", "--out", str(tmp_path / "y"))
+    assert missing.exit_code == 2

@@ -1,0 +1,221 @@
+"""Checkpoints: init writes the ecosystem formats, load validates them, convert re-saves, saves are atomic."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from spectool import checkpoint
+from spectool.checkpoint import DraftMetadata, check_against_target, convert, load_draft, save_draft
+from spectool.errors import SpectoolError, UsageError
+from spectool.hub import read_target_weights, resolve_model
+from spectool.init import init_draft
+from tests.conftest import CHAT_TEMPLATE
+
+METHODS = ("eagle1", "eagle3", "dflash", "dspark")
+
+
+@pytest.fixture(scope="module")
+def drafts(tiny_target_dir, tmp_path_factory):
+    """One float32 draft of each method, initialised for the tiny target."""
+    root = tmp_path_factory.mktemp("drafts")
+    return {m: init_draft(str(tiny_target_dir), m, root / m, dtype="float32").path for m in METHODS}
+
+
+def keys(path):
+    with safe_open(path / "model.safetensors", framework="pt") as handle:
+        return set(handle.keys())
+
+
+def test_eagle3_always_writes_d2t_t2d_and_no_embeddings(drafts):
+    names = keys(drafts["eagle3"])
+    assert {"d2t", "t2d", "fc.weight", "norm.weight", "lm_head.weight"} <= names
+    assert not any(n.startswith("embed_tokens") for n in names)
+    tensors = load_file(drafts["eagle3"] / "model.safetensors")
+    assert tensors["d2t"].dtype == torch.int64 and bool((tensors["d2t"] == 0).all())  # identity: no pruning
+    assert tensors["t2d"].dtype == torch.bool and bool(tensors["t2d"].all())
+    config = json.loads((drafts["eagle3"] / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLMEagle3"]
+    assert config["eagle_config"] == {"eagle_aux_hidden_state_layer_ids": [1, 3, 4], "use_aux_hidden_state": True}
+
+
+def test_configs_carry_the_format_fields(drafts):
+    dflash = json.loads((drafts["dflash"] / "config.json").read_text())
+    assert dflash["architectures"] == ["DFlashDraftModel"] and dflash["model_type"] == "qwen3"
+    assert dflash["dflash_config"] == {"block_size": 8, "mask_token_id": 250, "target_layer_ids": [1, 5]}
+    dspark = json.loads((drafts["dspark"] / "config.json").read_text())
+    assert dspark["architectures"] == ["Qwen3DSparkModel"]
+    for key in ("block_size", "target_layer_ids", "num_target_layers", "mask_token_id", "num_anchors", "markov_rank"):
+        assert key in dspark
+    assert (dspark["block_size"], dspark["mask_token_id"], dspark["num_target_layers"]) == (7, 250, 8)
+
+
+def test_metadata_finds_the_target_again(drafts, tiny_target_dir):
+    meta = json.loads((drafts["dspark"] / "spectool.json").read_text())
+    assert meta["target"] == str(tiny_target_dir.resolve())
+    assert meta["method"] == "dspark" and meta["target_layer_ids"] == [1, 2, 4, 6, 7]
+    assert meta["tokenizer_length"] == 250 and meta["num_target_layers"] == 8
+    assert meta["chat_template_sha256"] == checkpoint.chat_template_sha256(CHAT_TEMPLATE)
+
+
+def test_target_copies(drafts, tiny_target_dir):
+    target = load_file(tiny_target_dir / "model.safetensors")
+    embed, head = target["model.embed_tokens.weight"], target["lm_head.weight"]
+    dspark = load_file(drafts["dspark"] / "model.safetensors")
+    assert torch.equal(dspark["embed_tokens.weight"], embed) and torch.equal(dspark["lm_head.weight"], head)
+    assert torch.equal(load_file(drafts["eagle1"] / "model.safetensors")["embed_tokens.weight"], embed)
+    assert torch.equal(load_file(drafts["eagle3"] / "model.safetensors")["lm_head.weight"], head)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_save_load_round_trip_is_bitwise(drafts, method, tmp_path):
+    loaded = load_draft(drafts[method])
+    assert loaded.method == method and not loaded.notes
+    again = save_draft(loaded.model, tmp_path / "again", method=method, metadata=loaded.metadata)
+    first, second = load_file(drafts[method] / "model.safetensors"), load_file(again / "model.safetensors")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    reloaded = load_draft(again).model.state_dict()
+    assert all(torch.equal(v, first[k]) for k, v in reloaded.items())
+
+
+def test_frozen_copies_stay_frozen_after_load(drafts):
+    model = load_draft(drafts["dspark"]).model
+    assert not model.embed_tokens.weight.requires_grad and not model.lm_head.weight.requires_grad
+    assert model.fc.weight.requires_grad
+
+
+def rewrite(src, dst, rename=lambda k: k, drop=(), add=None, config_change=None):
+    shutil.copytree(src, dst)
+    tensors = {rename(k): v for k, v in load_file(src / "model.safetensors").items() if k not in drop}
+    tensors.update(add or {})
+    save_file(tensors, str(dst / "model.safetensors"))
+    if config_change:
+        config = json.loads((dst / "config.json").read_text())
+        config_change(config)
+        (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def test_missing_and_unexpected_weights_are_listed(drafts, tmp_path):
+    broken = rewrite(drafts["dflash"], tmp_path / "a", drop=("hidden_norm.weight",), add={"extra.bias": torch.ones(2)})
+    with pytest.raises(SpectoolError) as info:
+        load_draft(broken)
+    assert "missing 1: hidden_norm.weight" in str(info.value) and "unexpected 1: extra.bias" in str(info.value)
+
+
+def test_wrong_shape_is_an_error(drafts, tmp_path):
+    broken = rewrite(drafts["dflash"], tmp_path / "a", add={"fc.weight": torch.zeros(64, 64)})
+    with pytest.raises(SpectoolError, match=r"fc.weight \(64, 64\) != \(64, 128\)"):
+        load_draft(broken)
+
+
+def test_nemo_style_dflash_export_loads(drafts, tmp_path):
+    def rename_arch(config):
+        config["architectures"] = ["Qwen3DFlashDraftModel"]
+
+    nemo = rewrite(drafts["dflash"], tmp_path / "nemo", rename=lambda k: "model." + k, config_change=rename_arch)
+    loaded = load_draft(nemo)
+    assert loaded.method == "dflash" and "prefixes" in loaded.notes[0]
+    original = load_draft(drafts["dflash"]).model.state_dict()
+    assert all(torch.equal(v, original[k]) for k, v in loaded.model.state_dict().items())
+
+
+def test_nemo_style_eagle3_layers_0_loads(drafts, tmp_path):
+    nemo = rewrite(drafts["eagle3"], tmp_path / "nemo", rename=lambda k: "model." + k.replace("midlayer.", "layers.0."))
+    assert load_draft(nemo).method == "eagle3"
+
+
+def test_specforge_embed_tokens_is_ignored_visibly(drafts, tmp_path):
+    specforge = rewrite(drafts["eagle3"], tmp_path / "sf", add={"embed_tokens.weight": torch.zeros(256, 64)})
+    assert "embed_tokens" in load_draft(specforge).notes[-1]
+
+
+def test_unknown_architecture_and_missing_dir(tmp_path, drafts):
+    odd = rewrite(
+        drafts["dflash"],
+        tmp_path / "odd",
+        config_change=lambda c: c.update(architectures=["Foo"]) or c.pop("dflash_config"),
+    )
+    with pytest.raises(SpectoolError, match="not a draft format spectool knows"):
+        load_draft(odd)
+    with pytest.raises(UsageError, match="no such draft directory"):
+        load_draft(tmp_path / "nothing")
+
+
+def test_check_against_target(drafts, tiny_target_dir, tmp_path):
+    info = resolve_model(str(tiny_target_dir))
+    assert check_against_target(load_draft(drafts["dspark"]), info.arch, 250) == []
+    shutil.copytree(tiny_target_dir, tmp_path / "other")
+    config = json.loads((tmp_path / "other" / "config.json").read_text())
+    config.update(num_hidden_layers=6, hidden_size=96, vocab_size=200)
+    (tmp_path / "other" / "config.json").write_text(json.dumps(config))
+    other = resolve_model(str(tmp_path / "other"))
+    with pytest.raises(SpectoolError) as info_:
+        check_against_target(load_draft(drafts["dspark"]), other.arch)
+    message = str(info_.value)
+    for part in ("width 64", "200", "8-layer target", "[1, 2, 4, 6, 7]", "mask token 250"):
+        assert part in message
+    warnings = check_against_target(load_draft(drafts["dspark"]), info.arch, tokenizer_length=300)
+    assert "tokenizer of length 250" in warnings[0]
+
+
+def test_atomic_save_keeps_the_previous_checkpoint(drafts, tmp_path, monkeypatch):
+    target = tmp_path / "ckpt"
+    shutil.copytree(drafts["dflash"], target)
+    before = (target / "model.safetensors").read_bytes()
+    model = load_draft(target).model
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # a kill in the middle of writing the weights
+
+    monkeypatch.setattr(checkpoint, "save_file", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_draft(model, target, method="dflash")
+    assert (target / "model.safetensors").read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # no temporary directory left behind
+    load_draft(target)
+
+
+def test_convert(drafts, tmp_path):
+    out = tmp_path / "sglang"
+    loaded = convert(drafts["eagle3"], "sglang", out)
+    assert loaded.method == "eagle3" and keys(out) == keys(drafts["eagle3"])
+    with pytest.raises(UsageError, match="no vllm layout"):
+        convert(drafts["dspark"], "vllm", tmp_path / "x")
+    with pytest.raises(UsageError, match="must differ"):
+        convert(drafts["dflash"], "dflash", drafts["dflash"])
+    with pytest.raises(UsageError, match="--to must be one of"):
+        convert(drafts["dflash"], "onnx", tmp_path / "y")
+
+
+def test_dflash_package_loads_init_output(drafts):
+    dflash_model = pytest.importorskip("dflash.model")
+    _, info = dflash_model.DFlashDraftModel.from_pretrained(drafts["dflash"], output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+
+
+def test_read_target_weights_from_a_sharded_index(tiny_target_dir, tmp_path):
+    directory = tmp_path / "sharded"
+    shutil.copytree(tiny_target_dir, directory)
+    tensors = load_file(directory / "model.safetensors")
+    os.remove(directory / "model.safetensors")
+    names = sorted(tensors)
+    half = len(names) // 2
+    shards = {"a.safetensors": names[:half], "b.safetensors": names[half:]}
+    for shard, members in shards.items():
+        save_file({n: tensors[n] for n in members}, str(directory / shard))
+    index = {"weight_map": {n: s for s, members in shards.items() for n in members}}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    weights = read_target_weights(resolve_model(str(directory)))
+    assert torch.equal(weights["embed_tokens"], tensors["model.embed_tokens.weight"])
+    assert torch.equal(weights["lm_head"], tensors["lm_head.weight"])
+
+
+def test_metadata_round_trip():
+    meta = DraftMetadata(method="dflash", target="Qwen/Qwen3-8B", target_layer_ids=[1, 9])
+    assert DraftMetadata.from_json({**meta.to_json(), "unknown_future_field": 1}) == meta
