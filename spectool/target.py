@@ -105,7 +105,7 @@ class FrozenTarget:
         return self.model.get_input_embeddings()
 
     @contextlib.contextmanager
-    def _hooks(self, store: dict[int | str, torch.Tensor]) -> Iterator[None]:
+    def capture_hooks(self, store: dict[int | str, torch.Tensor]) -> Iterator[None]:
         """Fill ``store`` during forwards run inside the block (also used by the decoding engine, whose target
         forwards carry a KV cache); the hooks are removed on exit."""
         handles = []
@@ -132,7 +132,7 @@ class FrozenTarget:
                 handle.remove()
 
     def features_from(self, store: dict[int | str, torch.Tensor]) -> torch.Tensor:
-        """``[B, S, K*H]``: the selected ids from a store filled under ``_hooks`` (N-1 = post-norm)."""
+        """``[B, S, K*H]``: the selected ids from a store filled under ``capture_hooks`` (N-1 = post-norm)."""
         last = store["final_norm"]
         selected = [last if i == self.num_layers - 1 else store[i] for i in self.target_layer_ids]
         return torch.cat(selected, dim=-1) if selected else last.new_zeros(*last.shape[:-1], 0)
@@ -151,7 +151,7 @@ class FrozenTarget:
         ``loss_mask`` defaults to ``attention_mask`` (or all ones).
         """
         store: dict[int | str, torch.Tensor] = {}
-        with self._hooks(store):
+        with self.capture_hooks(store):
             self._body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, output_hidden_states=False)
         last = store["final_norm"]
         features = self.features_from(store)

@@ -1,0 +1,204 @@
+"""The speculative decoding loop that every command (chat, bench, demo) and the tests drive.
+
+One round (SPEC §6): the proposer drafts up to k tokens after the last committed token; the target runs ONE
+forward over ``[last token | drafts]`` with its KV cache; the acceptance rule keeps a prefix of the drafts and
+adds the target's own token (the correction at the first mismatch, or the bonus after a full accept); the
+target's cache is cropped to the committed length and the features of the committed positions go to the
+proposer as new context. The loop yields a `RoundEvent` per round.
+
+Acceptance length (tau) = tokens emitted per target verify forward, INCLUDING the target's own token, the
+field's convention. The first token after the prompt comes from the prefill forward and counts as no round.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from transformers import DynamicCache
+
+from spectool.decoding.accept import SamplingParams, accept_greedy, accept_sampling, probabilities, sample
+from spectool.decoding.proposers import Proposal, Proposer
+from spectool.target import FrozenTarget
+
+FinishReason = Literal["eos", "stop", "length"]
+
+
+@dataclass
+class RoundEvent:
+    """One verify forward (or the prefill): what was drafted, kept, and added by the target."""
+
+    tokens: list[int]  # emitted this round, in order: accepted drafts, then the target's token
+    num_drafted: int
+    num_accepted: int
+    kind: Literal["prefill", "correction", "bonus"]  # how the target's own token came about
+    draft_seconds: float
+    verify_seconds: float
+    finish_reason: FinishReason | None = None
+
+    @property
+    def target_token(self) -> int | None:
+        """The token the target produced itself; None when a stop cut the round before it."""
+        return self.tokens[self.num_accepted] if len(self.tokens) > self.num_accepted else None
+
+
+@dataclass
+class GenerationStats:
+    """Summary of one generation, built from its rounds."""
+
+    rounds: list[RoundEvent] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def new_tokens(self) -> int:
+        return sum(len(r.tokens) for r in self.rounds)
+
+    @property
+    def verify_rounds(self) -> list[RoundEvent]:
+        return [r for r in self.rounds if r.kind != "prefill"]
+
+    @property
+    def acceptance_length(self) -> float:
+        """Tokens per verify forward, the target's own token included (the field's tau)."""
+        rounds = self.verify_rounds
+        return sum(len(r.tokens) for r in rounds) / len(rounds) if rounds else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def accepted_per_position(self) -> tuple[list[int], list[int]]:
+        """(accepted, drafted) counts per draft position 0..k-1 over all rounds."""
+        width = max((r.num_drafted for r in self.rounds), default=0)
+        drafted, accepted = [0] * width, [0] * width
+        for r in self.verify_rounds:
+            for i in range(r.num_drafted):
+                drafted[i] += 1
+                accepted[i] += i < r.num_accepted
+        return accepted, drafted
+
+
+class TargetSession:
+    """The frozen target with a KV cache over the committed tokens, capturing the proposer's features."""
+
+    def __init__(self, target: FrozenTarget) -> None:
+        self.target = target
+        self.model = target.model
+        self.cache = DynamicCache()
+
+    def reset(self) -> None:
+        self.cache = DynamicCache()
+
+    @property
+    def length(self) -> int:
+        return self.cache.get_seq_length()
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run `tokens` [1, n] after the cached prefix: (logits [n, V], features [1, n, K*H])."""
+        store: dict = {}
+        with self.target.capture_hooks(store):
+            out = self.model(input_ids=tokens, cache=self.cache, use_cache=True)  # the cache grows in place
+        return out.logits[0], self.target.features_from(store)
+
+    def crop(self, length: int) -> None:
+        """Keep the first `length` positions (transformers 5 crops by a negative count of positions to drop)."""
+        drop = self.length - length
+        if drop > 0:
+            self.cache.crop(-drop)
+
+
+class Engine:
+    """Speculative decoding of one prompt at a time with a target and a proposer (None = target alone)."""
+
+    def __init__(self, target: FrozenTarget, proposer: Proposer | None = None) -> None:
+        self.session = TargetSession(target)
+        self.proposer = proposer
+        self.device = next(target.model.parameters()).device
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: Sequence[int],
+        *,
+        max_new_tokens: int = 256,
+        sampling: SamplingParams | None = None,
+        stop_token_ids: Sequence[int] = (),
+        seed: int | None = None,
+        max_drafts: int | None = None,
+    ) -> Iterator[RoundEvent]:
+        """Yield one RoundEvent per forward of the target until eos, a stop token or `max_new_tokens`.
+
+        `max_drafts` caps the tokens drafted per round (None = all the proposer offers).
+        """
+        sampling = sampling or SamplingParams()
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(seed if seed is not None else 0)
+        stops = set(stop_token_ids)
+        session, proposer = self.session, self.proposer
+        session.reset()
+
+        start = time.perf_counter()
+        prompt_list = list(prompt_ids)
+        prompt = torch.tensor([prompt_list], device=self.device)
+        logits, features = session.forward(prompt)
+        first = self._choose(logits[-1], sampling, generator)
+        if proposer is not None:
+            proposer.reset()
+            proposer.extend_context(features)
+        committed = [first]
+        finish = self._finish([first], stops, 1, max_new_tokens)
+        yield RoundEvent([first], 0, 0, "prefill", 0.0, time.perf_counter() - start, finish)
+        if finish:
+            return
+
+        while True:
+            remaining = max_new_tokens - len(committed)
+            t0 = time.perf_counter()
+            proposal = Proposal.empty(self.device)
+            if proposer is not None and remaining > 1:
+                limit = remaining - 1 if max_drafts is None else min(max_drafts, remaining - 1)
+                proposal = proposer.propose(prompt_list + committed, sampling, generator, limit)
+            t1 = time.perf_counter()
+            drafts = proposal.tokens
+            verify_input = torch.cat((torch.tensor([committed[-1]], device=self.device), drafts)).unsqueeze(0)
+            logits, features = session.forward(verify_input)
+            if sampling.greedy:
+                verdict = accept_greedy(drafts, logits)
+            else:
+                target_probs = probabilities(logits, sampling)
+                verdict = accept_sampling(drafts, proposal.probs, target_probs, generator)
+            n = verdict.num_accepted
+            # Keep the target's cache for the anchor and the accepted drafts; the new token is not yet processed.
+            session.crop(session.length - (len(drafts) - n))
+            if proposer is not None:
+                proposer.extend_context(features[:, : n + 1])
+            new = drafts[:n].tolist() + [verdict.next_token]
+            kind = "bonus" if n == len(drafts) else "correction"
+            finish = None
+            for i, token in enumerate(new):
+                finish = self._finish([token], stops, len(committed) + i + 1, max_new_tokens)
+                if finish:
+                    new = new[: i + 1]
+                    break
+            committed += new
+            yield RoundEvent(new, len(drafts), min(n, len(new)), kind, t1 - t0, time.perf_counter() - t1, finish)
+            if finish:
+                return
+
+    @staticmethod
+    def _choose(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator) -> int:
+        if sampling.greedy:
+            return int(logits.argmax())
+        return int(sample(probabilities(logits, sampling), generator))
+
+    @staticmethod
+    def _finish(tokens: list[int], stops: set[int], produced: int, limit: int) -> FinishReason | None:
+        if tokens[-1] in stops:
+            return "eos"
+        if produced >= limit:
+            return "length"
+        return None

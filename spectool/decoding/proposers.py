@@ -1,0 +1,208 @@
+"""Proposers: how each draft method turns the committed context into draft tokens for one round.
+
+A proposer keeps its own state (draft KV cache, pending target features) in step with the engine through two
+calls: `extend_context(features)` with the target features of newly committed positions, and
+`propose(last_token, ...)` for the next round's drafts. Draft tokens are greedy at temperature 0 and sampled
+from the draft's processed distribution otherwise, whose probabilities go with them for rejection sampling.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from spectool.decoding.accept import SamplingParams, probabilities, sample
+
+
+@dataclass
+class Proposal:
+    """Draft tokens [k] and, when sampling, the distributions [k, V] they were drawn from."""
+
+    tokens: torch.Tensor
+    probs: torch.Tensor | None = None
+    confidence_logits: torch.Tensor | None = None  # DSpark: logit that slot i is accepted given slots < i were
+
+    @classmethod
+    def empty(cls, device: torch.device) -> Proposal:
+        return cls(torch.empty(0, dtype=torch.long, device=device))
+
+
+class Proposer(ABC):
+    """The draft side of the engine."""
+
+    #: the most tokens one round can draft
+    max_drafts: int
+
+    @abstractmethod
+    def reset(self) -> None:
+        """Forget the previous generation."""
+
+    @abstractmethod
+    def extend_context(self, features: torch.Tensor) -> None:
+        """Target features [1, n, K*H] of the next n committed positions, in order."""
+
+    @abstractmethod
+    def propose(self, last_token: int, sampling: SamplingParams, generator: torch.Generator, limit: int) -> Proposal:
+        """Draft up to `limit` tokens after the committed `last_token` (whose features are not known yet)."""
+
+
+def _draw(
+    logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Greedy argmax, or a sample with its processed distribution, for each row of `logits` [k, V]."""
+    if sampling.greedy:
+        return logits.argmax(-1), None
+    probs = probabilities(logits, sampling)
+    return sample(probs, generator), probs
+
+
+class BlockProposer(Proposer):
+    """DFlash and DSpark: one draft forward over `[anchor, MASK x (B-1)]` drafts a whole block.
+
+    DFlash drafts B-1 tokens from slots 1..B-1 (slot 0 is the anchor); DSpark drafts B tokens, slot k
+    predicting x_{a+k+1}, left to right with the Markov head's bias from the previous token. The draft's KV
+    cache holds the context only (blocks are never cached), so nothing has to be cropped after a round.
+    """
+
+    def __init__(self, draft: nn.Module, embed_tokens: nn.Module, lm_head: nn.Module) -> None:
+        self.draft = draft
+        self.embed_tokens = embed_tokens
+        self.lm_head = lm_head
+        self.is_dspark = hasattr(draft, "markov_head")
+        self.block_size = int(draft.config.block_size)
+        self.max_drafts = self.block_size if self.is_dspark else self.block_size - 1
+        self.mask_token_id = int(draft.config.mask_token_id)
+        self.device = next(draft.parameters()).device
+        self.reset()
+
+    def reset(self) -> None:
+        self.cache = self.draft.new_cache()
+        self.pending: list[torch.Tensor] = []
+
+    def extend_context(self, features: torch.Tensor) -> None:
+        self.pending.append(features)
+
+    @torch.no_grad()
+    def propose(self, tokens: list[int], sampling: SamplingParams, generator: torch.Generator, limit: int) -> Proposal:
+        last_token = tokens[-1]
+        context = torch.cat(self.pending, dim=1) if len(self.pending) > 1 else self.pending[0]
+        self.pending = []
+        start = self.cache.get_seq_length()
+        anchor = start + context.shape[1]  # the anchor's position = the committed context length
+        block = torch.full((1, self.block_size), self.mask_token_id, device=self.device)
+        block[0, 0] = last_token
+        positions = torch.arange(start, anchor + self.block_size, device=self.device)
+        hidden = self.draft(
+            inputs_embeds=self.embed_tokens(block),
+            target_hidden=context,
+            position_ids=positions,
+            past_key_values=self.cache,
+        )[0]
+        if not self.is_dspark:
+            tokens, probs = _draw(self.lm_head(hidden[1 : 1 + limit]), sampling, generator)
+            return Proposal(tokens, probs)
+        return self._dspark_block(hidden[:limit], last_token, sampling, generator)
+
+    def _dspark_block(
+        self, hidden: torch.Tensor, last_token: int, sampling: SamplingParams, generator: torch.Generator
+    ) -> Proposal:
+        draft = self.draft
+        base = self.lm_head(hidden)  # [n, V], computed once; the Markov bias depends on the previous token
+        prev = torch.tensor([last_token], device=self.device)
+        tokens, probs, confidence = [], [], []
+        for k in range(hidden.shape[0]):
+            if draft.config.enable_confidence_head:
+                confidence.append(draft.confidence_logits(hidden[k : k + 1], prev))
+            token, dist = _draw(base[k : k + 1] + draft.markov_bias(prev), sampling, generator)
+            tokens.append(token)
+            if dist is not None:
+                probs.append(dist)
+            prev = token
+        return Proposal(
+            torch.cat(tokens),
+            torch.cat(probs) if probs else None,
+            torch.cat(confidence) if confidence else None,
+        )
+
+
+class EagleProposer(Proposer):
+    """EAGLE-1/2 and EAGLE-3 chains: one draft step per token, each fed the previous step's own hidden state.
+
+    Alignment (SPEC §4): the draft's position t reads the target feature f_t and the token x_{t+1}, and predicts
+    x_{t+2}. The committed context is fed once (teacher-forced with real target features); the chain's own
+    positions are cropped from the draft cache when the next round's real features arrive.
+    """
+
+    def __init__(self, draft: nn.Module, lm_head: nn.Module | None = None, num_steps: int = 6) -> None:
+        self.draft = draft
+        self.is_eagle3 = hasattr(draft, "midlayer")
+        if not self.is_eagle3 and lm_head is None:
+            raise ValueError("an EAGLE-1 draft needs the target's lm_head")
+        self.lm_head = lm_head
+        self.max_drafts = num_steps
+        self.vocab_size = int(draft.config.vocab_size)
+        self.reset()
+
+    def reset(self) -> None:
+        self.cache = self.draft.new_cache()
+        self.pending: list[torch.Tensor] = []
+        self.context_length = 0  # draft positions fed with real target features
+
+    def extend_context(self, features: torch.Tensor) -> None:
+        if self.cache.get_seq_length() > self.context_length:
+            self.cache.crop(self.context_length)  # drop the last round's speculative chain
+        self.pending.append(features)
+
+    def _step(self, token_ids: torch.Tensor, features: torch.Tensor, own: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden to feed the next step [1, L, H], logits over the TARGET vocabulary at the last position [V])."""
+        if self.is_eagle3:
+            kwargs = {"hidden_states": features} if own else {"target_hidden_states": features}
+            out = self.draft(token_ids, past_key_values=self.cache, **kwargs)
+            logits = out.logits[0, -1]
+            if self.draft.pruned_vocab:  # scatter the draft vocabulary back onto target ids
+                full = logits.new_full((self.vocab_size,), float("-inf"))
+                full[self.draft.draft_to_target(torch.arange(logits.shape[0], device=logits.device))] = logits
+                logits = full
+            return out.hidden_states, logits
+        predicted = self.draft(token_ids, hidden_states=features, past_key_values=self.cache)
+        return predicted, self.lm_head(predicted[0, -1].to(self.lm_head.weight.dtype))
+
+    @torch.no_grad()
+    def propose(self, tokens: list[int], sampling: SamplingParams, generator: torch.Generator, limit: int) -> Proposal:
+        features = torch.cat(self.pending, dim=1) if len(self.pending) > 1 else self.pending[0]
+        self.pending = []
+        start, count = self.context_length, features.shape[1]
+        device = features.device
+        # Position t pairs feature f_t with token x_{t+1}.
+        shifted = torch.tensor([tokens[start + 1 : start + count + 1]], device=device)
+        hidden, logits = self._step(shifted, features, own=False)
+        self.context_length = start + count
+        drafted, dists = [], []
+        for step in range(min(limit, self.max_drafts)):
+            token, dist = _draw(logits.unsqueeze(0), sampling, generator)
+            drafted.append(token)
+            if dist is not None:
+                dists.append(dist)
+            if step + 1 == min(limit, self.max_drafts):
+                break
+            hidden, logits = self._step(token.view(1, 1), hidden[:, -1:], own=True)
+        return Proposal(torch.cat(drafted), torch.cat(dists) if dists else None)
+
+
+def make_proposer(method: str, draft: nn.Module, target_model: nn.Module, *, num_steps: int = 6) -> Proposer:
+    """The proposer of a loaded draft, wired to the target's embedding / lm_head where the method borrows them."""
+    lm_head = target_model.get_output_embeddings()
+    if method == "dflash":
+        return BlockProposer(draft, target_model.get_input_embeddings(), lm_head)
+    if method == "dspark":
+        return BlockProposer(draft, draft.embed_tokens, draft.lm_head)
+    if method == "eagle3":
+        if not draft.owns_embeddings:
+            draft.attach_target_embeddings(target_model.get_input_embeddings())
+        return EagleProposer(draft, num_steps=num_steps)
+    if method == "eagle1":
+        return EagleProposer(draft, lm_head, num_steps=num_steps)
+    raise ValueError(f"unknown method {method!r}")

@@ -1,0 +1,123 @@
+"""The engine: greedy output equals the target's own greedy decoding for every method, even with random
+drafts (low acceptance); stop handling; KV crop; sampling stays lossless."""
+
+import pytest
+import torch
+
+from spectool.decoding.accept import SamplingParams
+from spectool.decoding.engine import Engine, GenerationStats
+from spectool.decoding.proposers import make_proposer
+from spectool.drafts import build_draft
+from spectool.target import FrozenTarget
+
+METHODS = ("eagle1", "eagle3", "dflash", "dspark")
+LAYER_IDS = {"eagle1": [3], "eagle3": [0, 1, 2], "dflash": [1, 2], "dspark": [0, 2, 3]}
+
+
+def make_engine(method, target, config, **draft_options):
+    torch.manual_seed(1)
+    options = {"block_size": 4, "mask_token_id": 255} if method in ("dflash", "dspark") else {}
+    options.update(draft_options)
+    draft = build_draft(method, config, target_layer_ids=LAYER_IDS[method], **options).eval()
+    if method == "dspark":
+        draft.copy_target_weights(target)
+    if method == "eagle1":
+        draft.copy_target_embeddings(target)
+    proposer = make_proposer(method, draft, target, num_steps=3)
+    return Engine(FrozenTarget(target, LAYER_IDS[method]), proposer)
+
+
+def reference_greedy(target, prompt, n):
+    out = target.generate(
+        torch.tensor([prompt]), max_new_tokens=n, do_sample=False, min_new_tokens=n, pad_token_id=0, eos_token_id=None
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+def run(engine, prompt, **kwargs):
+    rounds = list(engine.generate(prompt, **kwargs))
+    return [t for r in rounds for t in r.tokens], GenerationStats(rounds)
+
+
+PROMPTS = [[5, 17, 42, 9, 100, 3], [7], [200, 201, 202, 203, 204, 205, 206, 207, 208, 209, 210, 211]]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_greedy_equals_target_greedy(method, qwen3_target, qwen3_config):
+    engine = make_engine(method, qwen3_target, qwen3_config)
+    for prompt in PROMPTS:
+        tokens, stats = run(engine, prompt, max_new_tokens=24)
+        assert tokens == reference_greedy(qwen3_target, prompt, 24)
+        assert len(tokens) == 24 and stats.acceptance_length >= 1.0
+
+
+def test_target_alone_equals_hf_generate(qwen3_target):
+    engine = Engine(FrozenTarget(qwen3_target, []))
+    tokens, stats = run(engine, PROMPTS[0], max_new_tokens=20)
+    assert tokens == reference_greedy(qwen3_target, PROMPTS[0], 20)
+    assert stats.acceptance_length == 1.0
+
+
+def test_a_perfect_draft_is_fully_accepted(qwen3_target, qwen3_config):
+    """A 'draft' that proposes exactly the target's continuation: every round accepts all and adds a bonus."""
+    from spectool.decoding.proposers import Proposal, Proposer
+
+    prompt = PROMPTS[0]
+    truth = reference_greedy(qwen3_target, prompt, 30)
+
+    class Oracle(Proposer):
+        max_drafts = 4
+
+        def reset(self):
+            pass
+
+        def extend_context(self, features):
+            pass
+
+        def propose(self, tokens, sampling, generator, limit):
+            done = len(tokens) - len(prompt)
+            return Proposal(torch.tensor(truth[done : done + min(limit, 4)]))
+
+    tokens, stats = run(Engine(FrozenTarget(qwen3_target, []), Oracle()), prompt, max_new_tokens=26)
+    assert tokens == truth[:26]
+    assert all(r.kind == "bonus" for r in stats.verify_rounds)
+    assert stats.acceptance_length == 5.0  # 4 drafts + the bonus per verify forward
+    accepted, drafted = stats.accepted_per_position()
+    assert accepted == drafted
+
+
+def test_kv_cache_is_cropped_to_the_committed_length(qwen3_target, qwen3_config):
+    engine = make_engine("dflash", qwen3_target, qwen3_config)
+    prompt = PROMPTS[0]
+    produced = 0
+    for event in engine.generate(prompt, max_new_tokens=15):
+        produced += len(event.tokens)
+        if event.finish_reason is None:
+            # Every committed token except the newest has been through the target exactly once.
+            assert engine.session.length == len(prompt) + produced - 1
+
+
+def test_stop_token_ends_the_answer(qwen3_target, qwen3_config):
+    truth = reference_greedy(qwen3_target, PROMPTS[0], 20)
+    stop = truth[7]
+    first = truth.index(stop)
+    engine = make_engine("dspark", qwen3_target, qwen3_config)
+    tokens, stats = run(engine, PROMPTS[0], max_new_tokens=20, stop_token_ids=[stop])
+    assert tokens == truth[: first + 1]
+    assert stats.rounds[-1].finish_reason == "eos"
+
+
+def test_max_new_tokens_is_exact(qwen3_target, qwen3_config):
+    engine = make_engine("dflash", qwen3_target, qwen3_config)
+    for n in (1, 2, 5):
+        tokens, stats = run(engine, PROMPTS[1], max_new_tokens=n)
+        assert len(tokens) == n and stats.rounds[-1].finish_reason == "length"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_sampling_runs_and_is_seeded(method, qwen3_target, qwen3_config):
+    engine = make_engine(method, qwen3_target, qwen3_config)
+    params = SamplingParams(temperature=0.8, top_p=0.9, top_k=50)
+    a, _ = run(engine, PROMPTS[0], max_new_tokens=16, sampling=params, seed=7)
+    b, _ = run(engine, PROMPTS[0], max_new_tokens=16, sampling=params, seed=7)
+    assert a == b and len(a) == 16
