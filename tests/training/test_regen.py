@@ -1,0 +1,171 @@
+"""`spectool data regen` end to end on the tiny target: rows, resumption after a kill, greedy fidelity, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from spectool.cli import app
+from spectool.hub import load_model_and_tokenizer, resolve_model
+from spectool.training.data import ChatFormat, Message, cut_at_stop, load_conversations, read_finished_ids
+from tests.training.conftest import write_jsonl
+
+ROWS = [
+    {"prompt": "tell me about cats"},
+    {
+        "messages": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "how is it going ?"},
+            {"role": "assistant", "content": "fine"},
+        ]
+    },
+    {"conversations": [{"from": "system", "value": "be nice"}, {"from": "human", "value": "what time"}]},
+    {"prompt": "write code", "id": "row-4"},
+    {"messages": [{"role": "user", "content": "one two"}, {"role": "user", "content": "three"}]},
+]
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, list(args))
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def target(tiny_target_dir):
+    """The tiny target as regen loads it, and its chat format."""
+    model, tokenizer = load_model_and_tokenizer(resolve_model(str(tiny_target_dir)))
+    return model, ChatFormat(tokenizer)
+
+
+def greedy_answer(target, messages: list[Message], max_new_tokens: int) -> str:
+    """The target's own greedy answer, one prompt at a time (no padding)."""
+    model, chat_format = target
+    prompt = torch.tensor([chat_format.prompt_ids(messages)])
+    with torch.no_grad():
+        output = model.generate(
+            prompt, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=chat_format.stop_token_ids
+        )
+    ids, _ = cut_at_stop(output[0, prompt.shape[1] :].tolist(), chat_format.stop_token_ids)
+    return chat_format.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def run_regen(model_dir: Path, prompts: Path, out: Path, *extra: str):
+    return invoke(
+        "data", "regen", "--target", str(model_dir), "--prompts", str(prompts), "--out", str(out),
+        "--max-new-tokens", "6", *extra,
+    )  # fmt: skip
+
+
+def test_regen_rows_and_greedy_fidelity(tmp_path, tiny_target_dir, target):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", ROWS)
+    out = tmp_path / "out" / "regen.jsonl"
+    result = run_regen(tiny_target_dir, prompts, out, "--batch-size", "2", "--system", "be a bot")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("Regenerated 5 rows (6 answers") and f"into {out}" in result.stdout
+    rows = read_rows(out)
+    expected_ids = [c.id for c in load_conversations(prompts, require="prompt")[0]]
+    assert [row["id"] for row in rows] == expected_ids and expected_ids[3] == "row-4"
+    roles = [[m["role"] for m in row["messages"]] for row in rows]
+    assert roles == [
+        ["system", "user", "assistant"],
+        ["system", "user", "assistant", "user", "assistant"],
+        ["system", "user", "assistant"],  # the row's own system turn is kept, --system is not added
+        ["system", "user", "assistant"],
+        ["system", "user", "user", "assistant"],
+    ]
+    assert rows[2]["messages"][0]["content"] == "be nice" and rows[0]["messages"][0]["content"] == "be a bot"
+    assert rows[1]["messages"][2]["content"] != "hello"  # the original answers are replaced
+    assert 0 < sum(bool(row.get("truncated")) for row in rows) < len(rows)  # some answers ended at <|im_end|>
+    # Batched, left-padded greedy regeneration equals the target's own greedy decoding, turn by turn, with each
+    # later turn conditioned on the regenerated (not the original) earlier answer.
+    for row in rows:
+        messages = [Message(m["role"], m["content"]) for m in row["messages"]]
+        for index, message in enumerate(messages):
+            if message.role == "assistant":
+                assert message.content == greedy_answer(target, messages[:index], 6)
+
+
+def test_regen_resumes_after_a_kill(tmp_path, tiny_target_dir):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", ROWS)
+    reference = tmp_path / "reference.jsonl"
+    assert run_regen(tiny_target_dir, prompts, reference, "--batch-size", "1").exit_code == 0
+    lines = reference.read_text().splitlines(keepends=True)
+    killed = tmp_path / "killed.jsonl"
+    killed.write_text(lines[0] + lines[1] + lines[2][: len(lines[2]) // 2])  # died while writing row 3
+    assert read_finished_ids(killed)[1] is True  # the cut-off line is dropped...
+    assert killed.read_text() == lines[0] + lines[1]  # ...and the file ends at the last complete row
+    killed.write_text(lines[0] + lines[1] + lines[2][: len(lines[2]) // 2])
+    result = run_regen(tiny_target_dir, prompts, killed, "--batch-size", "1")
+    assert result.exit_code == 0, result.output
+    assert "Regenerated 3 rows" in result.stdout and "2 of 5 rows were already there" in result.stdout
+    assert "cut-off last line" in result.stdout
+    assert killed.read_text() == reference.read_text()  # no duplicates, nothing missing, same order
+    again = run_regen(tiny_target_dir, prompts, killed, "--json")
+    assert again.exit_code == 0 and json.loads(again.stdout)["rows_written"] == 0
+
+
+def test_regen_limit_and_seeded_sampling(tmp_path, tiny_target_dir):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", ROWS)
+    outs = [tmp_path / f"sampled{i}.jsonl" for i in range(3)]
+    for out, seed in zip(outs, ("3", "3", "4"), strict=True):
+        result = run_regen(tiny_target_dir, prompts, out, "--temperature", "1.5", "--seed", seed, "--limit", "2")
+        assert result.exit_code == 0, result.output
+    assert len(read_rows(outs[0])) == 2
+    assert outs[0].read_text() == outs[1].read_text() != outs[2].read_text()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--batch-size", "0"), "--batch-size must be at least 1"),
+        (("--max-new-tokens", "0"), "--max-new-tokens must be at least 1"),
+        (("--temperature", "-1"), "--temperature must be 0 (greedy) or positive"),
+        (("--limit", "0"), "--limit must be at least 1"),
+        (("--dtype", "int8"), "--dtype must be one of"),
+        (("--chat-template", "missing.jinja"), "no such chat template file"),
+    ],
+)
+def test_bad_options_exit_2(tmp_path, tiny_target_dir, args, message):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", ROWS)
+    result = run_regen(tiny_target_dir, prompts, tmp_path / "out.jsonl", *args)
+    assert result.exit_code == 2 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_missing_prompts_file_exits_2(tmp_path, tiny_target_dir):
+    result = run_regen(tiny_target_dir, tmp_path / "missing.jsonl", tmp_path / "out.jsonl")
+    assert result.exit_code == 2 and "no such file or directory" in result.stderr
+
+
+def test_malformed_rows_exit_1_unless_skipped(tmp_path, tiny_target_dir):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps(ROWS[0]) + "\n" + '{"messages": [{"role": "user"}]}\n')
+    out = tmp_path / "out.jsonl"
+    result = run_regen(tiny_target_dir, prompts, out)
+    assert result.exit_code == 1 and f"{prompts}:2: messages[0] has no 'content'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
+    skipped = run_regen(tiny_target_dir, prompts, out, "--skip-bad-rows")
+    assert skipped.exit_code == 0 and "skipped 1 malformed rows" in skipped.stderr
+    assert len(read_rows(out)) == 1
+
+
+def test_foreign_output_file_is_refused(tmp_path, tiny_target_dir):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", ROWS)
+    out = tmp_path / "out.jsonl"
+    out.write_text('{"text": "something else"}\n')
+    result = run_regen(tiny_target_dir, prompts, out)
+    assert result.exit_code == 1 and "not a regeneration row" in result.stderr
+
+
+def test_cut_at_stop():
+    assert cut_at_stop([5, 6, 2, 7, 2], [2]) == ([5, 6], True)
+    assert cut_at_stop([5, 6], [2, 3]) == ([5, 6], False)
+    assert cut_at_stop([3], [2, 3]) == ([], True)
