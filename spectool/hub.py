@@ -284,7 +284,9 @@ def load_model_and_tokenizer(info: TargetInfo, *, dtype: str | None = None, devi
     and uses bfloat16 on CUDA."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # a per-tensor bar for a local load is noise; downloads keep theirs
     directory = model_directory(info)
     torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
     try:

@@ -8,6 +8,9 @@ from transformers import GptOssConfig, LlamaConfig, LlamaForCausalLM, Qwen3Confi
 
 TINY_VOCAB = 256
 
+# Tiny models are dominated by per-op overhead: one thread is faster than two fighting over two cores.
+torch.set_num_threads(1)
+
 
 def tiny_qwen3_config(**overrides) -> Qwen3Config:
     """4 layers, hidden 64, 4 heads x head_dim 32 (explicit, NOT hidden/heads), 2 kv heads."""
@@ -130,4 +133,30 @@ def tiny_target_dir(tmp_path_factory):
     (directory / "tokenizer_config.json").write_text(
         json.dumps({"chat_template": CHAT_TEMPLATE, "added_tokens_decoder": added})
     )
+    return directory
+
+
+@pytest.fixture(scope="session")
+def chat_target_dir(tmp_path_factory):
+    """A saved 8-layer random Qwen3 chat model with the word-level ChatML tokenizer and 8 spare embedding rows
+    (the first one, len(tokenizer), is the DFlash / DSpark mask token)."""
+    from tests.chat_tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    directory = tmp_path_factory.mktemp("chat-target")
+    config = tiny_qwen3_config(
+        num_hidden_layers=8,
+        vocab_size=len(tokenizer) + 8,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, 0.5)  # decisive logits: greedy decoding far from ties
+        model.lm_head.weight[tokenizer.eos_token_id] = 0.0  # answers run to max_new_tokens
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
     return directory

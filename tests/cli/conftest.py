@@ -54,6 +54,12 @@ def invoke(*args: str):
 def run_script(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
     """Run the installed `spectool` console script with the Hub offline and an empty HF_HOME."""
     script = Path(sys.executable).parent / "spectool"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home"), "NO_COLOR": "1"}
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "NO_COLOR": "1",
+        "OMP_NUM_THREADS": "1",
+    }
     env.pop("HF_HUB_CACHE", None)
     return subprocess.run([str(script), *args], capture_output=True, text=True, env=env, timeout=120)

@@ -1,0 +1,196 @@
+"""Honest benchmarks: the speculative engine against the target alone (same loop), HF `generate` and HF
+prompt-lookup decoding, interleaved prompt by prompt in one run, with a losslessness check.
+
+Speedups are ratios of tokens per second measured side by side in the same process on the same prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spectool.decoding.accept import SamplingParams
+from spectool.decoding.engine import Engine, GenerationStats
+from spectool.errors import SpectoolError, UsageError
+from spectool.runtime import Runtime
+
+BASELINES = ("target", "hf", "prompt-lookup")
+PROMPT_LOOKUP_TOKENS = 10
+
+
+def load_prompts(path: str | Path) -> list[list[dict[str, str]]]:
+    """Conversations to answer from a JSONL file of `{"prompt": ...}` or `{"messages": [...]}` rows.
+
+    A trailing assistant turn in `messages` is dropped (the benchmark generates it).
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UsageError(f"no such prompts file: {path}")
+    prompts: list[list[dict[str, str]]] = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SpectoolError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        if isinstance(row, dict) and isinstance(row.get("prompt"), str):
+            prompts.append([{"role": "user", "content": row["prompt"]}])
+            continue
+        messages = row.get("messages") if isinstance(row, dict) else None
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages
+        ):
+            raise SpectoolError(f'{path}:{number}: expected {{"prompt": str}} or {{"messages": [{{role, content}}]}}')
+        while messages and messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        if not messages:
+            raise SpectoolError(f"{path}:{number}: no user turn to answer")
+        prompts.append([{"role": m["role"], "content": m["content"]} for m in messages])
+    if not prompts:
+        raise UsageError(f"{path} holds no prompts")
+    return prompts
+
+
+def machine_description() -> str:
+    cpu = platform.processor() or platform.machine()
+    return (
+        f"{platform.system()} {platform.machine()} ({cpu}), {os.cpu_count()} CPU cores, "
+        f"torch {torch.__version__} with {torch.get_num_threads()} threads"
+    )
+
+
+@dataclass
+class BenchReport:
+    method: str | None
+    target: str
+    draft: str | None
+    num_prompts: int
+    max_new_tokens: int
+    temperature: float
+    lossless: bool | None  # None when sampling (checked statistically by the tests, not per prompt)
+    mismatched_prompts: list[int]
+    acceptance_length: float
+    tokens_per_second: float
+    new_tokens: int
+    baselines: dict[str, dict[str, float]]
+    acceptance_histogram: dict[int, int]
+    accepted_per_position: list[float]
+    machine: str = field(default_factory=machine_description)
+
+    def to_json(self) -> dict[str, Any]:
+        data = dict(self.__dict__)
+        data["acceptance_histogram"] = {str(k): v for k, v in sorted(self.acceptance_histogram.items())}
+        return data
+
+
+def _timed_engine(engine: Engine, ids: list[int], **kwargs: Any) -> tuple[list[int], GenerationStats]:
+    start = time.perf_counter()
+    rounds = list(engine.generate(ids, **kwargs))
+    stats = GenerationStats(rounds, time.perf_counter() - start)
+    return [t for r in rounds for t in r.tokens], stats
+
+
+def _timed_hf(runtime: Runtime, ids: list[int], max_new_tokens: int, sampling: SamplingParams, **extra: Any):
+    model = runtime.model
+    inputs = torch.tensor([ids], device=model.device)
+    options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "eos_token_id": runtime.stop_token_ids}
+    options["pad_token_id"] = runtime.tokenizer.pad_token_id or runtime.stop_token_ids[0]
+    if sampling.greedy:
+        options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    else:
+        options.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+    start = time.perf_counter()
+    with torch.no_grad():
+        out = model.generate(inputs, attention_mask=torch.ones_like(inputs), **options, **extra)
+    seconds = time.perf_counter() - start
+    return out[0, len(ids) :].tolist(), seconds
+
+
+def run_bench(
+    runtime: Runtime,
+    prompts: Sequence[list[dict[str, str]]],
+    *,
+    max_new_tokens: int = 128,
+    sampling: SamplingParams | None = None,
+    baselines: Sequence[str] = BASELINES,
+    seed: int = 0,
+    on_prompt: Callable[[int], None] | None = None,
+) -> BenchReport:
+    """Run every prompt speculatively and with each baseline, interleaved, after one untimed warm-up."""
+    sampling = sampling or SamplingParams()
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown:
+        raise UsageError(f"unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(BASELINES)}")
+    if runtime.draft is None:
+        raise UsageError("bench needs a draft (--draft DIR)")
+    encoded = [runtime.prompt_ids(p) for p in prompts]
+    kwargs = {"max_new_tokens": max_new_tokens, "sampling": sampling, "stop_token_ids": runtime.stop_token_ids}
+
+    # Warm-up (allocator, lazy init) so the first timed prompt is not penalised.
+    _timed_engine(runtime.engine, encoded[0], **{**kwargs, "max_new_tokens": 8}, seed=seed)
+    _timed_engine(runtime.target_engine, encoded[0], **{**kwargs, "max_new_tokens": 8}, seed=seed)
+
+    spec_tokens = spec_seconds = 0.0
+    rounds = []
+    seconds = Counter()
+    tokens = Counter()
+    mismatched: list[int] = []
+    for index, ids in enumerate(encoded):
+        out, stats = _timed_engine(runtime.engine, ids, **kwargs, seed=seed + index)
+        spec_tokens += len(out)
+        spec_seconds += stats.seconds
+        rounds += stats.rounds
+        if "target" in baselines or sampling.greedy:
+            reference, ref_stats = _timed_engine(runtime.target_engine, ids, **kwargs, seed=seed + index)
+            seconds["target"] += ref_stats.seconds
+            tokens["target"] += len(reference)
+            if sampling.greedy and out != reference:
+                mismatched.append(index)
+        if "hf" in baselines:
+            hf_out, hf_seconds = _timed_hf(runtime, ids, max_new_tokens, sampling)
+            seconds["hf"] += hf_seconds
+            tokens["hf"] += len(hf_out)
+        if "prompt-lookup" in baselines:
+            pl_out, pl_seconds = _timed_hf(
+                runtime, ids, max_new_tokens, sampling, prompt_lookup_num_tokens=PROMPT_LOOKUP_TOKENS
+            )
+            seconds["prompt-lookup"] += pl_seconds
+            tokens["prompt-lookup"] += len(pl_out)
+        if on_prompt:
+            on_prompt(index)
+
+    summary = GenerationStats(rounds, spec_seconds)
+    tps = spec_tokens / spec_seconds if spec_seconds else 0.0
+    table = {}
+    for name in baselines:
+        base_tps = tokens[name] / seconds[name] if seconds[name] else 0.0
+        table[name] = {"tokens_per_second": base_tps, "speedup": tps / base_tps if base_tps else 0.0}
+    accepted, drafted = summary.accepted_per_position()
+    draft = runtime.draft
+    return BenchReport(
+        method=draft.method,
+        target=runtime.info.ref,
+        draft=str(draft.path),
+        num_prompts=len(encoded),
+        max_new_tokens=max_new_tokens,
+        temperature=sampling.temperature,
+        lossless=(not mismatched) if sampling.greedy else None,
+        mismatched_prompts=mismatched,
+        acceptance_length=summary.acceptance_length,
+        tokens_per_second=tps,
+        new_tokens=int(spec_tokens),
+        baselines=table,
+        acceptance_histogram=dict(Counter(len(r.tokens) for r in summary.verify_rounds)),
+        accepted_per_position=[a / d if d else 0.0 for a, d in zip(accepted, drafted, strict=True)],
+    )

@@ -1,0 +1,114 @@
+"""`spectool bench`: acceptance length and speedup, measured side by side against honest baselines."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
+
+from spectool.bench import BASELINES, load_prompts, run_bench
+from spectool.cli import app
+from spectool.cli.render import console, error_console, handles_errors, print_json
+from spectool.decoding.accept import SamplingParams
+from spectool.errors import UsageError
+from spectool.hub import ASSETS_DIR
+
+DEFAULT_PROMPTS = ASSETS_DIR / "prompts" / "heldout.jsonl"
+
+
+@app.command("bench")
+@handles_errors
+def bench_command(
+    draft: Path = typer.Option(..., "--draft", "-d", help="Draft checkpoint directory."),
+    target: str = typer.Option(None, "--target", "-t", help="Target MODEL (default: the one the draft records)."),
+    prompts: Path = typer.Option(None, "--prompts", "-p", help="JSONL of {prompt} or {messages} rows."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="Tokens to generate per prompt."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy (checked for losslessness)."),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    top_k: int = typer.Option(0, "--top-k"),
+    baselines: str = typer.Option(",".join(BASELINES), "--baselines", help="Comma list of target, hf, prompt-lookup."),
+    limit: int = typer.Option(None, "--limit", help="Use only the first N prompts."),
+    chain_length: int = typer.Option(6, "--chain-length", help="Tokens per round for EAGLE chains."),
+    seed: int = typer.Option(0, "--seed"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Run the prompts speculatively and with each baseline, interleaved in one run, and report acceptance length
+    (tokens per target forward, the bonus/correction token included), tokens/s and speedups. At temperature 0 the
+    speculative output must equal the target's own greedy output for every prompt.
+    """
+    from spectool.runtime import load_runtime
+
+    if max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    try:
+        sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    chosen = [b.strip() for b in baselines.split(",") if b.strip()]
+    unknown = [b for b in chosen if b not in BASELINES]
+    if unknown:
+        raise UsageError(f"unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(BASELINES)}")
+    if prompts is None:
+        if not DEFAULT_PROMPTS.is_file():
+            raise UsageError("no --prompts given and no built-in prompt set is installed; pass --prompts FILE")
+        prompts = DEFAULT_PROMPTS
+    conversations = load_prompts(prompts)[:limit] if limit else load_prompts(prompts)
+    runtime = load_runtime(draft, target, chain_length=chain_length)
+    for warning in runtime.warnings:
+        error_console().print(Text(f"warning: {warning}", style="yellow"), soft_wrap=True)
+
+    progress = Progress(
+        TextColumn("[bold]bench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=error_console(), transient=True, disable=as_json or not error_console().is_terminal,
+    )  # fmt: skip
+    with progress:
+        task = progress.add_task("prompts", total=len(conversations))
+        report = run_bench(
+            runtime,
+            conversations,
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+            baselines=chosen,
+            seed=seed,
+            on_prompt=lambda _: progress.advance(task),
+        )
+    if as_json:
+        print_json(report.to_json())
+    else:
+        _render(report)
+    if report.lossless is False:
+        raise typer.Exit(1)
+
+
+def _render(report) -> None:
+    out = console()
+    title = f"{report.method} draft {report.draft} on {report.target}"
+    out.print(Text(title, style="bold"), soft_wrap=True)
+    table = Table(show_edge=False)
+    table.add_column("decoder")
+    table.add_column("tokens/s", justify="right")
+    table.add_column("speculative speedup", justify="right")
+    table.add_row(f"speculative ({report.method})", f"{report.tokens_per_second:.1f}", "")
+    names = {"target": "target alone (spectool loop)", "hf": "HF generate", "prompt-lookup": "HF prompt lookup"}
+    for name, row in report.baselines.items():
+        table.add_row(names[name], f"{row['tokens_per_second']:.1f}", f"{row['speedup']:.2f}x")
+    out.print(table)
+    hist = "  ".join(f"{k}:{v}" for k, v in sorted(report.acceptance_histogram.items()))
+    per_position = " ".join(f"{p:.2f}" for p in report.accepted_per_position)
+    out.print(
+        f"acceptance length {report.acceptance_length:.2f} tokens per target forward (bonus/correction included); "
+        f"{report.num_prompts} prompts, {report.new_tokens} tokens",
+        soft_wrap=True,
+    )
+    out.print(f"tokens per round: {hist}", soft_wrap=True)
+    out.print(f"accept rate by draft position: {per_position}", soft_wrap=True)
+    if report.lossless is True:
+        out.print(Text("lossless: output identical to the target's own greedy decoding on every prompt", "green"))
+    elif report.lossless is False:
+        out.print(
+            Text(f"NOT lossless: prompts {report.mismatched_prompts} differ from the target's own output", "bold red")
+        )
+    out.print(Text(f"machine: {report.machine}", style="dim"), soft_wrap=True)

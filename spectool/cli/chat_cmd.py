@@ -1,0 +1,210 @@
+"""`spectool chat`: multi-turn speculative chat that shows, inline, which tokens the draft got accepted."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from spectool.cli import app
+from spectool.cli.render import console, error_console, handles_errors
+from spectool.decoding.accept import SamplingParams
+from spectool.decoding.engine import GenerationStats, RoundEvent
+from spectool.errors import UsageError
+
+ROUND_STYLES = ("black on green3", "black on dark_sea_green2")  # alternate per round so each block stands out
+HELP = """commands:
+  /help          this help
+  /stats         acceptance histogram of this session
+  /reset         forget the conversation
+  /system TEXT   set the system prompt (and reset)
+  /temp T        set the temperature (0 = greedy)
+  /quit          leave (Ctrl-D too); Ctrl-C stops the current answer"""
+
+
+class AnswerPrinter:
+    """Streams an answer token by token: accepted draft tokens highlighted per round, the target's own plain.
+
+    Byte-level tokenizers can split one character over several tokens; text is printed only once it decodes
+    to complete characters, and each piece takes the style of the token that completed it.
+    """
+
+    def __init__(self, tokenizer, out: Console) -> None:
+        self.tokenizer = tokenizer
+        self.out = out
+        self.ids: list[int] = []
+        self.shown = ""
+
+    def add(self, event: RoundEvent, round_index: int) -> None:
+        for i, token in enumerate(event.tokens):
+            self.ids.append(token)
+            text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+            if text.endswith("\ufffd") or not text.startswith(self.shown):
+                continue
+            piece, self.shown = text[len(self.shown) :], text
+            drafted = i < event.num_accepted and event.kind != "prefill"
+            style = ROUND_STYLES[round_index % 2] if drafted else ""
+            self.out.print(Text(piece, style=style), end="", soft_wrap=True, highlight=False)
+
+
+class ChatSession:
+    def __init__(self, runtime, *, system: str | None, sampling: SamplingParams, max_new_tokens: int, out: Console):
+        self.runtime = runtime
+        self.system = system
+        self.sampling = sampling
+        self.max_new_tokens = max_new_tokens
+        self.out = out
+        self.messages: list[dict[str, str]] = []
+        self.session_rounds: list[RoundEvent] = []
+        self.turns = 0
+
+    def reset(self) -> None:
+        self.messages = []
+
+    def conversation(self, user_text: str) -> list[dict[str, str]]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + self.messages + [{"role": "user", "content": user_text}]
+
+    def answer(self, user_text: str) -> None:
+        runtime = self.runtime
+        ids = runtime.prompt_ids(self.conversation(user_text))
+        printer = AnswerPrinter(runtime.tokenizer, self.out)
+        rounds: list[RoundEvent] = []
+        start = time.perf_counter()
+        stopped = False
+        try:
+            for index, event in enumerate(
+                runtime.engine.generate(
+                    ids,
+                    max_new_tokens=self.max_new_tokens,
+                    sampling=self.sampling,
+                    stop_token_ids=runtime.stop_token_ids,
+                    seed=self.turns,
+                )
+            ):
+                rounds.append(event)
+                printer.add(event, index)
+        except KeyboardInterrupt:
+            stopped = True
+        stats = GenerationStats(rounds, time.perf_counter() - start)
+        self.turns += 1
+        self.session_rounds += rounds
+        self.messages += [
+            {"role": "user", "content": user_text},
+            {"role": "assistant", "content": runtime.decode(printer.ids)},
+        ]
+        self.out.print()
+        if stopped:
+            self.out.print(Text("[answer stopped]", style="yellow"))
+        self.out.print(Text(stats_line(stats), style="dim"), soft_wrap=True)
+
+    def histogram(self) -> str:
+        rounds = GenerationStats(self.session_rounds).verify_rounds
+        if not rounds:
+            return "no answers yet"
+        counts = Counter(len(r.tokens) for r in rounds)
+        width = max(counts.values())
+        lines = [f"tokens per target forward over {len(rounds)} rounds (bonus/correction included):"]
+        for k in sorted(counts):
+            lines.append(f"  {k:>2} {'█' * max(1, round(30 * counts[k] / width))} {counts[k]}")
+        return "\n".join(lines)
+
+
+def stats_line(stats: GenerationStats) -> str:
+    accepted, drafted = stats.accepted_per_position()
+    per_position = " ".join(f"{a}/{d}" for a, d in zip(accepted, drafted, strict=True)) or "-"
+    tau = f"{stats.acceptance_length:.2f}" if stats.verify_rounds else "n/a"
+    return (
+        f"acceptance length {tau} tokens/forward (incl. bonus) · "
+        f"accepted/drafted by position {per_position} · "
+        f"{stats.new_tokens} tokens in {stats.seconds:.2f}s ({stats.tokens_per_second:.1f} tok/s)"
+    )
+
+
+@app.command("chat")
+@handles_errors
+def chat_command(
+    draft: Path = typer.Option(..., "--draft", "-d", help="Draft checkpoint directory."),
+    target: str = typer.Option(None, "--target", "-t", help="Target MODEL (default: the one the draft records)."),
+    temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    top_k: int = typer.Option(0, "--top-k"),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", "-n"),
+    system: str = typer.Option(None, "--system", help="System prompt."),
+    prompt: str = typer.Option(None, "--prompt", help="Answer this one prompt and exit (scriptable)."),
+    plain: bool = typer.Option(False, "--plain", help="No colours or styles (also when stdout is not a terminal)."),
+) -> None:
+    """Chat with the target through the draft: accepted draft tokens are highlighted inline, one colour per round;
+    the target's own tokens (corrections and bonus tokens) are plain. The output is exactly the target's."""
+    from spectool.runtime import load_runtime
+
+    if max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    try:
+        sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    out = Console(color_system=None, highlight=False) if plain else console()
+    runtime = load_runtime(draft, target)
+    for warning in runtime.warnings:
+        error_console().print(Text(f"warning: {warning}", style="yellow"), soft_wrap=True)
+    session = ChatSession(runtime, system=system, sampling=sampling, max_new_tokens=max_new_tokens, out=out)
+    if prompt is not None:
+        session.answer(prompt)
+        return
+    legend = Text()
+    legend.append(f"{runtime.draft.method} draft on {runtime.info.ref}. ")
+    legend.append("accepted draft tokens", style=ROUND_STYLES[0])
+    legend.append(" ")
+    legend.append("(next round)", style=ROUND_STYLES[1])
+    legend.append(", target's own tokens plain. /help for commands.")
+    out.print(legend, soft_wrap=True)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            out.print()
+            return
+        except KeyboardInterrupt:
+            out.print()
+            continue
+        text = line.strip()
+        if not text:
+            continue
+        if text.startswith("/"):
+            if not _command(session, text, out):
+                return
+            continue
+        session.answer(text)
+
+
+def _command(session: ChatSession, text: str, out: Console) -> bool:
+    """Run a slash command; False means leave."""
+    name, _, arg = text.partition(" ")
+    if name in ("/quit", "/exit"):
+        return False
+    if name == "/help":
+        out.print(HELP)
+    elif name == "/stats":
+        out.print(session.histogram())
+    elif name == "/reset":
+        session.reset()
+        out.print("conversation forgotten")
+    elif name == "/system":
+        session.system = arg.strip() or None
+        session.reset()
+        out.print(f"system prompt {'set' if session.system else 'cleared'}; conversation forgotten")
+    elif name == "/temp":
+        try:
+            value = float(arg)
+            session.sampling = SamplingParams(value, session.sampling.top_p, session.sampling.top_k)
+            out.print(f"temperature {value:g}")
+        except ValueError:
+            out.print("usage: /temp T  (a number >= 0)")
+    else:
+        out.print(f"unknown command {name}; /help lists them")
+    return True

@@ -1,0 +1,101 @@
+"""Load a target and a draft into ready engines: what chat, bench and the demo share.
+
+A draft records its target in `spectool.json`, so `--target` is only needed to override it. The draft is
+checked against the target (width, vocabulary, depth, mask token) before anything runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from spectool.checkpoint import LoadedDraft, check_against_target, load_draft
+from spectool.decoding.engine import Engine
+from spectool.decoding.proposers import make_proposer
+from spectool.errors import SpectoolError, UsageError
+from spectool.hub import TargetInfo, load_model_and_tokenizer, resolve_model
+from spectool.target import FrozenTarget
+from spectool.training.data import ChatFormat, Message
+
+#: Tokens drafted per round by the EAGLE chains (DFlash / DSpark draft a whole block).
+DEFAULT_CHAIN_LENGTH = 6
+
+
+@dataclass
+class Runtime:
+    """A loaded target (and draft) with a speculative engine and a target-alone engine."""
+
+    info: TargetInfo
+    model: Any
+    tokenizer: Any
+    draft: LoadedDraft | None
+    engine: Engine  # speculative when a draft is loaded, else the target alone
+    target_engine: Engine  # the target alone through the same loop (the honest baseline)
+    stop_token_ids: list[int] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    chat: ChatFormat | None = None
+
+    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation rendered with the target's chat template, ready for the answer."""
+        if self.chat is None:
+            raise SpectoolError("the target's tokenizer has no chat template; chat and bench need one")
+        return self.chat.prompt_ids([Message(m["role"], m["content"]) for m in messages])
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def stop_token_ids(model: Any, chat: ChatFormat | None, tokenizer: Any) -> list[int]:
+    """End-of-answer ids: the chat template's end-of-turn token, the tokenizer's eos, the generation config's."""
+    ids = set(chat.stop_token_ids if chat else [])
+    eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+def target_ref_of(draft: LoadedDraft, target: str | None) -> str:
+    if target:
+        return target
+    if draft.metadata and draft.metadata.target:
+        ref = draft.metadata.target
+        if Path(ref).is_absolute() and not Path(ref).exists():
+            raise UsageError(f"the draft's target {ref} no longer exists; pass --target with the model's new location")
+        return ref
+    raise UsageError(f"{draft.path} does not record its target (no spectool.json); pass --target MODEL")
+
+
+def load_runtime(
+    draft_dir: str | Path | None,
+    target: str | None = None,
+    *,
+    device: str = "cpu",
+    chain_length: int = DEFAULT_CHAIN_LENGTH,
+) -> Runtime:
+    """Load the draft (if any) and its target, check they fit, and build both engines."""
+    draft = (
+        load_draft(draft_dir, device=device, dtype=torch.float32 if device == "cpu" else None) if draft_dir else None
+    )
+    if draft is None and target is None:
+        raise UsageError("give --draft DIR (or --target MODEL to run the target alone)")
+    info = resolve_model(target_ref_of(draft, target) if draft else target)
+    model, tokenizer = load_model_and_tokenizer(info, device=device)
+    warnings: list[str] = list(draft.notes) if draft else []
+    if draft is not None:
+        warnings += check_against_target(draft, info.arch, info.tokenizer_length)
+        if draft.model.dtype != model.dtype:
+            draft.model.to(model.dtype)
+    n = info.arch.num_hidden_layers
+    ids = (draft.target_layer_ids or [n - 1]) if draft else []
+    frozen = FrozenTarget(model, ids)
+    proposer = make_proposer(draft.method, draft.model, model, num_steps=chain_length) if draft else None
+    engine = Engine(frozen, proposer)
+    target_engine = Engine(FrozenTarget(model, []))
+    chat = ChatFormat(tokenizer) if getattr(tokenizer, "chat_template", None) else None
+    stops = stop_token_ids(model, chat, tokenizer)
+    return Runtime(info, model, tokenizer, draft, engine, target_engine, stops, warnings, chat)

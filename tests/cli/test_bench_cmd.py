@@ -1,0 +1,89 @@
+"""`spectool bench` end to end on a tiny random chat target with freshly initialised drafts."""
+
+import json
+
+import pytest
+
+from spectool.bench import load_prompts
+from spectool.errors import SpectoolError, UsageError
+from spectool.init import init_draft
+from tests.cli.conftest import invoke
+
+PROMPTS = ["hi there", "tell me about cats", "what is the time now ?", "write code for x"]
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    rows = [{"prompt": p} for p in PROMPTS[:3]]
+    rows.append({"messages": [{"role": "user", "content": PROMPTS[3]}, {"role": "assistant", "content": "ok"}]})
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def dspark_draft(chat_target_dir, tmp_path_factory):
+    return init_draft(str(chat_target_dir), "dspark", tmp_path_factory.mktemp("d") / "dspark", dtype="float32").path
+
+
+@pytest.mark.parametrize("method", ["eagle3", "dflash"])
+def test_bench_json_is_lossless(method, chat_target_dir, prompts_file, tmp_path):
+    draft = init_draft(str(chat_target_dir), method, tmp_path / method, dtype="float32").path
+    result = invoke("bench", "--draft", str(draft), "--prompts", str(prompts_file), "-n", "12", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["lossless"] is True and data["mismatched_prompts"] == []
+    assert (data["method"], data["num_prompts"], data["new_tokens"]) == (method, 4, 48)
+    assert set(data["baselines"]) == {"target", "hf", "prompt-lookup"}
+    for row in data["baselines"].values():
+        assert row["tokens_per_second"] > 0 and row["speedup"] > 0
+    hist = {int(k): v for k, v in data["acceptance_histogram"].items()}
+    rounds = sum(hist.values())
+    assert data["acceptance_length"] == pytest.approx(sum(k * v for k, v in hist.items()) / rounds)
+    assert data["target"] == str(chat_target_dir)  # found from the draft's spectool.json
+
+
+def test_bench_rich_view_and_baseline_choice(dspark_draft, prompts_file):
+    result = invoke("bench", "-d", str(dspark_draft), "-p", str(prompts_file), "-n", "6", "--baselines", "target")
+    assert result.exit_code == 0, result.output
+    assert "target alone (spectool loop)" in result.stdout and "HF generate" not in result.stdout
+    assert "lossless" in result.stdout and "machine:" in result.stdout
+
+
+def test_bench_sampling_reports_no_lossless_verdict(dspark_draft, prompts_file):
+    args = ["bench", "-d", str(dspark_draft), "-p", str(prompts_file), "-n", "6", "--temperature", "0.7", "--json"]
+    data = json.loads(invoke(*args, "--baselines", "target").stdout)
+    assert data["lossless"] is None and data["temperature"] == 0.7
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--baselines", "target,vllm"],
+        ["--temperature", "-1"],
+        ["-n", "0"],
+        ["--prompts", "/no/such/file.jsonl"],
+    ],
+)
+def test_bench_bad_usage(dspark_draft, prompts_file, args):
+    base = ["bench", "-d", str(dspark_draft)]
+    if "--prompts" not in args:
+        base += ["-p", str(prompts_file)]
+    result = invoke(*base, *args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+
+
+def test_bench_missing_draft_dir(tmp_path, prompts_file):
+    result = invoke("bench", "-d", str(tmp_path / "nothing"), "-p", str(prompts_file))
+    assert result.exit_code == 2 and "no such draft directory" in result.stderr
+
+
+def test_load_prompts_errors(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"messages": "nope"}\n')
+    with pytest.raises(SpectoolError, match=r"bad.jsonl:2: expected"):
+        load_prompts(bad)
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(UsageError, match="holds no prompts"):
+        load_prompts(tmp_path / "empty.jsonl")
