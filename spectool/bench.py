@@ -73,6 +73,7 @@ def machine_description() -> str:
 @dataclass
 class BenchReport:
     method: str | None
+    verify: str
     target: str
     draft: str | None
     num_prompts: int
@@ -141,6 +142,12 @@ def run_bench(
     _timed_engine(runtime.engine, encoded[0], **{**kwargs, "max_new_tokens": 8}, seed=seed)
     _timed_engine(runtime.target_engine, encoded[0], **{**kwargs, "max_new_tokens": 8}, seed=seed)
 
+    # With `--verify auto`, the same draft verifying every drafted token is the baseline that shows the gain.
+    full_block = None
+    if runtime.engine.scheduler is not None:
+        full_block = Engine(runtime.engine.session.target, runtime.engine.proposer)
+        baselines = [*baselines, "full-block"]
+
     spec_tokens = spec_seconds = 0.0
     rounds = []
     seconds = Counter()
@@ -157,6 +164,10 @@ def run_bench(
             tokens["target"] += len(reference)
             if sampling.greedy and out != reference:
                 mismatched.append(index)
+        if full_block is not None:
+            full_out, full_stats = _timed_engine(full_block, ids, **kwargs, seed=seed + index)
+            seconds["full-block"] += full_stats.seconds
+            tokens["full-block"] += len(full_out)
         if "hf" in baselines:
             hf_out, hf_seconds = _timed_hf(runtime, ids, max_new_tokens, sampling)
             seconds["hf"] += hf_seconds
@@ -180,6 +191,7 @@ def run_bench(
     draft = runtime.draft
     return BenchReport(
         method=draft.method,
+        verify="auto" if full_block is not None else "full",
         target=runtime.info.ref,
         draft=str(draft.path),
         num_prompts=len(encoded),

@@ -15,6 +15,7 @@ import torch
 from spectool.checkpoint import LoadedDraft, check_against_target, load_draft
 from spectool.decoding.engine import Engine
 from spectool.decoding.proposers import make_proposer
+from spectool.decoding.schedule import PrefixScheduler, profile_verify_cost
 from spectool.errors import SpectoolError, UsageError
 from spectool.hub import TargetInfo, load_model_and_tokenizer, resolve_model
 from spectool.target import FrozenTarget
@@ -76,8 +77,15 @@ def load_runtime(
     *,
     device: str = "cpu",
     chain_length: int = DEFAULT_CHAIN_LENGTH,
+    verify: str = "full",
 ) -> Runtime:
-    """Load the draft (if any) and its target, check they fit, and build both engines."""
+    """Load the draft (if any) and its target, check they fit, and build both engines.
+
+    `verify="auto"` (DSpark with a confidence head) profiles the target's verify cost once and verifies only the
+    profitable prefix of each block; `"full"` verifies every drafted token.
+    """
+    if verify not in ("full", "auto"):
+        raise UsageError(f"--verify must be full or auto, got {verify!r}")
     draft = (
         load_draft(draft_dir, device=device, dtype=torch.float32 if device == "cpu" else None) if draft_dir else None
     )
@@ -94,7 +102,14 @@ def load_runtime(
     ids = (draft.target_layer_ids or [n - 1]) if draft else []
     frozen = FrozenTarget(model, ids)
     proposer = make_proposer(draft.method, draft.model, model, num_steps=chain_length) if draft else None
-    engine = Engine(frozen, proposer)
+    scheduler = None
+    if verify == "auto":
+        if draft is None or draft.method != "dspark" or not draft.model.config.enable_confidence_head:
+            raise UsageError("--verify auto needs a DSpark draft with a confidence head")
+        profile = profile_verify_cost(model, draft.model.config.block_size + 1)
+        temperatures = getattr(draft.model.config, "confidence_temperatures", None)
+        scheduler = PrefixScheduler(profile, temperatures)
+    engine = Engine(frozen, proposer, scheduler)
     target_engine = Engine(FrozenTarget(model, []))
     chat = ChatFormat(tokenizer) if getattr(tokenizer, "chat_template", None) else None
     stops = stop_token_ids(model, chat, tokenizer)

@@ -32,6 +32,9 @@ def bench_command(
     baselines: str = typer.Option(",".join(BASELINES), "--baselines", help="Comma list of target, hf, prompt-lookup."),
     limit: int = typer.Option(None, "--limit", help="Use only the first N prompts."),
     chain_length: int = typer.Option(6, "--chain-length", help="Tokens per round for EAGLE chains."),
+    verify: str = typer.Option(
+        "full", "--verify", help="full, or auto: DSpark verifies only the profitable prefix (adds a full-block row)."
+    ),
     seed: int = typer.Option(0, "--seed"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
@@ -56,7 +59,7 @@ def bench_command(
             raise UsageError("no --prompts given and no built-in prompt set is installed; pass --prompts FILE")
         prompts = DEFAULT_PROMPTS
     conversations = load_prompts(prompts)[:limit] if limit else load_prompts(prompts)
-    runtime = load_runtime(draft, target, chain_length=chain_length)
+    runtime = load_runtime(draft, target, chain_length=chain_length, verify=verify)
     for warning in runtime.warnings:
         error_console().print(Text(f"warning: {warning}", style="yellow"), soft_wrap=True)
 
@@ -91,8 +94,14 @@ def _render(report) -> None:
     table.add_column("decoder")
     table.add_column("tokens/s", justify="right")
     table.add_column("speculative speedup", justify="right")
-    table.add_row(f"speculative ({report.method})", f"{report.tokens_per_second:.1f}", "")
-    names = {"target": "target alone (spectool loop)", "hf": "HF generate", "prompt-lookup": "HF prompt lookup"}
+    verify = ", verify auto" if report.verify == "auto" else ""
+    table.add_row(f"speculative ({report.method}{verify})", f"{report.tokens_per_second:.1f}", "")
+    names = {
+        "target": "target alone (spectool loop)",
+        "hf": "HF generate",
+        "prompt-lookup": "HF prompt lookup",
+        "full-block": "same draft, full-block verify",
+    }
     for name, row in report.baselines.items():
         table.add_row(names[name], f"{row['tokens_per_second']:.1f}", f"{row['speedup']:.2f}x")
     out.print(table)

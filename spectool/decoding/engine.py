@@ -22,6 +22,7 @@ from transformers import DynamicCache
 
 from spectool.decoding.accept import SamplingParams, accept_greedy, accept_sampling, probabilities, sample
 from spectool.decoding.proposers import Proposal, Proposer
+from spectool.decoding.schedule import PrefixScheduler
 from spectool.target import FrozenTarget
 
 FinishReason = Literal["eos", "stop", "length"]
@@ -114,9 +115,13 @@ class TargetSession:
 class Engine:
     """Speculative decoding of one prompt at a time with a target and a proposer (None = target alone)."""
 
-    def __init__(self, target: FrozenTarget, proposer: Proposer | None = None) -> None:
+    def __init__(
+        self, target: FrozenTarget, proposer: Proposer | None = None, scheduler: PrefixScheduler | None = None
+    ) -> None:
+        """`scheduler` (DSpark `--verify auto`) trims each block to its profitable prefix before verification."""
         self.session = TargetSession(target)
         self.proposer = proposer
+        self.scheduler = scheduler
         self.device = next(target.model.parameters()).device
 
     @torch.no_grad()
@@ -162,6 +167,10 @@ class Engine:
             if proposer is not None and remaining > 1:
                 limit = remaining - 1 if max_drafts is None else min(max_drafts, remaining - 1)
                 proposal = proposer.propose(prompt_list + committed, sampling, generator, limit)
+            if self.scheduler is not None and proposal.confidence_logits is not None and len(proposal.tokens):
+                keep = self.scheduler.prefix_length(proposal.confidence_logits[: len(proposal.tokens)])
+                probs = proposal.probs[:keep] if proposal.probs is not None else None
+                proposal = Proposal(proposal.tokens[:keep], probs, proposal.confidence_logits[:keep])
             t1 = time.perf_counter()
             drafts = proposal.tokens
             verify_input = torch.cat((torch.tensor([committed[-1]], device=self.device), drafts)).unsqueeze(0)

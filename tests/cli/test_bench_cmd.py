@@ -87,3 +87,18 @@ def test_load_prompts_errors(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(UsageError, match="holds no prompts"):
         load_prompts(tmp_path / "empty.jsonl")
+
+
+def test_verify_auto_adds_the_full_block_baseline(dspark_draft, prompts_file):
+    args = ["bench", "-d", str(dspark_draft), "-p", str(prompts_file), "-n", "8", "--verify", "auto", "--json"]
+    result = invoke(*args, "--baselines", "target")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["verify"] == "auto" and data["lossless"] is True
+    assert set(data["baselines"]) == {"target", "full-block"}
+
+
+def test_verify_auto_needs_dspark(chat_target_dir, prompts_file, tmp_path):
+    draft = init_draft(str(chat_target_dir), "dflash", tmp_path / "dflash", dtype="float32").path
+    result = invoke("bench", "-d", str(draft), "-p", str(prompts_file), "--verify", "auto")
+    assert result.exit_code == 2 and "needs a DSpark draft" in result.stderr

@@ -1,0 +1,90 @@
+"""DSpark's hardware-aware prefix scheduler: verify only the profitable prefix of a drafted block.
+
+The confidence head gives, per slot, the logit that the slot is accepted given the earlier slots were; the
+survival of draft position j is `a_j = prod_{i<=j} sigmoid(c_i / T_i)` (T_i: calibration temperatures, 1 when
+uncalibrated). With `SPS(n)` = target forward steps per second when verifying n tokens (profiled once on this
+machine), the scheduler starts from n = 1 (the anchor alone, expected tokens tau* = 1) and admits positions in
+order while `tau* * SPS(n)` (expected tokens per second) keeps improving, stopping at the first
+non-improvement. The decision reads the draft only, never the target's verdict, so verification stays lossless.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass(frozen=True)
+class VerifyCostProfile:
+    """Median seconds of one target forward over n new tokens (n = 1..len) after a fixed context."""
+
+    seconds: tuple[float, ...]  # seconds[n - 1]
+    context_length: int
+
+    def steps_per_second(self, num_tokens: int) -> float:
+        index = min(max(num_tokens, 1), len(self.seconds)) - 1
+        return 1.0 / self.seconds[index]
+
+
+@torch.no_grad()
+def profile_verify_cost(
+    model: torch.nn.Module, max_tokens: int, *, context_length: int = 64, repeats: int = 5, seed: int = 0
+) -> VerifyCostProfile:
+    """Time the target verifying 1..max_tokens tokens after `context_length` cached tokens (median of repeats)."""
+    device = next(model.parameters()).device
+    vocab = model.get_input_embeddings().weight.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    context = torch.randint(0, vocab, (1, context_length), generator=generator).to(device)
+    block = torch.randint(0, vocab, (1, max_tokens), generator=generator).to(device)
+    cache = DynamicCache()
+    model(input_ids=context, cache=cache, use_cache=True)
+    model(input_ids=block[:, :1], cache=cache, use_cache=True)  # warm-up
+    cache.crop(-1)
+    seconds = []
+    for n in range(1, max_tokens + 1):
+        samples = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            model(input_ids=block[:, :n], cache=cache, use_cache=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            samples.append(time.perf_counter() - start)
+            cache.crop(-n)
+        seconds.append(statistics.median(samples))
+    return VerifyCostProfile(tuple(seconds), context_length)
+
+
+class PrefixScheduler:
+    """Chooses how many drafted tokens to verify from the confidence logits of a block."""
+
+    def __init__(self, profile: VerifyCostProfile, temperatures: Sequence[float] | None = None) -> None:
+        self.profile = profile
+        self.temperatures = list(temperatures) if temperatures else None
+
+    def survival(self, confidence_logits: torch.Tensor) -> torch.Tensor:
+        """a_j = prod_{i<=j} sigmoid(c_i / T_i) for j = 1..k."""
+        logits = confidence_logits.float().flatten()
+        if self.temperatures:
+            temps = torch.tensor(self.temperatures[: logits.numel()], dtype=torch.float32, device=logits.device)
+            temps = torch.cat((temps, temps.new_ones(logits.numel() - temps.numel())))
+            logits = logits / temps
+        return torch.sigmoid(logits).cumprod(0)
+
+    def prefix_length(self, confidence_logits: torch.Tensor) -> int:
+        """Number of drafted tokens to verify (0 = the anchor alone)."""
+        survival = self.survival(confidence_logits).tolist()
+        expected, admitted = 1.0, 0
+        best = expected * self.profile.steps_per_second(1)
+        for j, a in enumerate(survival, start=1):
+            candidate = (expected + a) * self.profile.steps_per_second(1 + j)
+            if candidate <= best:
+                break  # the first non-improvement ends the search (non-anticipating, hence lossless)
+            expected, best, admitted = expected + a, candidate, j
+        return admitted

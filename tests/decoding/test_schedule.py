@@ -1,0 +1,64 @@
+"""DSpark's prefix scheduler against hand-computed admissions, and losslessness with it in the loop."""
+
+import pytest
+import torch
+
+from spectool.decoding.schedule import PrefixScheduler, VerifyCostProfile, profile_verify_cost
+from spectool.drafts import build_draft
+from spectool.target import FrozenTarget
+from tests.decoding.test_engine import PROMPTS, reference_greedy, run
+
+# Verifying n tokens costs seconds[n-1]: flat up to 3 tokens, then steeper (a typical batch-size knee).
+PROFILE = VerifyCostProfile(seconds=(1.0, 1.0, 1.0, 1.5, 2.5, 4.0), context_length=64)
+
+
+def logit(p):
+    return torch.logit(torch.tensor(p))
+
+
+def test_admits_while_expected_tokens_per_second_improves():
+    scheduler = PrefixScheduler(PROFILE)
+    # survival a = 0.9, 0.72, 0.432, 0.2592, ...
+    conf = logit([0.9, 0.8, 0.6, 0.6, 0.6])
+    # n=1: 1.0/1.0 = 1.0; +a1 -> 1.9/1.0; +a2 -> 2.62/1.0; +a3 -> 3.052/1.5 = 2.03 < 2.62: stop at 2 drafts.
+    assert scheduler.prefix_length(conf) == 2
+
+
+def test_stops_at_the_first_non_improvement_even_if_later_would_pay():
+    flat_then_cheap = VerifyCostProfile(seconds=(1.0, 2.0, 0.5, 0.5), context_length=8)
+    # One draft: (1 + 0.5) / 2.0 = 0.75 < 1.0 -> stop, although 3 tokens would be cheap.
+    assert PrefixScheduler(flat_then_cheap).prefix_length(logit([0.5, 0.99, 0.99])) == 0
+
+
+def test_confident_drafts_use_the_whole_block_on_flat_cost():
+    flat = VerifyCostProfile(seconds=(1.0,) * 8, context_length=8)
+    assert PrefixScheduler(flat).prefix_length(logit([0.99] * 7)) == 7
+
+
+def test_temperatures_soften_the_confidence():
+    scheduler = PrefixScheduler(PROFILE, temperatures=[4.0, 4.0])
+    survival = scheduler.survival(logit([0.9, 0.8, 0.6]))
+    expected = torch.sigmoid(logit([0.9, 0.8, 0.6]) / torch.tensor([4.0, 4.0, 1.0])).cumprod(0)
+    assert torch.allclose(survival, expected)
+
+
+def test_profile_is_positive_and_monotone_enough(qwen3_target):
+    profile = profile_verify_cost(qwen3_target, 4, context_length=8, repeats=2)
+    assert len(profile.seconds) == 4 and all(s > 0 for s in profile.seconds)
+    assert profile.steps_per_second(99) == profile.steps_per_second(4)
+
+
+@pytest.mark.parametrize("seconds", [(1.0, 1.0, 1.0, 1.5, 2.5, 4.0), (1.0, 1.01, 1.02, 1.03, 1.04, 1.05)])
+def test_engine_with_scheduler_is_lossless(qwen3_target, qwen3_config, seconds):
+    from spectool.decoding.engine import Engine
+    from spectool.decoding.proposers import make_proposer
+
+    torch.manual_seed(2)
+    draft = build_draft("dspark", qwen3_config, target_layer_ids=[0, 2, 3], block_size=5, mask_token_id=255).eval()
+    draft.copy_target_weights(qwen3_target)
+    scheduler = PrefixScheduler(VerifyCostProfile(seconds, 8))
+    engine = Engine(FrozenTarget(qwen3_target, [0, 2, 3]), make_proposer("dspark", draft, qwen3_target), scheduler)
+    for prompt in PROMPTS[:2]:
+        tokens, stats = run(engine, prompt, max_new_tokens=20)
+        assert tokens == reference_greedy(qwen3_target, prompt, 20)
+        assert all(r.num_drafted <= 5 for r in stats.rounds)
