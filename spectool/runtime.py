@@ -78,11 +78,13 @@ def load_runtime(
     device: str = "cpu",
     chain_length: int = DEFAULT_CHAIN_LENGTH,
     verify: str = "full",
+    tree: str | None = None,
 ) -> Runtime:
     """Load the draft (if any) and its target, check they fit, and build both engines.
 
     `verify="auto"` (DSpark with a confidence head) profiles the target's verify cost once and verifies only the
-    profitable prefix of each block; `"full"` verifies every drafted token.
+    profitable prefix of each block; `"full"` verifies every drafted token. `tree="TOP_K,DEPTH,TOTAL"` drafts an
+    EAGLE-2 dynamic tree with an EAGLE-1 / EAGLE-3 draft (greedy; the chain is used at temperature > 0).
     """
     if verify not in ("full", "auto"):
         raise UsageError(f"--verify must be full or auto, got {verify!r}")
@@ -101,7 +103,12 @@ def load_runtime(
     n = info.arch.num_hidden_layers
     ids = (draft.target_layer_ids or [n - 1]) if draft else []
     frozen = FrozenTarget(model, ids)
-    proposer = make_proposer(draft.method, draft.model, model, num_steps=chain_length) if draft else None
+    tree_shape = parse_tree(tree) if tree else None
+    if tree_shape and (draft is None or draft.method not in ("eagle1", "eagle3")):
+        raise UsageError("--tree needs an EAGLE-1 or EAGLE-3 draft (EAGLE-2 is their dynamic-tree decoding)")
+    proposer = (
+        make_proposer(draft.method, draft.model, model, num_steps=chain_length, tree=tree_shape) if draft else None
+    )
     scheduler = None
     if verify == "auto":
         if draft is None or draft.method != "dspark" or not draft.model.config.enable_confidence_head:
@@ -114,3 +121,14 @@ def load_runtime(
     chat = ChatFormat(tokenizer) if getattr(tokenizer, "chat_template", None) else None
     stops = stop_token_ids(model, chat, tokenizer)
     return Runtime(info, model, tokenizer, draft, engine, target_engine, stops, warnings, chat)
+
+
+def parse_tree(text: str) -> tuple[int, int, int]:
+    """`--tree TOP_K,DEPTH,TOTAL_TOKENS` (upstream EAGLE-2 uses 10,7,60; small CPU targets prefer ~4,5,16)."""
+    try:
+        top_k, depth, total = (int(part) for part in text.split(","))
+    except ValueError:
+        raise UsageError(f"--tree takes TOP_K,DEPTH,TOTAL_TOKENS, e.g. 4,5,16; got {text!r}") from None
+    if min(top_k, depth, total) < 1:
+        raise UsageError(f"--tree values must be positive, got {text!r}")
+    return top_k, depth, total

@@ -32,6 +32,7 @@ def bench_command(
     baselines: str = typer.Option(",".join(BASELINES), "--baselines", help="Comma list of target, hf, prompt-lookup."),
     limit: int = typer.Option(None, "--limit", help="Use only the first N prompts."),
     chain_length: int = typer.Option(6, "--chain-length", help="Tokens per round for EAGLE chains."),
+    tree: str = typer.Option(None, "--tree", help="EAGLE-2 dynamic tree TOP_K,DEPTH,TOTAL (EAGLE drafts, greedy)."),
     verify: str = typer.Option(
         "full", "--verify", help="full, or auto: DSpark verifies only the profitable prefix (adds a full-block row)."
     ),
@@ -59,7 +60,7 @@ def bench_command(
             raise UsageError("no --prompts given and no built-in prompt set is installed; pass --prompts FILE")
         prompts = DEFAULT_PROMPTS
     conversations = load_prompts(prompts)[:limit] if limit else load_prompts(prompts)
-    runtime = load_runtime(draft, target, chain_length=chain_length, verify=verify)
+    runtime = load_runtime(draft, target, chain_length=chain_length, verify=verify, tree=tree)
     for warning in runtime.warnings:
         error_console().print(Text(f"warning: {warning}", style="yellow"), soft_wrap=True)
 

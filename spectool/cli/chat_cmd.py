@@ -137,6 +137,7 @@ def chat_command(
     system: str = typer.Option(None, "--system", help="System prompt."),
     prompt: str = typer.Option(None, "--prompt", help="Answer this one prompt and exit (scriptable)."),
     plain: bool = typer.Option(False, "--plain", help="No colours or styles (also when stdout is not a terminal)."),
+    tree: str = typer.Option(None, "--tree", help="EAGLE-2 dynamic tree TOP_K,DEPTH,TOTAL (EAGLE drafts, greedy)."),
     verify: str = typer.Option("full", "--verify", help="full, or auto: DSpark verifies only the profitable prefix."),
 ) -> None:
     """Chat with the target through the draft: accepted draft tokens are highlighted inline, one colour per round;
@@ -150,7 +151,7 @@ def chat_command(
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     out = Console(color_system=None, highlight=False) if plain else console()
-    runtime = load_runtime(draft, target, verify=verify)
+    runtime = load_runtime(draft, target, verify=verify, tree=tree)
     for warning in runtime.warnings:
         error_console().print(Text(f"warning: {warning}", style="yellow"), soft_wrap=True)
     session = ChatSession(runtime, system=system, sampling=sampling, max_new_tokens=max_new_tokens, out=out)

@@ -98,12 +98,24 @@ class TargetSession:
         return self.cache.get_seq_length()
 
     @torch.no_grad()
-    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run `tokens` [1, n] after the cached prefix: (logits [n, V], features [1, n, K*H])."""
+    def forward(
+        self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run `tokens` [1, n] after the cached prefix: (logits [n, V], features [1, n, K*H]).
+
+        A boolean `attention_mask` [1, 1, n, cached + n] and `position_ids` [1, n] verify a tree."""
         store: dict = {}
+        extra = {} if attention_mask is None else {"attention_mask": attention_mask, "position_ids": position_ids}
         with self.target.capture_hooks(store):
-            out = self.model(input_ids=tokens, cache=self.cache, use_cache=True)  # the cache grows in place
+            out = self.model(input_ids=tokens, cache=self.cache, use_cache=True, **extra)  # the cache grows in place
         return out.logits[0], self.target.features_from(store)
+
+    def keep(self, base: int, rows: list[int]) -> None:
+        """After a tree verify: keep the first `base` positions and then only the tree `rows` (the accepted path)."""
+        index = torch.tensor(rows, device=self.cache.layers[0].keys.device) + base
+        for layer in self.cache.layers:
+            layer.keys = torch.cat((layer.keys[..., :base, :], layer.keys.index_select(-2, index)), dim=-2)
+            layer.values = torch.cat((layer.values[..., :base, :], layer.values.index_select(-2, index)), dim=-2)
 
     def crop(self, length: int) -> None:
         """Keep the first `length` positions (transformers 5 crops by a negative count of positions to drop)."""
@@ -172,21 +184,15 @@ class Engine:
                 probs = proposal.probs[:keep] if proposal.probs is not None else None
                 proposal = Proposal(proposal.tokens[:keep], probs, proposal.confidence_logits[:keep])
             t1 = time.perf_counter()
-            drafts = proposal.tokens
-            verify_input = torch.cat((torch.tensor([committed[-1]], device=self.device), drafts)).unsqueeze(0)
-            logits, features = session.forward(verify_input)
-            if sampling.greedy:
-                verdict = accept_greedy(drafts, logits)
+            if proposal.parents is not None:
+                accepted, next_token, num_drafted, full = self._verify_tree(committed[-1], proposal)
             else:
-                target_probs = probabilities(logits, sampling)
-                verdict = accept_sampling(drafts, proposal.probs, target_probs, generator)
-            n = verdict.num_accepted
-            # Keep the target's cache for the anchor and the accepted drafts; the new token is not yet processed.
-            session.crop(session.length - (len(drafts) - n))
-            if proposer is not None:
-                proposer.extend_context(features[:, : n + 1])
-            new = drafts[:n].tolist() + [verdict.next_token]
-            kind = "bonus" if n == len(drafts) else "correction"
+                accepted, next_token, num_drafted, full = self._verify_chain(
+                    committed[-1], proposal, sampling, generator
+                )
+            new = accepted + [next_token]
+            n = len(accepted)
+            kind = "bonus" if full else "correction"
             finish = None
             for i, token in enumerate(new):
                 finish = self._finish([token], stops, len(committed) + i + 1, max_new_tokens)
@@ -194,9 +200,63 @@ class Engine:
                     new = new[: i + 1]
                     break
             committed += new
-            yield RoundEvent(new, len(drafts), min(n, len(new)), kind, t1 - t0, time.perf_counter() - t1, finish)
+            yield RoundEvent(new, num_drafted, min(n, len(new)), kind, t1 - t0, time.perf_counter() - t1, finish)
             if finish:
                 return
+
+    def _verify_chain(
+        self, last: int, proposal: Proposal, sampling: SamplingParams, generator: torch.Generator
+    ) -> tuple[list[int], int, int, bool]:
+        """One forward over [last | drafts]; (accepted drafts, the target's token, drafted, all accepted)."""
+        drafts = proposal.tokens
+        verify_input = torch.cat((torch.tensor([last], device=self.device), drafts)).unsqueeze(0)
+        logits, features = self.session.forward(verify_input)
+        if sampling.greedy:
+            verdict = accept_greedy(drafts, logits)
+        else:
+            verdict = accept_sampling(drafts, proposal.probs, probabilities(logits, sampling), generator)
+        n = verdict.num_accepted
+        # Keep the target's cache for `last` and the accepted drafts; the new token is not yet processed.
+        self.session.crop(self.session.length - (len(drafts) - n))
+        if self.proposer is not None:
+            self.proposer.extend_context(features[:, : n + 1])
+        return drafts[:n].tolist(), verdict.next_token, len(drafts), n == len(drafts)
+
+    def _verify_tree(self, last: int, proposal: Proposal) -> tuple[list[int], int, int, bool]:
+        """One forward over [last | tree nodes] with a tree attention mask; greedy walk down the matching path."""
+        session, device = self.session, self.device
+        nodes, parents = proposal.tokens.tolist(), proposal.parents
+        base, n = session.length, len(nodes)
+        rows_parent = [-1] + [p + 1 for p in parents]  # row 0 is `last`, node i is row i + 1
+        depth = [0] * (n + 1)
+        mask = torch.zeros(1, 1, n + 1, base + n + 1, dtype=torch.bool, device=device)
+        mask[..., :base] = True
+        for row in range(n + 1):
+            if row:
+                depth[row] = depth[rows_parent[row]] + 1
+            ancestor = row
+            while ancestor != -1:
+                mask[0, 0, row, base + ancestor] = True
+                ancestor = rows_parent[ancestor]
+        tokens = torch.tensor([[last, *nodes]], device=device)
+        positions = torch.tensor([[base + d for d in depth]], device=device)
+        logits, features = session.forward(tokens, mask, positions)
+        best = logits.argmax(-1).tolist()
+        children: dict[int, list[int]] = {}
+        for row in range(1, n + 1):
+            children.setdefault(rows_parent[row], []).append(row)
+        path, current = [], 0
+        while True:
+            match = next((c for c in children.get(current, []) if nodes[c - 1] == best[current]), None)
+            if match is None:
+                break
+            path.append(match)
+            current = match
+        session.keep(base, [0, *path])
+        if self.proposer is not None:
+            self.proposer.extend_context(features[:, [0, *path]])
+        full = not children.get(current)  # reached a leaf: the target's token is a bonus
+        return [nodes[r - 1] for r in path], best[current], max(depth), full
 
     @staticmethod
     def _choose(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator) -> int:

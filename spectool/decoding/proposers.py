@@ -24,6 +24,7 @@ class Proposal:
     tokens: torch.Tensor
     probs: torch.Tensor | None = None
     confidence_logits: torch.Tensor | None = None  # DSpark: logit that slot i is accepted given slots < i were
+    parents: list[int] | None = None  # EAGLE-2 tree: parent index of each token (-1 = the last committed token)
 
     @classmethod
     def empty(cls, device: torch.device) -> Proposal:
@@ -192,8 +193,126 @@ class EagleProposer(Proposer):
         return Proposal(torch.cat(drafted), torch.cat(dists) if dists else None)
 
 
-def make_proposer(method: str, draft: nn.Module, target_model: nn.Module, *, num_steps: int = 6) -> Proposer:
-    """The proposer of a loaded draft, wired to the target's embedding / lm_head where the method borrows them."""
+class EagleTreeProposer(EagleProposer):
+    """EAGLE-2's dynamic draft tree (greedy decoding; at temperature > 0 it drafts the plain chain).
+
+    From the context, expand the `top_k` most likely children of the best `top_k` nodes of each layer for `depth`
+    layers, scoring nodes by cumulative log-probability, then keep the `total_tokens` best nodes (a score never
+    rises along a path, so the kept set is closed under ancestors). One draft forward per layer, with a tree
+    attention mask; the target verifies the whole tree in one forward.
+    """
+
+    def __init__(
+        self,
+        draft: nn.Module,
+        lm_head: nn.Module | None = None,
+        *,
+        top_k: int = 4,
+        depth: int = 5,
+        total_tokens: int = 16,
+    ) -> None:
+        super().__init__(draft, lm_head, num_steps=depth)
+        if min(top_k, depth, total_tokens) < 1:
+            raise ValueError("tree top_k, depth and total_tokens must be at least 1")
+        self.top_k, self.depth, self.total_tokens = top_k, depth, total_tokens
+
+    @torch.no_grad()
+    def propose(self, tokens: list[int], sampling: SamplingParams, generator: torch.Generator, limit: int) -> Proposal:
+        if not sampling.greedy:
+            return super().propose(tokens, sampling, generator, limit)
+        features = torch.cat(self.pending, dim=1) if len(self.pending) > 1 else self.pending[0]
+        self.pending = []
+        start, count = self.context_length, features.shape[1]
+        device = features.device
+        shifted = torch.tensor([tokens[start + 1 : start + count + 1]], device=device)
+        hidden, logits = self._step(shifted, features, own=False)
+        self.context_length = start + count
+
+        # Nodes: token, parent node (-1 = root), cumulative log-prob, depth, the hidden that predicted it.
+        node_tokens: list[int] = []
+        node_parent: list[int] = []
+        node_score: list[float] = []
+        node_cache: dict[int, int] = {}  # expanded node -> its draft cache position
+        frontier = self._children(logits, 0.0, -1, node_tokens, node_parent, node_score)
+        frontier_hidden = {i: hidden[:, -1:] for i in frontier}
+        for level in range(2, min(self.depth, limit) + 1):
+            expand = sorted(frontier, key=lambda i: -node_score[i])[: self.top_k]
+            base = self.cache.get_seq_length()
+            mask = torch.zeros(1, 1, len(expand), base + len(expand), dtype=torch.bool, device=device)
+            mask[..., : self.context_length] = True
+            for row, node in enumerate(expand):
+                node_cache[node] = base + row
+                ancestor = node_parent[node]
+                while ancestor != -1:
+                    mask[0, 0, row, node_cache[ancestor]] = True
+                    ancestor = node_parent[ancestor]
+                mask[0, 0, row, base + row] = True
+            ids = torch.tensor([[node_tokens[i] for i in expand]], device=device)
+            parent_hidden = torch.cat([frontier_hidden[i] for i in expand], dim=1)
+            positions = torch.full((len(expand),), self.context_length + level - 2, device=device)
+            out_hidden, out_logits = self._tree_step(ids, parent_hidden, positions, mask)
+            frontier, frontier_hidden = [], {}
+            for row, node in enumerate(expand):
+                children = self._children(out_logits[row], node_score[node], node, node_tokens, node_parent, node_score)
+                frontier += children
+                frontier_hidden.update({c: out_hidden[:, row : row + 1] for c in children})
+        keep = sorted(range(len(node_tokens)), key=lambda i: (-node_score[i], i))[: self.total_tokens]
+        kept = set(keep)
+        for i in list(keep):  # ties in score could leave a parent out: add it back
+            while node_parent[i] != -1 and node_parent[i] not in kept:
+                i = node_parent[i]
+                kept.add(i)
+        order = sorted(kept)  # parents are always created before their children
+        index = {node: position for position, node in enumerate(order)}
+        return Proposal(
+            torch.tensor([node_tokens[i] for i in order], device=device),
+            parents=[index[node_parent[i]] if node_parent[i] != -1 else -1 for i in order],
+        )
+
+    def _children(self, logits, score, parent, node_tokens, node_parent, node_score) -> list[int]:
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        top = torch.topk(logprobs, min(self.top_k, logprobs.shape[-1]))
+        created = []
+        for value, token in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+            node_tokens.append(token)
+            node_parent.append(parent)
+            node_score.append(score + value)
+            created.append(len(node_tokens) - 1)
+        return created
+
+    def _tree_step(self, ids, hidden, positions, mask) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draft outputs for several tree nodes at once: (hidden [1, m, H], target-vocabulary logits [m, V])."""
+        if self.is_eagle3:
+            out = self.draft(
+                ids, hidden_states=hidden, position_ids=positions, past_key_values=self.cache, attention_mask=mask
+            )
+            logits = out.logits[0]
+            if self.draft.pruned_vocab:
+                full = logits.new_full((logits.shape[0], self.vocab_size), float("-inf"))
+                columns = self.draft.draft_to_target(torch.arange(logits.shape[1], device=logits.device))
+                full[:, columns] = logits
+                logits = full
+            return out.hidden_states, logits
+        predicted = self.draft(
+            ids, hidden_states=hidden, position_ids=positions, past_key_values=self.cache, attention_mask=mask
+        )
+        return predicted, self.lm_head(predicted[0].to(self.lm_head.weight.dtype))
+
+
+def make_proposer(
+    method: str,
+    draft: nn.Module,
+    target_model: nn.Module,
+    *,
+    num_steps: int = 6,
+    tree: tuple[int, int, int] | None = None,
+) -> Proposer:
+    """The proposer of a loaded draft, wired to the target's embedding / lm_head where the method borrows them.
+
+    `tree` = (top_k, depth, total_tokens) drafts an EAGLE-2 dynamic tree with an EAGLE-1 or EAGLE-3 draft.
+    """
+    if tree is not None and method not in ("eagle1", "eagle3"):
+        raise ValueError("the EAGLE-2 dynamic tree needs an EAGLE-1 or EAGLE-3 draft")
     lm_head = target_model.get_output_embeddings()
     if method == "dflash":
         return BlockProposer(draft, target_model.get_input_embeddings(), lm_head)
@@ -202,7 +321,10 @@ def make_proposer(method: str, draft: nn.Module, target_model: nn.Module, *, num
     if method == "eagle3":
         if not draft.owns_embeddings:
             draft.attach_target_embeddings(target_model.get_input_embeddings())
-        return EagleProposer(draft, num_steps=num_steps)
-    if method == "eagle1":
+        lm_head = None
+    if method in ("eagle1", "eagle3"):
+        if tree is not None:
+            top_k, depth, total = tree
+            return EagleTreeProposer(draft, lm_head, top_k=top_k, depth=depth, total_tokens=total)
         return EagleProposer(draft, lm_head, num_steps=num_steps)
     raise ValueError(f"unknown method {method!r}")

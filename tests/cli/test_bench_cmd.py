@@ -102,3 +102,12 @@ def test_verify_auto_needs_dspark(chat_target_dir, prompts_file, tmp_path):
     draft = init_draft(str(chat_target_dir), "dflash", tmp_path / "dflash", dtype="float32").path
     result = invoke("bench", "-d", str(draft), "-p", str(prompts_file), "--verify", "auto")
     assert result.exit_code == 2 and "needs a DSpark draft" in result.stderr
+
+
+def test_eagle2_tree_bench_is_lossless(chat_target_dir, prompts_file, tmp_path):
+    draft = init_draft(str(chat_target_dir), "eagle3", tmp_path / "eagle3", dtype="float32").path
+    args = ["bench", "-d", str(draft), "-p", str(prompts_file), "-n", "10", "--tree", "3,3,8", "--json"]
+    data = json.loads(invoke(*args, "--baselines", "target").stdout)
+    assert data["lossless"] is True
+    bad = invoke("bench", "-d", str(draft), "-p", str(prompts_file), "--tree", "3,x")
+    assert bad.exit_code == 2 and "TOP_K,DEPTH,TOTAL_TOKENS" in bad.stderr

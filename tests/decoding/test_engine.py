@@ -121,3 +121,51 @@ def test_sampling_runs_and_is_seeded(method, qwen3_target, qwen3_config):
     a, _ = run(engine, PROMPTS[0], max_new_tokens=16, sampling=params, seed=7)
     b, _ = run(engine, PROMPTS[0], max_new_tokens=16, sampling=params, seed=7)
     assert a == b and len(a) == 16
+
+
+@pytest.mark.parametrize("method", ["eagle1", "eagle3"])
+@pytest.mark.parametrize("tree", [(2, 3, 5), (3, 4, 10), (1, 4, 4)])
+def test_eagle2_tree_is_lossless(method, tree, qwen3_target, qwen3_config):
+    torch.manual_seed(1)
+    draft = build_draft(method, qwen3_config, target_layer_ids=LAYER_IDS[method]).eval()
+    if method == "eagle1":
+        draft.copy_target_embeddings(qwen3_target)
+    engine = Engine(
+        FrozenTarget(qwen3_target, LAYER_IDS[method]), make_proposer(method, draft, qwen3_target, tree=tree)
+    )
+    for prompt in PROMPTS:
+        tokens, stats = run(engine, prompt, max_new_tokens=20)
+        assert tokens == reference_greedy(qwen3_target, prompt, 20)
+        assert all(r.num_drafted <= tree[1] for r in stats.rounds)
+        assert engine.session.length <= len(prompt) + 20
+
+
+def test_tree_walks_the_matching_branch(qwen3_target):
+    """A hand-made tree whose second branch holds the target's continuation: the walk must take it."""
+    from spectool.decoding.proposers import Proposal, Proposer
+
+    prompt = PROMPTS[0]
+    truth = reference_greedy(qwen3_target, prompt, 12)
+
+    class Fork(Proposer):
+        max_drafts = 3
+
+        def reset(self):
+            pass
+
+        def extend_context(self, features):
+            pass
+
+        def propose(self, tokens, sampling, generator, limit):
+            done = len(tokens) - len(prompt)
+            a, b, c = truth[done : done + 3] + [0] * (3 - len(truth[done : done + 3]))
+            wrong = (a + 1) % 256
+            # row order: wrong(root child), a(root child), b(child of a), wrong-after-a, c(child of b)
+            return Proposal(
+                torch.tensor([wrong, a, b, (b + 1) % 256, c][: 2 + min(limit, 3)]),
+                parents=[-1, -1, 1, 1, 2][: 2 + min(limit, 3)],
+            )
+
+    tokens, stats = run(Engine(FrozenTarget(qwen3_target, []), Fork()), prompt, max_new_tokens=10)
+    assert tokens == truth[:10]
+    assert stats.verify_rounds[0].num_accepted == 3 and stats.verify_rounds[0].kind == "bonus"
