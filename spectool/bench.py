@@ -24,6 +24,8 @@ from spectool.errors import SpectoolError, UsageError
 from spectool.runtime import Runtime
 
 BASELINES = ("target", "hf", "prompt-lookup")
+#: Opt-in: the z-lab `dflash` package's own loop on the same DFlash checkpoint (engine-overhead comparison).
+OPTIONAL_BASELINES = ("dflash-package",)
 PROMPT_LOOKUP_TOKENS = 10
 
 
@@ -118,6 +120,44 @@ def _timed_hf(runtime: Runtime, ids: list[int], max_new_tokens: int, sampling: S
     return out[0, len(ids) :].tolist(), seconds
 
 
+def _zlab_draft(runtime: Runtime):
+    """The same DFlash checkpoint loaded by the z-lab `dflash` package."""
+    if runtime.draft is None or runtime.draft.method != "dflash":
+        raise UsageError("the dflash-package baseline needs a DFlash draft")
+    try:
+        from dflash.model import DFlashDraftModel
+    except ImportError:
+        raise UsageError("the dflash-package baseline needs the z-lab package: pip install --no-deps dflash") from None
+    model = DFlashDraftModel.from_pretrained(runtime.draft.path, dtype=runtime.model.dtype)
+    return model.to(runtime.model.device).eval()
+
+
+def _timed_zlab(zlab, runtime: Runtime, ids: list[int], max_new_tokens: int, sampling: SamplingParams):
+    from dflash.model import dflash_generate
+
+    inputs = torch.tensor([ids], device=runtime.model.device)
+    forwards = []  # its stats need CUDA; count the target's forwards instead (the first one is the prefill)
+    handle = runtime.model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    start = time.perf_counter()
+    try:
+        with torch.no_grad():
+            out = dflash_generate(
+                zlab,
+                runtime.model,
+                inputs,
+                max_new_tokens,
+                runtime.stop_token_ids,
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                top_k=sampling.top_k,
+            )
+    finally:
+        handle.remove()
+    seconds = time.perf_counter() - start
+    new = out[0, len(ids) :].tolist()
+    return new, seconds, (len(new) - 1, len(forwards) - 1)
+
+
 def run_bench(
     runtime: Runtime,
     prompts: Sequence[list[dict[str, str]]],
@@ -130,11 +170,14 @@ def run_bench(
 ) -> BenchReport:
     """Run every prompt speculatively and with each baseline, interleaved, after one untimed warm-up."""
     sampling = sampling or SamplingParams()
-    unknown = [b for b in baselines if b not in BASELINES]
+    unknown = [b for b in baselines if b not in BASELINES + OPTIONAL_BASELINES]
     if unknown:
-        raise UsageError(f"unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(BASELINES)}")
+        raise UsageError(
+            f"unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(BASELINES + OPTIONAL_BASELINES)}"
+        )
     if runtime.draft is None:
         raise UsageError("bench needs a draft (--draft DIR)")
+    zlab = _zlab_draft(runtime) if "dflash-package" in baselines else None
     encoded = [runtime.prompt_ids(p) for p in prompts]
     kwargs = {"max_new_tokens": max_new_tokens, "sampling": sampling, "stop_token_ids": runtime.stop_token_ids}
 
@@ -149,6 +192,7 @@ def run_bench(
         baselines = [*baselines, "full-block"]
 
     spec_tokens = spec_seconds = 0.0
+    zlab_rounds: list[tuple[int, int]] = []  # (tokens after the first, verify forwards) per prompt
     rounds = []
     seconds = Counter()
     tokens = Counter()
@@ -168,6 +212,11 @@ def run_bench(
             full_out, full_stats = _timed_engine(full_block, ids, **kwargs, seed=seed + index)
             seconds["full-block"] += full_stats.seconds
             tokens["full-block"] += len(full_out)
+        if zlab is not None:
+            z_out, z_seconds, z_rounds = _timed_zlab(zlab, runtime, ids, max_new_tokens, sampling)
+            seconds["dflash-package"] += z_seconds
+            tokens["dflash-package"] += len(z_out)
+            zlab_rounds.append(z_rounds)
         if "hf" in baselines:
             hf_out, hf_seconds = _timed_hf(runtime, ids, max_new_tokens, sampling)
             seconds["hf"] += hf_seconds
@@ -187,6 +236,9 @@ def run_bench(
     for name in baselines:
         base_tps = tokens[name] / seconds[name] if seconds[name] else 0.0
         table[name] = {"tokens_per_second": base_tps, "speedup": tps / base_tps if base_tps else 0.0}
+    if zlab_rounds:  # its own acceptance length, to show both loops accept the same
+        verified = sum(f for _, f in zlab_rounds)
+        table["dflash-package"]["acceptance_length"] = sum(t for t, _ in zlab_rounds) / verified if verified else 0.0
     accepted, drafted = summary.accepted_per_position()
     draft = runtime.draft
     return BenchReport(

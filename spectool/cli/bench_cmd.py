@@ -9,7 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from spectool.bench import BASELINES, load_prompts, run_bench
+from spectool.bench import BASELINES, OPTIONAL_BASELINES, load_prompts, run_bench
 from spectool.cli import app
 from spectool.cli.render import console, error_console, handles_errors, print_json
 from spectool.decoding.accept import SamplingParams
@@ -29,7 +29,9 @@ def bench_command(
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy (checked for losslessness)."),
     top_p: float = typer.Option(1.0, "--top-p"),
     top_k: int = typer.Option(0, "--top-k"),
-    baselines: str = typer.Option(",".join(BASELINES), "--baselines", help="Comma list of target, hf, prompt-lookup."),
+    baselines: str = typer.Option(
+        ",".join(BASELINES), "--baselines", help="Comma list of target, hf, prompt-lookup, dflash-package."
+    ),
     limit: int = typer.Option(None, "--limit", help="Use only the first N prompts."),
     chain_length: int = typer.Option(6, "--chain-length", help="Tokens per round for EAGLE chains."),
     tree: str = typer.Option(None, "--tree", help="EAGLE-2 dynamic tree TOP_K,DEPTH,TOTAL (EAGLE drafts, greedy)."),
@@ -52,9 +54,10 @@ def bench_command(
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     chosen = [b.strip() for b in baselines.split(",") if b.strip()]
-    unknown = [b for b in chosen if b not in BASELINES]
+    known = BASELINES + OPTIONAL_BASELINES
+    unknown = [b for b in chosen if b not in known]
     if unknown:
-        raise UsageError(f"unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(BASELINES)}")
+        raise UsageError(f"unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(known)}")
     if prompts is None:
         if not DEFAULT_PROMPTS.is_file():
             raise UsageError("no --prompts given and no built-in prompt set is installed; pass --prompts FILE")
@@ -102,6 +105,7 @@ def _render(report) -> None:
         "hf": "HF generate",
         "prompt-lookup": "HF prompt lookup",
         "full-block": "same draft, full-block verify",
+        "dflash-package": "z-lab dflash package loop",
     }
     for name, row in report.baselines.items():
         table.add_row(names[name], f"{row['tokens_per_second']:.1f}", f"{row['speedup']:.2f}x")

@@ -111,3 +111,15 @@ def test_eagle2_tree_bench_is_lossless(chat_target_dir, prompts_file, tmp_path):
     assert data["lossless"] is True
     bad = invoke("bench", "-d", str(draft), "-p", str(prompts_file), "--tree", "3,x")
     assert bad.exit_code == 2 and "TOP_K,DEPTH,TOTAL_TOKENS" in bad.stderr
+
+
+def test_dflash_package_baseline_accepts_the_same(chat_target_dir, prompts_file, tmp_path):
+    pytest.importorskip("dflash.model")
+    draft = init_draft(str(chat_target_dir), "dflash", tmp_path / "dflash", dtype="float32").path
+    args = ["bench", "-d", str(draft), "-p", str(prompts_file), "-n", "10", "--json"]
+    data = json.loads(invoke(*args, "--baselines", "target,dflash-package").stdout)
+    zlab = data["baselines"]["dflash-package"]
+    assert zlab["tokens_per_second"] > 0
+    # Same draft, same target: the same acceptance, up to the last round of each answer, where the z-lab loop
+    # drafts with a shortened block (spectool keeps the trained block size and verifies a prefix).
+    assert zlab["acceptance_length"] == pytest.approx(data["acceptance_length"], abs=0.15)
