@@ -1,0 +1,75 @@
+"""Training objectives, one module per draft family, each readable top to bottom like its paper's section.
+
+An objective is built with its draft and hyper-parameters (``make_objective(method, draft, **hparams)``) and called
+once per batch of target features::
+
+    objective = make_objective("dspark", draft)
+    target = FrozenTarget(model, objective.target_layer_ids)
+    batch = target.capture(input_ids, attention_mask, loss_mask, return_logits=objective.needs_target_logits)
+    out = objective(batch, target_lm_head=model.lm_head, target_embed=model.get_input_embeddings(),
+                    generator=generator, position_ids=position_ids, document_ids=document_ids)
+    out.loss.backward(); log(out.metrics)
+
+Methods, classes and hyper-parameters (defaults):
+
+* ``eagle1``: ``Eagle1Objective(regression_weight=1.0, distill_weight=0.1, feature_noise=0.1, chain_steps=4)``
+* ``eagle3``: ``Eagle3Objective(ttt_steps=7, step_decay=0.8)``, the only one that needs target logits
+* ``dflash``: ``DFlashObjective(num_anchors=512, gamma=None)``; gamma None = ``default_gamma(block_size - 1)``
+* ``dspark``: ``DSparkObjective(num_anchors=None, gamma=None, ce_weight=0.1, l1_weight=0.9, confidence_weight=1.0)``;
+  num_anchors None = the draft config's, gamma None = ``default_gamma(block_size)``
+
+Every objective reports ``loss``, its components, ``acc@k`` and ``acceptance_length`` (bonus token included); the
+module docstrings say exactly what each one measures.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from torch import nn
+
+from spectool.errors import UsageError
+
+from .base import Documents, Objective, ObjectiveOutput
+from .blocks import default_gamma, sample_anchors
+from .dflash import DFlashObjective
+from .dspark import DSparkObjective
+from .eagle1 import Eagle1Objective
+from .eagle3 import Eagle3Objective, build_draft_vocab, count_supervised_tokens
+
+OBJECTIVES: dict[str, type[Objective]] = {
+    "eagle1": Eagle1Objective,
+    "eagle3": Eagle3Objective,
+    "dflash": DFlashObjective,
+    "dspark": DSparkObjective,
+}
+
+
+def make_objective(method: str, draft: nn.Module, **hparams: Any) -> Objective:
+    """The objective of ``method`` for ``draft``; unknown methods or hyper-parameters are usage errors."""
+    if method not in OBJECTIVES:
+        raise UsageError(f"no training objective for {method!r}; choose one of {', '.join(OBJECTIVES)}")
+    cls = OBJECTIVES[method]
+    accepted = [name for name in inspect.signature(cls.__init__).parameters if name not in ("self", "draft")]
+    unknown = sorted(set(hparams) - set(accepted))
+    if unknown:
+        raise UsageError(f"unknown {method} objective option(s) {', '.join(unknown)}; accepted: {', '.join(accepted)}")
+    return cls(draft, **hparams)
+
+
+__all__ = [
+    "OBJECTIVES",
+    "DFlashObjective",
+    "DSparkObjective",
+    "Documents",
+    "Eagle1Objective",
+    "Eagle3Objective",
+    "Objective",
+    "ObjectiveOutput",
+    "build_draft_vocab",
+    "count_supervised_tokens",
+    "default_gamma",
+    "make_objective",
+    "sample_anchors",
+]

@@ -1,0 +1,222 @@
+"""What every training objective shares: its output, its base class, and the tensor helpers for documents, shifts,
+weighted means and acceptance statistics.
+
+Conventions of all objectives:
+
+* ``loss_mask[b, j] = 1`` says token x_j is a label: a token the draft must learn to predict.
+* A row holds one or more documents. Packed rows come with ``document_ids`` [B, S] (-1 on padding) and
+  ``position_ids`` that restart at 0 per document; without them a row is one document padded per
+  ``attention_mask``. No label, teacher position, shift or block ever leaves the contiguous run of its document.
+* The loss math (softmax, cross entropy, L1, BCE) runs in float32 whatever the model dtype or autocast.
+* ``acceptance_length`` counts the bonus token: it estimates the tokens emitted per target verify forward
+  (SPEC §6), 1 for a useless draft.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spectool.errors import UsageError
+from spectool.target import TargetBatch
+
+
+@dataclass
+class ObjectiveOutput:
+    """One objective evaluation: ``loss`` (scalar, with grad), ``metrics`` (plain floats for logging: the loss, its
+    components, ``acc@k``, ``acceptance_length`` and method-specific diagnostics) and ``num_supervised`` (how many
+    predictions the loss averages over)."""
+
+    loss: torch.Tensor
+    metrics: dict[str, float]
+    num_supervised: int
+
+
+class Objective(ABC):
+    """A training objective for one draft family, called once per batch of target features.
+
+    ``target_layer_ids`` and ``needs_target_logits`` tell the trainer what to capture:
+    ``FrozenTarget(target, objective.target_layer_ids).capture(..., return_logits=objective.needs_target_logits)``.
+    """
+
+    method: ClassVar[str]
+    draft_class: ClassVar[type[nn.Module]]
+    needs_target_logits: ClassVar[bool] = False
+
+    def __init__(self, draft: nn.Module) -> None:
+        if not isinstance(draft, self.draft_class):
+            raise UsageError(
+                f"the {self.method} objective trains a {self.draft_class.__name__}, got {type(draft).__name__}"
+            )
+        self.draft = draft
+
+    @property
+    def target_layer_ids(self) -> list[int]:
+        """The target layers whose outputs the draft reads (empty: only the post-norm last hidden state)."""
+        return list(getattr(self.draft.config, "target_layer_ids", None) or [])
+
+    @abstractmethod
+    def __call__(
+        self,
+        batch: TargetBatch,
+        *,
+        target_lm_head: nn.Module,
+        target_embed: nn.Module,
+        generator: torch.Generator | None = None,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> ObjectiveOutput:
+        """The loss and metrics of ``batch``; ``generator`` drives all randomness (noise, anchors)."""
+
+
+def check_positive(name: str, value: float, *, allow_zero: bool = False) -> None:
+    if value < 0 or (value == 0 and not allow_zero):
+        raise UsageError(f"{name} must be {'non-negative' if allow_zero else 'positive'}, got {value}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Documents and shifts
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Documents:
+    """Which document each token belongs to: ``ids`` [B, S] (-1 on padding) and ``span_end`` [B, S], the last index
+    of the contiguous run of the position's document. A span t..t+n stays inside one document (hence inside the row,
+    never on padding) exactly when ``ids[t] >= 0`` and ``t + n <= span_end[t]``."""
+
+    ids: torch.Tensor
+    span_end: torch.Tensor
+
+    @classmethod
+    def of(cls, batch: TargetBatch, document_ids: torch.Tensor | None = None) -> Documents:
+        """From ``document_ids`` (packed rows) or, when None, one document per row padded per ``attention_mask``."""
+        input_ids = batch.input_ids
+        if batch.attention_mask is not None:
+            real = batch.attention_mask.to(input_ids.device).bool()
+        else:
+            real = torch.ones_like(input_ids, dtype=torch.bool)
+        if document_ids is None:
+            ids = torch.where(real, 0, -1)
+        else:
+            ids = document_ids.to(input_ids.device, torch.long).masked_fill(~real, -1)
+        batch_size, seq = ids.shape
+        starts = torch.ones_like(ids, dtype=torch.bool)
+        starts[:, 1:] = ids[:, 1:] != ids[:, :-1]
+        run = starts.long().cumsum(1) - 1
+        index = torch.arange(seq, device=ids.device).expand(batch_size, seq)
+        ends = torch.zeros_like(run).scatter_reduce(1, run, index, reduce="amax", include_self=False)
+        return cls(ids=ids, span_end=ends.gather(1, run))
+
+    @property
+    def real(self) -> torch.Tensor:
+        return self.ids >= 0
+
+    def within(self, shift: int) -> torch.Tensor:
+        """``[B, S]`` bool: positions t..t+shift all lie in t's document."""
+        positions = torch.arange(self.ids.shape[1], device=self.ids.device)
+        return self.real & (positions + shift <= self.span_end)
+
+    def is_packed(self) -> bool:
+        """Whether some row holds more than one document (one device sync)."""
+        ids = self.ids
+        changes = (ids[:, 1:] != ids[:, :-1]) & (ids[:, 1:] >= 0) & (ids[:, :-1] >= 0)
+        return bool(changes.any())
+
+    def causal_mask(self) -> torch.Tensor:
+        """Boolean ``[B, 1, S, S]``: query t sees keys j <= t of its own document run; every query keeps its own
+        key, so no attention row is fully masked (padding rows included)."""
+        seq = self.ids.shape[1]
+        positions = torch.arange(seq, device=self.ids.device)
+        causal = positions[None, :] <= positions[:, None]
+        same_run = self.span_end[:, :, None] == self.span_end[:, None, :]
+        mask = causal & same_run & self.real[:, :, None]
+        return (mask | torch.eye(seq, dtype=torch.bool, device=self.ids.device))[:, None]
+
+
+def shift_left(x: torch.Tensor, shift: int, fill: float | bool = 0) -> torch.Tensor:
+    """``x[:, t + shift]`` at position t (dim 1), ``fill`` past the end."""
+    if shift == 0:
+        return x
+    tail = x.new_full((x.shape[0], min(shift, x.shape[1]), *x.shape[2:]), fill)
+    return torch.cat((x[:, shift:], tail), dim=1)
+
+
+def uniform(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """U[0, 1) float32 samples drawn with ``generator`` (on its own device), returned on ``device``."""
+    source = generator.device if generator is not None else device
+    return torch.rand(shape, generator=generator, device=source).to(device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Loss math (float32)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def project(lm_head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """``lm_head(hidden)`` with ``hidden`` cast to the head's dtype (a bf16 target may serve an fp32 draft)."""
+    weight = getattr(lm_head, "weight", None)
+    return lm_head(hidden.to(weight.dtype) if isinstance(weight, torch.Tensor) else hidden)
+
+
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``sum(w * v) / sum(w)``; 0 (with a graph, no NaN) when every weight is 0 or nothing is selected."""
+    weights = weights.to(torch.float32)
+    total = weights.sum().clamp_min(torch.finfo(torch.float32).tiny)
+    return (values.float() * weights).sum() / total
+
+
+def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor) -> torch.Tensor:
+    """``-sum_v p(v) log softmax(logits)(v)`` per row, in float32."""
+    return -(target_probs.float() * F.log_softmax(logits.float(), dim=-1)).sum(-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Acceptance statistics
+# ----------------------------------------------------------------------------------------------------------
+
+
+def chain_statistics(hits: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-position rates of draft chains/blocks ``[N, K]`` (position k = the k-th drafted token).
+
+    A position counts only when it and every earlier one of its chain is valid (``chain_valid``). Returns
+    ``(accuracy [K], prefix_accuracy [K], counts [K])``: the top-1 hit rate at k, the rate at which positions
+    1..k ALL hit (what greedy verification accepts), and the number of chains valid through k. The simulated
+    acceptance length is ``1 + prefix_accuracy.sum()`` (the bonus token included).
+    """
+    chain_valid = valid.long().cumprod(-1).bool()
+    prefix_hits = (hits & valid).long().cumprod(-1).bool()
+    counts = chain_valid.sum(0)
+    denominator = counts.clamp_min(1).float()
+    accuracy = (hits & chain_valid).sum(0).float() / denominator
+    return accuracy, prefix_hits.sum(0).float() / denominator, counts
+
+
+def expected_prefix_survival(accept: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``[K]``: mean over chains valid through k of ``prod_{j<=k} accept_j`` (the probability that drafts 1..k are
+    all accepted); ``1 + sum`` is the expected acceptance length under rejection sampling."""
+    chain_valid = valid.long().cumprod(-1).bool()
+    survival = torch.where(chain_valid, accept.float(), 0.0).cumprod(-1)
+    return (survival * chain_valid).sum(0) / chain_valid.sum(0).clamp_min(1).float()
+
+
+def rate_metrics(name: str, rates: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{name@1: rates[0], name@2: rates[1], ...}``."""
+    return {f"{name}@{k + 1}": rate for k, rate in enumerate(rates)}
+
+
+def finish(loss: torch.Tensor, metrics: dict[str, torch.Tensor], num_supervised: torch.Tensor) -> ObjectiveOutput:
+    """Turn tensor metrics into floats with a single device sync."""
+    values = [loss.detach().double().reshape(()), num_supervised.detach().double().reshape(())]
+    values += [m.detach().double().reshape(()).to(loss.device) for m in metrics.values()]
+    floats = torch.stack(values).tolist()
+    return ObjectiveOutput(
+        loss=loss,
+        metrics={"loss": floats[0], **dict(zip(metrics, floats[2:], strict=True))},
+        num_supervised=int(floats[1]),
+    )

@@ -1,0 +1,128 @@
+"""DFlash objective (SPEC §4): block diffusion over target features, hard cross entropy with decaying slot weights.
+
+1. Anchors: up to ``num_anchors`` per row, sampled uniformly without replacement (``generator``) among positions a
+   where x_a is a label and the block a..a+B-1 lies inside a's document (so a <= S - B, no padding). Rows with
+   fewer candidates get padding blocks.
+2. Blocks ``[x_a, MASK x (B-1)]`` are embedded with the TARGET's embedding and drafted in ONE forward over
+   ``[context features | all blocks]`` (``blocks.block_layout``: context strictly before the anchor in its document,
+   the own block bidirectionally).
+3. Slot k = 1..B-1 predicts x_{a+k} through the target's lm_head (slot 0 is the known anchor). A slot is valid when
+   x_{a+k} is a label in the anchor's document. The loss is the hard CE weighted by ``w_k = exp(-(k-1)/gamma)``,
+   normalised by the weight sum over valid slots. ``gamma`` defaults to ``blocks.default_gamma(B - 1)``: the
+   published 4 / 5 / 7 for B = 8 / 10 / 16, piecewise linear in between and beyond.
+
+Metrics: ``ce`` (= the loss); ``acc@k`` for slots k = 1..B-1, the rate at which slots 1..k ALL predict the data's
+tokens (greedy prefix hits) over blocks whose slots 1..k are all valid; ``acceptance_length = 1 + sum_k acc@k``, the
+expected greedy acceptance length of a block (estimated on the sampled blocks); ``anchors``, the valid blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spectool.drafts import Qwen3DFlashDraftModel, block_input_ids
+from spectool.target import TargetBatch
+
+from .base import (
+    Documents,
+    Objective,
+    ObjectiveOutput,
+    chain_statistics,
+    check_positive,
+    finish,
+    project,
+    rate_metrics,
+    weighted_mean,
+)
+from .blocks import anchor_candidates, block_layout, default_gamma, sample_anchors, slot_labels
+
+
+class DFlashObjective(Objective):
+    """DFlash training loss for a ``Qwen3DFlashDraftModel``; see the module docstring."""
+
+    method = "dflash"
+    draft_class = Qwen3DFlashDraftModel
+    needs_target_logits = False
+
+    def __init__(self, draft: Qwen3DFlashDraftModel, *, num_anchors: int = 512, gamma: float | None = None) -> None:
+        super().__init__(draft)
+        self.block_size = int(draft.config.block_size)
+        self.num_anchors = int(num_anchors)
+        self.gamma = float(gamma) if gamma is not None else default_gamma(self.block_size - 1)
+        check_positive("num_anchors", self.num_anchors)
+        check_positive("gamma", self.gamma)
+
+    def sample_anchors(
+        self,
+        batch: TargetBatch,
+        *,
+        generator: torch.Generator | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(anchors [B, A], anchor_valid [B, A])`` drawn by the rules of step 1."""
+        candidates = anchor_candidates(batch.loss_mask, Documents.of(batch, document_ids), self.block_size)
+        return sample_anchors(candidates, self.num_anchors, generator)
+
+    def __call__(
+        self,
+        batch: TargetBatch,
+        *,
+        target_lm_head: nn.Module,
+        target_embed: nn.Module,
+        generator: torch.Generator | None = None,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> ObjectiveOutput:
+        anchors, anchor_valid = self.sample_anchors(batch, generator=generator, document_ids=document_ids)
+        return self.loss_at(
+            batch,
+            anchors,
+            anchor_valid,
+            target_lm_head=target_lm_head,
+            target_embed=target_embed,
+            position_ids=position_ids,
+            document_ids=document_ids,
+        )
+
+    def loss_at(
+        self,
+        batch: TargetBatch,
+        anchors: torch.Tensor,
+        anchor_valid: torch.Tensor,
+        *,
+        target_lm_head: nn.Module,
+        target_embed: nn.Module,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> ObjectiveOutput:
+        """Steps 2-3 for given anchors ``[B, A]`` (``anchor_valid`` False marks padding blocks)."""
+        block = self.block_size
+        docs = Documents.of(batch, document_ids)
+        input_ids = batch.input_ids
+        with torch.no_grad():
+            embeds = target_embed(block_input_ids(input_ids.gather(1, anchors), block, self.draft.config.mask_token_id))
+        positions, mask = block_layout(anchors, anchor_valid, docs, block, position_ids)
+        hidden = self.draft(embeds, batch.target_hidden_states, positions, mask)
+        hidden = hidden.view(*anchors.shape, block, hidden.shape[-1])[:, :, 1:]  # slots 1..B-1
+
+        offsets = torch.arange(1, block, device=anchors.device)
+        labels, valid = slot_labels(input_ids, batch.loss_mask, docs, anchors, anchor_valid, offsets)
+        logits = project(target_lm_head, hidden[valid]).float()
+        ce = F.cross_entropy(logits, labels[valid], reduction="none")
+        slot_weights = torch.exp(-(offsets - 1).float() / self.gamma)
+        weights = slot_weights.expand(valid.shape)[valid]
+        loss = weighted_mean(ce, weights)
+
+        with torch.no_grad():
+            hits = torch.zeros_like(valid)
+            hits[valid] = logits.argmax(-1) == labels[valid]
+            _, prefix, _ = chain_statistics(hits.flatten(0, 1), valid.flatten(0, 1))
+        metrics = {
+            "ce": loss,
+            **rate_metrics("acc", prefix),
+            "acceptance_length": 1 + prefix.sum(),
+            "anchors": anchor_valid.sum(),
+        }
+        return finish(loss, metrics, valid.sum())

@@ -1,0 +1,170 @@
+"""DSpark objective (SPEC §4): the DFlash backbone, every slot a prediction, distilled towards the target with a
+Markov head and a confidence head.
+
+1. Anchors as DFlash (x_a a label, the block a..a+B-1 inside a's document), and x_{a+1} must be a label too, so every
+   valid block supervises at least its first slot.
+2. One forward over ``[context features | all blocks]``, blocks ``[x_a, MASK x (B-1)]`` embedded with the draft's
+   frozen copy of the target embedding.
+3. Slot k = 0..B-1 predicts x_{a+k+1}. Its logits are teacher-forced through the Markov head:
+   ``draft_logits(h_k, prev_k)`` with prev_k = x_{a+k} (the anchor for slot 0). Supervision is the contiguous prefix
+   ``eval_mask = cumprod(valid)``, valid = x_{a+k+1} a label in the anchor's document. The teacher for slot k is
+   ``softmax(target_lm_head(target_last_hidden_states[a+k]))`` = p_target(x_{a+k+1} | x_{<=a+k}), float32, no grad.
+4. With ``w_k = eval_mask * exp(-k/gamma)`` and every mean ``sum w * term / sum w``:
+   ``CE`` = cross entropy with x_{a+k+1}; ``L1 = ||softmax(draft) - teacher||_1`` (2 x total variation);
+   ``accept_k = clamp(1 - L1_k/2, 0, 1)`` (= sum_v min(p, q), the probability that rejection sampling accepts
+   the slot); ``CONF = BCEWithLogits(confidence_logit_k, accept_k.detach())``;
+   ``loss = ce_weight*CE + l1_weight*L1 + confidence_weight*CONF`` (0.1 / 0.9 / 1.0; CONF is left out when the
+   draft has no confidence head). ``gamma`` defaults to ``blocks.default_gamma(B)``: the published 4 for B = 7,
+   and the same rule in the number of drafted tokens as DFlash (B drafts here, B-1 there).
+
+Metrics (draft position k = slot k-1, k = 1..B): ``ce``, ``l1``, ``conf``; ``accept_rate@k`` (mean accept_k over the
+supervised slots); ``acc@k`` (greedy prefix hits: slots up to k all have argmax = the data's token, over blocks
+supervised through k); ``acceptance_length`` = tau = 1 + sum_k E[prod_{j<=k} accept_j], the expected acceptance
+length under rejection sampling at temperature 1, each term averaged over the blocks supervised through k;
+``greedy_acceptance_length`` = 1 + sum_k acc@k (comparable with DFlash's); ``anchors``, the valid blocks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spectool.drafts import Qwen3DSparkModel, block_input_ids, teacher_forced_prev_tokens
+from spectool.target import TargetBatch
+
+from .base import (
+    Documents,
+    Objective,
+    ObjectiveOutput,
+    chain_statistics,
+    check_positive,
+    expected_prefix_survival,
+    finish,
+    project,
+    rate_metrics,
+    weighted_mean,
+)
+from .blocks import anchor_candidates, block_layout, default_gamma, sample_anchors, slot_labels
+
+
+class DSparkObjective(Objective):
+    """DSpark training loss for a ``Qwen3DSparkModel``; see the module docstring."""
+
+    method = "dspark"
+    draft_class = Qwen3DSparkModel
+    needs_target_logits = False
+
+    def __init__(
+        self,
+        draft: Qwen3DSparkModel,
+        *,
+        num_anchors: int | None = None,
+        gamma: float | None = None,
+        ce_weight: float = 0.1,
+        l1_weight: float = 0.9,
+        confidence_weight: float = 1.0,
+    ) -> None:
+        """``num_anchors`` defaults to the draft config's (512 upstream)."""
+        super().__init__(draft)
+        self.block_size = int(draft.config.block_size)
+        self.num_anchors = int(num_anchors if num_anchors is not None else draft.config.num_anchors)
+        self.gamma = float(gamma) if gamma is not None else default_gamma(self.block_size)
+        self.ce_weight, self.l1_weight, self.confidence_weight = ce_weight, l1_weight, confidence_weight
+        check_positive("num_anchors", self.num_anchors)
+        check_positive("gamma", self.gamma)
+        for name in ("ce_weight", "l1_weight", "confidence_weight"):
+            check_positive(name, getattr(self, name), allow_zero=True)
+
+    def sample_anchors(
+        self,
+        batch: TargetBatch,
+        *,
+        generator: torch.Generator | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(anchors [B, A], anchor_valid [B, A])`` drawn by the rules of step 1."""
+        docs = Documents.of(batch, document_ids)
+        candidates = anchor_candidates(batch.loss_mask, docs, self.block_size, next_is_label=True)
+        return sample_anchors(candidates, self.num_anchors, generator)
+
+    def __call__(
+        self,
+        batch: TargetBatch,
+        *,
+        target_lm_head: nn.Module,
+        target_embed: nn.Module,
+        generator: torch.Generator | None = None,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> ObjectiveOutput:
+        """``target_embed`` is unused: DSpark embeds with its own frozen copy, as it does when decoding."""
+        anchors, anchor_valid = self.sample_anchors(batch, generator=generator, document_ids=document_ids)
+        return self.loss_at(
+            batch,
+            anchors,
+            anchor_valid,
+            target_lm_head=target_lm_head,
+            position_ids=position_ids,
+            document_ids=document_ids,
+        )
+
+    def loss_at(
+        self,
+        batch: TargetBatch,
+        anchors: torch.Tensor,
+        anchor_valid: torch.Tensor,
+        *,
+        target_lm_head: nn.Module,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> ObjectiveOutput:
+        """Steps 2-4 for given anchors ``[B, A]`` (``anchor_valid`` False marks padding blocks)."""
+        draft, block = self.draft, self.block_size
+        docs = Documents.of(batch, document_ids)
+        input_ids = batch.input_ids
+        block_ids = block_input_ids(input_ids.gather(1, anchors), block, draft.config.mask_token_id)
+        positions, mask = block_layout(anchors, anchor_valid, docs, block, position_ids)
+        hidden = draft(block_ids, target_hidden=batch.target_hidden_states, position_ids=positions, attention_mask=mask)
+        hidden = hidden.view(*anchors.shape, block, hidden.shape[-1])
+
+        offsets = torch.arange(block, device=anchors.device)
+        labels, valid = slot_labels(input_ids, batch.loss_mask, docs, anchors, anchor_valid, offsets + 1)
+        eval_mask = valid.long().cumprod(-1).bool()
+        prev = teacher_forced_prev_tokens(input_ids, anchors, block).view_as(labels)[eval_mask]
+        rows, blocks, slots = eval_mask.nonzero(as_tuple=True)
+        with torch.no_grad():
+            teacher_hidden = batch.target_last_hidden_states[rows, anchors[rows, blocks] + slots]
+            teacher = torch.softmax(project(target_lm_head, teacher_hidden).float(), dim=-1)
+
+        slot_hidden = hidden[eval_mask]
+        target_tokens = labels[eval_mask]
+        log_q = F.log_softmax(draft.draft_logits(slot_hidden, prev).float(), dim=-1)
+        ce = F.nll_loss(log_q, target_tokens, reduction="none")
+        l1 = (log_q.exp() - teacher).abs().sum(-1)
+        accept = (1 - l1 / 2).clamp(0, 1)
+        weights = torch.exp(-offsets.float() / self.gamma).expand(eval_mask.shape)[eval_mask]
+        ce_mean, l1_mean = weighted_mean(ce, weights), weighted_mean(l1, weights)
+        loss = self.ce_weight * ce_mean + self.l1_weight * l1_mean
+        metrics = {"ce": ce_mean, "l1": l1_mean}
+        if draft.config.enable_confidence_head:
+            confidence = draft.confidence_logits(slot_hidden, prev).float()
+            bce = F.binary_cross_entropy_with_logits(confidence, accept.detach(), reduction="none")
+            metrics["conf"] = weighted_mean(bce, weights)
+            loss = loss + self.confidence_weight * metrics["conf"]
+
+        with torch.no_grad():
+            per_slot_accept = torch.zeros(eval_mask.shape, device=accept.device)
+            per_slot_accept[eval_mask] = accept
+            hits = torch.zeros_like(eval_mask)
+            hits[eval_mask] = log_q.argmax(-1) == target_tokens
+            flat_mask = eval_mask.flatten(0, 1)
+            supervised = flat_mask.sum(0).clamp_min(1)
+            _, prefix, _ = chain_statistics(hits.flatten(0, 1), flat_mask)
+            survival = expected_prefix_survival(per_slot_accept.flatten(0, 1), flat_mask)
+        metrics.update(rate_metrics("accept_rate", per_slot_accept.flatten(0, 1).sum(0) / supervised))
+        metrics.update(rate_metrics("acc", prefix))
+        metrics["acceptance_length"] = 1 + survival.sum()
+        metrics["greedy_acceptance_length"] = 1 + prefix.sum()
+        metrics["anchors"] = anchor_valid.sum()
+        return finish(loss, metrics, eval_mask.sum())

@@ -1,0 +1,179 @@
+"""EAGLE-3 objective (SPEC §4): training-time test (TTT) with per-step soft cross entropy against the target.
+
+Alignment: position t reads feature t and token x_{t+1} and predicts x_{t+2}. ``draft.ttt_forward`` unrolls
+``ttt_steps`` steps: step 0 is teacher-forced, step i feeds the draft its own step i-1 output and reads tokens i
+positions further, so step i at position t predicts x_{t+2+i}; its teacher is
+``softmax(target_logits[t+1+i, selected_ids])`` in float32, where ``selected_ids`` are the draft vocabulary's
+target ids (``draft_to_target(arange(draft_vocab))``, the full vocabulary when unpruned).
+
+Step i's loss ``L_i`` averages the soft CE over the positions where x_{t+2+i} is a label in t's document and (with a
+pruned vocabulary) the target's top token at t+1+i is in the draft vocabulary (``loss_mask & t2d[argmax]``).
+The total is NeMo's normalised decay ``sum_i step_decay**i * L_i / sum_i step_decay**i`` (SpecForge leaves out the
+division; with it the loss scale does not depend on ``ttt_steps``).
+
+Metrics: ``ce@k`` (L_{k-1}); ``acc@k``, the top-1 hit rate of step k-1 (the draft's argmax, mapped to target ids,
+against the target's argmax over the FULL vocabulary, so a token outside the draft vocabulary counts as a miss) over
+chains whose labels x_{t+2..t+1+k} are all supervised; ``acceptance_length = 1 + sum_k (prefix hits at step k /
+valid at step k)``, the simulated greedy acceptance length (SPEC §4).
+
+Also here: ``count_supervised_tokens`` and ``build_draft_vocab`` pick the pruned draft vocabulary (the most frequent
+supervised tokens); the trainer passes the ids to ``draft.set_vocab_mapping`` and re-initialises ``lm_head`` from the
+target (``draft.init_lm_head_from_target``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from spectool.drafts import LlamaEagle3DraftModel
+from spectool.errors import UsageError
+from spectool.target import TargetBatch
+
+from .base import (
+    Documents,
+    Objective,
+    ObjectiveOutput,
+    chain_statistics,
+    check_positive,
+    finish,
+    project,
+    rate_metrics,
+    shift_left,
+    soft_cross_entropy,
+    weighted_mean,
+)
+
+
+def ttt_loss_masks(
+    loss_mask: torch.Tensor,
+    docs: Documents,
+    ttt_steps: int,
+    in_draft_vocab: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``[ttt_steps, B, S]`` bool: step i, position t is supervised when x_{t+2+i} is a label in t's document and,
+    when ``in_draft_vocab`` ([B, S], ``t2d[argmax target_logits]``) is given, the target's top token at t+1+i is in
+    the draft vocabulary."""
+    labels = loss_mask.bool()
+    masks = []
+    for step in range(ttt_steps):
+        mask = shift_left(labels, 2 + step, False) & docs.within(2 + step)
+        if in_draft_vocab is not None:
+            mask = mask & shift_left(in_draft_vocab, 1 + step, False)
+        masks.append(mask)
+    return torch.stack(masks)
+
+
+class Eagle3Objective(Objective):
+    """EAGLE-3 TTT loss for a ``LlamaEagle3DraftModel``; see the module docstring."""
+
+    method = "eagle3"
+    draft_class = LlamaEagle3DraftModel
+    needs_target_logits = True
+
+    def __init__(self, draft: LlamaEagle3DraftModel, *, ttt_steps: int = 7, step_decay: float = 0.8) -> None:
+        super().__init__(draft)
+        check_positive("ttt_steps", ttt_steps)
+        check_positive("step_decay", step_decay)
+        self.ttt_steps = int(ttt_steps)
+        self.step_decay = float(step_decay)
+
+    def __call__(
+        self,
+        batch: TargetBatch,
+        *,
+        target_lm_head: nn.Module,
+        target_embed: nn.Module,
+        generator: torch.Generator | None = None,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> ObjectiveOutput:
+        """Without ``batch.target_logits`` (capture with ``return_logits=True``), they are computed here with
+        ``target_lm_head``. ``generator`` is unused (the loss is deterministic)."""
+        draft = self.draft
+        if not draft.owns_embeddings and draft.get_input_embeddings() is None:
+            draft.attach_target_embeddings(target_embed)
+        docs = Documents.of(batch, document_ids)
+        if docs.is_packed():
+            raise UsageError(
+                "the EAGLE-3 TTT unroll attends causally over the whole row, across packed documents; train EAGLE-3 "
+                "on unpacked rows (one document per row)"
+            )
+        with torch.no_grad():
+            target_logits = batch.target_logits
+            if target_logits is None:
+                target_logits = project(target_lm_head, batch.target_last_hidden_states)
+            target_tokens = target_logits.argmax(-1)
+            if draft.pruned_vocab:
+                selected = draft.draft_to_target(
+                    torch.arange(draft.config.draft_vocab_size, device=target_logits.device)
+                )
+                teacher = torch.softmax(target_logits[..., selected].float(), dim=-1)
+                in_draft_vocab = draft.t2d[target_tokens]
+            else:
+                teacher = torch.softmax(target_logits.float(), dim=-1)
+                in_draft_vocab = None
+        loss_masks = ttt_loss_masks(batch.loss_mask, docs, self.ttt_steps, in_draft_vocab)
+        chain_masks = ttt_loss_masks(batch.loss_mask, docs, self.ttt_steps)
+
+        out = draft.ttt_forward(
+            shift_left(batch.input_ids, 1),
+            batch.target_hidden_states,
+            ttt_steps=self.ttt_steps,
+            attention_mask=docs.real,
+            position_ids=position_ids,
+        )
+        step_losses, hits = [], []
+        for step, logits in enumerate(out.logits):
+            rows, cols = loss_masks[step].nonzero(as_tuple=True)
+            ce = soft_cross_entropy(logits[rows, cols], teacher[rows, cols + 1 + step])
+            step_losses.append(weighted_mean(ce, torch.ones_like(ce)))
+            with torch.no_grad():
+                drafted = draft.draft_to_target(logits.argmax(-1))
+                hits.append(drafted == shift_left(target_tokens, 1 + step, -1))
+        decay = self.step_decay ** torch.arange(self.ttt_steps, dtype=torch.float32, device=step_losses[0].device)
+        losses = torch.stack(step_losses)
+        loss = (decay * losses).sum() / decay.sum()
+
+        accuracy, prefix, _ = chain_statistics(
+            torch.stack(hits, dim=-1).flatten(0, 1), chain_masks.permute(1, 2, 0).flatten(0, 1)
+        )
+        metrics = {
+            **rate_metrics("ce", losses),
+            **rate_metrics("acc", accuracy),
+            "acceptance_length": 1 + prefix.sum(),
+        }
+        return finish(loss, metrics, loss_masks[0].sum())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Draft vocabulary (pruning)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def count_supervised_tokens(batches: Iterable[Any], vocab_size: int) -> torch.Tensor:
+    """``[vocab_size]`` int64 counts of the label tokens (``loss_mask`` 1) over ``(input_ids, loss_mask)`` pairs or
+    batch objects with ``input_ids`` / ``loss_mask`` attributes."""
+    counts = torch.zeros(vocab_size, dtype=torch.long)
+    for item in batches:
+        input_ids, loss_mask = (item.input_ids, item.loss_mask) if hasattr(item, "input_ids") else item
+        tokens = torch.as_tensor(input_ids)[torch.as_tensor(loss_mask).bool()].cpu()
+        if tokens.numel() and (int(tokens.min()) < 0 or int(tokens.max()) >= vocab_size):
+            raise UsageError(f"token ids must lie in [0, {vocab_size}); the data does not fit this target")
+        counts += torch.bincount(tokens, minlength=vocab_size)
+    return counts
+
+
+def build_draft_vocab(token_counts: torch.Tensor, draft_vocab_size: int) -> torch.Tensor:
+    """Ascending target ids of the ``draft_vocab_size`` most frequent tokens; ties go to the lower id, and tokens
+    never seen fill the remaining places by lowest id."""
+    counts = torch.as_tensor(token_counts).flatten().cpu()
+    if not 0 < draft_vocab_size <= counts.numel():
+        raise UsageError(
+            f"draft_vocab_size must be in [1, {counts.numel()}] (the target vocabulary), got {draft_vocab_size}"
+        )
+    order = torch.sort(counts, descending=True, stable=True).indices
+    return order[:draft_vocab_size].sort().values
