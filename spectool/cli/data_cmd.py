@@ -129,3 +129,108 @@ def regen_command(
     if summary.turns_cut_at_max_new_tokens:
         line += f"; {summary.turns_cut_at_max_new_tokens} answers hit --max-new-tokens"
     out_console.print(line, soft_wrap=True, markup=False)
+
+
+_FEATURES_HELP = (
+    "Run the target once over the training data and store the features a method's draft reads, so `spectool train "
+    "--features DIR` trains without running the target.\n\n"
+    "Stored per token: the concatenated feature layers and the post-norm last hidden state (logits are recomputed "
+    "from it at train time). Shards are written atomically; rerunning the same command skips finished shards. Under "
+    "torchrun each process writes its share of the shards."
+)
+
+
+@data_app.command("features", help=_FEATURES_HELP)
+@handles_errors
+def features_command(
+    target: str = typer.Option(..., "--target", "-t", help="Target model: Hub id or model directory."),
+    method: str = typer.Option(..., "--method", "-m", help="Draft method: eagle1, eagle3, dflash or dspark."),
+    data: str = typer.Option(
+        ..., "--data", "-d", help="Conversations: .jsonl / .json / .parquet, a directory, a Hub id."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory for features.json and the shards (resumable)."),
+    target_layer_ids: str = typer.Option(None, "--target-layer-ids", help='Feature layer ids, e.g. "1,9,17".'),
+    num_feature_layers: int = typer.Option(None, "--num-feature-layers", "-k", help="DFlash / DSpark feature layers."),
+    num_draft_layers: int = typer.Option(None, "--num-draft-layers", help="DFlash draft depth (sets its default ids)."),
+    max_length: int = typer.Option(2048, "--max-length", help="Tokens per example (longer ones are cut)."),
+    pack: bool = typer.Option(False, "--pack/--no-pack", help="Pack several conversations per row."),
+    assistant_turns: str = typer.Option("all", "--assistant-turns", help="Supervise 'all' assistant turns or 'last'."),
+    chat_template: str = typer.Option(None, "--chat-template", help="A Jinja chat template file to use instead."),
+    skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Count and skip malformed rows."),
+    shard_size: int = typer.Option(1000, "--shard-size", help="Examples per shard file."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Rows per target forward."),
+    device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
+    dtype: str = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: bf16 on CUDA, else fp32)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+) -> None:
+    """Store target features for offline training (help text: `_FEATURES_HELP`); the work is in `training.features`."""
+    import os
+
+    from spectool.cli.render import human_bytes
+    from spectool.layers import parse_layer_ids
+    from spectool.registry import check_method
+    from spectool.training.features import FeaturesConfig, FeaturesProgress, extract_features
+
+    if dtype is not None and dtype not in _DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
+    if assistant_turns not in ("all", "last"):
+        raise UsageError(f"--assistant-turns must be 'all' or 'last', got {assistant_turns!r}")
+    config = FeaturesConfig(
+        target=target,
+        method=check_method(method),
+        data=data,
+        out=str(out),
+        target_layer_ids=parse_layer_ids(target_layer_ids) if target_layer_ids else None,
+        num_feature_layers=num_feature_layers,
+        num_draft_layers=num_draft_layers,
+        max_length=max_length,
+        pack=pack,
+        assistant_turns=assistant_turns,  # type: ignore[arg-type]
+        chat_template=chat_template,
+        skip_bad_rows=skip_bad_rows,
+        shard_size=shard_size,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+    )
+    out_console = console()
+    main_process = os.environ.get("RANK", "0") == "0"
+    columns = (
+        TextColumn("computing features"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("shards"),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+    )
+    show = out_console.is_terminal and not as_json and main_process
+    with Progress(*columns, console=out_console, disable=not show) as bar:
+        task = bar.add_task("features", total=None, rate="")
+
+        def progress(update: FeaturesProgress) -> None:
+            rate = f"{update.tokens_per_second:,.0f} tokens/s" if update.tokens else ""
+            bar.update(task, total=update.shards_total, completed=update.shards_done, rate=rate)
+
+        summary, prepared = extract_features(config, progress=progress)
+    if not main_process:
+        return
+    if as_json:
+        print_json({**asdict(summary), "tokens_per_second": round(summary.tokens_per_second, 1)})
+        return
+    for note in summary.notes:
+        out_console.print(Text(f"note: {note}", style="yellow"), soft_wrap=True)
+    skipped = prepared.load_report.rows_skipped + prepared.tokenize_report.rows_skipped
+    if skipped:
+        warn = error_console()
+        warn.print(Text(f"warning: skipped {skipped} malformed rows, e.g.:", style="yellow"))
+        for reason in (prepared.load_report.reasons + prepared.tokenize_report.reasons)[:3]:
+            warn.print(Text(f"  {reason}", style="yellow"), soft_wrap=True)
+    line = (
+        f"Stored features of layers {summary.target_layer_ids} for {summary.num_examples} examples in "
+        f"{summary.num_shards} shards under {summary.out}: wrote {summary.shards_written} "
+        f"({human_bytes(summary.bytes_written)}, {summary.tokens_per_second:,.0f} tokens/s)"
+    )
+    if summary.shards_skipped:
+        line += f", {summary.shards_skipped} were already there"
+    out_console.print(line, soft_wrap=True, markup=False)
+    out_console.print(f"train on them with: spectool train --features {summary.out} ...", soft_wrap=True, markup=False)

@@ -1,0 +1,294 @@
+"""`spectool train`: train a draft for a target on conversations (or on stored target features)."""
+
+from __future__ import annotations
+
+import json
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.text import Text
+
+from spectool.cli import app
+from spectool.cli.render import console, error_console, handles_errors, human_count, print_json
+from spectool.errors import UsageError
+
+
+class TrainMethod(str, Enum):
+    eagle1 = "eagle1"
+    eagle3 = "eagle3"
+    dflash = "dflash"
+    dspark = "dspark"
+
+
+_HELP = (
+    "Train a draft for a target: run the frozen target over your conversations and fit the method's objective.\n\n"
+    "The draft's shape defaults to the method's, scaled to the target (as `spectool init` makes it); the learning "
+    "rate defaults to 6e-4 for DFlash / DSpark and 1e-4 for EAGLE, with a linear warmup (>= 20 steps on long runs) "
+    "and a cosine decay. --batch-size counts the sequences of a micro-batch over all processes together.\n\n"
+    "OUT receives train_config.json, metrics.jsonl, checkpoints/step-*/ (every --save-every steps, the last "
+    "--keep-last kept) and, at the end, the trained draft in the method's ecosystem format: `spectool chat --draft "
+    "OUT` runs it. Ctrl-C saves a checkpoint and stops; --resume continues exactly where it stopped.\n\n"
+    "Options can also come from --config FILE (TOML or YAML, keys named like the options: max_steps = 200); options "
+    "given on the command line win. Several processes: torchrun --nproc-per-node N -m spectool train ... (DDP; "
+    "--fsdp shards the draft)."
+)
+
+
+def _option_values(**values: Any) -> dict[str, Any]:
+    """The options actually given (Typer passes None for the others)."""
+    return {
+        name: value.value if isinstance(value, Enum) else value for name, value in values.items() if value is not None
+    }
+
+
+@app.command("train", help=_HELP)
+@handles_errors
+def train_command(
+    target: str = typer.Option(None, "--target", "-t", help="Target model: Hub id or model directory."),
+    method: TrainMethod = typer.Option(None, "--method", "-m", help="Draft method."),
+    data: str = typer.Option(
+        None,
+        "--data",
+        "-d",
+        help="Conversations: .jsonl / .json / .parquet file, a directory of them, or a Hub dataset.",
+    ),
+    out: Path = typer.Option(None, "--out", "-o", help="Run directory (checkpoints, metrics, the final draft)."),
+    config_file: Path = typer.Option(None, "--config", "-c", help="TOML or YAML file of options."),
+    features: str = typer.Option(None, "--features", help="Train from `spectool data features` output instead."),
+    init: str = typer.Option(None, "--init", help="Start from this draft directory (e.g. from `spectool init`)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its latest checkpoint."),
+    force: bool = typer.Option(False, "--force", help="Replace the contents of a non-empty OUT."),
+    max_steps: int = typer.Option(None, "--max-steps", help="Optimizer steps (with --epochs, whichever ends first)."),
+    epochs: float = typer.Option(None, "--epochs", help="Passes over the training split [default: 1]."),
+    batch_size: int = typer.Option(None, "--batch-size", "-b", help="Sequences per micro-batch, all processes [8]."),
+    grad_accum: int = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step [1]."),
+    lr: float = typer.Option(None, "--lr", help="Peak learning rate [6e-4 DFlash/DSpark, 1e-4 EAGLE]."),
+    warmup_steps: int = typer.Option(None, "--warmup-steps", help="Linear warmup steps [min(max(20, 2%), 10%)]."),
+    min_lr_ratio: float = typer.Option(None, "--min-lr-ratio", help="Final lr as a share of the peak [0.1]."),
+    weight_decay: float = typer.Option(None, "--weight-decay", help="AdamW weight decay on matrices [0]."),
+    grad_clip: float = typer.Option(None, "--grad-clip", help="Max gradient norm, 0 = off [1.0]."),
+    max_length: int = typer.Option(None, "--max-length", help="Tokens per example (longer ones are cut) [2048]."),
+    pack: bool = typer.Option(None, "--pack/--no-pack", help="Pack several conversations per row [no]."),
+    assistant_turns: str = typer.Option(None, "--assistant-turns", help="Supervise 'all' assistant turns or 'last'."),
+    chat_template: str = typer.Option(None, "--chat-template", help="A Jinja chat template file to use instead."),
+    skip_bad_rows: bool = typer.Option(None, "--skip-bad-rows", help="Count and skip malformed rows."),
+    eval_fraction: float = typer.Option(None, "--eval-fraction", help="Held-out share of the examples [0.02]."),
+    eval_every: int = typer.Option(None, "--eval-every", help="Steps between evaluations, 0 = at the end [500]."),
+    eval_batches: int = typer.Option(None, "--eval-batches", help="At most this many held-out batches per eval."),
+    save_every: int = typer.Option(None, "--save-every", help="Steps between checkpoints, 0 = only on Ctrl-C [500]."),
+    keep_last: int = typer.Option(None, "--keep-last", help="Checkpoints to keep [3]."),
+    log_every: int = typer.Option(None, "--log-every", help="Steps between metrics.jsonl rows [10]."),
+    seed: int = typer.Option(None, "--seed", help="Seed of the draft, the data order and the objective [0]."),
+    device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... [cuda when available]."),
+    dtype: str = typer.Option(None, "--dtype", help="auto (bf16 autocast on CUDA, fp32 on CPU), float32, bfloat16."),
+    save_dtype: str = typer.Option(None, "--save-dtype", help="dtype of the final draft's weights [bfloat16]."),
+    fsdp: bool = typer.Option(None, "--fsdp", help="Shard the draft with FSDP2 across torchrun processes."),
+    num_draft_layers: int = typer.Option(None, "--num-draft-layers", help="Decoder layers in the draft."),
+    block_size: int = typer.Option(None, "--block-size", help="DFlash / DSpark block size."),
+    target_layer_ids: str = typer.Option(None, "--target-layer-ids", help='Feature layer ids, e.g. "1,9,17".'),
+    num_feature_layers: int = typer.Option(None, "--num-feature-layers", "-k", help="DFlash / DSpark feature layers."),
+    draft_vocab_size: int = typer.Option(None, "--draft-vocab-size", help="EAGLE-3 draft vocabulary size."),
+    mask_token_id: int = typer.Option(None, "--mask-token-id", help="DFlash / DSpark mask token (an unused row)."),
+    markov_rank: int = typer.Option(None, "--markov-rank", help="DSpark Markov head rank."),
+    gamma: float = typer.Option(None, "--gamma", help="DFlash / DSpark slot-weight decay [from the block size]."),
+    num_anchors: int = typer.Option(None, "--num-anchors", help="DFlash / DSpark blocks per sequence [512]."),
+    ttt_steps: int = typer.Option(None, "--ttt-steps", help="EAGLE-3 training-time-test steps [7]."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
+) -> None:
+    from spectool.training.config import read_config_file, resolve_config
+
+    given = _option_values(
+        target=target,
+        method=method,
+        data=data,
+        out=str(out) if out is not None else None,
+        features=features,
+        init=init,
+        max_steps=max_steps,
+        epochs=epochs,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        lr=lr,
+        warmup_steps=warmup_steps,
+        min_lr_ratio=min_lr_ratio,
+        weight_decay=weight_decay,
+        grad_clip=grad_clip,
+        max_length=max_length,
+        pack=pack,
+        assistant_turns=assistant_turns,
+        chat_template=chat_template,
+        skip_bad_rows=skip_bad_rows,
+        eval_fraction=eval_fraction,
+        eval_every=eval_every,
+        eval_batches=eval_batches,
+        save_every=save_every,
+        keep_last=keep_last,
+        log_every=log_every,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+        save_dtype=save_dtype,
+        fsdp=fsdp,
+        num_draft_layers=num_draft_layers,
+        block_size=block_size,
+        target_layer_ids=target_layer_ids,
+        num_feature_layers=num_feature_layers,
+        draft_vocab_size=draft_vocab_size,
+        mask_token_id=mask_token_id,
+        markov_rank=markov_rank,
+        gamma=gamma,
+        num_anchors=num_anchors,
+        ttt_steps=ttt_steps,
+    )
+    file_values = read_config_file(config_file) if config_file is not None else {}
+    if "method" not in given and "method" not in file_values and given.get("features") and not resume:
+        method_of_features = _features_method(Path(given["features"]).expanduser())
+        if method_of_features is not None:
+            given["method"] = method_of_features
+    out_dir = given.get("out") or file_values.get("out")
+    if out_dir is None:
+        raise UsageError("give --out DIR (the run directory)")
+    saved = None
+    if resume:
+        if force:
+            raise UsageError("--resume continues the run in OUT and --force replaces it: pick one")
+        saved = _saved_config(Path(out_dir).expanduser())
+    config = resolve_config({**given, "out": out_dir}, config_file=config_file, saved=saved)
+    _run(config, resume=resume, force=force, as_json=as_json)
+
+
+def _features_method(features: Path) -> str | None:
+    """The method a features directory was made for (so --method may be left out with --features)."""
+    try:
+        return json.loads((features / "features.json").read_text(encoding="utf-8")).get("method")
+    except (OSError, json.JSONDecodeError):
+        return None  # FeatureStore reports the problem with the directory
+
+
+def _saved_config(out: Path) -> dict[str, Any]:
+    from spectool.training.trainer import CONFIG_FILE, latest_checkpoint
+
+    if latest_checkpoint(out) is None:
+        raise UsageError(f"nothing to resume in {out}: no complete checkpoint under {out / 'checkpoints'}")
+    path = out / CONFIG_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        raise UsageError(f"cannot read {path}, which a resumed run continues from") from None
+
+
+def _run(config: Any, *, resume: bool, force: bool, as_json: bool) -> None:
+    from spectool.training.trainer import Trainer, TrainEvent, TrainingInterrupted
+
+    main_process = os.environ.get("RANK", "0") == "0"
+    out_console = console()
+    show = out_console.is_terminal and not as_json and main_process
+    columns = (
+        TextColumn("[bold]step"),
+        MofNCompleteColumn(),
+        BarColumn(),
+        TextColumn("{task.fields[stats]}"),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=out_console, disable=not show, transient=False) as bar:
+        task = bar.add_task("train", total=None, stats="")
+
+        def on_event(event: TrainEvent) -> None:
+            if event.kind == "start" and event.info is not None:
+                bar.update(task, total=event.total_steps, completed=event.step)
+                if not as_json:
+                    _print_start(bar.console, event.info)
+            elif event.kind == "step":
+                bar.update(task, completed=event.step)
+            elif event.kind == "log" and event.row is not None:
+                bar.update(task, stats=_stats_text(event.row))
+
+        try:
+            result = Trainer(config, resume=resume, force=force, callback=on_event).run()
+        except TrainingInterrupted as exc:
+            bar.stop()
+            if main_process:
+                error_console().print(Text(f"stopped: {exc}", style="yellow"), soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            bar.stop()
+            message = "stopped at once (second Ctrl-C) without saving; the last checkpoint in OUT is kept"
+            error_console().print(Text(message, style="yellow"), soft_wrap=True)
+            raise typer.Exit(130) from None
+    if not main_process:
+        return
+    if as_json:
+        print_json(
+            {
+                "out": str(result.out),
+                "steps": result.steps,
+                "tokens": result.tokens,
+                "seconds": round(result.seconds, 3),
+                "tokens_per_second": round(result.tokens / result.seconds, 1) if result.seconds else None,
+                "metrics": result.metrics,
+                "eval_metrics": result.eval_metrics,
+                "resumed_from": result.resumed_from,
+            }
+        )
+        return
+    metrics = {**result.metrics, **result.eval_metrics}
+    rate = f"{result.tokens / result.seconds:,.0f} tokens/s" if result.seconds else ""
+    summary = f"Trained {result.steps} steps on {human_count(result.tokens)} tokens in {result.seconds:.1f} s ({rate})"
+    if metrics:
+        summary += "; " + _stats_text(metrics)
+        if "acceptance_length" in metrics:
+            summary += " (tau: simulated acceptance length, bonus token included)"
+    out_console.print(summary, soft_wrap=True, markup=False)
+    out_console.print(
+        f"wrote the draft to {result.out} (try it: spectool chat --draft {result.out}); metrics in "
+        f"{result.out / 'metrics.jsonl'}",
+        soft_wrap=True,
+        markup=False,
+    )
+
+
+def _print_start(out: Any, info: dict[str, Any]) -> None:
+    for note in info.get("notes", []):
+        out.print(Text(f"note: {note}", style="yellow"), soft_wrap=True)
+    data = info.get("data", {})
+    if data.get("rows_skipped"):
+        out.print(Text(f"warning: skipped {data['rows_skipped']} rows, e.g.:", style="yellow"))
+        for reason in data.get("skip_reasons", [])[:3]:
+            out.print(Text(f"  {reason}", style="yellow"), soft_wrap=True)
+    start = f" from step {info['start_step']}" if info.get("start_step") else ""
+    out.print(
+        Text(
+            f"{info['method']} draft ({info['draft_class']}, {human_count(info['trainable_params'])} trainable) for "
+            f"{info['target']}, feature layers {info['target_layer_ids']}: {info['train_examples']} training / "
+            f"{info['eval_examples']} held-out examples, {info['total_steps']} steps{start} of "
+            f"{info['global_batch']} sequences, lr {info['lr']:g} (warmup {info['warmup_steps']}), {info['mode']}, "
+            f"{info['world_size']} process(es) on {info['device']}"
+        ),
+        soft_wrap=True,
+    )
+
+
+def _stats_text(row: dict[str, Any]) -> str:
+    """``loss 2.31  acc@1 45%  tau 1.92  6,500 tok/s  lr 6e-04`` (tau = acceptance length incl. the bonus token)."""
+    parts = []
+    if row.get("loss") is not None:
+        parts.append(f"loss {row['loss']:.3f}")
+    if "acc@1" in row:
+        parts.append(f"acc@1 {row['acc@1']:.0%}")
+    if "acceptance_length" in row:
+        parts.append(f"tau {row['acceptance_length']:.2f}")
+    if "eval_loss" in row:
+        parts.append(f"eval loss {row['eval_loss']:.3f}")
+    if "eval_acceptance_length" in row:
+        parts.append(f"eval tau {row['eval_acceptance_length']:.2f}")
+    if row.get("tokens_per_second"):
+        parts.append(f"{row['tokens_per_second']:,.0f} tok/s")
+    if "lr" in row:
+        parts.append(f"lr {row['lr']:.1e}")
+    return "  ".join(parts)

@@ -1,0 +1,345 @@
+"""`TrainConfig`: every knob of a training run as one typed value, readable from TOML / YAML and the command line.
+
+Precedence: the dataclass defaults, then a config file, then the options given on the command line. A resumed
+run starts from the run's own ``train_config.json``; options that would change what the saved state means
+(data, model shape, batch, seed...) may not change on resume.
+
+Per-method defaults (options left unset; the draft's shape comes from `spectool.registry.resolve`, scaled to the
+target: DFlash block 16 on targets of 24+ layers else 8, DSpark block 7, DFlash/DSpark depth = target depth // 4,
+at most 5):
+
+| method | lr | notes |
+|---|---|---|
+| eagle1 | 1e-4 | SafeAILab EAGLE trains at 3e-5 with large batches; small batches and targets like more |
+| eagle3 | 1e-4 | SpecForge's default |
+| dflash | 6e-4 | upstream (z-lab, NeMo); the loss decay gamma defaults to the objective's, from the block size |
+| dspark | 6e-4 | upstream (DeepSpec); gamma 4 for block 7 |
+
+Warmup defaults to ``min(max(20, steps // 50), steps // 10)`` steps: at least the 20 upstream asks for, at most a
+tenth of a short run. Small targets often want a higher lr (1e-3 .. 3e-3 for a 64-wide toy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from spectool.errors import SpectoolError, UsageError
+
+Method = Literal["eagle1", "eagle3", "dflash", "dspark"]
+
+#: Peak learning rate per method when --lr is not given.
+DEFAULT_LR: dict[str, float] = {"eagle1": 1e-4, "eagle3": 1e-4, "dflash": 6e-4, "dspark": 6e-4}
+
+#: Fields that fix what a checkpoint's state means: a resumed run may not change them.
+RESUME_LOCKED = (
+    "method",
+    "target",
+    "data",
+    "features",
+    "init",
+    "batch_size",
+    "grad_accum",
+    "max_length",
+    "pack",
+    "assistant_turns",
+    "chat_template",
+    "skip_bad_rows",
+    "eval_fraction",
+    "seed",
+    "num_draft_layers",
+    "block_size",
+    "target_layer_ids",
+    "num_feature_layers",
+    "draft_vocab_size",
+    "mask_token_id",
+    "markov_rank",
+    "gamma",
+    "num_anchors",
+    "ttt_steps",
+    "fsdp",
+)
+
+
+@dataclass
+class TrainConfig:
+    """One training run. ``None`` means "the method's default, scaled to the target" (resolved at start)."""
+
+    # what to train
+    method: Method
+    target: str | None = None  # MODEL reference (with --features, defaults to the one the features came from)
+    data: str | None = None  # conversations (file, directory or Hub dataset); not needed with features
+    out: str = "draft"
+    features: str | None = None  # a `spectool data features` directory: train offline from stored features
+    init: str | None = None  # start from this draft directory instead of a fresh one
+    # how long
+    max_steps: int | None = None  # optimizer steps; with epochs too, whichever ends first
+    epochs: float | None = None  # passes over the training split (default 1 when max_steps is unset)
+    # batches and optimisation
+    batch_size: int = 8  # sequences per micro-batch, over all processes together (the global micro-batch)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float | None = None  # peak learning rate (DEFAULT_LR)
+    warmup_steps: int | None = None
+    min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
+    weight_decay: float = 0.0  # on matrices only (never norms or biases)
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    # data
+    max_length: int = 2048
+    pack: bool = False
+    assistant_turns: Literal["all", "last"] = "all"
+    chat_template: str | None = None  # a Jinja file to use instead of the tokenizer's template
+    skip_bad_rows: bool = False
+    eval_fraction: float = 0.02  # held-out share of the examples; 0 disables evaluation
+    # checkpoints, evaluation, logging
+    save_every: int = 500  # steps between checkpoints; 0: only when interrupted
+    keep_last: int = 3  # checkpoints kept
+    eval_every: int = 500  # steps between evaluations (and one at the end); 0: only at the end
+    eval_batches: int | None = None  # at most this many held-out batches per evaluation
+    log_every: int = 10
+    seed: int = 0
+    # hardware
+    device: str | None = None  # cpu, cuda, cuda:1 ... (default cuda when available); torchrun picks cuda:LOCAL_RANK
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: fp32 on CPU, bf16 autocast on CUDA
+    save_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # dtype of the final draft's weights
+    fsdp: bool = False  # shard the draft with FSDP2 (fully_shard) instead of replicating it (DDP)
+    # draft shape (None: the registry's default for the target)
+    num_draft_layers: int | None = None
+    block_size: int | None = None
+    target_layer_ids: list[int] | None = None
+    num_feature_layers: int | None = None
+    draft_vocab_size: int | None = None
+    mask_token_id: int | None = None
+    markov_rank: int | None = None
+    # objective hyper-parameters (None: the objective's default)
+    gamma: float | None = None
+    num_anchors: int | None = None
+    ttt_steps: int | None = None
+
+    def validate(self) -> None:
+        """Raise a `UsageError` naming the option for any value out of range."""
+        if self.method not in DEFAULT_LR:
+            raise UsageError(f"unknown method {self.method!r}; choose one of {', '.join(DEFAULT_LR)}")
+        if self.features is None and self.data is None:
+            raise UsageError("give --data FILE (conversations) or --features DIR (from `spectool data features`)")
+        if self.features is None and self.target is None:
+            raise UsageError("give --target MODEL")
+        positive = {
+            "batch_size": self.batch_size,
+            "grad_accum": self.grad_accum,
+            "max_length": self.max_length,
+            "keep_last": self.keep_last,
+            "log_every": self.log_every,
+        }
+        optional_positive = {
+            "max_steps": self.max_steps,
+            "epochs": self.epochs,
+            "lr": self.lr,
+            "eval_batches": self.eval_batches,
+            "num_draft_layers": self.num_draft_layers,
+            "draft_vocab_size": self.draft_vocab_size,
+            "markov_rank": self.markov_rank,
+            "gamma": self.gamma,
+            "num_anchors": self.num_anchors,
+            "ttt_steps": self.ttt_steps,
+            "num_feature_layers": self.num_feature_layers,
+        }
+        for name, value in {**positive, **optional_positive}.items():
+            if value is not None and not value > 0:
+                raise UsageError(f"--{_flag(name)} must be positive, got {value}")
+        for name in ("save_every", "eval_every", "warmup_steps"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise UsageError(f"--{_flag(name)} must be 0 or more, got {value}")
+        if self.max_length < 2:
+            raise UsageError(f"--max-length must be at least 2, got {self.max_length}")
+        if self.block_size is not None and self.block_size < 2:
+            raise UsageError(f"--block-size must be at least 2, got {self.block_size}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise UsageError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise UsageError("--weight-decay and --grad-clip must be 0 or more")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise UsageError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+
+    def objective_hparams(self) -> dict[str, Any]:
+        """The objective options that were set (the objective supplies its own defaults for the rest)."""
+        values = {"gamma": self.gamma, "num_anchors": self.num_anchors, "ttt_steps": self.ttt_steps}
+        return {name: value for name, value in values.items() if value is not None}
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any], *, where: str = "config") -> TrainConfig:
+        """Build from a mapping of field names (dashes or underscores), checking names and value types."""
+        checked = check_values(values, where=where)
+        if "method" not in checked:
+            raise UsageError("give --method (eagle1, eagle3, dflash or dspark)")
+        return cls(**checked)
+
+
+def default_warmup_steps(total_steps: int) -> int:
+    """At least the 20 steps upstream asks for, at most a tenth of the run."""
+    return max(0, min(max(20, total_steps // 50), total_steps // 10))
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")
+
+
+FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def check_values(values: dict[str, Any], *, where: str = "config") -> dict[str, Any]:
+    """Normalise keys (``max-steps`` -> ``max_steps``) and coerce values to the field types.
+
+    Unknown keys are a `UsageError` that names them all; so is a value of the wrong type.
+    """
+    normalised = {str(key).replace("-", "_"): value for key, value in values.items()}
+    unknown = sorted(key for key in normalised if key not in FIELD_NAMES)
+    if unknown:
+        raise UsageError(f"{where}: unknown keys {', '.join(unknown)} (valid keys: {', '.join(FIELD_NAMES)})")
+    return {key: _coerce(value, _HINTS[key], f"{where}: {key}") for key, value in normalised.items()}
+
+
+def _coerce(value: Any, hint: Any, label: str) -> Any:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [arg for arg in args if arg is not type(None)]
+        return _coerce(value, inner[0], label)
+    if origin is Literal:
+        if value not in args:
+            raise UsageError(f"{label} must be one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if origin is list:
+        if isinstance(value, str):
+            from spectool.layers import parse_layer_ids
+
+            return parse_layer_ids(value)
+        if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise UsageError(f"{label} must be a list of integers, got {value!r}")
+        return list(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise UsageError(f"{label} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UsageError(f"{label} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UsageError(f"{label} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, (str, Path)):
+            raise UsageError(f"{label} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """The mapping in a TOML (``.toml``) or YAML (``.yaml`` / ``.yml``) file; a ``[train]`` table is unwrapped."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UsageError(f"no such config file: {path}")
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    if suffix == ".toml":
+        import tomllib
+
+        try:
+            data: Any = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise UsageError(f"{path}: not valid TOML ({exc})") from None
+    elif suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise SpectoolError(f"{path}: reading YAML needs PyYAML (`pip install pyyaml`), or use TOML") from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise UsageError(f"{path}: not valid YAML ({first})") from None
+    elif suffix == ".json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    else:
+        raise UsageError(f"{path}: config files are .toml, .yaml / .yml or .json, not {suffix or 'extensionless'}")
+    if data is None:
+        data = {}
+    if isinstance(data, dict) and set(data) == {"train"} and isinstance(data["train"], dict):
+        data = data["train"]
+    if not isinstance(data, dict):
+        raise UsageError(f"{path}: expected a table of options at the top level")
+    return check_values(data, where=str(path))
+
+
+def resolve_config(
+    cli_values: dict[str, Any],
+    *,
+    config_file: str | Path | None = None,
+    saved: dict[str, Any] | None = None,
+) -> TrainConfig:
+    """Merge the layers: defaults < saved run config (resume) < config file < explicit command-line values.
+
+    ``cli_values`` holds only the options given on the command line. On resume (``saved`` given), options in
+    `RESUME_LOCKED` must keep their saved value.
+    """
+    file_values = read_config_file(config_file) if config_file is not None else {}
+    given = _absolute_paths({**file_values, **check_values(cli_values, where="command line")})
+    if saved is None:
+        merged = given
+    else:
+        base = check_values(saved, where="train_config.json")
+        changed = [
+            name for name in RESUME_LOCKED if name in given and given[name] != base.get(name, _DEFAULTS.get(name))
+        ]
+        if changed:
+            detail = "; ".join(f"--{_flag(n)} {given[n]!r} (saved {base.get(n)!r})" for n in changed)
+            raise UsageError(f"a resumed run keeps its saved settings, but these differ: {detail}")
+        merged = {**base, **given}
+    config = TrainConfig.from_dict(merged, where="config")
+    config.validate()
+    return config
+
+
+#: Options naming local files or directories: stored absolute, so a resumed run finds them from anywhere.
+_PATH_FIELDS = ("target", "data", "features", "init", "chat_template", "out")
+
+
+def _absolute_paths(values: dict[str, Any]) -> dict[str, Any]:
+    """Relative paths that exist (or, for ``out``, any path) made absolute; Hub ids stay as they are."""
+    fixed = dict(values)
+    for name in _PATH_FIELDS:
+        value = fixed.get(name)
+        if isinstance(value, str) and (name == "out" or Path(value).expanduser().exists()):
+            fixed[name] = str(Path(value).expanduser().resolve())
+    return fixed
+
+
+__all__ = [
+    "DEFAULT_LR",
+    "RESUME_LOCKED",
+    "TrainConfig",
+    "check_values",
+    "default_warmup_steps",
+    "read_config_file",
+    "resolve_config",
+]

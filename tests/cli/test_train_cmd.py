@@ -1,0 +1,142 @@
+"""`spectool train` and `spectool data features` through Typer's runner on a tiny chat target."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from spectool.checkpoint import load_draft
+from tests.cli.conftest import invoke
+
+WORDS = "hi hello there how is it going fine thanks what the time now one two three four five six seven".split()
+FAST = ["--max-length", "48", "--batch-size", "2", "--num-anchors", "4", "--eval-fraction", "0", "--log-every", "1"]
+
+
+@pytest.fixture
+def data_file(tmp_path) -> Path:
+    rng = random.Random(0)
+    lines = []
+    for _ in range(8):
+        question = " ".join(rng.choice(WORDS) for _ in range(4))
+        answer = " ".join(rng.choice(WORDS) for _ in range(10))
+        row = {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+        lines.append(json.dumps(row))
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def train(target: Path, data: Path, out: Path, *extra: str):
+    args = ["train", "--target", str(target), "--method", "dflash", "--data", str(data), "--out", str(out)]
+    return invoke(*args, *FAST, *extra)
+
+
+def saved_config(out: Path) -> dict:
+    return json.loads((out / "train_config.json").read_text())
+
+
+def test_train_writes_a_draft_that_chat_loads(chat_target_dir, data_file, tmp_path):
+    out = tmp_path / "run"
+    result = train(chat_target_dir, data_file, out, "--max-steps", "2", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["steps"] == 2 and summary["tokens"] > 0 and summary["metrics"]["loss"] > 0
+    loaded = load_draft(out)
+    assert loaded.method == "dflash" and loaded.metadata.training["steps"] == 2
+    assert loaded.metadata.target == str(chat_target_dir.resolve())
+    runtime = pytest.importorskip("spectool.runtime")
+    rt = runtime.load_runtime(out)
+    assert rt.info.ref == str(chat_target_dir.resolve()) and rt.draft.method == "dflash"
+
+
+def test_config_file_values_yield_to_command_line_options(chat_target_dir, data_file, tmp_path):
+    config = tmp_path / "train.toml"
+    config.write_text('max_steps = 3\nbatch_size = 4\nlr = 0.01\nsave-every = 0\nassistant_turns = "last"\n')
+    out = tmp_path / "run"
+    result = train(chat_target_dir, data_file, out, "--config", str(config), "--max-steps", "1")
+    assert result.exit_code == 0, result.output
+    saved = saved_config(out)
+    # --batch-size 2 (in FAST) beats the file's 4; --max-steps 1 beats 3; the rest comes from the file.
+    assert (saved["max_steps"], saved["batch_size"], saved["lr"]) == (1, 2, 0.01)
+    assert saved["save_every"] == 0 and saved["assistant_turns"] == "last"
+    assert not (out / "checkpoints").exists()
+
+
+def test_yaml_config_and_unknown_keys(chat_target_dir, data_file, tmp_path):
+    pytest.importorskip("yaml")
+    config = tmp_path / "train.yaml"
+    config.write_text(
+        f"target: {chat_target_dir}\nmethod: dflash\ndata: {data_file}\nmax_steps: 1\nnum_anchors: 4\n"
+        "batch_size: 2\nmax_length: 48\neval_fraction: 0\n"
+    )
+    result = invoke("train", "--config", str(config), "--out", str(tmp_path / "run"))
+    assert result.exit_code == 0, result.output
+    assert saved_config(tmp_path / "run")["method"] == "dflash"
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("learning_rate = 0.1\nmax_steps = 'ten'\n")
+    result = invoke("train", "--config", str(bad), "--out", str(tmp_path / "other"))
+    assert result.exit_code == 2
+    assert "unknown keys learning_rate" in result.stderr and "Traceback" not in result.output
+
+
+def test_a_non_empty_out_needs_resume_or_force(chat_target_dir, data_file, tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    result = train(chat_target_dir, data_file, out, "--max-steps", "1")
+    assert result.exit_code == 2 and "--resume" in result.stderr and "--force" in result.stderr
+    assert (out / "notes.txt").exists()
+    result = train(chat_target_dir, data_file, out, "--max-steps", "1", "--force")
+    assert result.exit_code == 0, result.output
+    assert not (out / "notes.txt").exists() and (out / "model.safetensors").exists()
+
+
+def test_resume(chat_target_dir, data_file, tmp_path):
+    out = tmp_path / "run"
+    result = invoke("train", "--out", str(out), "--resume")
+    assert result.exit_code == 2 and "nothing to resume" in result.stderr
+
+    assert train(chat_target_dir, data_file, out, "--max-steps", "2", "--save-every", "1").exit_code == 0
+    result = invoke("train", "--out", str(out), "--resume")
+    assert result.exit_code == 2 and "already finished" in result.stderr
+    result = invoke("train", "--out", str(out), "--resume", "--max-steps", "3", "--batch-size", "4")
+    assert result.exit_code == 2 and "--batch-size 4 (saved 2)" in result.stderr
+    result = invoke("train", "--out", str(out), "--resume", "--max-steps", "3")
+    assert result.exit_code == 0, result.output
+    assert "from step 2" in result.stdout
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3]
+    assert load_draft(out).metadata.training["steps"] == 3
+
+
+def test_bad_rows_are_named_by_line(chat_target_dir, data_file, tmp_path):
+    lines = data_file.read_text().splitlines()
+    lines[2] = '{"messages": [{"role": "user", "content": "no answer here"}]}'
+    data_file.write_text("\n".join(lines) + "\n")
+    result = train(chat_target_dir, data_file, tmp_path / "run", "--max-steps", "1")
+    assert result.exit_code == 1
+    assert f"{data_file}:3: no assistant turn" in result.stderr and "Traceback" not in result.output
+    result = train(chat_target_dir, data_file, tmp_path / "run2", "--max-steps", "1", "--skip-bad-rows")
+    assert result.exit_code == 0, result.output
+    assert "skipped 1 rows" in result.stdout and f"{data_file.name}:3" in result.stdout
+
+
+def test_features_then_train_from_them(chat_target_dir, data_file, tmp_path):
+    features = tmp_path / "features"
+    args = ["data", "features", "--target", str(chat_target_dir), "--method", "dflash", "--data", str(data_file)]
+    args += ["--out", str(features), "--max-length", "48", "--shard-size", "3"]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert "8 examples in 3 shards" in result.stdout
+    again = invoke(*args)
+    assert again.exit_code == 0 and "3 were already there" in again.stdout
+    out = tmp_path / "run"
+    # --method comes from the features directory when left out.
+    result = invoke("train", "--features", str(features), "--out", str(out), "--max-steps", "1", *FAST[2:])
+    assert result.exit_code == 0, result.output
+    assert "features" in result.stdout and saved_config(out)["target"] == str(chat_target_dir.resolve())
+    assert load_draft(out).metadata.training["features"] == str(features)
