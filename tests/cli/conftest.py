@@ -62,4 +62,4 @@ def run_script(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
         "OMP_NUM_THREADS": "1",
     }
     env.pop("HF_HUB_CACHE", None)
-    return subprocess.run([str(script), *args], capture_output=True, text=True, env=env, timeout=120)
+    return subprocess.run([str(script), *args], capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)

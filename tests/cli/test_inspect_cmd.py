@@ -119,3 +119,18 @@ def test_installed_console_script(tmp_path, tiny_model_dir):
     missing = run_script("inspect", str(tmp_path / "nope"), tmp_path=tmp_path)
     assert missing.returncode == 2 and missing.stderr.startswith("error: no such file or directory")
     assert "Traceback" not in missing.stderr
+
+
+def test_default_model_is_the_embedded_tiny_target(tmp_path):
+    result = run_script("inspect", "--json", tmp_path=tmp_path)  # no MODEL, run from an unrelated directory
+    assert result.returncode == 0, result.stderr
+    target = json.loads(result.stdout)["target"]
+    assert target["source"] == "local" and target["ref"].endswith("tiny-qwen3")
+    assert (target["num_hidden_layers"], target["hidden_size"], target["vocab_size"]) == (8, 256, 4096)
+    assert target["tokenizer_length"] == 4080
+    layers = run_script("layers", "-m", "all", "--json", tmp_path=tmp_path)
+    assert json.loads(layers.stdout)["layers"] == {
+        "dspark": [1, 2, 4, 6, 7],
+        "dflash": [1, 2, 3, 4, 5],
+        "eagle3": [1, 3, 4],
+    }
