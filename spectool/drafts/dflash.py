@@ -279,6 +279,18 @@ class BlockDiffusionBackbone:
         self.norm = RMSNorm(hidden, eps=config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
 
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.config.mask_token_id
+
+    @property
+    def target_layer_ids(self) -> list[int]:
+        return list(self.config.target_layer_ids)
+
     def new_cache(self) -> DraftKVCache:
         """A cache of the CONTEXT keys/values only (blocks are never cached); crop it if the context shrinks."""
         return DraftKVCache(num_layers=len(self.layers))
@@ -327,18 +339,6 @@ class Qwen3DFlashDraftModel(BlockDiffusionBackbone, DraftModelMixin, PreTrainedM
         super().__init__(config)
         self._build_backbone(config)
         self.post_init()
-
-    @property
-    def block_size(self) -> int:
-        return self.config.block_size
-
-    @property
-    def mask_token_id(self) -> int:
-        return self.config.mask_token_id
-
-    @property
-    def target_layer_ids(self) -> list[int]:
-        return list(self.config.target_layer_ids)
 
     def forward(
         self,

@@ -175,18 +175,6 @@ class Qwen3DSparkModel(BlockDiffusionBackbone, DraftModelMixin, PreTrainedModel)
             own.copy_(theirs.to(own))
         self.freeze_target_copies()
 
-    @property
-    def block_size(self) -> int:
-        return self.config.block_size
-
-    @property
-    def mask_token_id(self) -> int:
-        return self.config.mask_token_id
-
-    @property
-    def target_layer_ids(self) -> list[int]:
-        return list(self.config.target_layer_ids)
-
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
