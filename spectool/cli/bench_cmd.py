@@ -9,10 +9,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from spectool.bench import BASELINES, OPTIONAL_BASELINES, load_prompts, run_bench
 from spectool.cli import app
 from spectool.cli.render import console, error_console, handles_errors, print_json
-from spectool.decoding.accept import SamplingParams
 from spectool.errors import UsageError
 from spectool.hub import ASSETS_DIR
 
@@ -30,7 +28,7 @@ def bench_command(
     top_p: float = typer.Option(1.0, "--top-p"),
     top_k: int = typer.Option(0, "--top-k"),
     baselines: str = typer.Option(
-        ",".join(BASELINES), "--baselines", help="Comma list of target, hf, prompt-lookup, dflash-package."
+        "target,hf,prompt-lookup", "--baselines", help="Comma list of target, hf, prompt-lookup, dflash-package."
     ),
     limit: int = typer.Option(None, "--limit", help="Use only the first N prompts."),
     chain_length: int = typer.Option(6, "--chain-length", help="Tokens per round for EAGLE chains."),
@@ -45,6 +43,9 @@ def bench_command(
     (tokens per target forward, the bonus/correction token included), tokens/s and speedups. At temperature 0 the
     speculative output must equal the target's own greedy output for every prompt.
     """
+    # torch and transformers load here, not at start-up: `spectool inspect` stays fast.
+    from spectool.bench import BASELINES, OPTIONAL_BASELINES, load_prompts, run_bench
+    from spectool.decoding.accept import SamplingParams
     from spectool.runtime import load_runtime
 
     if max_new_tokens < 1:

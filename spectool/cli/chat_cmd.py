@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -12,9 +13,11 @@ from rich.text import Text
 
 from spectool.cli import app
 from spectool.cli.render import console, error_console, handles_errors
-from spectool.decoding.accept import SamplingParams
-from spectool.decoding.engine import GenerationStats, RoundEvent
 from spectool.errors import UsageError
+
+if TYPE_CHECKING:
+    from spectool.decoding.accept import SamplingParams
+    from spectool.decoding.engine import GenerationStats, RoundEvent
 
 ROUND_STYLES = ("black on green3", "black on dark_sea_green2")  # alternate per round so each block stands out
 HELP = """commands:
@@ -70,6 +73,8 @@ class ChatSession:
         return head + self.messages + [{"role": "user", "content": user_text}]
 
     def answer(self, user_text: str) -> None:
+        from spectool.decoding.engine import GenerationStats
+
         runtime = self.runtime
         ids = runtime.prompt_ids(self.conversation(user_text))
         printer = AnswerPrinter(runtime.tokenizer, self.out)
@@ -103,6 +108,8 @@ class ChatSession:
         self.out.print(Text(stats_line(stats), style="dim"), soft_wrap=True)
 
     def histogram(self) -> str:
+        from spectool.decoding.engine import GenerationStats
+
         rounds = GenerationStats(self.session_rounds).verify_rounds
         if not rounds:
             return "no answers yet"
@@ -142,6 +149,7 @@ def chat_command(
 ) -> None:
     """Chat with the target through the draft: accepted draft tokens are highlighted inline, one colour per round;
     the target's own tokens (corrections and bonus tokens) are plain. The output is exactly the target's."""
+    from spectool.decoding.accept import SamplingParams
     from spectool.runtime import load_runtime
 
     if max_new_tokens < 1:
@@ -201,6 +209,8 @@ def _command(session: ChatSession, text: str, out: Console) -> bool:
         session.reset()
         out.print(f"system prompt {'set' if session.system else 'cleared'}; conversation forgotten")
     elif name == "/temp":
+        from spectool.decoding.accept import SamplingParams
+
         try:
             value = float(arg)
             session.sampling = SamplingParams(value, session.sampling.top_p, session.sampling.top_k)

@@ -134,3 +134,13 @@ def test_default_model_is_the_embedded_tiny_target(tmp_path):
         "dflash": [1, 2, 3, 4, 5],
         "eagle3": [1, 3, 4],
     }
+
+
+def test_start_up_does_not_import_torch():
+    """`inspect` / `layers` answer in well under a second: the command line must not import torch to start."""
+    import subprocess
+    import sys
+
+    code = "import sys, spectool.cli; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.split() == ["False", "False"], result.stderr
