@@ -1,0 +1,129 @@
+"""`spectool demo`: the whole journey on the embedded tiny target in a few minutes, with nothing to download."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.rule import Rule
+from rich.text import Text
+
+from spectool.cli import app
+from spectool.cli.render import console, handles_errors
+from spectool.errors import UsageError
+from spectool.hub import ASSETS_DIR, default_model_ref, resolve_model
+
+DEMO_DATA = ASSETS_DIR / "data" / "demo_train.jsonl"
+DEMO_PROMPTS = ASSETS_DIR / "prompts" / "heldout.jsonl"
+
+
+@app.command("demo")
+@handles_errors
+def demo_command(
+    steps: int = typer.Option(150, "--steps", help="Training steps for the demo's DSpark draft."),
+    prompts: int = typer.Option(8, "--prompts", help="Held-out prompts to benchmark."),
+    max_new_tokens: int = typer.Option(96, "--max-new-tokens", "-n", help="Tokens per benchmark answer."),
+    out: Path = typer.Option(None, "--out", "-o", help="Keep the trained draft here (default: a temporary dir)."),
+) -> None:
+    """Inspect the embedded tiny target, train a DSpark draft for it briefly, answer a held-out question with the
+    inline acceptance view, and benchmark it against the target alone. Everything ships with spectool."""
+    from spectool.bench import load_prompts, run_bench
+    from spectool.cli.chat_cmd import ChatSession
+    from spectool.cli.inspect_cmd import _method_panel, _target_panel
+    from spectool.decoding.accept import SamplingParams
+    from spectool.report import method_report
+    from spectool.runtime import load_runtime
+    from spectool.training.config import TrainConfig
+    from spectool.training.trainer import Trainer
+
+    if steps < 1 or prompts < 1 or max_new_tokens < 1:
+        raise UsageError("--steps, --prompts and --max-new-tokens must be at least 1")
+    for needed in (DEMO_DATA, DEMO_PROMPTS):
+        if not needed.is_file():
+            raise UsageError(f"this copy of spectool lacks the demo data ({needed}); reinstall spectool")
+    screen = console()
+    started = time.perf_counter()
+    target = default_model_ref()
+    info = resolve_model(target)
+
+    screen.print(Rule("1. the target"))
+    screen.print(_target_panel(info))
+    screen.print(_method_panel(info, method_report(info, "dspark")))
+
+    screen.print(Rule("2. train a DSpark draft"))
+    keep = out is not None
+    workdir = Path(out) if keep else Path(tempfile.mkdtemp(prefix="spectool-demo-"))
+    config = TrainConfig(
+        method="dspark",
+        target=target,
+        data=str(DEMO_DATA),
+        out=str(workdir),
+        max_steps=steps,
+        batch_size=8,
+        lr=3e-3,
+        num_anchors=48,  # per row; 512 upstream is for long GPU batches
+        max_length=320,
+        eval_fraction=0.0,
+        save_every=0,
+        log_every=10,
+        device="cpu",
+        save_dtype="float32",
+    )
+    progress = Progress(
+        TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+        TimeElapsedColumn(), console=screen, transient=False,
+    )  # fmt: skip
+    with progress:
+        task = progress.add_task("train", total=steps, status="")
+
+        def on_event(event) -> None:
+            if event.kind == "step":
+                progress.update(task, completed=event.step)
+            elif event.kind == "log" and event.row:
+                row = event.row
+                progress.update(
+                    task,
+                    status=f"loss {row['loss']:.3f}  tau {row.get('acceptance_length', 0):.2f}  "
+                    f"{row['tokens_per_second']:.0f} tok/s",
+                )
+
+        result = Trainer(config, force=True, callback=on_event).run()
+    screen.print(f"trained {result.steps} steps on {result.tokens:,} tokens in {result.seconds:.0f}s")
+
+    screen.print(Rule("3. speculative chat (the output is exactly the target's)"))
+    runtime = load_runtime(workdir)
+    conversations = load_prompts(DEMO_PROMPTS)
+    question = conversations[0][-1]["content"]
+    screen.print(Text(f"you> {question}", style="bold"))
+    session = ChatSession(runtime, system=None, sampling=SamplingParams(), max_new_tokens=max_new_tokens, out=screen)
+    session.answer(question)
+    legend = Text("highlighted: draft tokens the target accepted (one colour per round); plain: the target's own")
+    screen.print(legend, style="dim")
+
+    screen.print(Rule("4. benchmark against the target alone"))
+    report = run_bench(runtime, conversations[:prompts], max_new_tokens=max_new_tokens, baselines=["target"])
+    speedup = report.baselines["target"]["speedup"]
+    verdict = (
+        f"lossless on all {report.num_prompts} prompts"
+        if report.lossless
+        else f"[bold red]NOT lossless on prompts {report.mismatched_prompts}[/]"
+    )
+    screen.print(
+        f"acceptance length [bold]{report.acceptance_length:.2f}[/] tokens per target forward (bonus included); "
+        f"{report.tokens_per_second:.0f} tok/s vs {report.baselines['target']['tokens_per_second']:.0f} tok/s "
+        f"for the target alone: [bold]{speedup:.2f}x[/]; {verdict}",
+        soft_wrap=True,
+    )
+    screen.print(Text(f"machine: {report.machine}; demo took {time.perf_counter() - started:.0f}s", style="dim"))
+
+    if not keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+    screen.print(Rule("next"))
+    draft_hint = str(workdir) if keep else "DIR (rerun with --out DIR to keep the draft)"
+    screen.print(f"spectool chat --draft {draft_hint}", soft_wrap=True)
+    screen.print(f"spectool bench --draft {draft_hint} --json", soft_wrap=True)
+    screen.print("spectool inspect Qwen/Qwen3-8B   ·   spectool train --help", soft_wrap=True)
