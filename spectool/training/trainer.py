@@ -767,7 +767,7 @@ class Trainer:
         return summary
 
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoints/step-XXXXXXX`` atomically (every process must call this), keep the last k."""
+        """Write ``checkpoints/step-<7-digit step>`` atomically (every process must call this), keep the last k."""
         state = full_model_state(self.model) if is_fsdp(self.model) else {}
         optim = optimizer_state(self.model, self.optimizer)
         rng = self.context.all_gather_object(self._rng_state())
