@@ -162,25 +162,32 @@ class EagleProposer(Proposer):
         if self.is_eagle3:
             kwargs = {"hidden_states": features} if own else {"target_hidden_states": features}
             out = self.draft(token_ids, past_key_values=self.cache, **kwargs)
-            logits = out.logits[0, -1]
-            if self.draft.pruned_vocab:  # scatter the draft vocabulary back onto target ids
-                full = logits.new_full((self.vocab_size,), float("-inf"))
-                full[self.draft.draft_to_target(torch.arange(logits.shape[0], device=logits.device))] = logits
-                logits = full
-            return out.hidden_states, logits
+            return out.hidden_states, self._target_vocab(out.logits[0, -1])
         predicted = self.draft(token_ids, hidden_states=features, past_key_values=self.cache)
         return predicted, self.lm_head(predicted[0, -1].to(self.lm_head.weight.dtype))
 
-    @torch.no_grad()
-    def propose(self, tokens: list[int], sampling: SamplingParams, generator: torch.Generator, limit: int) -> Proposal:
+    def _target_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """EAGLE-3 logits over a pruned draft vocabulary [..., Vd] scattered onto target ids [..., V]."""
+        if not self.draft.pruned_vocab:
+            return logits
+        full = logits.new_full((*logits.shape[:-1], self.vocab_size), float("-inf"))
+        full[..., self.draft.draft_to_target(torch.arange(logits.shape[-1], device=logits.device))] = logits
+        return full
+
+    def _feed_context(self, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed the pending committed positions with their real target features; (hidden, logits) at the last."""
         features = torch.cat(self.pending, dim=1) if len(self.pending) > 1 else self.pending[0]
         self.pending = []
         start, count = self.context_length, features.shape[1]
-        device = features.device
         # Position t pairs feature f_t with token x_{t+1}.
-        shifted = torch.tensor([tokens[start + 1 : start + count + 1]], device=device)
+        shifted = torch.tensor([tokens[start + 1 : start + count + 1]], device=features.device)
         hidden, logits = self._step(shifted, features, own=False)
         self.context_length = start + count
+        return hidden, logits
+
+    @torch.no_grad()
+    def propose(self, tokens: list[int], sampling: SamplingParams, generator: torch.Generator, limit: int) -> Proposal:
+        hidden, logits = self._feed_context(tokens)
         drafted, dists = [], []
         for step in range(min(limit, self.max_drafts)):
             token, dist = _draw(logits.unsqueeze(0), sampling, generator)
@@ -220,13 +227,8 @@ class EagleTreeProposer(EagleProposer):
     def propose(self, tokens: list[int], sampling: SamplingParams, generator: torch.Generator, limit: int) -> Proposal:
         if not sampling.greedy:
             return super().propose(tokens, sampling, generator, limit)
-        features = torch.cat(self.pending, dim=1) if len(self.pending) > 1 else self.pending[0]
-        self.pending = []
-        start, count = self.context_length, features.shape[1]
-        device = features.device
-        shifted = torch.tensor([tokens[start + 1 : start + count + 1]], device=device)
-        hidden, logits = self._step(shifted, features, own=False)
-        self.context_length = start + count
+        hidden, logits = self._feed_context(tokens)
+        device = hidden.device
 
         # Nodes: token, parent node (-1 = root), cumulative log-prob, depth, the hidden that predicted it.
         node_tokens: list[int] = []
@@ -286,13 +288,7 @@ class EagleTreeProposer(EagleProposer):
             out = self.draft(
                 ids, hidden_states=hidden, position_ids=positions, past_key_values=self.cache, attention_mask=mask
             )
-            logits = out.logits[0]
-            if self.draft.pruned_vocab:
-                full = logits.new_full((logits.shape[0], self.vocab_size), float("-inf"))
-                columns = self.draft.draft_to_target(torch.arange(logits.shape[1], device=logits.device))
-                full[:, columns] = logits
-                logits = full
-            return out.hidden_states, logits
+            return out.hidden_states, self._target_vocab(out.logits[0])
         predicted = self.draft(
             ids, hidden_states=hidden, position_ids=positions, past_key_values=self.cache, attention_mask=mask
         )

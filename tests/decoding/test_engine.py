@@ -169,3 +169,18 @@ def test_tree_walks_the_matching_branch(qwen3_target):
     tokens, stats = run(Engine(FrozenTarget(qwen3_target, []), Fork()), prompt, max_new_tokens=10)
     assert tokens == truth[:10]
     assert stats.verify_rounds[0].num_accepted == 3 and stats.verify_rounds[0].kind == "bonus"
+
+
+@pytest.mark.parametrize("tree", [None, (3, 3, 8)])
+def test_pruned_eagle3_vocabulary_is_lossless(tree, qwen3_target, qwen3_config):
+    """Draft-vocabulary logits are scattered back onto target ids (chain: [Vd]; tree: [m, Vd])."""
+    torch.manual_seed(1)
+    draft = build_draft("eagle3", qwen3_config, target_layer_ids=LAYER_IDS["eagle3"], draft_vocab_size=64).eval()
+    draft.set_vocab_mapping(torch.arange(0, 256, 4))
+    engine = Engine(
+        FrozenTarget(qwen3_target, LAYER_IDS["eagle3"]), make_proposer("eagle3", draft, qwen3_target, tree=tree)
+    )
+    for prompt in PROMPTS[:2]:
+        tokens, stats = run(engine, prompt, max_new_tokens=16)
+        assert tokens == reference_greedy(qwen3_target, prompt, 16)
+        assert all(t % 4 == 0 for r in stats.verify_rounds for t in r.tokens[: r.num_accepted])
