@@ -36,6 +36,12 @@ LOADERS = {
 }
 
 
+def refuse_to_overwrite(out: Path, force: bool) -> None:
+    """Never replace a user's non-empty directory unless they said --force (exit 2)."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise UsageError(f"{out} exists and is not empty; choose another --out or pass --force to replace it")
+
+
 class ConvertTarget(str, Enum):
     sglang = "sglang"
     vllm = "vllm"
@@ -69,8 +75,7 @@ def init_command(
     """
     from spectool.init import init_draft
 
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise UsageError(f"{out} exists and is not empty; choose another --out or pass --force to replace it")
+    refuse_to_overwrite(out, force)
     ids = parse_layer_ids(target_layer_ids) if target_layer_ids else None
     result = init_draft(
         model,
@@ -121,8 +126,7 @@ def convert_command(
     load the result to prove it."""
     from spectool.checkpoint import convert
 
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
-        raise UsageError(f"{out} exists and is not empty; choose another --out or pass --force to replace it")
+    refuse_to_overwrite(out, force)
     loaded = convert(src, to.value, out)
     out_console = console()
     for note in loaded.notes:
