@@ -20,6 +20,7 @@ import torch
 
 from spectool.decoding.accept import SamplingParams
 from spectool.decoding.engine import Engine, GenerationStats
+from spectool.decoding.stops import StopStrings
 from spectool.errors import SpectoolError, UsageError
 from spectool.runtime import Runtime
 
@@ -104,7 +105,25 @@ def _timed_engine(engine: Engine, ids: list[int], **kwargs: Any) -> tuple[list[i
     return [t for r in rounds for t in r.tokens], stats
 
 
-def _timed_hf(runtime: Runtime, ids: list[int], max_new_tokens: int, sampling: SamplingParams, **extra: Any):
+def _timed_hf(
+    runtime: Runtime,
+    ids: list[int],
+    max_new_tokens: int,
+    sampling: SamplingParams,
+    stop_strings: StopStrings | None = None,
+    **extra: Any,
+):
+    """HF generate (``extra``: e.g. prompt lookup); stop strings by the same rule as spectool's loop (HF's own
+    ``stop_strings`` cannot read every tokenizer's vocabulary)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class StopAtStrings(StoppingCriteria):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            done = stop_strings.found_in(input_ids[0, len(ids) :].tolist())
+            return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+    if stop_strings is not None:
+        extra["stopping_criteria"] = StoppingCriteriaList([StopAtStrings()])
     model = runtime.model
     inputs = torch.tensor([ids], device=model.device)
     options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "eos_token_id": runtime.stop_token_ids}
@@ -166,9 +185,12 @@ def run_bench(
     sampling: SamplingParams | None = None,
     baselines: Sequence[str] = BASELINES,
     seed: int = 0,
+    stop_strings: Sequence[str] = (),
     on_prompt: Callable[[int], None] | None = None,
 ) -> BenchReport:
-    """Run every prompt speculatively and with each baseline, interleaved, after one untimed warm-up."""
+    """Run every prompt speculatively and with each baseline, interleaved, after one untimed warm-up.
+
+    ``stop_strings`` end answers in spectool's loops and in HF generate alike (the z-lab loop ignores them)."""
     sampling = sampling or SamplingParams()
     unknown = [b for b in baselines if b not in BASELINES + OPTIONAL_BASELINES]
     if unknown:
@@ -180,6 +202,10 @@ def run_bench(
     zlab = _zlab_draft(runtime) if "dflash-package" in baselines else None
     encoded = [runtime.prompt_ids(p) for p in prompts]
     kwargs = {"max_new_tokens": max_new_tokens, "sampling": sampling, "stop_token_ids": runtime.stop_token_ids}
+    hf_stops: dict[str, Any] = {}
+    if stop_strings:
+        kwargs["stop_strings"] = StopStrings(runtime.tokenizer.decode, list(stop_strings))
+        hf_stops = {"stop_strings": kwargs["stop_strings"]}
 
     # Warm-up (allocator, lazy init) so the first timed prompt is not penalised.
     _timed_engine(runtime.engine, encoded[0], **{**kwargs, "max_new_tokens": 8}, seed=seed)
@@ -218,12 +244,12 @@ def run_bench(
             tokens["dflash-package"] += len(z_out)
             zlab_rounds.append(z_rounds)
         if "hf" in baselines:
-            hf_out, hf_seconds = _timed_hf(runtime, ids, max_new_tokens, sampling)
+            hf_out, hf_seconds = _timed_hf(runtime, ids, max_new_tokens, sampling, **hf_stops)
             seconds["hf"] += hf_seconds
             tokens["hf"] += len(hf_out)
         if "prompt-lookup" in baselines:
             pl_out, pl_seconds = _timed_hf(
-                runtime, ids, max_new_tokens, sampling, prompt_lookup_num_tokens=PROMPT_LOOKUP_TOKENS
+                runtime, ids, max_new_tokens, sampling, prompt_lookup_num_tokens=PROMPT_LOOKUP_TOKENS, **hf_stops
             )
             seconds["prompt-lookup"] += pl_seconds
             tokens["prompt-lookup"] += len(pl_out)

@@ -65,6 +65,8 @@ def target_ref_of(draft: LoadedDraft, target: str | None) -> str:
         return target
     if draft.metadata and draft.metadata.target:
         ref = draft.metadata.target
+        if ref.startswith(("./", "../")):  # relative to the draft (shipped drafts name their shipped target so)
+            ref = str((Path(draft.path) / ref).resolve())
         if Path(ref).is_absolute() and not Path(ref).exists():
             raise UsageError(f"the draft's target {ref} no longer exists; pass --target with the model's new location")
         return ref

@@ -37,6 +37,7 @@ def bench_command(
         "full", "--verify", help="full, or auto: DSpark verifies only the profitable prefix (adds a full-block row)."
     ),
     seed: int = typer.Option(0, "--seed"),
+    stop: list[str] = typer.Option(None, "--stop", help="End answers at this text (repeatable); eos always ends."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Run the prompts speculatively and with each baseline, interleaved in one run, and report acceptance length
@@ -81,6 +82,7 @@ def bench_command(
             sampling=sampling,
             baselines=chosen,
             seed=seed,
+            stop_strings=stop or (),
             on_prompt=lambda _: progress.advance(task),
         )
     if as_json:

@@ -18,6 +18,7 @@ from spectool.errors import UsageError
 if TYPE_CHECKING:
     from spectool.decoding.accept import SamplingParams
     from spectool.decoding.engine import GenerationStats, RoundEvent
+    from spectool.decoding.stops import StopStrings
 
 ROUND_STYLES = ("black on green3", "black on dark_sea_green2")  # alternate per round so each block stands out
 HELP = """commands:
@@ -55,8 +56,18 @@ class AnswerPrinter:
 
 
 class ChatSession:
-    def __init__(self, runtime, *, system: str | None, sampling: SamplingParams, max_new_tokens: int, out: Console):
+    def __init__(
+        self,
+        runtime,
+        *,
+        system: str | None,
+        sampling: SamplingParams,
+        max_new_tokens: int,
+        out: Console,
+        stop_strings: StopStrings | None = None,
+    ):
         self.runtime = runtime
+        self.stop_strings = stop_strings
         self.system = system
         self.sampling = sampling
         self.max_new_tokens = max_new_tokens
@@ -88,6 +99,7 @@ class ChatSession:
                     max_new_tokens=self.max_new_tokens,
                     sampling=self.sampling,
                     stop_token_ids=runtime.stop_token_ids,
+                    stop_strings=self.stop_strings,
                     seed=self.turns,
                 )
             ):
@@ -146,10 +158,12 @@ def chat_command(
     plain: bool = typer.Option(False, "--plain", help="No colours or styles (also when stdout is not a terminal)."),
     tree: str = typer.Option(None, "--tree", help="EAGLE-2 dynamic tree TOP_K,DEPTH,TOTAL (EAGLE drafts, greedy)."),
     verify: str = typer.Option("full", "--verify", help="full, or auto: DSpark verifies only the profitable prefix."),
+    stop: list[str] = typer.Option(None, "--stop", help="End answers at this text (repeatable); eos always ends."),
 ) -> None:
     """Chat with the target through the draft: accepted draft tokens are highlighted inline, one colour per round;
     the target's own tokens (corrections and bonus tokens) are plain. The output is exactly the target's."""
     from spectool.decoding.accept import SamplingParams
+    from spectool.decoding.stops import StopStrings
     from spectool.runtime import load_runtime
 
     if max_new_tokens < 1:
@@ -162,7 +176,10 @@ def chat_command(
     runtime = load_runtime(draft, target, verify=verify, tree=tree)
     for warning in runtime.warnings:
         error_console().print(Text(f"warning: {warning}", style="yellow"), soft_wrap=True)
-    session = ChatSession(runtime, system=system, sampling=sampling, max_new_tokens=max_new_tokens, out=out)
+    stop_strings = StopStrings(runtime.tokenizer.decode, stop) if stop else None
+    session = ChatSession(
+        runtime, system=system, sampling=sampling, max_new_tokens=max_new_tokens, out=out, stop_strings=stop_strings
+    )
     if prompt is not None:
         session.answer(prompt)
         return

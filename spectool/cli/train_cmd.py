@@ -97,6 +97,8 @@ def train_command(
     gamma: float = typer.Option(None, "--gamma", help="DFlash / DSpark slot-weight decay [from the block size]."),
     num_anchors: int = typer.Option(None, "--num-anchors", help="DFlash / DSpark blocks per sequence [512]."),
     ttt_steps: int = typer.Option(None, "--ttt-steps", help="EAGLE-3 training-time-test steps [7]."),
+    ce_weight: float = typer.Option(None, "--ce-weight", help="DSpark cross-entropy weight [0.1]."),
+    l1_weight: float = typer.Option(None, "--l1-weight", help="DSpark L1 (distribution distance) weight [0.9]."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
 ) -> None:
     from spectool.training.config import read_config_file, resolve_config
@@ -143,6 +145,8 @@ def train_command(
         gamma=gamma,
         num_anchors=num_anchors,
         ttt_steps=ttt_steps,
+        ce_weight=ce_weight,
+        l1_weight=l1_weight,
     )
     file_values = read_config_file(config_file) if config_file is not None else {}
     if "method" not in given and "method" not in file_values and given.get("features") and not resume:

@@ -23,6 +23,7 @@ from transformers import DynamicCache
 from spectool.decoding.accept import SamplingParams, accept_greedy, accept_sampling, probabilities, sample
 from spectool.decoding.proposers import Proposal, Proposer
 from spectool.decoding.schedule import PrefixScheduler
+from spectool.decoding.stops import StopStrings
 from spectool.target import FrozenTarget
 
 FinishReason = Literal["eos", "stop", "length"]
@@ -144,12 +145,16 @@ class Engine:
         max_new_tokens: int = 256,
         sampling: SamplingParams | None = None,
         stop_token_ids: Sequence[int] = (),
+        stop_strings: StopStrings | None = None,
         seed: int | None = None,
         max_drafts: int | None = None,
     ) -> Iterator[RoundEvent]:
-        """Yield one RoundEvent per forward of the target until eos, a stop token or `max_new_tokens`.
+        """Yield one RoundEvent per forward of the target until eos, a stop token, a stop string or
+        `max_new_tokens`.
 
-        `max_drafts` caps the tokens drafted per round (None = all the proposer offers).
+        `max_drafts` caps the tokens drafted per round (None = all the proposer offers). A stop token ends the
+        answer with that token included (finish "eos"); a stop string ends it with the token that completes it
+        (finish "stop"); either way the round's later tokens are dropped.
         """
         sampling = sampling or SamplingParams()
         generator = torch.Generator(device=self.device)
@@ -167,7 +172,7 @@ class Engine:
             proposer.reset()
             proposer.extend_context(features)
         committed = [first]
-        finish = self._finish([first], stops, 1, max_new_tokens)
+        finish = self._finish(committed, stops, stop_strings, max_new_tokens)
         yield RoundEvent([first], 0, 0, "prefill", 0.0, time.perf_counter() - start, finish)
         if finish:
             return
@@ -194,8 +199,8 @@ class Engine:
             n = len(accepted)
             kind = "bonus" if full else "correction"
             finish = None
-            for i, token in enumerate(new):
-                finish = self._finish([token], stops, len(committed) + i + 1, max_new_tokens)
+            for i in range(len(new)):
+                finish = self._finish(committed + new[: i + 1], stops, stop_strings, max_new_tokens)
                 if finish:
                     new = new[: i + 1]
                     break
@@ -265,9 +270,14 @@ class Engine:
         return int(sample(probabilities(logits, sampling), generator))
 
     @staticmethod
-    def _finish(tokens: list[int], stops: set[int], produced: int, limit: int) -> FinishReason | None:
-        if tokens[-1] in stops:
+    def _finish(
+        generated: list[int], stops: set[int], stop_strings: StopStrings | None, limit: int
+    ) -> FinishReason | None:
+        """Why the answer ends at its last token, if it does."""
+        if generated[-1] in stops:
             return "eos"
-        if produced >= limit:
+        if stop_strings is not None and stop_strings.completes_at(generated):
+            return "stop"
+        if len(generated) >= limit:
             return "length"
         return None

@@ -13,7 +13,7 @@ at most 5):
 | eagle1 | 1e-4 | SafeAILab EAGLE trains at 3e-5 with large batches; small batches and targets like more |
 | eagle3 | 1e-4 | SpecForge's default |
 | dflash | 6e-4 | upstream (z-lab, NeMo); the loss decay gamma defaults to the objective's, from the block size |
-| dspark | 6e-4 | upstream (DeepSpec); gamma 4 for block 7 |
+| dspark | 6e-4 | upstream (DeepSpec); gamma 4 for block 7; loss 0.1 CE + 0.9 L1 (--ce-weight / --l1-weight) |
 
 Warmup defaults to ``min(max(20, steps // 50), steps // 10)`` steps: at least the 20 upstream asks for, at most a
 tenth of a short run. Small targets often want a higher lr (1e-3 .. 3e-3 for a 64-wide toy).
@@ -62,6 +62,8 @@ RESUME_LOCKED = (
     "gamma",
     "num_anchors",
     "ttt_steps",
+    "ce_weight",
+    "l1_weight",
     "fsdp",
 )
 
@@ -119,6 +121,8 @@ class TrainConfig:
     gamma: float | None = None
     num_anchors: int | None = None
     ttt_steps: int | None = None
+    ce_weight: float | None = None  # DSpark: weight of the cross entropy with the data's token [0.1]
+    l1_weight: float | None = None  # DSpark: weight of the L1 distance to the target's distribution [0.9]
 
     def validate(self) -> None:
         """Raise a `UsageError` naming the option for any value out of range."""
@@ -151,10 +155,12 @@ class TrainConfig:
         for name, value in {**positive, **optional_positive}.items():
             if value is not None and not value > 0:
                 raise UsageError(f"--{_flag(name)} must be positive, got {value}")
-        for name in ("save_every", "eval_every", "warmup_steps"):
+        for name in ("save_every", "eval_every", "warmup_steps", "ce_weight", "l1_weight"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise UsageError(f"--{_flag(name)} must be 0 or more, got {value}")
+        if self.ce_weight == 0 and self.l1_weight == 0:
+            raise UsageError("--ce-weight and --l1-weight are both 0: nothing would be learned")
         if self.max_length < 2:
             raise UsageError(f"--max-length must be at least 2, got {self.max_length}")
         if self.block_size is not None and self.block_size < 2:
@@ -172,7 +178,13 @@ class TrainConfig:
 
     def objective_hparams(self) -> dict[str, Any]:
         """The objective options that were set (the objective supplies its own defaults for the rest)."""
-        values = {"gamma": self.gamma, "num_anchors": self.num_anchors, "ttt_steps": self.ttt_steps}
+        values = {
+            "gamma": self.gamma,
+            "num_anchors": self.num_anchors,
+            "ttt_steps": self.ttt_steps,
+            "ce_weight": self.ce_weight,
+            "l1_weight": self.l1_weight,
+        }
         return {name: value for name, value in values.items() if value is not None}
 
     def to_json(self) -> dict[str, Any]:

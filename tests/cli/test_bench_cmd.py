@@ -50,6 +50,16 @@ def test_bench_rich_view_and_baseline_choice(dspark_draft, prompts_file):
     assert "lossless" in result.stdout and "machine:" in result.stdout
 
 
+def test_bench_stop_strings_stay_lossless(dspark_draft, prompts_file):
+    args = ["bench", "-d", str(dspark_draft), "-p", str(prompts_file), "-n", "12", "--json", "--baselines", "target,hf"]
+    full = json.loads(invoke(*args).stdout)
+    result = invoke(*args, "--stop", "a", "--stop", "e")
+    assert result.exit_code == 0, result.output
+    stopped = json.loads(result.stdout)
+    assert stopped["lossless"] is True
+    assert stopped["new_tokens"] < full["new_tokens"]
+
+
 def test_bench_sampling_reports_no_lossless_verdict(dspark_draft, prompts_file):
     args = ["bench", "-d", str(dspark_draft), "-p", str(prompts_file), "-n", "6", "--temperature", "0.7", "--json"]
     data = json.loads(invoke(*args, "--baselines", "target").stdout)

@@ -30,6 +30,17 @@ def test_prompt_answers_once_with_a_stats_line(draft_dir):
     assert not ANSI.search(result.stdout)  # not a terminal: no escape codes
 
 
+def test_stop_string_ends_the_answer(draft_dir):
+    full = invoke("chat", "--draft", str(draft_dir), "--prompt", "hi there", "-n", "16", "--plain")
+    answer = full.stdout.splitlines()[0]
+    stop = answer[len(answer) // 2 : len(answer) // 2 + 2]
+    result = invoke("chat", "--draft", str(draft_dir), "--prompt", "hi there", "-n", "16", "--stop", stop)
+    assert result.exit_code == 0, result.output
+    cut = result.stdout.splitlines()[0]
+    assert stop in cut and answer.startswith(cut) and len(cut) < len(answer)
+    assert cut.index(stop) + len(stop) >= len(cut) - 8  # ends within the token that completes the stop string
+
+
 def test_scripted_session_with_slash_commands(draft_dir):
     script = "/help\nhi there\n/stats\n/temp 0.5\n/system you are nice\ntell me about cats\n/reset\n/bogus\n/quit\n"
     result = subprocess.run(

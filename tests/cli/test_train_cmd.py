@@ -140,3 +140,15 @@ def test_features_then_train_from_them(chat_target_dir, data_file, tmp_path):
     assert result.exit_code == 0, result.output
     assert "features" in result.stdout and saved_config(out)["target"] == str(chat_target_dir.resolve())
     assert load_draft(out).metadata.training["features"] == str(features)
+
+
+def test_dspark_loss_weights(chat_target_dir, data_file, tmp_path):
+    args = ["train", "--target", str(chat_target_dir), "--method", "dspark", "--data", str(data_file), *FAST]
+    out = tmp_path / "run"
+    result = invoke(*args, "--out", str(out), "--max-steps", "1", "--ce-weight", "1", "--l1-weight", "0")
+    assert result.exit_code == 0, result.output
+    assert (saved_config(out)["ce_weight"], saved_config(out)["l1_weight"]) == (1.0, 0.0)
+    result = invoke(*args, "--out", str(tmp_path / "none"), "--ce-weight", "0", "--l1-weight", "0")
+    assert result.exit_code == 2 and "both 0" in result.stderr
+    result = invoke(*args, "--out", str(tmp_path / "negative"), "--ce-weight", "-1")
+    assert result.exit_code == 2 and "--ce-weight" in result.stderr
