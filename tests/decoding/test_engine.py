@@ -6,7 +6,7 @@ import torch
 
 from spectool.decoding.accept import SamplingParams
 from spectool.decoding.engine import Engine, GenerationStats
-from spectool.decoding.proposers import make_proposer
+from spectool.decoding.proposers import Proposal, Proposer, make_proposer
 from spectool.drafts import build_draft
 from spectool.target import FrozenTarget
 
@@ -42,6 +42,27 @@ def run(engine, prompt, **kwargs):
 PROMPTS = [[5, 17, 42, 9, 100, 3], [7], [200, 201, 202, 203, 204, 205, 206, 207, 208, 209, 210, 211]]
 
 
+class ScriptedProposer(Proposer):
+    """A proposer whose drafts come from ``script(answer_so_far, limit) -> Proposal`` (no model, no context)."""
+
+    def __init__(self, prompt, script, max_drafts):
+        self.prompt, self.script, self.max_drafts = prompt, script, max_drafts
+
+    def reset(self):
+        pass
+
+    def extend_context(self, features):
+        pass
+
+    def propose(self, tokens, sampling, generator, limit):
+        return self.script(len(tokens) - len(self.prompt), limit)
+
+
+def oracle(prompt, truth, k):
+    """Drafts exactly the target's next ``k`` tokens: every round accepts them all."""
+    return ScriptedProposer(prompt, lambda done, limit: Proposal(torch.tensor(truth[done : done + min(limit, k)])), k)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_greedy_equals_target_greedy(method, qwen3_target, qwen3_config):
     engine = make_engine(method, qwen3_target, qwen3_config)
@@ -60,25 +81,9 @@ def test_target_alone_equals_hf_generate(qwen3_target):
 
 def test_a_perfect_draft_is_fully_accepted(qwen3_target, qwen3_config):
     """A 'draft' that proposes exactly the target's continuation: every round accepts all and adds a bonus."""
-    from spectool.decoding.proposers import Proposal, Proposer
-
     prompt = PROMPTS[0]
     truth = reference_greedy(qwen3_target, prompt, 30)
-
-    class Oracle(Proposer):
-        max_drafts = 4
-
-        def reset(self):
-            pass
-
-        def extend_context(self, features):
-            pass
-
-        def propose(self, tokens, sampling, generator, limit):
-            done = len(tokens) - len(prompt)
-            return Proposal(torch.tensor(truth[done : done + min(limit, 4)]))
-
-    tokens, stats = run(Engine(FrozenTarget(qwen3_target, []), Oracle()), prompt, max_new_tokens=26)
+    tokens, stats = run(Engine(FrozenTarget(qwen3_target, []), oracle(prompt, truth, 4)), prompt, max_new_tokens=26)
     assert tokens == truth[:26]
     assert all(r.kind == "bonus" for r in stats.verify_rounds)
     assert stats.acceptance_length == 5.0  # 4 drafts + the bonus per verify forward
@@ -142,31 +147,21 @@ def test_eagle2_tree_is_lossless(method, tree, qwen3_target, qwen3_config):
 
 def test_tree_walks_the_matching_branch(qwen3_target):
     """A hand-made tree whose second branch holds the target's continuation: the walk must take it."""
-    from spectool.decoding.proposers import Proposal, Proposer
-
     prompt = PROMPTS[0]
     truth = reference_greedy(qwen3_target, prompt, 12)
 
-    class Fork(Proposer):
-        max_drafts = 3
+    def fork(done, limit):
+        a, b, c = truth[done : done + 3] + [0] * (3 - len(truth[done : done + 3]))
+        wrong = (a + 1) % 256
+        # row order: wrong(root child), a(root child), b(child of a), wrong-after-a, c(child of b)
+        return Proposal(
+            torch.tensor([wrong, a, b, (b + 1) % 256, c][: 2 + min(limit, 3)]),
+            parents=[-1, -1, 1, 1, 2][: 2 + min(limit, 3)],
+        )
 
-        def reset(self):
-            pass
-
-        def extend_context(self, features):
-            pass
-
-        def propose(self, tokens, sampling, generator, limit):
-            done = len(tokens) - len(prompt)
-            a, b, c = truth[done : done + 3] + [0] * (3 - len(truth[done : done + 3]))
-            wrong = (a + 1) % 256
-            # row order: wrong(root child), a(root child), b(child of a), wrong-after-a, c(child of b)
-            return Proposal(
-                torch.tensor([wrong, a, b, (b + 1) % 256, c][: 2 + min(limit, 3)]),
-                parents=[-1, -1, 1, 1, 2][: 2 + min(limit, 3)],
-            )
-
-    tokens, stats = run(Engine(FrozenTarget(qwen3_target, []), Fork()), prompt, max_new_tokens=10)
+    tokens, stats = run(
+        Engine(FrozenTarget(qwen3_target, []), ScriptedProposer(prompt, fork, 3)), prompt, max_new_tokens=10
+    )
     assert tokens == truth[:10]
     assert stats.verify_rounds[0].num_accepted == 3 and stats.verify_rounds[0].kind == "bonus"
 

@@ -1,15 +1,13 @@
 """Stop strings: the answer ends at the token that completes one, in the engine's multi-token rounds too."""
 
 import pytest
-import torch
 
 from spectool.decoding.engine import Engine
-from spectool.decoding.proposers import Proposal, Proposer
 from spectool.decoding.stops import StopStrings
 from spectool.errors import UsageError
 from spectool.target import FrozenTarget
 
-from .test_engine import PROMPTS, make_engine, reference_greedy, run
+from .test_engine import PROMPTS, make_engine, oracle, reference_greedy, run
 
 
 def angle_decode(ids):
@@ -45,24 +43,11 @@ def test_a_stop_string_cuts_a_fully_accepted_round(qwen3_target):
     prompt = PROMPTS[0]
     truth = reference_greedy(qwen3_target, prompt, 30)
 
-    class Oracle(Proposer):
-        max_drafts = 4
-
-        def reset(self):
-            pass
-
-        def extend_context(self, features):
-            pass
-
-        def propose(self, tokens, sampling, generator, limit):
-            done = len(tokens) - len(prompt)
-            return Proposal(torch.tensor(truth[done : done + min(limit, 4)]))
-
     # Spans two tokens of the answer; rounds after the prefill commit tokens 1..5, 6..10, ...
     stop = f"{truth[5]}><{truth[6]}"
     end = next(i for i in range(len(truth)) if stop in angle_decode(truth[: i + 1]))
     assert end % 5 != 0, "the stop must fall inside a round for this test"
-    engine = Engine(FrozenTarget(qwen3_target, []), Oracle())
+    engine = Engine(FrozenTarget(qwen3_target, []), oracle(prompt, truth, 4))
     tokens, stats = run(
         engine, prompt, max_new_tokens=30, stop_strings=StopStrings(angle_decode, [stop]), stop_token_ids=[]
     )
