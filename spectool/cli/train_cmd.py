@@ -64,6 +64,11 @@ def train_command(
     force: bool = typer.Option(False, "--force", help="Replace the contents of a non-empty OUT."),
     max_steps: int = typer.Option(None, "--max-steps", help="Optimizer steps (with --epochs, whichever ends first)."),
     epochs: float = typer.Option(None, "--epochs", help="Passes over the training split [default: 1]."),
+    max_minutes: float = typer.Option(
+        None,
+        "--max-minutes",
+        help="Time budget: plan the steps from the measured speed (with --max-steps/--epochs as caps).",
+    ),
     batch_size: int = typer.Option(None, "--batch-size", "-b", help="Sequences per micro-batch, all processes [8]."),
     grad_accum: int = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step [1]."),
     lr: float = typer.Option(None, "--lr", help="Peak learning rate [6e-4 DFlash/DSpark, 1e-4 EAGLE]."),
@@ -112,6 +117,7 @@ def train_command(
         init=init,
         max_steps=max_steps,
         epochs=epochs,
+        max_minutes=max_minutes,
         batch_size=batch_size,
         grad_accum=grad_accum,
         lr=lr,
@@ -209,7 +215,7 @@ def _run(config: Any, *, resume: bool, force: bool, as_json: bool) -> None:
                 if not as_json:
                     _print_start(bar.console, event.info)
             elif event.kind == "step":
-                bar.update(task, completed=event.step)
+                bar.update(task, completed=event.step, total=event.total_steps)
             elif event.kind == "log" and event.row is not None:
                 bar.update(task, stats=_stats_text(event.row))
 
@@ -266,11 +272,15 @@ def _print_start(out: Any, info: dict[str, Any]) -> None:
         for reason in data.get("skip_reasons", [])[:3]:
             out.print(Text(f"  {reason}", style="yellow"), soft_wrap=True)
     start = f" from step {info['start_step']}" if info.get("start_step") else ""
+    steps = f"{info['total_steps']} steps"
+    if info.get("max_minutes"):
+        cap = f", at most {info['step_cap']}" if info.get("step_cap") else ""
+        steps = f"{info['max_minutes']:g} minutes of steps (planned from the measured speed{cap})"
     out.print(
         Text(
             f"{info['method']} draft ({info['draft_class']}, {human_count(info['trainable_params'])} trainable) for "
             f"{info['target']}, feature layers {info['target_layer_ids']}: {info['train_examples']} training / "
-            f"{info['eval_examples']} held-out examples, {info['total_steps']} steps{start} of "
+            f"{info['eval_examples']} held-out examples, {steps}{start} of "
             f"{info['global_batch']} sequences, lr {info['lr']:g} (warmup {info['warmup_steps']}), {info['mode']}, "
             f"{info['world_size']} process(es) on {info['device']}"
         ),

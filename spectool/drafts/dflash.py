@@ -255,13 +255,13 @@ class DFlashDecoderLayer(nn.Module):
         block_len, context_len = x.shape[1], context.shape[1]
         # The table covers [new context | block]: queries take its trailing block_len rows.
         q = apply_rotary(attn.query(x), cos[:, -block_len:], sin[:, -block_len:])
-        k_ctx, v_ctx = attn.key_value(context)
-        k_ctx = apply_rotary(k_ctx, cos[:, :context_len], sin[:, :context_len])
+        # One projection over [new context | block] (the rotary table covers exactly those positions).
+        k, v = attn.key_value(torch.cat((context, x), dim=1))
+        k = apply_rotary(k, cos, sin)
         if cache is not None:
-            k_ctx, v_ctx = cache.update(self.layer_idx, k_ctx, v_ctx)
-        k_blk, v_blk = attn.key_value(x)
-        k_blk = apply_rotary(k_blk, cos[:, -block_len:], sin[:, -block_len:])
-        k, v = torch.cat((k_ctx, k_blk), dim=2), torch.cat((v_ctx, v_blk), dim=2)
+            k_ctx, v_ctx = cache.update(self.layer_idx, k[:, :, :context_len], v[:, :, :context_len])
+            k = torch.cat((k_ctx, k[:, :, context_len:]), dim=2)
+            v = torch.cat((v_ctx, v[:, :, context_len:]), dim=2)
         hidden = hidden + attn.output(attend(q, k, v, mask, attn.scaling))
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 

@@ -82,6 +82,7 @@ class TrainConfig:
     # how long
     max_steps: int | None = None  # optimizer steps; with epochs too, whichever ends first
     epochs: float | None = None  # passes over the training split (default 1 when max_steps is unset)
+    max_minutes: float | None = None  # time budget: the step count is planned from the measured step time
     # batches and optimisation
     batch_size: int = 8  # sequences per micro-batch, over all processes together (the global micro-batch)
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -142,6 +143,7 @@ class TrainConfig:
         optional_positive = {
             "max_steps": self.max_steps,
             "epochs": self.epochs,
+            "max_minutes": self.max_minutes,
             "lr": self.lr,
             "eval_batches": self.eval_batches,
             "num_draft_layers": self.num_draft_layers,

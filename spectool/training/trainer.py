@@ -105,11 +105,12 @@ class TrainEvent:
 
     ``start``: ``info`` describes the run; ``step``: a step finished; ``log`` / ``eval``: ``row`` is the metrics
     row just written; ``checkpoint``: ``path`` was saved; ``done``: the final draft is in ``path``.
+    ``total_steps`` is None while a --max-minutes run has not planned its length yet.
     """
 
     kind: Literal["start", "step", "log", "eval", "checkpoint", "done"]
     step: int
-    total_steps: int
+    total_steps: int | None
     row: dict[str, Any] | None = None
     path: str | None = None
     info: dict[str, Any] | None = None
@@ -165,16 +166,38 @@ def prepare_output(out: Path, *, resume: bool, force: bool, protected: list[Path
     return None
 
 
-def cosine_schedule(total_steps: int, warmup_steps: int, min_lr_ratio: float) -> Callable[[int], float]:
-    """The lr multiplier after ``step`` optimizer steps: linear warmup to 1, then cosine down to min_lr_ratio."""
+@dataclass
+class CosineSchedule:
+    """The lr multiplier after ``step`` optimizer steps: linear warmup to 1, then cosine down to min_lr_ratio at
+    ``total_steps``. A callable object, so LambdaLR saves it (``total_steps`` with it) in the scheduler state;
+    a ``--max-minutes`` run moves ``total_steps`` as it re-plans."""
 
-    def multiplier(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / (warmup_steps + 1)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    total_steps: int
+    warmup_steps: int
+    min_lr_ratio: float
 
-    return multiplier
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        progress = (step - self.warmup_steps) / max(1, self.total_steps - self.warmup_steps)
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def cosine_schedule(total_steps: int, warmup_steps: int, min_lr_ratio: float) -> CosineSchedule:
+    return CosineSchedule(total_steps, warmup_steps, min_lr_ratio)
+
+
+#: A --max-minutes run plans its step count from the speed of its first steps (its default warmup) and re-plans
+#: at every log row.
+PLAN_AFTER_STEPS = 10
+
+
+def planned_steps(step: int, seconds: float, budget_seconds: float, cap: int | None) -> int:
+    """Steps that fit ``budget_seconds`` at the speed so far (``seconds`` for ``step`` steps), at most ``cap``;
+    never fewer than ``step`` (the run then ends now)."""
+    per_step = seconds / max(1, step)
+    total = step + max(0, math.floor((budget_seconds - seconds) / per_step)) if per_step > 0 else step
+    return min(total, cap) if cap is not None else total
 
 
 class Trainer:
@@ -312,14 +335,23 @@ class Trainer:
 
     def _make_schedule(self) -> tuple[int, int, torch.optim.lr_scheduler.LambdaLR]:
         """(total steps, warmup steps, scheduler): max_steps or epochs over the training split, whichever ends
-        first (one epoch when neither is given)."""
+        first (one epoch when none of max_steps, epochs, max_minutes is given). With max_minutes those are caps
+        (``step_cap``) and the total is planned after PLAN_AFTER_STEPS steps; until then it is the cap, or
+        unknown (a placeholder past the planning step)."""
         config = self.config
         steps_per_epoch = math.ceil(len(self.batches) / config.grad_accum)
         limits = [config.max_steps] if config.max_steps else []
-        if config.epochs or not limits:
+        if config.epochs or not (limits or config.max_minutes):
             limits.append(max(1, math.ceil((config.epochs or 1.0) * steps_per_epoch)))
-        total = min(limits)
-        warmup = config.warmup_steps if config.warmup_steps is not None else default_warmup_steps(total)
+        self.step_cap: int | None = min(limits) if limits else None
+        self.length_known = not config.max_minutes or self.step_cap is not None
+        if config.max_minutes:
+            total = self.step_cap if self.step_cap is not None else PLAN_AFTER_STEPS + 1
+            default_warmup = min(PLAN_AFTER_STEPS, default_warmup_steps(self.step_cap or PLAN_AFTER_STEPS * 10))
+        else:
+            total = self.step_cap
+            default_warmup = default_warmup_steps(total)
+        warmup = config.warmup_steps if config.warmup_steps is not None else default_warmup
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, cosine_schedule(total, warmup, config.min_lr_ratio)
         )
@@ -493,6 +525,12 @@ class Trainer:
             self.tokens += int(stats["tokens"])
             self.seconds += stats["seconds"]
             window.add(stats)
+            if (
+                config.max_minutes
+                and self.step >= PLAN_AFTER_STEPS
+                and (self.step == PLAN_AFTER_STEPS or self.step % config.log_every == 0)
+            ):
+                self._plan()
             self._emit("step")
             due_eval = bool(self.eval_examples) and config.eval_every and self.step % config.eval_every == 0
             final = self.step == self.total_steps
@@ -519,10 +557,18 @@ class Trainer:
         metrics = {k: v for k, v in last_row.items() if not k.startswith("eval_")}
         return TrainResult(self.out, self.step, self.tokens, self.seconds, metrics, eval_row, resumed_from)
 
+    def _plan(self) -> None:
+        """Re-plan ``total_steps`` for the --max-minutes budget from the speed so far (rank 0 decides)."""
+        budget = self.config.max_minutes * 60.0
+        total = self._agree(lambda: planned_steps(self.step, self.seconds, budget, self.step_cap))
+        self.total_steps, self.length_known = total, True
+        for schedule in self.scheduler.lr_lambdas:
+            schedule.total_steps = total
+
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over ``grad_accum`` micro-batches; returns the step's (all-process) statistics."""
         config, model = self.config, self.model
-        started = time.perf_counter()
+        started = self._now()
         target_seconds = 0.0
         local: dict[str, float] = {"supervised": 0.0, "loss_sum": 0.0, "nonfinite": 0.0, "tokens": 0.0}
         metric_sums: dict[str, float] = {}
@@ -708,7 +754,9 @@ class Trainer:
             "trainable_params": trainable,
             "train_examples": len(self.train_examples),
             "eval_examples": len(self.eval_examples),
-            "total_steps": self.total_steps,
+            "total_steps": self.total_steps if self.length_known else None,
+            "max_minutes": self.config.max_minutes,
+            "step_cap": self.step_cap,
             "start_step": self.step,
             "warmup_steps": self.warmup_steps,
             "lr": self.config.peak_lr,
@@ -728,7 +776,8 @@ class Trainer:
 
     def _emit(self, kind: str, **fields: Any) -> None:
         if self.callback is not None and self.context.is_main:
-            self.callback(TrainEvent(kind, self.step, self.total_steps, **fields))  # type: ignore[arg-type]
+            total = self.total_steps if self.length_known else None
+            self.callback(TrainEvent(kind, self.step, total, **fields))  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------------------------------------------
     # Checkpoints
@@ -855,10 +904,12 @@ class Trainer:
                 f"resumed on {self.context.world_size} processes from a run on {len(rng)}: the data continues exactly, "
                 "the objective's random draws do not"
             )
+        if self.config.max_minutes:
+            self._plan()  # the budget counts the time already spent
         if self.step >= self.total_steps:
             raise UsageError(
-                f"the run in {self.out} already finished ({self.step} of {self.total_steps} steps); raise --max-steps "
-                "or --epochs to train longer"
+                f"the run in {self.out} already finished ({self.step} of {self.total_steps} steps); raise --max-steps, "
+                "--epochs or --max-minutes to train longer"
             )
         # The lr of the next step from the current schedule (a resumed run may change --lr or its length).
         schedule = cosine_schedule(self.total_steps, self.warmup_steps, self.config.min_lr_ratio)

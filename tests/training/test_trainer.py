@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -21,6 +22,7 @@ from spectool.training.trainer import (
     TrainingDiverged,
     TrainingInterrupted,
     latest_checkpoint,
+    planned_steps,
     train,
 )
 from tests.training.conftest import write_jsonl
@@ -298,3 +300,31 @@ def test_init_starts_from_an_existing_draft(tiny_target_dir, data_file, tmp_path
         Trainer(
             make_config(tiny_target_dir, data_file, tmp_path / "other", init=str(start), **METHOD_OPTIONS["eagle1"])
         )
+
+
+def test_planned_steps():
+    assert planned_steps(10, 5.0, 60.0, None) == 120  # 0.5 s per step, 55 s left
+    assert planned_steps(10, 5.0, 60.0, 50) == 50
+    assert planned_steps(10, 70.0, 60.0, None) == 10  # over budget: stop now
+
+
+def test_max_minutes_plans_the_steps_from_the_measured_speed(tiny_target_dir, data_file, tmp_path, monkeypatch):
+    clock = itertools.count()  # every reading of the trainer's clock is one second later: a step takes 3 s
+    monkeypatch.setattr(Trainer, "_now", lambda self: float(next(clock)))
+    options = dict(max_steps=None, max_minutes=1.0, warmup_steps=None, log_every=5)
+    result = Trainer(make_config(tiny_target_dir, data_file, tmp_path / "budget", **options)).run()
+    assert (result.steps, result.seconds) == (20, 60.0)  # planned at step 10: 30 s used, 30 s left
+    assert rows(tmp_path / "budget")[-1]["lr"] == pytest.approx(3e-3 * 0.1)  # the cosine reached its floor
+    capped = Trainer(make_config(tiny_target_dir, data_file, tmp_path / "capped", **{**options, "max_steps": 14}))
+    assert capped.run().steps == 14
+
+    def interrupt_at_step_12(event):
+        if event.kind == "step" and event.step == 12:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    config = make_config(tiny_target_dir, data_file, tmp_path / "resumed", **options)
+    with pytest.raises(TrainingInterrupted):
+        Trainer(config, callback=interrupt_at_step_12).run()
+    resumed = Trainer(config, resume=True)
+    assert resumed.total_steps == 20  # 36 s spent at step 12, 24 s left at 3 s per step
+    assert resumed.run().steps == 20

@@ -141,7 +141,8 @@ class DSparkObjective(Objective):
         target_tokens = labels[eval_mask]
         log_q = F.log_softmax(draft.draft_logits(slot_hidden, prev).float(), dim=-1)
         ce = F.nll_loss(log_q, target_tokens, reduction="none")
-        l1 = (log_q.exp() - teacher).abs().sum(-1)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.l1_weight > 0):  # no backward through a 0 term
+            l1 = (log_q.exp() - teacher).abs().sum(-1)
         accept = (1 - l1 / 2).clamp(0, 1)
         weights = torch.exp(-offsets.float() / self.gamma).expand(eval_mask.shape)[eval_mask]
         ce_mean, l1_mean = weighted_mean(ce, weights), weighted_mean(l1, weights)
