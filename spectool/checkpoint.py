@@ -35,10 +35,11 @@ from spectool import __version__
 from spectool.arch import TargetArch
 from spectool.drafts import DRAFT_CLASSES, DRAFT_CONFIG_CLASSES, GptOssEagle3DraftModel
 from spectool.errors import SpectoolError, UsageError
-from spectool.hub import read_json
+from spectool.hub import ASSETS_DIR, read_json
 
 METADATA_FILE = "spectool.json"
 WEIGHTS_FILE = "model.safetensors"
+SHIPPED_DRAFTS_DIR = ASSETS_DIR / "drafts"
 
 ARCHITECTURES = {
     "eagle1": ("LlamaForCausalLMEagle", "LlamaEagleDraftModel"),
@@ -184,16 +185,29 @@ def _build_empty(method: str, config: dict[str, Any]) -> nn.Module:
     return cls(cfg)
 
 
+def shipped_drafts() -> list[str]:
+    """Names of the drafts shipped inside the package for the embedded tiny target (``--draft dspark``)."""
+    if not SHIPPED_DRAFTS_DIR.is_dir():
+        return []
+    return sorted(p.name for p in SHIPPED_DRAFTS_DIR.iterdir() if (p / "config.json").is_file())
+
+
 def load_draft(
     path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> LoadedDraft:
     """Load a draft directory in any layout spectool reads; missing or unexpected weights are an error.
 
+    A name of `shipped_drafts()` that is not an existing path loads that shipped draft.
+
     The weights keep their stored dtype unless `dtype` is given (float32 suits CPU decoding and training).
     """
     directory = Path(path).expanduser()
     if not directory.exists():
-        raise UsageError(f"no such draft directory: {path}")
+        shipped = shipped_drafts()
+        if str(path) not in shipped:
+            listing = f" (drafts shipped with spectool: {', '.join(shipped)})" if shipped else ""
+            raise UsageError(f"no such draft directory: {path}{listing}")
+        directory = SHIPPED_DRAFTS_DIR / str(path)
     if not (directory / "config.json").is_file():
         raise UsageError(f"{directory} has no config.json; point --draft at a draft checkpoint directory")
     config = read_json(directory / "config.json")

@@ -33,6 +33,7 @@ def demo_command(
     """Inspect the embedded tiny target, train a DSpark draft for it briefly, answer a held-out question with the
     inline acceptance view, and benchmark it against the target alone. Everything ships with spectool."""
     from spectool.bench import load_prompts, run_bench
+    from spectool.checkpoint import shipped_drafts
     from spectool.cli.chat_cmd import ChatSession
     from spectool.cli.inspect_cmd import _method_panel, _target_panel
     from spectool.decoding.accept import SamplingParams
@@ -132,4 +133,9 @@ def demo_command(
     draft_hint = str(workdir) if keep else "DIR (rerun with --out DIR to keep the draft)"
     screen.print(f"spectool chat --draft {draft_hint}", soft_wrap=True)
     screen.print(f"spectool bench --draft {draft_hint} --json", soft_wrap=True)
+    shipped = shipped_drafts()
+    if shipped:
+        names = ", ".join(shipped)
+        example = "dspark" if "dspark" in shipped else shipped[0]
+        screen.print(f"spectool chat --draft {example}   # drafts trained longer ship with spectool: {names}")
     screen.print("spectool inspect Qwen/Qwen3-8B   ·   spectool train --help", soft_wrap=True)
