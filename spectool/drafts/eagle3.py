@@ -146,7 +146,7 @@ class Eagle3TTTOutput:
     """Per-step outputs of the training-time-test unroll; index i is step i."""
 
     hidden_states: list[torch.Tensor]
-    logits: list[torch.Tensor]
+    logits: list[torch.Tensor]  # empty with return_logits=False
 
 
 class Eagle3DecoderLayer(nn.Module):
@@ -343,13 +343,16 @@ class LlamaEagle3DraftModel(DraftModelMixin, PreTrainedModel):
         ttt_steps: int,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        return_logits: bool = True,
     ) -> Eagle3TTTOutput:
-        """The training-time-test unroll over ``ttt_steps`` steps.
+        """The training-time-test unroll over ``ttt_steps`` steps (``return_logits=False`` leaves the vocabulary
+        projection to the caller, which may need it at a few positions only).
 
         ``input_ids`` ``[B, S]`` holds x_{t+1} at position t (already shifted once, per SPEC §4) and
         ``target_hidden_states`` ``[B, S, K*H_target]`` holds feature t. Step i reads ``input_ids`` shifted left
         by i more positions (the tail is padded with id 0; those positions must be masked out of the loss).
-        ``attention_mask`` ``[B, S]`` (1 = real) hides padded keys.
+        ``attention_mask`` ``[B, S]`` (1 = real) hides padded keys; a boolean ``[B, 1, S, S]`` mask (True = may
+        attend) replaces step 0's causal mask instead, e.g. per-document causal attention in packed rows.
         """
         if ttt_steps < 1:
             raise ValueError("ttt_steps must be >= 1")
@@ -358,7 +361,10 @@ class LlamaEagle3DraftModel(DraftModelMixin, PreTrainedModel):
             position_ids = torch.arange(seq, device=input_ids.device)
         position_ids = position_ids.expand(batch, seq)
         attn = self.midlayer.self_attn
-        step0_mask = causal_mask(seq, seq, input_ids.device, attention_mask)
+        if attention_mask is not None and attention_mask.dim() == 4:
+            step0_mask = attention_mask.bool()
+        else:
+            step0_mask = causal_mask(seq, seq, input_ids.device, attention_mask)
         hidden = self.fuse_target_features(target_hidden_states)
         step_keys: list[torch.Tensor] = []
         step_values: list[torch.Tensor] = []
@@ -371,7 +377,8 @@ class LlamaEagle3DraftModel(DraftModelMixin, PreTrainedModel):
             out = self._ttt_attention(q, step_keys, step_values, step0_mask, attn.scaling)
             hidden = self.midlayer.finish(hidden, attn.output(out))
             outputs.append(hidden)
-        return Eagle3TTTOutput(hidden_states=outputs, logits=[self.compute_logits(h) for h in outputs])
+        logits = [self.compute_logits(h) for h in outputs] if return_logits else []
+        return Eagle3TTTOutput(hidden_states=outputs, logits=logits)
 
     @staticmethod
     def _ttt_attention(

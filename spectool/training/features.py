@@ -340,8 +340,6 @@ class FeaturesConfig:
         for name in ("shard_size", "batch_size", "max_length"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.method == "eagle3" and self.pack:
-            raise UsageError("EAGLE-3 trains on unpacked rows (its TTT unroll attends over whole rows); drop --pack")
 
 
 def feature_layer_ids(method: str, spec_ids: Sequence[int]) -> list[int]:

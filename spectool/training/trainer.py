@@ -236,8 +236,6 @@ class Trainer:
 
     def _setup(self, resume: bool, force: bool) -> None:
         config, context = self.config, self.context
-        if config.method == "eagle3" and config.pack:
-            raise UsageError("EAGLE-3 trains on unpacked rows (its TTT unroll attends over whole rows); drop --pack")
         if config.batch_size % context.world_size:
             raise UsageError(
                 f"--batch-size {config.batch_size} is the global micro-batch; it must divide evenly over "

@@ -152,3 +152,11 @@ def test_dspark_loss_weights(chat_target_dir, data_file, tmp_path):
     assert result.exit_code == 2 and "both 0" in result.stderr
     result = invoke(*args, "--out", str(tmp_path / "negative"), "--ce-weight", "-1")
     assert result.exit_code == 2 and "--ce-weight" in result.stderr
+
+
+def test_eagle3_trains_on_packed_rows(chat_target_dir, data_file, tmp_path):
+    args = ["train", "--target", str(chat_target_dir), "--method", "eagle3", "--data", str(data_file)]
+    options = ["--max-length", "64", "--batch-size", "2", "--eval-fraction", "0", "--ttt-steps", "2", "--pack"]
+    result = invoke(*args, *options, "--out", str(tmp_path / "run"), "--max-steps", "2", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["steps"] == 2 and saved_config(tmp_path / "run")["pack"] is True

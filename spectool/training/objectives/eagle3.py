@@ -97,11 +97,6 @@ class Eagle3Objective(Objective):
         if not draft.owns_embeddings and draft.get_input_embeddings() is None:
             draft.attach_target_embeddings(target_embed)
         docs = Documents.of(batch, document_ids)
-        if docs.is_packed():
-            raise UsageError(
-                "the EAGLE-3 TTT unroll attends causally over the whole row, across packed documents; train EAGLE-3 "
-                "on unpacked rows (one document per row)"
-            )
         with torch.no_grad():
             target_logits = batch.target_logits
             if target_logits is None:
@@ -123,17 +118,22 @@ class Eagle3Objective(Objective):
             shift_left(batch.input_ids, 1),
             batch.target_hidden_states,
             ttt_steps=self.ttt_steps,
-            attention_mask=docs.real,
+            attention_mask=docs.causal_mask(),  # causal within each document (packed rows), padding hidden
             position_ids=position_ids,
+            return_logits=False,
         )
         step_losses, hits = [], []
-        for step, logits in enumerate(out.logits):
-            rows, cols = loss_masks[step].nonzero(as_tuple=True)
-            ce = soft_cross_entropy(logits[rows, cols], teacher[rows, cols + 1 + step])
+        for step, hidden in enumerate(out.hidden_states):
+            # Logits only where the chain is scored (padding and row tails never reach the vocabulary projection).
+            rows, cols = chain_masks[step].nonzero(as_tuple=True)
+            logits = draft.compute_logits(hidden[rows, cols])
+            in_loss = loss_masks[step][rows, cols]
+            ce = soft_cross_entropy(logits[in_loss], teacher[rows[in_loss], cols[in_loss] + 1 + step])
             step_losses.append(weighted_mean(ce, torch.ones_like(ce)))
             with torch.no_grad():
-                drafted = draft.draft_to_target(logits.argmax(-1))
-                hits.append(drafted == shift_left(target_tokens, 1 + step, -1))
+                hit = torch.zeros_like(chain_masks[step])
+                hit[rows, cols] = draft.draft_to_target(logits.argmax(-1)) == target_tokens[rows, cols + 1 + step]
+                hits.append(hit)
         decay = self.step_decay ** torch.arange(self.ttt_steps, dtype=torch.float32, device=step_losses[0].device)
         losses = torch.stack(step_losses)
         loss = (decay * losses).sum() / decay.sum()

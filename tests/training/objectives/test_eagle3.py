@@ -133,9 +133,17 @@ def test_target_logits_are_computed_when_not_captured(objective_for, qwen3_targe
     assert run(objective, batch, qwen3_target).metrics == pytest.approx(with_logits.metrics)
 
 
-def test_packed_rows_are_refused(objective_for, qwen3_target, greedy_data):
-    objective = objective_for("eagle3", ttt_steps=2)
+def test_packed_rows_equal_one_document_per_row(objective_for, qwen3_target, greedy_data):
+    """Per-document causal attention in the TTT unroll: packing two documents into one row changes nothing."""
+    objective = objective_for("eagle3", ttt_steps=3)
+    objective.draft.eval()
     ids = greedy_data[0]
-    batch, position_ids, document_ids = packed_batch(qwen3_target, objective, [[ids[0, :10], ids[1, :10]]], 24)
-    with pytest.raises(UsageError, match="unpacked rows"):
-        run(objective, batch, qwen3_target, position_ids=position_ids, document_ids=document_ids)
+    documents = [ids[0, :12], ids[1, :10]]
+    outputs = []
+    for rows in ([documents], [[documents[0]], [documents[1]]]):
+        batch, position_ids, document_ids = packed_batch(qwen3_target, objective, rows, 24)
+        outputs.append(run(objective, batch, qwen3_target, position_ids=position_ids, document_ids=document_ids))
+    packed, separate = outputs
+    assert packed.num_supervised == separate.num_supervised == (12 - 4) + (10 - 4)  # x_{t+2} a label
+    assert packed.loss.item() == pytest.approx(separate.loss.item(), rel=1e-5)
+    assert packed.metrics == pytest.approx(separate.metrics, rel=1e-5)
