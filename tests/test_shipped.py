@@ -1,0 +1,62 @@
+"""The drafts shipped inside the package (spectool/assets/drafts) for the embedded tiny target: each finds its
+target without --target, decodes losslessly, and keeps the acceptance length measured when it was shipped."""
+
+from pathlib import Path
+
+import pytest
+
+from spectool.bench import load_prompts
+from spectool.decoding.engine import GenerationStats
+from spectool.hub import ASSETS_DIR, DEFAULT_MODEL_DIR
+from spectool.runtime import load_runtime
+
+SHIPPED = ASSETS_DIR / "drafts"
+REPO = Path(__file__).resolve().parents[1]
+# Greedy acceptance length on the first 6 held-out prompts, 48 new tokens each, a little below what the
+# shipped weights measured (README, "Results"); a random draft of the same shape stays near 1.0.
+MIN_ACCEPTANCE = {"dspark": 1.3, "dflash": 1.15, "eagle3": 1.25}  # measured 1.40, 1.23, 1.34
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return load_prompts(ASSETS_DIR / "prompts" / "heldout.jsonl")[:6]
+
+
+@pytest.mark.parametrize("method", sorted(MIN_ACCEPTANCE))
+def test_shipped_draft_is_lossless_with_its_acceptance(method, prompts):
+    runtime = load_runtime(SHIPPED / method)  # the target comes from the draft's spectool.json
+    assert Path(runtime.info.ref).resolve() == DEFAULT_MODEL_DIR.resolve()
+    assert runtime.draft.method == method and not runtime.warnings
+    rounds = []
+    for conversation in prompts:
+        ids = runtime.prompt_ids(conversation)
+        spec = list(runtime.engine.generate(ids, max_new_tokens=48, stop_token_ids=runtime.stop_token_ids))
+        alone = list(runtime.target_engine.generate(ids, max_new_tokens=48, stop_token_ids=runtime.stop_token_ids))
+        assert [t for r in spec for t in r.tokens] == [t for r in alone for t in r.tokens]
+        rounds += spec
+    assert GenerationStats(rounds).acceptance_length >= MIN_ACCEPTANCE[method]
+
+
+def test_examples_link_to_the_shipped_drafts():
+    for method in MIN_ACCEPTANCE:
+        link = REPO / "examples" / "drafts" / method
+        assert link.resolve() == (SHIPPED / method).resolve()
+
+
+def test_shipped_weights_stay_within_budget():
+    weights = sum(p.stat().st_size for p in ASSETS_DIR.rglob("*.safetensors"))
+    assert weights <= 40 * 2**20, f"shipped weights take {weights / 2**20:.1f} MiB"
+
+
+def test_a_shipped_draft_loads_by_name_from_any_directory(tmp_path, monkeypatch):
+    from spectool.checkpoint import load_draft, shipped_drafts
+    from spectool.errors import UsageError
+
+    monkeypatch.chdir(tmp_path)
+    assert shipped_drafts() == sorted(MIN_ACCEPTANCE)
+    assert load_draft("dspark").path == SHIPPED / "dspark"
+    (tmp_path / "dspark").mkdir()  # an existing path wins over the shipped name
+    with pytest.raises(UsageError, match="has no config.json"):
+        load_draft("dspark")
+    with pytest.raises(UsageError, match="drafts shipped with spectool: dflash, dspark, eagle3"):
+        load_draft("no-such-draft")
