@@ -183,10 +183,6 @@ class CosineSchedule:
         return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def cosine_schedule(total_steps: int, warmup_steps: int, min_lr_ratio: float) -> CosineSchedule:
-    return CosineSchedule(total_steps, warmup_steps, min_lr_ratio)
-
-
 #: A --max-minutes run plans its step count from the speed of its first steps (its default warmup) and re-plans
 #: at every log row.
 PLAN_AFTER_STEPS = 10
@@ -351,7 +347,7 @@ class Trainer:
             default_warmup = default_warmup_steps(total)
         warmup = config.warmup_steps if config.warmup_steps is not None else default_warmup
         scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, cosine_schedule(total, warmup, config.min_lr_ratio)
+            self.optimizer, CosineSchedule(total, warmup, config.min_lr_ratio)
         )
         return total, warmup, scheduler
 
@@ -910,7 +906,7 @@ class Trainer:
                 "--epochs or --max-minutes to train longer"
             )
         # The lr of the next step from the current schedule (a resumed run may change --lr or its length).
-        schedule = cosine_schedule(self.total_steps, self.warmup_steps, self.config.min_lr_ratio)
+        schedule = CosineSchedule(self.total_steps, self.warmup_steps, self.config.min_lr_ratio)
         self.scheduler.base_lrs = [self.config.peak_lr] * len(self.optimizer.param_groups)
         self.scheduler.lr_lambdas = [schedule] * len(self.optimizer.param_groups)
         for group in self.optimizer.param_groups:
