@@ -88,3 +88,50 @@ class PrefixScheduler:
                 break  # the first non-improvement ends the search (non-anticipating, hence lossless)
             expected, best, admitted = expected + a, candidate, j
         return admitted
+
+
+#: Temperatures tried per position by `calibrate_temperatures` (log-spaced, 1 included).
+CALIBRATION_GRID = tuple(round(2 ** (k / 4), 4) for k in range(-12, 13))
+
+
+def expected_calibration_error(predicted: torch.Tensor, observed: torch.Tensor, bins: int = 10) -> float:
+    """ECE of probabilities ``predicted`` [n] against 0/1 outcomes ``observed`` [n]: equal-width bins, each
+    weighted by its share of the samples."""
+    index = (predicted * bins).long().clamp(max=bins - 1)
+    error = 0.0
+    for b in index.unique().tolist():
+        inside = index == b
+        error += float(inside.float().mean()) * abs(float(predicted[inside].mean()) - float(observed[inside].mean()))
+    return error
+
+
+def calibrate_temperatures(
+    confidence_logits: torch.Tensor, accepted: torch.Tensor, supervised: torch.Tensor
+) -> list[float]:
+    """Sequential temperature scaling (SPEC §4): left to right, the temperature of position j minimises the ECE of
+    the survival ``a_j = prod_{i<=j} sigmoid(c_i / T_i)`` against "slots 1..j all accepted", earlier positions'
+    temperatures fixed.
+
+    ``confidence_logits``, ``accepted`` (the slot's own verdict, teacher-forced) and ``supervised`` are
+    ``[N, K]`` over N blocks; a block counts for position j while its slots 1..j are supervised. Positions with
+    no supervised block keep temperature 1.
+    """
+    logits, accepted, supervised = confidence_logits.float(), accepted.bool(), supervised.bool()
+    survived = accepted.long().cumprod(1).bool()
+    valid = supervised.long().cumprod(1).bool()
+    temperatures: list[float] = []
+    prefix = torch.ones(logits.shape[0])
+    for j in range(logits.shape[1]):
+        rows = valid[:, j]
+        if not rows.any():
+            temperatures.append(1.0)
+            continue
+        observed, earlier, position_logits = survived[rows, j].float(), prefix[rows], logits[rows, j]
+        errors = {
+            t: expected_calibration_error(earlier * torch.sigmoid(position_logits / t), observed)
+            for t in CALIBRATION_GRID
+        }
+        best = min(CALIBRATION_GRID, key=lambda t: (errors[t], abs(t - 1.0)))  # ties: the temperature nearest 1
+        temperatures.append(float(best))
+        prefix = prefix * torch.sigmoid(logits[:, j] / best)
+    return temperatures

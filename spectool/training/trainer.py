@@ -546,10 +546,24 @@ class Trainer:
                         f"saved {path}. Continue with: spectool train --out {self.out} --resume",
                         exit_code=_SIGNAL_EXIT_CODES.get(received, 130),
                     )
+        self._calibrate_confidence()
         path = self.save_final(last_row, eval_row)
         self._emit("done", path=str(path))
         metrics = {k: v for k, v in last_row.items() if not k.startswith("eval_")}
         return TrainResult(self.out, self.step, self.tokens, self.seconds, metrics, eval_row, resumed_from)
+
+    def _calibrate_confidence(self) -> None:
+        """DSpark: fit the prefix scheduler's confidence temperatures (`calibrate_temperatures`) on the last
+        held-out evaluation (rank 0's share of it) and store them in the draft's config."""
+        data = getattr(self, "calibration_data", None)
+        if not data:
+            return
+        from spectool.decoding.schedule import calibrate_temperatures
+
+        logits, hits, supervised = (torch.cat(parts) for parts in zip(*data, strict=True))
+        self.draft.config.confidence_temperatures = self._agree(
+            lambda: calibrate_temperatures(logits, hits, supervised)
+        )
 
     def _plan(self) -> None:
         """Re-plan ``total_steps`` for the --max-minutes budget from the speed so far (rank 0 decides)."""
@@ -697,6 +711,7 @@ class Trainer:
         generator = torch.Generator(self.device).manual_seed(config.seed + 7919 + self.context.rank)
         unwrap(self.model).train(False)
         sums: dict[str, float] = {"supervised": 0.0, "loss_sum": 0.0}
+        self.calibration_data: list[tuple[torch.Tensor, ...]] = []
         try:
             size = config.batch_size
             starts = range(0, len(self.eval_examples), size)
@@ -715,6 +730,8 @@ class Trainer:
                 with self._autocast():
                     loss = model(target_batch, **self._objective_kwargs(batch, generator))
                 output = unwrap(self.model).last_output
+                if output.calibration is not None:
+                    self.calibration_data.append(tuple(t.cpu() for t in output.calibration))
                 n = float(output.num_supervised)
                 sums["supervised"] += n
                 sums["loss_sum"] += float(loss) * n

@@ -3,7 +3,14 @@
 import pytest
 import torch
 
-from spectool.decoding.schedule import PrefixScheduler, VerifyCostProfile, profile_verify_cost
+from spectool.decoding.schedule import (
+    CALIBRATION_GRID,
+    PrefixScheduler,
+    VerifyCostProfile,
+    calibrate_temperatures,
+    expected_calibration_error,
+    profile_verify_cost,
+)
 from spectool.drafts import build_draft
 from spectool.target import FrozenTarget
 from tests.decoding.test_engine import PROMPTS, reference_greedy, run
@@ -62,3 +69,29 @@ def test_engine_with_scheduler_is_lossless(qwen3_target, qwen3_config, seconds):
         tokens, stats = run(engine, prompt, max_new_tokens=20)
         assert tokens == reference_greedy(qwen3_target, prompt, 20)
         assert all(r.num_drafted <= 5 for r in stats.rounds)
+
+
+def test_calibration_recovers_the_temperatures_that_generated_the_verdicts():
+    generator = torch.Generator().manual_seed(0)
+    true = [2.0, 0.5, 1.0]  # points of the grid
+    logits = 2.0 * torch.randn(40000, 3, generator=generator)
+    accepted = torch.rand(40000, 3, generator=generator) < torch.sigmoid(logits / torch.tensor(true))
+    fitted = calibrate_temperatures(logits, accepted, torch.ones_like(accepted))
+    assert all(CALIBRATION_GRID[0] <= t <= CALIBRATION_GRID[-1] for t in fitted)
+    for got, want in zip(fitted, true, strict=True):
+        assert want / 2**0.25 <= got <= want * 2**0.25  # within one grid step
+
+
+def test_calibration_skips_positions_no_block_supervises():
+    logits = torch.tensor([[3.0, 0.5, -1.0], [2.0, 1.0, 0.0]])
+    accepted = torch.tensor([[True, True, False], [True, False, True]])
+    supervised = torch.tensor([[True, False, True], [True, False, False]])  # slot 2 unsupervised: 2 and 3 too
+    fitted = calibrate_temperatures(logits, accepted, supervised)
+    assert len(fitted) == 3 and fitted[1:] == [1.0, 1.0]
+
+
+def test_expected_calibration_error_by_hand():
+    predicted = torch.tensor([0.05, 0.15, 0.95, 0.85])
+    observed = torch.tensor([0.0, 1.0, 1.0, 1.0])
+    # bins: [0.0, 0.1) holds 0.05 vs 0; [0.1, 0.2) holds 0.15 vs 1; [0.8, 0.9) 0.85 vs 1; [0.9, 1.0] 0.95 vs 1
+    assert expected_calibration_error(predicted, observed) == pytest.approx((0.05 + 0.85 + 0.15 + 0.05) / 4)

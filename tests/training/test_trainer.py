@@ -328,3 +328,15 @@ def test_max_minutes_plans_the_steps_from_the_measured_speed(tiny_target_dir, da
     resumed = Trainer(config, resume=True)
     assert resumed.total_steps == 20  # 36 s spent at step 12, 24 s left at 3 s per step
     assert resumed.run().steps == 20
+
+
+def test_dspark_confidence_temperatures_are_calibrated_on_the_held_out_split(tiny_target_dir, data_file, tmp_path):
+    from spectool.decoding.schedule import CALIBRATION_GRID
+
+    options = {**METHOD_OPTIONS["dspark"], "max_steps": 2, "eval_fraction": 0.25}
+    Trainer(make_config(tiny_target_dir, data_file, tmp_path / "run", **options)).run()
+    temperatures = json.loads((tmp_path / "run" / "config.json").read_text())["confidence_temperatures"]
+    assert len(temperatures) == 4 and all(t in CALIBRATION_GRID for t in temperatures)  # block_size 4
+    assert load_draft(tmp_path / "run").model.config.confidence_temperatures == temperatures
+    Trainer(make_config(tiny_target_dir, data_file, tmp_path / "no-eval", **{**options, "eval_fraction": 0.0})).run()
+    assert "confidence_temperatures" not in json.loads((tmp_path / "no-eval" / "config.json").read_text())

@@ -35,6 +35,9 @@ class ObjectiveOutput:
     loss: torch.Tensor
     metrics: dict[str, float]
     num_supervised: int
+    # DSpark with a confidence head: (confidence logits, greedy hits, supervised), each [blocks, K], detached;
+    # what `spectool.decoding.schedule.calibrate_temperatures` fits the scheduler's temperatures on.
+    calibration: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 class Objective(ABC):

@@ -168,4 +168,9 @@ class DSparkObjective(Objective):
         metrics["acceptance_length"] = 1 + survival.sum()
         metrics["greedy_acceptance_length"] = 1 + prefix.sum()
         metrics["anchors"] = anchor_valid.sum()
-        return finish(loss, metrics, eval_mask.sum())
+        output = finish(loss, metrics, eval_mask.sum())
+        if draft.config.enable_confidence_head:
+            logits = torch.zeros(eval_mask.shape, device=confidence.device)
+            logits[eval_mask] = confidence.detach()
+            output.calibration = (logits.flatten(0, 1), hits.flatten(0, 1), flat_mask)
+        return output
