@@ -90,6 +90,7 @@ class BenchReport:
     baselines: dict[str, dict[str, float]]
     acceptance_histogram: dict[int, int]
     accepted_per_position: list[float]
+    max_drafts: int | None = None  # the cap on tokens drafted per round, None = the whole block / chain
     machine: str = field(default_factory=machine_description)
 
     def to_json(self) -> dict[str, Any]:
@@ -186,11 +187,14 @@ def run_bench(
     baselines: Sequence[str] = BASELINES,
     seed: int = 0,
     stop_strings: Sequence[str] = (),
+    max_drafts: int | None = None,
     on_prompt: Callable[[int], None] | None = None,
 ) -> BenchReport:
     """Run every prompt speculatively and with each baseline, interleaved, after one untimed warm-up.
 
-    ``stop_strings`` end answers in spectool's loops and in HF generate alike (the z-lab loop ignores them)."""
+    ``stop_strings`` end answers in spectool's loops and in HF generate alike (the z-lab loop ignores them).
+    ``max_drafts`` caps the tokens drafted per round (a weak draft's later block slots rarely pay for their
+    verification)."""
     sampling = sampling or SamplingParams()
     unknown = [b for b in baselines if b not in BASELINES + OPTIONAL_BASELINES]
     if unknown:
@@ -207,8 +211,9 @@ def run_bench(
         kwargs["stop_strings"] = StopStrings(runtime.tokenizer.decode, list(stop_strings))
         hf_stops = {"stop_strings": kwargs["stop_strings"]}
 
+    spec_kwargs = {**kwargs, "max_drafts": max_drafts}
     # Warm-up (allocator, lazy init) so the first timed prompt is not penalised.
-    _timed_engine(runtime.engine, encoded[0], **{**kwargs, "max_new_tokens": 8}, seed=seed)
+    _timed_engine(runtime.engine, encoded[0], **{**spec_kwargs, "max_new_tokens": 8}, seed=seed)
     _timed_engine(runtime.target_engine, encoded[0], **{**kwargs, "max_new_tokens": 8}, seed=seed)
 
     # With `--verify auto`, the same draft verifying every drafted token is the baseline that shows the gain.
@@ -224,7 +229,7 @@ def run_bench(
     tokens = Counter()
     mismatched: list[int] = []
     for index, ids in enumerate(encoded):
-        out, stats = _timed_engine(runtime.engine, ids, **kwargs, seed=seed + index)
+        out, stats = _timed_engine(runtime.engine, ids, **spec_kwargs, seed=seed + index)
         spec_tokens += len(out)
         spec_seconds += stats.seconds
         rounds += stats.rounds
@@ -235,7 +240,7 @@ def run_bench(
             if sampling.greedy and out != reference:
                 mismatched.append(index)
         if full_block is not None:
-            full_out, full_stats = _timed_engine(full_block, ids, **kwargs, seed=seed + index)
+            full_out, full_stats = _timed_engine(full_block, ids, **spec_kwargs, seed=seed + index)
             seconds["full-block"] += full_stats.seconds
             tokens["full-block"] += len(full_out)
         if zlab is not None:
@@ -283,4 +288,5 @@ def run_bench(
         baselines=table,
         acceptance_histogram=dict(Counter(len(r.tokens) for r in summary.verify_rounds)),
         accepted_per_position=[a / d if d else 0.0 for a, d in zip(accepted, drafted, strict=True)],
+        max_drafts=max_drafts,
     )

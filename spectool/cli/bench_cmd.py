@@ -32,6 +32,7 @@ def bench_command(
     ),
     limit: int = typer.Option(None, "--limit", help="Use only the first N prompts."),
     chain_length: int = typer.Option(6, "--chain-length", help="Tokens per round for EAGLE chains."),
+    max_drafts: int = typer.Option(None, "--max-drafts", help="Draft at most N tokens per round [the whole block]."),
     tree: str = typer.Option(None, "--tree", help="EAGLE-2 dynamic tree TOP_K,DEPTH,TOTAL (EAGLE drafts, greedy)."),
     verify: str = typer.Option(
         "full", "--verify", help="full, or auto: DSpark verifies only the profitable prefix (adds a full-block row)."
@@ -51,6 +52,8 @@ def bench_command(
 
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if max_drafts is not None and max_drafts < 1:
+        raise UsageError(f"--max-drafts must be at least 1, got {max_drafts}")
     try:
         sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
     except ValueError as exc:
@@ -83,6 +86,7 @@ def bench_command(
             baselines=chosen,
             seed=seed,
             stop_strings=stop or (),
+            max_drafts=max_drafts,
             on_prompt=lambda _: progress.advance(task),
         )
     if as_json:

@@ -65,9 +65,11 @@ class ChatSession:
         max_new_tokens: int,
         out: Console,
         stop_strings: StopStrings | None = None,
+        max_drafts: int | None = None,
     ):
         self.runtime = runtime
         self.stop_strings = stop_strings
+        self.max_drafts = max_drafts
         self.system = system
         self.sampling = sampling
         self.max_new_tokens = max_new_tokens
@@ -100,6 +102,7 @@ class ChatSession:
                     sampling=self.sampling,
                     stop_token_ids=runtime.stop_token_ids,
                     stop_strings=self.stop_strings,
+                    max_drafts=self.max_drafts,
                     seed=self.turns,
                 )
             ):
@@ -159,6 +162,7 @@ def chat_command(
     tree: str = typer.Option(None, "--tree", help="EAGLE-2 dynamic tree TOP_K,DEPTH,TOTAL (EAGLE drafts, greedy)."),
     verify: str = typer.Option("full", "--verify", help="full, or auto: DSpark verifies only the profitable prefix."),
     stop: list[str] = typer.Option(None, "--stop", help="End answers at this text (repeatable); eos always ends."),
+    max_drafts: int = typer.Option(None, "--max-drafts", help="Draft at most N tokens per round [the whole block]."),
 ) -> None:
     """Chat with the target through the draft: accepted draft tokens are highlighted inline, one colour per round;
     the target's own tokens (corrections and bonus tokens) are plain. The output is exactly the target's."""
@@ -168,6 +172,8 @@ def chat_command(
 
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    if max_drafts is not None and max_drafts < 1:
+        raise UsageError(f"--max-drafts must be at least 1, got {max_drafts}")
     try:
         sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
     except ValueError as exc:
@@ -178,7 +184,13 @@ def chat_command(
         error_console().print(Text(f"warning: {warning}", style="yellow"), soft_wrap=True)
     stop_strings = StopStrings(runtime.tokenizer.decode, stop) if stop else None
     session = ChatSession(
-        runtime, system=system, sampling=sampling, max_new_tokens=max_new_tokens, out=out, stop_strings=stop_strings
+        runtime,
+        system=system,
+        sampling=sampling,
+        max_new_tokens=max_new_tokens,
+        out=out,
+        stop_strings=stop_strings,
+        max_drafts=max_drafts,
     )
     if prompt is not None:
         session.answer(prompt)

@@ -60,6 +60,15 @@ def test_bench_stop_strings_stay_lossless(dspark_draft, prompts_file):
     assert stopped["new_tokens"] < full["new_tokens"]
 
 
+def test_bench_max_drafts_caps_every_round(dspark_draft, prompts_file):
+    args = ["bench", "-d", str(dspark_draft), "-p", str(prompts_file), "-n", "12", "--json", "--baselines", "target"]
+    data = json.loads(invoke(*args, "--max-drafts", "2").stdout)
+    assert data["lossless"] is True and data["max_drafts"] == 2
+    assert len(data["accepted_per_position"]) == 2 and max(int(k) for k in data["acceptance_histogram"]) <= 3
+    result = invoke(*args, "--max-drafts", "0")
+    assert result.exit_code == 2 and "--max-drafts" in result.stderr
+
+
 def test_bench_sampling_reports_no_lossless_verdict(dspark_draft, prompts_file):
     args = ["bench", "-d", str(dspark_draft), "-p", str(prompts_file), "-n", "6", "--temperature", "0.7", "--json"]
     data = json.loads(invoke(*args, "--baselines", "target").stdout)

@@ -41,6 +41,13 @@ def test_stop_string_ends_the_answer(draft_dir):
     assert cut.index(stop) + len(stop) >= len(cut) - 8  # ends within the token that completes the stop string
 
 
+def test_max_drafts_caps_the_rounds(draft_dir):
+    result = invoke("chat", "--draft", str(draft_dir), "--prompt", "hi there", "-n", "10", "--max-drafts", "1")
+    assert result.exit_code == 0, result.output
+    assert "accepted/drafted by position" in result.stdout
+    assert len(result.stdout.split("accepted/drafted by position")[1].split("·")[0].split()) == 1
+
+
 def test_scripted_session_with_slash_commands(draft_dir):
     script = "/help\nhi there\n/stats\n/temp 0.5\n/system you are nice\ntell me about cats\n/reset\n/bogus\n/quit\n"
     result = subprocess.run(
