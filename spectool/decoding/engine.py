@@ -171,6 +171,8 @@ class Engine:
         if proposer is not None:
             proposer.reset()
             proposer.extend_context(features)
+            if hasattr(proposer, "scheduler"):  # DSpark drafts only the slots this engine's scheduler verifies
+                proposer.scheduler = self.scheduler
         committed = [first]
         finish = self._finish(committed, stops, stop_strings, max_new_tokens)
         yield RoundEvent([first], 0, 0, "prefill", 0.0, time.perf_counter() - start, finish)

@@ -10,11 +10,15 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from spectool.decoding.accept import SamplingParams, probabilities, sample
+
+if TYPE_CHECKING:
+    from spectool.decoding.schedule import PrefixScheduler
 
 
 @dataclass
@@ -70,6 +74,8 @@ class BlockProposer(Proposer):
 
     def __init__(self, draft: nn.Module, embed_tokens: nn.Module, lm_head: nn.Module) -> None:
         self.draft = draft
+        # DSpark `--verify auto` (set by the Engine): stop drafting the block at the first slot it would not verify.
+        self.scheduler: PrefixScheduler | None = None
         self.embed_tokens = embed_tokens
         self.lm_head = lm_head
         self.is_dspark = hasattr(draft, "markov_head")
@@ -116,12 +122,19 @@ class BlockProposer(Proposer):
         tokens, probs, confidence = [], [], []
         for k in range(hidden.shape[0]):
             if draft.config.enable_confidence_head:
-                confidence.append(draft.confidence_logits(hidden[k : k + 1], prev))
+                slot_confidence = draft.confidence_logits(hidden[k : k + 1], prev)
+                if self.scheduler is not None and not self.scheduler.admits_last(
+                    torch.cat([*confidence, slot_confidence])
+                ):
+                    break  # the decision reads the draft only, so stopping here keeps decoding lossless
+                confidence.append(slot_confidence)
             token, dist = _draw(base[k : k + 1] + draft.markov_bias(prev), sampling, generator)
             tokens.append(token)
             if dist is not None:
                 probs.append(dist)
             prev = token
+        if not tokens:
+            return Proposal.empty(self.device)
         return Proposal(
             torch.cat(tokens),
             torch.cat(probs) if probs else None,

@@ -77,6 +77,11 @@ class PrefixScheduler:
             logits = logits / temps
         return torch.sigmoid(logits).cumprod(0)
 
+    def admits_last(self, confidence_logits: torch.Tensor) -> bool:
+        """Whether the last position of these logits is admitted (all earlier ones being admitted): what lets a
+        proposer stop drafting a block as soon as the scheduler would cut it."""
+        return self.prefix_length(confidence_logits) == confidence_logits.numel()
+
     def prefix_length(self, confidence_logits: torch.Tensor) -> int:
         """Number of drafted tokens to verify (0 = the anchor alone)."""
         survival = self.survival(confidence_logits).tolist()

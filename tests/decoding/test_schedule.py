@@ -95,3 +95,29 @@ def test_expected_calibration_error_by_hand():
     observed = torch.tensor([0.0, 1.0, 1.0, 1.0])
     # bins: [0.0, 0.1) holds 0.05 vs 0; [0.1, 0.2) holds 0.15 vs 1; [0.8, 0.9) 0.85 vs 1; [0.9, 1.0] 0.95 vs 1
     assert expected_calibration_error(predicted, observed) == pytest.approx((0.05 + 0.85 + 0.15 + 0.05) / 4)
+
+
+def test_dspark_stops_drafting_where_the_scheduler_cuts(qwen3_target, qwen3_config):
+    from spectool.decoding.accept import SamplingParams
+    from spectool.decoding.proposers import make_proposer
+
+    torch.manual_seed(2)
+    draft = build_draft("dspark", qwen3_config, target_layer_ids=[0, 2, 3], block_size=5, mask_token_id=255).eval()
+    draft.copy_target_weights(qwen3_target)
+    with torch.no_grad():  # spread the confidences so that the cut falls inside the block
+        draft.confidence_head.proj.weight.mul_(40.0)
+    proposer = make_proposer("dspark", draft, qwen3_target)
+    features = FrozenTarget(qwen3_target, [0, 2, 3]).capture(torch.tensor([PROMPTS[2]])).target_hidden_states
+    scheduler = PrefixScheduler(VerifyCostProfile((1.0, 1.0, 1.0, 1.5, 2.5, 4.0), 8))
+
+    def propose(with_scheduler):
+        proposer.reset()
+        proposer.extend_context(features)
+        proposer.scheduler = scheduler if with_scheduler else None
+        return proposer.propose(PROMPTS[2], SamplingParams(), torch.Generator(), 5)
+
+    full, cut = propose(False), propose(True)
+    keep = scheduler.prefix_length(full.confidence_logits)
+    assert 0 < keep < 5, "the test needs a cut inside the block"
+    assert torch.equal(cut.tokens, full.tokens[:keep])
+    assert torch.allclose(cut.confidence_logits, full.confidence_logits[:keep])
