@@ -8,11 +8,15 @@ it sees the context keys strictly before its anchor in its own document and its 
 
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import torch
+from torch import nn
 
 from spectool.drafts import block_position_ids, build_block_attention_mask
+from spectool.target import TargetBatch
 
-from .base import Documents, shift_left, uniform
+from .base import Documents, Objective, ObjectiveOutput, shift_left, uniform
 
 # Published loss decays, keyed by the number of drafted tokens per block: DFlash B = 8, 10, 16 (B - 1 drafts) and
 # DSpark B = 7 (B drafts) give (7, 4), (9, 5), (15, 7).
@@ -106,3 +110,60 @@ def slot_labels(
     labels = input_ids.gather(1, flat).view_as(positions)
     is_label = loss_mask.bool().gather(1, flat).view_as(positions)
     return labels, anchor_ok[..., None] & inside & is_label
+
+
+class BlockObjective(Objective):
+    """What the DFlash and DSpark objectives share: anchors drawn per ``anchor_candidates`` (``next_is_label``:
+    x_{a+1} must be a label too), then ``loss_at`` those anchors. Subclasses set ``block_size`` and
+    ``num_anchors``."""
+
+    next_is_label = False
+    block_size: int
+    num_anchors: int
+
+    def sample_anchors(
+        self,
+        batch: TargetBatch,
+        *,
+        generator: torch.Generator | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(anchors [B, A], anchor_valid [B, A])`` drawn by the rules of step 1 of the method's docstring."""
+        docs = Documents.of(batch, document_ids)
+        candidates = anchor_candidates(batch.loss_mask, docs, self.block_size, next_is_label=self.next_is_label)
+        return sample_anchors(candidates, self.num_anchors, generator)
+
+    def __call__(
+        self,
+        batch: TargetBatch,
+        *,
+        target_lm_head: nn.Module,
+        target_embed: nn.Module,
+        generator: torch.Generator | None = None,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> ObjectiveOutput:
+        anchors, anchor_valid = self.sample_anchors(batch, generator=generator, document_ids=document_ids)
+        return self.loss_at(
+            batch,
+            anchors,
+            anchor_valid,
+            target_lm_head=target_lm_head,
+            target_embed=target_embed,
+            position_ids=position_ids,
+            document_ids=document_ids,
+        )
+
+    @abstractmethod
+    def loss_at(
+        self,
+        batch: TargetBatch,
+        anchors: torch.Tensor,
+        anchor_valid: torch.Tensor,
+        *,
+        target_lm_head: nn.Module,
+        target_embed: nn.Module | None = None,
+        position_ids: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
+    ) -> ObjectiveOutput:
+        """The loss and metrics for given anchors ``[B, A]`` (``anchor_valid`` False marks padding blocks)."""

@@ -27,7 +27,6 @@ from spectool.target import TargetBatch
 
 from .base import (
     Documents,
-    Objective,
     ObjectiveOutput,
     chain_statistics,
     check_positive,
@@ -36,10 +35,10 @@ from .base import (
     rate_metrics,
     weighted_mean,
 )
-from .blocks import anchor_candidates, block_layout, default_gamma, sample_anchors, slot_labels
+from .blocks import BlockObjective, block_layout, default_gamma, slot_labels
 
 
-class DFlashObjective(Objective):
+class DFlashObjective(BlockObjective):
     """DFlash training loss for a ``Qwen3DFlashDraftModel``; see the module docstring."""
 
     method = "dflash"
@@ -53,38 +52,6 @@ class DFlashObjective(Objective):
         self.gamma = float(gamma) if gamma is not None else default_gamma(self.block_size - 1)
         check_positive("num_anchors", self.num_anchors)
         check_positive("gamma", self.gamma)
-
-    def sample_anchors(
-        self,
-        batch: TargetBatch,
-        *,
-        generator: torch.Generator | None = None,
-        document_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(anchors [B, A], anchor_valid [B, A])`` drawn by the rules of step 1."""
-        candidates = anchor_candidates(batch.loss_mask, Documents.of(batch, document_ids), self.block_size)
-        return sample_anchors(candidates, self.num_anchors, generator)
-
-    def __call__(
-        self,
-        batch: TargetBatch,
-        *,
-        target_lm_head: nn.Module,
-        target_embed: nn.Module,
-        generator: torch.Generator | None = None,
-        position_ids: torch.Tensor | None = None,
-        document_ids: torch.Tensor | None = None,
-    ) -> ObjectiveOutput:
-        anchors, anchor_valid = self.sample_anchors(batch, generator=generator, document_ids=document_ids)
-        return self.loss_at(
-            batch,
-            anchors,
-            anchor_valid,
-            target_lm_head=target_lm_head,
-            target_embed=target_embed,
-            position_ids=position_ids,
-            document_ids=document_ids,
-        )
 
     def loss_at(
         self,

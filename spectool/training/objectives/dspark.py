@@ -35,7 +35,6 @@ from spectool.target import TargetBatch
 
 from .base import (
     Documents,
-    Objective,
     ObjectiveOutput,
     chain_statistics,
     check_positive,
@@ -45,15 +44,16 @@ from .base import (
     rate_metrics,
     weighted_mean,
 )
-from .blocks import anchor_candidates, block_layout, default_gamma, sample_anchors, slot_labels
+from .blocks import BlockObjective, block_layout, default_gamma, slot_labels
 
 
-class DSparkObjective(Objective):
+class DSparkObjective(BlockObjective):
     """DSpark training loss for a ``Qwen3DSparkModel``; see the module docstring."""
 
     method = "dspark"
     draft_class = Qwen3DSparkModel
     needs_target_logits = False
+    next_is_label = True  # every valid block supervises at least its first slot
 
     def __init__(
         self,
@@ -76,39 +76,6 @@ class DSparkObjective(Objective):
         for name in ("ce_weight", "l1_weight", "confidence_weight"):
             check_positive(name, getattr(self, name), allow_zero=True)
 
-    def sample_anchors(
-        self,
-        batch: TargetBatch,
-        *,
-        generator: torch.Generator | None = None,
-        document_ids: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(anchors [B, A], anchor_valid [B, A])`` drawn by the rules of step 1."""
-        docs = Documents.of(batch, document_ids)
-        candidates = anchor_candidates(batch.loss_mask, docs, self.block_size, next_is_label=True)
-        return sample_anchors(candidates, self.num_anchors, generator)
-
-    def __call__(
-        self,
-        batch: TargetBatch,
-        *,
-        target_lm_head: nn.Module,
-        target_embed: nn.Module,
-        generator: torch.Generator | None = None,
-        position_ids: torch.Tensor | None = None,
-        document_ids: torch.Tensor | None = None,
-    ) -> ObjectiveOutput:
-        """``target_embed`` is unused: DSpark embeds with its own frozen copy, as it does when decoding."""
-        anchors, anchor_valid = self.sample_anchors(batch, generator=generator, document_ids=document_ids)
-        return self.loss_at(
-            batch,
-            anchors,
-            anchor_valid,
-            target_lm_head=target_lm_head,
-            position_ids=position_ids,
-            document_ids=document_ids,
-        )
-
     def loss_at(
         self,
         batch: TargetBatch,
@@ -116,10 +83,12 @@ class DSparkObjective(Objective):
         anchor_valid: torch.Tensor,
         *,
         target_lm_head: nn.Module,
+        target_embed: nn.Module | None = None,
         position_ids: torch.Tensor | None = None,
         document_ids: torch.Tensor | None = None,
     ) -> ObjectiveOutput:
-        """Steps 2-4 for given anchors ``[B, A]`` (``anchor_valid`` False marks padding blocks)."""
+        """Steps 2-4 for given anchors ``[B, A]`` (``anchor_valid`` False marks padding blocks). ``target_embed`` is
+        unused: DSpark embeds with its own frozen copy, as it does when decoding."""
         draft, block = self.draft, self.block_size
         docs = Documents.of(batch, document_ids)
         input_ids = batch.input_ids
