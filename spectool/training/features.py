@@ -127,19 +127,15 @@ class PreparedExamples:
     chat_template_sha256: str | None
 
 
-def prepare_examples(
-    data: str,
-    tokenizer: Any,
-    *,
-    max_length: int,
-    pack: bool = False,
-    assistant_turns: AssistantTurns = "all",
-    chat_template: str | None = None,
-    skip_bad_rows: bool = False,
-) -> PreparedExamples:
-    """Load conversations, render them with the chat template (``chat_template`` is a file path overriding the
-    tokenizer's) and tokenize them into training rows; a bad row is an error naming its file and line unless
-    ``skip_bad_rows``."""
+def prepare_examples(config: Any, tokenizer: Any) -> PreparedExamples:
+    """Load ``config.data``, render it with the chat template (``config.chat_template`` is a file path overriding
+    the tokenizer's) and tokenize it into training rows per ``config.max_length``, ``pack`` and
+    ``assistant_turns``; a bad row is an error naming its file and line unless ``config.skip_bad_rows``.
+
+    ``config`` is a `TrainConfig` or a `FeaturesConfig`: online training and stored features read the data
+    through this one function, so both see the same rows."""
+    data, chat_template, skip_bad_rows = config.data, config.chat_template, config.skip_bad_rows
+    max_length, pack, assistant_turns = config.max_length, config.pack, config.assistant_turns
     template_text = None
     if chat_template is not None:
         path = Path(chat_template).expanduser()
@@ -376,15 +372,7 @@ def extract_features(
                 num_draft_layers=config.num_draft_layers,
             )
         model, tokenizer = load_model_and_tokenizer(info, dtype=config.dtype, device=str(context.device))
-        prepared = prepare_examples(
-            config.data,
-            tokenizer,
-            max_length=config.max_length,
-            pack=config.pack,
-            assistant_turns=config.assistant_turns,
-            chat_template=config.chat_template,
-            skip_bad_rows=config.skip_bad_rows,
-        )
+        prepared = prepare_examples(config, tokenizer)
         examples = prepared.examples
         ids = feature_layer_ids(config.method, spec.target_layer_ids)
         metadata = target_metadata(info, spec)

@@ -303,15 +303,7 @@ class Trainer:
             )
             self.target_lm_head = self.target_model.get_output_embeddings()
             self.target_embed = self.target_model.get_input_embeddings()
-            prepared = prepare_examples(
-                config.data,
-                tokenizer,
-                max_length=config.max_length,
-                pack=config.pack,
-                assistant_turns=config.assistant_turns,
-                chat_template=config.chat_template,
-                skip_bad_rows=config.skip_bad_rows,
-            )
+            prepared = prepare_examples(config, tokenizer)
             examples, self.pad_id = prepared.examples, pad_token_id(tokenizer)
             self.data_report = {
                 "rows_read": prepared.load_report.rows_read,
