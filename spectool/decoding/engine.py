@@ -131,7 +131,10 @@ class Engine:
     def __init__(
         self, target: FrozenTarget, proposer: Proposer | None = None, scheduler: PrefixScheduler | None = None
     ) -> None:
-        """`scheduler` (DSpark `--verify auto`) trims each block to its profitable prefix before verification."""
+        """`scheduler` (DSpark `--verify auto`): the proposer drafts only the block's profitable prefix, stopping at
+        the first slot the scheduler would not verify."""
+        if scheduler is not None and not hasattr(proposer, "scheduler"):
+            raise ValueError("a prefix scheduler needs a proposer that drafts block by block (DSpark)")
         self.session = TargetSession(target)
         self.proposer = proposer
         self.scheduler = scheduler
@@ -174,7 +177,7 @@ class Engine:
             if hasattr(proposer, "scheduler"):  # DSpark drafts only the slots this engine's scheduler verifies
                 proposer.scheduler = self.scheduler
         committed = [first]
-        finish = self._finish(committed, stops, stop_strings, max_new_tokens)
+        finish = self._finish(committed, 1, stops, stop_strings, max_new_tokens)
         yield RoundEvent([first], 0, 0, "prefill", 0.0, time.perf_counter() - start, finish)
         if finish:
             return
@@ -186,10 +189,6 @@ class Engine:
             if proposer is not None and remaining > 1:
                 limit = remaining - 1 if max_drafts is None else min(max_drafts, remaining - 1)
                 proposal = proposer.propose(prompt_list + committed, sampling, generator, limit)
-            if self.scheduler is not None and proposal.confidence_logits is not None and len(proposal.tokens):
-                keep = self.scheduler.prefix_length(proposal.confidence_logits[: len(proposal.tokens)])
-                probs = proposal.probs[:keep] if proposal.probs is not None else None
-                proposal = Proposal(proposal.tokens[:keep], probs, proposal.confidence_logits[:keep])
             t1 = time.perf_counter()
             if proposal.parents is not None:
                 accepted, next_token, num_drafted, full = self._verify_tree(committed[-1], proposal)
@@ -201,12 +200,14 @@ class Engine:
             n = len(accepted)
             kind = "bonus" if full else "correction"
             finish = None
+            produced = len(committed)
+            committed += new
             for i in range(len(new)):
-                finish = self._finish(committed + new[: i + 1], stops, stop_strings, max_new_tokens)
+                finish = self._finish(committed, produced + i + 1, stops, stop_strings, max_new_tokens)
                 if finish:
+                    del committed[produced + i + 1 :]
                     new = new[: i + 1]
                     break
-            committed += new
             yield RoundEvent(new, num_drafted, min(n, len(new)), kind, t1 - t0, time.perf_counter() - t1, finish)
             if finish:
                 return
@@ -273,13 +274,13 @@ class Engine:
 
     @staticmethod
     def _finish(
-        generated: list[int], stops: set[int], stop_strings: StopStrings | None, limit: int
+        generated: list[int], end: int, stops: set[int], stop_strings: StopStrings | None, limit: int
     ) -> FinishReason | None:
-        """Why the answer ends at its last token, if it does."""
-        if generated[-1] in stops:
+        """Why the answer ends at its token ``end - 1`` (``generated[:end]`` so far), if it does."""
+        if generated[end - 1] in stops:
             return "eos"
-        if stop_strings is not None and stop_strings.completes_at(generated):
+        if stop_strings is not None and stop_strings.completes_at(generated, end):
             return "stop"
-        if len(generated) >= limit:
+        if end >= limit:
             return "length"
         return None

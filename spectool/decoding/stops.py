@@ -28,11 +28,13 @@ class StopStrings:
         self.strings = tuple(strings)
         self.window = max(len(s) for s in self.strings) + _SLACK_TOKENS
 
-    def completes_at(self, ids: Sequence[int]) -> bool:
-        """True when ``decode(ids)`` contains a stop string that ``decode(ids[:-1])`` does not (over the window)."""
-        if not ids:
+    def completes_at(self, ids: Sequence[int], end: int | None = None) -> bool:
+        """True when ``decode(ids[:end])`` contains a stop string that ``decode(ids[:end - 1])`` does not (over the
+        window; ``end`` defaults to ``len(ids)``, and only the window is copied)."""
+        end = len(ids) if end is None else end
+        if end <= 0:
             return False
-        recent = list(ids[-self.window - 1 :])
+        recent = list(ids[max(0, end - self.window - 1) : end])
         text = self.decode(recent)
         if not any(s in text for s in self.strings):
             return False

@@ -121,3 +121,10 @@ def test_dspark_stops_drafting_where_the_scheduler_cuts(qwen3_target, qwen3_conf
     assert 0 < keep < 5, "the test needs a cut inside the block"
     assert torch.equal(cut.tokens, full.tokens[:keep])
     assert torch.allclose(cut.confidence_logits, full.confidence_logits[:keep])
+
+
+def test_a_scheduler_needs_a_block_proposer(qwen3_target):
+    from spectool.decoding.engine import Engine
+
+    with pytest.raises(ValueError, match="block by block"):
+        Engine(FrozenTarget(qwen3_target, []), None, PrefixScheduler(PROFILE))
