@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from spectool.checkpoint import LoadedDraft, check_against_target, load_draft
-from spectool.decoding.engine import Engine
+from spectool.decoding.engine import Engine, target_session
 from spectool.decoding.proposers import make_proposer
 from spectool.decoding.schedule import PrefixScheduler, profile_verify_cost
 from spectool.errors import SpectoolError, UsageError
@@ -115,7 +115,7 @@ def load_runtime(
     if verify == "auto":
         if draft is None or draft.method != "dspark" or not draft.model.config.enable_confidence_head:
             raise UsageError("--verify auto needs a DSpark draft with a confidence head")
-        profile = profile_verify_cost(model, draft.model.config.block_size + 1)
+        profile = profile_verify_cost(target_session(frozen), draft.model.config.block_size + 1)
         temperatures = getattr(draft.model.config, "confidence_temperatures", None)
         scheduler = PrefixScheduler(profile, temperatures)
     engine = Engine(frozen, proposer, scheduler)

@@ -21,6 +21,7 @@ import torch
 from transformers import DynamicCache
 
 from spectool.decoding.accept import SamplingParams, accept_greedy, accept_sampling, probabilities, sample
+from spectool.decoding.fast_target import FastTargetSession, fast_path_problem
 from spectool.decoding.proposers import Proposal, Proposer
 from spectool.decoding.schedule import PrefixScheduler
 from spectool.decoding.stops import StopStrings
@@ -84,7 +85,8 @@ class GenerationStats:
 
 
 class TargetSession:
-    """The frozen target with a KV cache over the committed tokens, capturing the proposer's features."""
+    """The frozen target with a KV cache over the committed tokens, capturing the proposer's features, through
+    the transformers forward (targets the lean forward of `fast_target` does not cover)."""
 
     def __init__(self, target: FrozenTarget) -> None:
         self.target = target
@@ -125,6 +127,11 @@ class TargetSession:
             self.cache.crop(-drop)
 
 
+def target_session(target: FrozenTarget) -> TargetSession | FastTargetSession:
+    """The lean forward where the architecture allows it, else the transformers forward with a DynamicCache."""
+    return FastTargetSession(target) if fast_path_problem(target) is None else TargetSession(target)
+
+
 class Engine:
     """Speculative decoding of one prompt at a time with a target and a proposer (None = target alone)."""
 
@@ -135,7 +142,7 @@ class Engine:
         the first slot the scheduler would not verify."""
         if scheduler is not None and not hasattr(proposer, "scheduler"):
             raise ValueError("a prefix scheduler needs a proposer that drafts block by block (DSpark)")
-        self.session = TargetSession(target)
+        self.session = target_session(target)
         self.proposer = proposer
         self.scheduler = scheduler
         self.device = next(target.model.parameters()).device

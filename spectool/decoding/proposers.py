@@ -27,7 +27,6 @@ class Proposal:
 
     tokens: torch.Tensor
     probs: torch.Tensor | None = None
-    confidence_logits: torch.Tensor | None = None  # DSpark: logit that slot i is accepted given slots < i were
     parents: list[int] | None = None  # EAGLE-2 tree: parent index of each token (-1 = the last committed token)
 
     @classmethod
@@ -119,15 +118,12 @@ class BlockProposer(Proposer):
         draft = self.draft
         base = self.lm_head(hidden)  # [n, V], computed once; the Markov bias depends on the previous token
         prev = torch.tensor([last_token], device=self.device)
-        tokens, probs, confidence = [], [], []
+        admission = self.scheduler.admission() if self.scheduler is not None else None
+        tokens, probs = [], []
         for k in range(hidden.shape[0]):
-            if draft.config.enable_confidence_head:
-                slot_confidence = draft.confidence_logits(hidden[k : k + 1], prev)
-                if self.scheduler is not None and not self.scheduler.admits_last(
-                    torch.cat([*confidence, slot_confidence])
-                ):
-                    break  # the decision reads the draft only, so stopping here keeps decoding lossless
-                confidence.append(slot_confidence)
+            # The decision reads the draft only, so stopping here keeps decoding lossless.
+            if admission is not None and not admission.admit(float(draft.confidence_logits(hidden[k : k + 1], prev))):
+                break
             token, dist = _draw(base[k : k + 1] + draft.markov_bias(prev), sampling, generator)
             tokens.append(token)
             if dist is not None:
@@ -135,11 +131,7 @@ class BlockProposer(Proposer):
             prev = token
         if not tokens:
             return Proposal.empty(self.device)
-        return Proposal(
-            torch.cat(tokens),
-            torch.cat(probs) if probs else None,
-            torch.cat(confidence) if confidence else None,
-        )
+        return Proposal(torch.cat(tokens), torch.cat(probs) if probs else None)
 
 
 class EagleProposer(Proposer):

@@ -10,13 +10,13 @@ non-improvement. The decision reads the draft only, never the target's verdict, 
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
 
 @dataclass(frozen=True)
@@ -33,18 +33,19 @@ class VerifyCostProfile:
 
 @torch.no_grad()
 def profile_verify_cost(
-    model: torch.nn.Module, max_tokens: int, *, context_length: int = 64, repeats: int = 5, seed: int = 0
+    session, max_tokens: int, *, context_length: int = 64, repeats: int = 5, seed: int = 0
 ) -> VerifyCostProfile:
-    """Time the target verifying 1..max_tokens tokens after `context_length` cached tokens (median of repeats)."""
-    device = next(model.parameters()).device
-    vocab = model.get_input_embeddings().weight.shape[0]
+    """Time `session` (the engine's target session: `forward` / `crop` / `reset`) verifying 1..max_tokens tokens
+    after `context_length` cached tokens (median of repeats); the session is reset afterwards."""
+    device = next(session.model.parameters()).device
+    vocab = session.model.get_input_embeddings().weight.shape[0]
     generator = torch.Generator().manual_seed(seed)
     context = torch.randint(0, vocab, (1, context_length), generator=generator).to(device)
     block = torch.randint(0, vocab, (1, max_tokens), generator=generator).to(device)
-    cache = DynamicCache()
-    model(input_ids=context, cache=cache, use_cache=True)
-    model(input_ids=block[:, :1], cache=cache, use_cache=True)  # warm-up
-    cache.crop(-1)
+    session.reset()
+    session.forward(context)
+    session.forward(block[:, :1])  # warm-up
+    session.crop(context_length)
     seconds = []
     for n in range(1, max_tokens + 1):
         samples = []
@@ -52,12 +53,13 @@ def profile_verify_cost(
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
-            model(input_ids=block[:, :n], cache=cache, use_cache=True)
+            session.forward(block[:, :n])
             if device.type == "cuda":
                 torch.cuda.synchronize()
             samples.append(time.perf_counter() - start)
-            cache.crop(-n)
+            session.crop(context_length)
         seconds.append(statistics.median(samples))
+    session.reset()
     return VerifyCostProfile(tuple(seconds), context_length)
 
 
@@ -77,22 +79,41 @@ class PrefixScheduler:
             logits = logits / temps
         return torch.sigmoid(logits).cumprod(0)
 
-    def admits_last(self, confidence_logits: torch.Tensor) -> bool:
-        """Whether the last position of these logits is admitted (all earlier ones being admitted): what lets a
-        proposer stop drafting a block as soon as the scheduler would cut it."""
-        return self.prefix_length(confidence_logits) == confidence_logits.numel()
+    def admission(self) -> Admission:
+        """A fresh left-to-right decision for one block: what lets a proposer stop drafting the block at the first
+        slot the scheduler would cut."""
+        return Admission(self)
 
     def prefix_length(self, confidence_logits: torch.Tensor) -> int:
         """Number of drafted tokens to verify (0 = the anchor alone)."""
-        survival = self.survival(confidence_logits).tolist()
-        expected, admitted = 1.0, 0
-        best = expected * self.profile.steps_per_second(1)
-        for j, a in enumerate(survival, start=1):
-            candidate = (expected + a) * self.profile.steps_per_second(1 + j)
-            if candidate <= best:
-                break  # the first non-improvement ends the search (non-anticipating, hence lossless)
-            expected, best, admitted = expected + a, candidate, j
-        return admitted
+        admission = self.admission()
+        for value in confidence_logits.float().flatten().tolist():
+            if not admission.admit(value):
+                break
+        return admission.admitted
+
+
+class Admission:
+    """Admits a block's drafted positions one at a time, in order, while ``tau* x SPS(n)`` keeps improving."""
+
+    def __init__(self, scheduler: PrefixScheduler) -> None:
+        self.profile = scheduler.profile
+        self.temperatures = scheduler.temperatures or []
+        self.expected = 1.0  # tau*: the anchor's token is always produced
+        self.survival = 1.0
+        self.admitted = 0
+        self.best = self.profile.steps_per_second(1)
+
+    def admit(self, confidence_logit: float) -> bool:
+        """Whether the next position (its confidence logit given) is verified too; False ends the block."""
+        j = self.admitted
+        temperature = self.temperatures[j] if j < len(self.temperatures) else 1.0
+        survival = self.survival / (1.0 + math.exp(-confidence_logit / temperature))
+        candidate = (self.expected + survival) * self.profile.steps_per_second(j + 2)
+        if candidate <= self.best:
+            return False  # the first non-improvement ends the search (non-anticipating, hence lossless)
+        self.expected, self.best, self.survival, self.admitted = self.expected + survival, candidate, survival, j + 1
+        return True
 
 
 #: Temperatures tried per position by `calibrate_temperatures` (log-spaced, 1 included).

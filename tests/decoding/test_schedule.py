@@ -49,10 +49,14 @@ def test_temperatures_soften_the_confidence():
     assert torch.allclose(survival, expected)
 
 
-def test_profile_is_positive_and_monotone_enough(qwen3_target):
-    profile = profile_verify_cost(qwen3_target, 4, context_length=8, repeats=2)
+def test_profile_is_positive_and_leaves_the_session_empty(qwen3_target):
+    from spectool.decoding.engine import target_session
+
+    session = target_session(FrozenTarget(qwen3_target, []))
+    profile = profile_verify_cost(session, 4, context_length=8, repeats=2)
     assert len(profile.seconds) == 4 and all(s > 0 for s in profile.seconds)
     assert profile.steps_per_second(99) == profile.steps_per_second(4)
+    assert session.length == 0
 
 
 @pytest.mark.parametrize("seconds", [(1.0, 1.0, 1.0, 1.5, 2.5, 4.0), (1.0, 1.01, 1.02, 1.03, 1.04, 1.05)])
@@ -110,17 +114,29 @@ def test_dspark_stops_drafting_where_the_scheduler_cuts(qwen3_target, qwen3_conf
     features = FrozenTarget(qwen3_target, [0, 2, 3]).capture(torch.tensor([PROMPTS[2]])).target_hidden_states
     scheduler = PrefixScheduler(VerifyCostProfile((1.0, 1.0, 1.0, 1.5, 2.5, 4.0), 8))
 
+    always = PrefixScheduler(VerifyCostProfile((1.0,) * 6, 8))  # flat cost: every slot pays, nothing is cut
+    recorded = []
+    confidence_logits = draft.confidence_logits
+
+    def recording(hidden, prev):
+        out = confidence_logits(hidden, prev)
+        recorded.append(float(out))
+        return out
+
+    draft.confidence_logits = recording
+
     def propose(with_scheduler):
         proposer.reset()
         proposer.extend_context(features)
-        proposer.scheduler = scheduler if with_scheduler else None
+        proposer.scheduler = with_scheduler
         return proposer.propose(PROMPTS[2], SamplingParams(), torch.Generator(), 5)
 
-    full, cut = propose(False), propose(True)
-    keep = scheduler.prefix_length(full.confidence_logits)
+    full = propose(always)
+    assert len(full.tokens) == 5 and len(recorded) == 5
+    keep = scheduler.prefix_length(torch.tensor(recorded))
     assert 0 < keep < 5, "the test needs a cut inside the block"
-    assert torch.equal(cut.tokens, full.tokens[:keep])
-    assert torch.allclose(cut.confidence_logits, full.confidence_logits[:keep])
+    assert torch.equal(propose(scheduler).tokens, full.tokens[:keep])
+    assert torch.equal(propose(None).tokens, full.tokens)
 
 
 def test_a_scheduler_needs_a_block_proposer(qwen3_target):

@@ -1,0 +1,255 @@
+"""A lean decoding forward for Llama-family targets (Llama, Mistral, Qwen2, Qwen3) with a preallocated KV cache.
+
+The decoding loop runs the target once per round on a handful of tokens. For small targets, and for any target
+on a CPU, such a forward is dominated by per-operation overhead rather than arithmetic: the transformers forward
+builds masks, walks a DynamicCache that concatenates per layer, and calls ~45 small ops per decoder layer. This
+forward computes the same function from the same weights with ~20 ops per layer: q/k/v (and gate/up) read as one
+projection each, RMSNorm as one fused op, the rotary tables precomputed for every position, and keys/values
+written in place into a cache that grows by doubling. Cropping the cache is a length change.
+
+Numerics follow the transformers implementations op for op (RMSNorm in float32 and cast back before its weight,
+rotary tables from the model's own rotary module cast to the model's dtype), so the greedy output of the target
+alone is the same through either path; `tests/decoding/test_fast_target.py` compares the two. Architectures or
+configurations outside this family (sliding windows, dynamic rotary scaling, other activations, quantised
+layers) fall back to the transformers forward: `fast_path_problem` says why.
+
+The q/k/v and gate/up weights are packed into one tensor per layer and the model's own parameters become views
+into it, so the packing costs no memory and the transformers forward (HF generate baselines) keeps working.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from spectool.target import FrozenTarget
+
+#: `config.model_type` values whose decoder layer is the Llama layer (Qwen3 adds per-head q/k RMSNorm).
+FAST_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+#: rotary scalings whose tables depend on the position only (dynamic NTK / longrope depend on the sequence length)
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+_INITIAL_CAPACITY = 256
+
+
+def fast_path_problem(frozen: FrozenTarget) -> str | None:
+    """Why this target cannot use the lean forward (None when it can)."""
+    model, decoder = frozen.model, frozen.decoder
+    config = model.config
+    model_type = getattr(config, "model_type", None)
+    if model_type not in FAST_MODEL_TYPES:
+        return f"model_type {model_type!r} is not one of {', '.join(FAST_MODEL_TYPES)}"
+    if getattr(config, "hidden_act", None) != "silu":
+        return f"hidden_act {getattr(config, 'hidden_act', None)!r} is not silu"
+    if getattr(config, "pretraining_tp", 1) not in (None, 1):
+        return "pretraining_tp > 1"
+    if model_type == "mistral" and getattr(config, "sliding_window", None):
+        return "sliding-window attention"
+    rope_type = getattr(getattr(decoder, "rotary_emb", None), "rope_type", None)
+    if rope_type not in STATIC_ROPE_TYPES:
+        return f"rotary type {rope_type!r} is not one of {', '.join(STATIC_ROPE_TYPES)}"
+    head = frozen.lm_head
+    if type(head) is not nn.Linear or type(decoder.embed_tokens) is not nn.Embedding:
+        return "the embedding or lm_head is not a plain nn.Embedding / nn.Linear"
+    for layer in decoder.layers:
+        attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+        names = ("q_proj", "k_proj", "v_proj", "o_proj")
+        if attn is None or mlp is None or not all(type(getattr(attn, n, None)) is nn.Linear for n in names):
+            return "a decoder layer is not a Llama-style attention + MLP layer"
+        if not all(type(getattr(mlp, n, None)) is nn.Linear for n in ("gate_proj", "up_proj", "down_proj")):
+            return "a decoder layer's MLP is not a gated gate/up/down MLP"
+        if getattr(attn, "sliding_window", None):
+            return "sliding-window attention"
+        if not math.isclose(float(getattr(attn, "scaling", 0.0)), attn.head_dim**-0.5, rel_tol=1e-6):
+            return "the attention scaling is not head_dim ** -0.5"
+        if model_type == "qwen3" and not (hasattr(attn, "q_norm") and hasattr(attn, "k_norm")):
+            return "a Qwen3 layer without q/k norms"
+    return None
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """transformers' RMSNorm: normalise in float32, cast back, then scale (one fused op in float32)."""
+    if x.dtype == torch.float32:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    normed = F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype)
+    return normed if weight is None else weight * normed
+
+
+def _packed(modules: list[nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for several linears over the same input; the modules' parameters become views of it
+    (done once: later calls find them packed already)."""
+    weights = [m.weight for m in modules]
+    first = weights[0]
+    offset, contiguous = first.storage_offset(), True
+    for w in weights:
+        if w.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or w.storage_offset() != offset:
+            contiguous = False
+            break
+        offset += w.numel()
+    if contiguous and all(w.is_contiguous() for w in weights):
+        rows = sum(w.shape[0] for w in weights)
+        packed = first.as_strided((rows, first.shape[1]), (first.shape[1], 1), first.storage_offset())
+    else:
+        packed = torch.cat([w.detach() for w in weights])
+        start = 0
+        for m in modules:
+            rows = m.weight.shape[0]
+            m.weight = nn.Parameter(packed[start : start + rows], requires_grad=False)
+            start += rows
+    if all(m.bias is None for m in modules):
+        return packed, None
+    bias = torch.cat([m.bias if m.bias is not None else packed.new_zeros(m.weight.shape[0]) for m in modules])
+    return packed, bias.detach()
+
+
+class _Layer:
+    """One decoder layer's tensors, read from the transformers modules."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        self.num_heads = attn.q_proj.weight.shape[0] // attn.head_dim
+        self.num_kv_heads = attn.k_proj.weight.shape[0] // attn.head_dim
+        self.qkv, self.qkv_bias = _packed([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.o, self.o_bias = attn.o_proj.weight, attn.o_proj.bias
+        self.gate_up, self.gate_up_bias = _packed([mlp.gate_proj, mlp.up_proj])
+        self.intermediate = mlp.gate_proj.weight.shape[0]
+        self.down, self.down_bias = mlp.down_proj.weight, mlp.down_proj.bias
+        self.input_norm = layer.input_layernorm.weight
+        self.post_norm = layer.post_attention_layernorm.weight
+        self.eps = float(layer.input_layernorm.variance_epsilon)
+        if hasattr(attn, "q_norm"):
+            q_norm, k_norm = attn.q_norm.weight, attn.k_norm.weight
+            self.qk_norm: torch.Tensor | None = torch.cat(
+                (q_norm.expand(self.num_heads, -1), k_norm.expand(self.num_kv_heads, -1))
+            )
+            self.qk_eps = float(attn.q_norm.variance_epsilon)
+        else:
+            self.qk_norm = None
+
+
+class FastTargetSession:
+    """`TargetSession`'s interface (forward / crop / keep / length / reset) over the lean forward."""
+
+    def __init__(self, target: FrozenTarget) -> None:
+        problem = fast_path_problem(target)
+        if problem is not None:
+            raise ValueError(f"the lean forward does not support this target: {problem}")
+        self.target = target
+        self.model = target.model
+        decoder = target.decoder
+        self.decoder = decoder
+        self.layers = [_Layer(layer) for layer in decoder.layers]
+        first = decoder.layers[0].self_attn
+        self.head_dim = int(first.head_dim)
+        self.scaling = float(first.scaling)
+        weight = decoder.embed_tokens.weight
+        self.dtype, self.device = weight.dtype, weight.device
+        self.final_norm = target.final_norm.weight
+        self.final_eps = float(target.final_norm.variance_epsilon)
+        self.lm_head = target.lm_head
+        self.capacity = 0
+        self.cos = self.sin = torch.empty(0)
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self._length = 0
+        self._grow(_INITIAL_CAPACITY)
+
+    def reset(self) -> None:
+        self._length = 0
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    def crop(self, length: int) -> None:
+        """Keep the first `length` positions."""
+        self._length = min(self._length, length)
+
+    def keep(self, base: int, rows: list[int]) -> None:
+        """After a tree verify: keep the first `base` positions and then only the tree `rows` (the accepted path)."""
+        index = torch.tensor(rows, device=self.device) + base
+        for cache in (*self.keys, *self.values):
+            cache[:, :, base : base + len(rows)] = cache.index_select(2, index)
+        self._length = base + len(rows)
+
+    def _grow(self, needed: int) -> None:
+        capacity = max(_INITIAL_CAPACITY, self.capacity)
+        while capacity < needed:
+            capacity *= 2
+        if capacity == self.capacity:
+            return
+        positions = torch.arange(capacity, device=self.device).unsqueeze(0)
+        probe = torch.zeros(1, dtype=self.dtype, device=self.device)
+        cos, sin = self.decoder.rotary_emb(probe, positions)  # cast to the model dtype, attention scaling applied
+        self.cos, self.sin = cos[0], sin[0]
+        shapes = [(1, layer.num_kv_heads, capacity, self.head_dim) for layer in self.layers]
+        kwargs = {"dtype": self.dtype, "device": self.device}
+        old_keys, old_values, used = self.keys, self.values, self._length
+        self.keys = [torch.zeros(shape, **kwargs) for shape in shapes]
+        self.values = [torch.zeros(shape, **kwargs) for shape in shapes]
+        for new, old in zip((*self.keys, *self.values), (*old_keys, *old_values), strict=False):
+            new[:, :, :used] = old[:, :, :used]
+        self.capacity = capacity
+
+    @torch.no_grad()
+    def forward(
+        self, tokens: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run `tokens` [1, n] after the cached prefix: (logits [n, V], features [1, n, K*H]).
+
+        A boolean `attention_mask` [1, 1, n, cached + n] and `position_ids` [1, n] verify a tree."""
+        n = tokens.shape[1]
+        start = self._length
+        end = start + n
+        self._grow(end)
+        if position_ids is None:
+            cos, sin = self.cos[start:end], self.sin[start:end]
+        else:
+            cos, sin = self.cos[position_ids[0]], self.sin[position_ids[0]]
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [n, 1, head_dim]: broadcast over heads
+        half = self.head_dim // 2
+        if attention_mask is not None:
+            mask = attention_mask
+        elif n > 1:
+            mask = torch.ones(n, end, dtype=torch.bool, device=self.device).tril(start)
+        else:
+            mask = None
+        wanted = self.target.target_layer_ids
+        last_layer = len(self.layers) - 1
+        captured: dict[int, torch.Tensor] = {}
+        x = F.embedding(tokens, self.decoder.embed_tokens.weight)
+        if -1 in wanted:
+            captured[-1] = x
+        for index, layer in enumerate(self.layers):
+            heads, kv_heads = layer.num_heads, layer.num_kv_heads
+            qkv = F.linear(_rms_norm(x, layer.input_norm, layer.eps), layer.qkv, layer.qkv_bias)
+            qkv = qkv.view(n, heads + 2 * kv_heads, self.head_dim)
+            qk = qkv[:, : heads + kv_heads]
+            if layer.qk_norm is not None:
+                qk = _rms_norm(qk, None, layer.qk_eps)
+                qk = layer.qk_norm * qk if qk.dtype != torch.float32 else qk * layer.qk_norm
+            qk = (qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin).transpose(0, 1)
+            keys, values = self.keys[index], self.values[index]
+            keys[0, :, start:end] = qk[heads:]
+            values[0, :, start:end] = qkv[:, heads + kv_heads :].transpose(0, 1)
+            attn = F.scaled_dot_product_attention(
+                qk[:heads].unsqueeze(0),
+                keys[:, :, :end],
+                values[:, :, :end],
+                attn_mask=mask,
+                scale=self.scaling,
+                enable_gqa=heads != kv_heads,
+            )
+            x = x + F.linear(attn.transpose(1, 2).reshape(1, n, -1), layer.o, layer.o_bias)
+            gate_up = F.linear(_rms_norm(x, layer.post_norm, layer.eps), layer.gate_up, layer.gate_up_bias)
+            hidden = F.silu(gate_up[..., : layer.intermediate]) * gate_up[..., layer.intermediate :]
+            x = x + F.linear(hidden, layer.down, layer.down_bias)
+            if index in wanted and index != last_layer:
+                captured[index] = x
+        x = _rms_norm(x, self.final_norm, self.final_eps)
+        self._length = end
+        selected = [x if i == last_layer else captured[i] for i in wanted]
+        features = torch.cat(selected, dim=-1) if selected else x.new_zeros(1, n, 0)
+        return self.lm_head(x)[0], features
