@@ -91,6 +91,7 @@ class BenchReport:
     acceptance_histogram: dict[int, int]
     accepted_per_position: list[float]
     max_drafts: int | None = None  # the cap on tokens drafted per round, None = the whole block / chain
+    batch_size: int = 1  # prompts decoded together (one target forward per round for all of them)
     machine: str = field(default_factory=machine_description)
 
     def to_json(self) -> dict[str, Any]:
@@ -125,19 +126,52 @@ def _timed_hf(
 
     if stop_strings is not None:
         extra["stopping_criteria"] = StoppingCriteriaList([StopAtStrings()])
-    model = runtime.model
-    inputs = torch.tensor([ids], device=model.device)
+    inputs = torch.tensor([ids], device=runtime.model.device)
+    out, seconds = _hf_generate(runtime, inputs, torch.ones_like(inputs), max_new_tokens, sampling, **extra)
+    return out[0, len(ids) :].tolist(), seconds
+
+
+def _pad_id(runtime: Runtime) -> int:
+    return runtime.tokenizer.pad_token_id or runtime.stop_token_ids[0]
+
+
+def _hf_generate(
+    runtime: Runtime,
+    inputs: torch.Tensor,
+    mask: torch.Tensor,
+    max_new_tokens: int,
+    sampling: SamplingParams,
+    **extra: Any,
+) -> tuple[torch.Tensor, float]:
+    """Timed HF generate with the same stop tokens and sampling as spectool's loops."""
     options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "eos_token_id": runtime.stop_token_ids}
-    options["pad_token_id"] = runtime.tokenizer.pad_token_id or runtime.stop_token_ids[0]
+    options["pad_token_id"] = _pad_id(runtime)
     if sampling.greedy:
         options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     else:
         options.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
     start = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(inputs, attention_mask=torch.ones_like(inputs), **options, **extra)
-    seconds = time.perf_counter() - start
-    return out[0, len(ids) :].tolist(), seconds
+        out = runtime.model.generate(inputs, attention_mask=mask, **options, **extra)
+    return out, time.perf_counter() - start
+
+
+def _timed_hf_batch(runtime: Runtime, group: list[list[int]], max_new_tokens: int, sampling: SamplingParams):
+    """HF generate over a left-padded batch; each row's answer ends at its first stop token."""
+    model = runtime.model
+    pad = _pad_id(runtime)
+    width = max(len(ids) for ids in group)
+    inputs = torch.full((len(group), width), pad, dtype=torch.long, device=model.device)
+    mask = torch.zeros_like(inputs)
+    for row, ids in enumerate(group):
+        inputs[row, width - len(ids) :] = torch.tensor(ids, device=model.device)
+        mask[row, width - len(ids) :] = 1
+    out, seconds = _hf_generate(runtime, inputs, mask, max_new_tokens, sampling)
+    stops, answers = set(runtime.stop_token_ids), []
+    for row in out[:, width:].tolist():
+        end = next((i + 1 for i, token in enumerate(row) if token in stops), len(row))
+        answers.append(row[:end])
+    return answers, seconds
 
 
 def _zlab_draft(runtime: Runtime):
@@ -189,6 +223,7 @@ def run_bench(
     stop_strings: Sequence[str] = (),
     max_drafts: int | None = None,
     on_prompt: Callable[[int], None] | None = None,
+    batch_size: int = 1,
 ) -> BenchReport:
     """Run every prompt speculatively and with each baseline, interleaved, after one untimed warm-up.
 
@@ -203,6 +238,10 @@ def run_bench(
         )
     if runtime.draft is None:
         raise UsageError("bench needs a draft (--draft DIR)")
+    if batch_size > 1:
+        return _run_batched(
+            runtime, prompts, batch_size, max_new_tokens, sampling, baselines, seed, stop_strings, max_drafts, on_prompt
+        )
     zlab = _zlab_draft(runtime) if "dflash-package" in baselines else None
     encoded = [runtime.prompt_ids(p) for p in prompts]
     kwargs = {"max_new_tokens": max_new_tokens, "sampling": sampling, "stop_token_ids": runtime.stop_token_ids}
@@ -263,18 +302,39 @@ def run_bench(
 
     summary = GenerationStats(rounds, spec_seconds)
     tps = spec_tokens / spec_seconds if spec_seconds else 0.0
+    table = _speedups(tps, baselines, tokens, seconds)
+    if zlab_rounds:  # its own acceptance length, to show both loops accept the same
+        verified = sum(f for _, f in zlab_rounds)
+        table["dflash-package"]["acceptance_length"] = sum(t for t, _ in zlab_rounds) / verified if verified else 0.0
+    return _report(runtime, summary, tps, spec_tokens, encoded, max_new_tokens, sampling, mismatched, table, max_drafts)
+
+
+def _speedups(tps: float, baselines: Sequence[str], tokens: Counter, seconds: Counter) -> dict[str, dict[str, float]]:
     table = {}
     for name in baselines:
         base_tps = tokens[name] / seconds[name] if seconds[name] else 0.0
         table[name] = {"tokens_per_second": base_tps, "speedup": tps / base_tps if base_tps else 0.0}
-    if zlab_rounds:  # its own acceptance length, to show both loops accept the same
-        verified = sum(f for _, f in zlab_rounds)
-        table["dflash-package"]["acceptance_length"] = sum(t for t, _ in zlab_rounds) / verified if verified else 0.0
+    return table
+
+
+def _report(
+    runtime: Runtime,
+    summary: GenerationStats,
+    tps: float,
+    spec_tokens: float,
+    encoded: list[list[int]],
+    max_new_tokens: int,
+    sampling: SamplingParams,
+    mismatched: list[int],
+    table: dict[str, dict[str, float]],
+    max_drafts: int | None,
+    batch_size: int = 1,
+) -> BenchReport:
     accepted, drafted = summary.accepted_per_position()
     draft = runtime.draft
     return BenchReport(
         method=draft.method,
-        verify="auto" if full_block is not None else "full",
+        verify="auto" if "full-block" in table else "full",
         target=runtime.info.ref,
         draft=str(draft.path),
         num_prompts=len(encoded),
@@ -289,4 +349,78 @@ def run_bench(
         acceptance_histogram=dict(Counter(len(r.tokens) for r in summary.verify_rounds)),
         accepted_per_position=[a / d if d else 0.0 for a, d in zip(accepted, drafted, strict=True)],
         max_drafts=max_drafts,
+        batch_size=batch_size,
+    )
+
+
+#: Baselines that can run a batch of prompts at once (HF prompt lookup and the z-lab loop take one prompt).
+BATCH_BASELINES = ("target", "hf")
+
+
+def _run_batched(
+    runtime: Runtime,
+    prompts: Sequence[list[dict[str, str]]],
+    batch_size: int,
+    max_new_tokens: int,
+    sampling: SamplingParams,
+    baselines: Sequence[str],
+    seed: int,
+    stop_strings: Sequence[str],
+    max_drafts: int | None,
+    on_prompt: Callable[[int], None] | None,
+) -> BenchReport:
+    """`run_bench` with `batch_size` prompts decoded together, by the speculative loop and by each baseline."""
+    from spectool.decoding.batch import BatchEngine, make_batched_proposer
+
+    unsupported = [b for b in baselines if b not in BATCH_BASELINES]
+    if unsupported:
+        raise UsageError(
+            f"baseline(s) {', '.join(unsupported)} decode one prompt at a time; with --batch-size choose from "
+            f"{', '.join(BATCH_BASELINES)}"
+        )
+    if runtime.engine.scheduler is not None:
+        raise UsageError("--verify auto decodes one prompt at a time; drop --batch-size or use --verify full")
+    draft = runtime.draft
+    spec = BatchEngine(runtime.engine.session.target, make_batched_proposer(draft.method, draft.model, runtime.model))
+    alone = BatchEngine(runtime.target_engine.session.target)
+    encoded = [runtime.prompt_ids(p) for p in prompts]
+    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "sampling": sampling}
+    kwargs["stop_token_ids"] = runtime.stop_token_ids
+    if stop_strings:
+        kwargs["stop_strings"] = StopStrings(runtime.tokenizer.decode, list(stop_strings))
+    groups = [encoded[i : i + batch_size] for i in range(0, len(encoded), batch_size)]
+    spec.generate(groups[0], **{**kwargs, "max_new_tokens": 8}, max_drafts=max_drafts, seed=seed)  # warm-up
+    alone.generate(groups[0], **{**kwargs, "max_new_tokens": 8}, seed=seed)
+
+    rounds, mismatched = [], []
+    seconds, tokens = Counter(), Counter()
+    spec_seconds = spec_tokens = 0.0
+    for number, group in enumerate(groups):
+        first = number * batch_size
+        start = time.perf_counter()
+        rows = spec.generate(group, **kwargs, max_drafts=max_drafts, seed=seed + first)
+        spec_seconds += time.perf_counter() - start
+        spec_tokens += sum(len(r.tokens) for r in rows)
+        rounds += [event for r in rows for event in r.rounds]
+        if "target" in baselines or sampling.greedy:
+            start = time.perf_counter()
+            reference = alone.generate(group, **kwargs, seed=seed + first)
+            seconds["target"] += time.perf_counter() - start
+            tokens["target"] += sum(len(r.tokens) for r in reference)
+            if sampling.greedy:
+                mismatched += [
+                    first + i for i, (a, b) in enumerate(zip(rows, reference, strict=True)) if a.tokens != b.tokens
+                ]
+        if "hf" in baselines:
+            answers, hf_seconds = _timed_hf_batch(runtime, group, max_new_tokens, sampling)
+            seconds["hf"] += hf_seconds
+            tokens["hf"] += sum(len(a) for a in answers)
+        if on_prompt:
+            for index in range(first, first + len(group)):
+                on_prompt(index)
+    summary = GenerationStats(rounds, spec_seconds)
+    tps = spec_tokens / spec_seconds if spec_seconds else 0.0
+    table = _speedups(tps, baselines, tokens, seconds)
+    return _report(
+        runtime, summary, tps, spec_tokens, encoded, max_new_tokens, sampling, mismatched, table, max_drafts, batch_size
     )

@@ -15,6 +15,7 @@ from spectool.errors import UsageError
 from spectool.hub import ASSETS_DIR
 
 DEFAULT_PROMPTS = ASSETS_DIR / "prompts" / "heldout.jsonl"
+DEFAULT_BASELINES = "target,hf,prompt-lookup"
 
 
 @app.command("bench")
@@ -28,7 +29,7 @@ def bench_command(
     top_p: float = typer.Option(1.0, "--top-p"),
     top_k: int = typer.Option(0, "--top-k"),
     baselines: str = typer.Option(
-        "target,hf,prompt-lookup", "--baselines", help="Comma list of target, hf, prompt-lookup, dflash-package."
+        DEFAULT_BASELINES, "--baselines", help="Comma list of target, hf, prompt-lookup, dflash-package."
     ),
     limit: int = typer.Option(None, "--limit", help="Use only the first N prompts."),
     chain_length: int = typer.Option(6, "--chain-length", help="Tokens per round for EAGLE chains."),
@@ -39,6 +40,9 @@ def bench_command(
     ),
     seed: int = typer.Option(0, "--seed"),
     stop: list[str] = typer.Option(None, "--stop", help="End answers at this text (repeatable); eos always ends."),
+    batch_size: int = typer.Option(
+        1, "--batch-size", help="Decode N prompts together (DFlash / DSpark; baselines target and hf)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Run the prompts speculatively and with each baseline, interleaved in one run, and report acceptance length
@@ -58,6 +62,10 @@ def bench_command(
         sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
+    if batch_size > 1 and baselines == DEFAULT_BASELINES:
+        baselines = "target,hf"  # prompt lookup takes one prompt at a time
     chosen = [b.strip() for b in baselines.split(",") if b.strip()]
     known = BASELINES + OPTIONAL_BASELINES
     unknown = [b for b in chosen if b not in known]
@@ -88,6 +96,7 @@ def bench_command(
             stop_strings=stop or (),
             max_drafts=max_drafts,
             on_prompt=lambda _: progress.advance(task),
+            batch_size=batch_size,
         )
     if as_json:
         print_json(report.to_json())
@@ -100,6 +109,8 @@ def bench_command(
 def _render(report) -> None:
     out = console()
     title = f"{report.method} draft {report.draft} on {report.target}"
+    if report.batch_size > 1:
+        title += f", {report.batch_size} prompts per batch"
     out.print(Text(title, style="bold"), soft_wrap=True)
     table = Table(show_edge=False)
     table.add_column("decoder")

@@ -130,9 +130,13 @@ class _Layer:
 
 
 class FastTargetSession:
-    """`TargetSession`'s interface (forward / crop / keep / length / reset) over the lean forward."""
+    """`TargetSession`'s interface (forward / crop / keep / length / reset) over the lean forward.
 
-    def __init__(self, target: FrozenTarget) -> None:
+    With `batch_size` > 1 the cache holds that many rows, each with its own length, and `forward_rows` runs one
+    ragged step for all of them (batched decoding); the single-sequence methods then read row 0.
+    """
+
+    def __init__(self, target: FrozenTarget, batch_size: int = 1) -> None:
         problem = fast_path_problem(target)
         if problem is not None:
             raise ValueError(f"the lean forward does not support this target: {problem}")
@@ -149,30 +153,39 @@ class FastTargetSession:
         self.final_norm = target.final_norm.weight
         self.final_eps = float(target.final_norm.variance_epsilon)
         self.lm_head = target.lm_head
+        self.batch_size = batch_size
         self.capacity = 0
         self.cos = self.sin = torch.empty(0)
         self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
-        self._length = 0
+        self.lengths = [0] * batch_size  # cached positions per row
         self._grow(_INITIAL_CAPACITY)
 
     def reset(self) -> None:
-        self._length = 0
+        self.lengths = [0] * self.batch_size
 
     @property
     def length(self) -> int:
-        return self._length
+        return self.lengths[0]
 
     def crop(self, length: int) -> None:
         """Keep the first `length` positions."""
-        self._length = min(self._length, length)
+        self.lengths[0] = min(self.lengths[0], length)
 
     def keep(self, base: int, rows: list[int]) -> None:
         """After a tree verify: keep the first `base` positions and then only the tree `rows` (the accepted path)."""
         index = torch.tensor(rows, device=self.device) + base
         for cache in (*self.keys, *self.values):
             cache[:, :, base : base + len(rows)] = cache.index_select(2, index)
-        self._length = base + len(rows)
+        self.lengths[0] = base + len(rows)
+
+    def keep_rows(self, rows: list[int]) -> None:
+        """Keep only these batch rows, in this order (finished rows leave a batched generation)."""
+        index = torch.tensor(rows, device=self.device, dtype=torch.long)
+        self.keys = [k.index_select(0, index) for k in self.keys]
+        self.values = [v.index_select(0, index) for v in self.values]
+        self.lengths = [self.lengths[row] for row in rows]
+        self.batch_size = len(rows)
 
     def _grow(self, needed: int) -> None:
         capacity = max(_INITIAL_CAPACITY, self.capacity)
@@ -184,9 +197,9 @@ class FastTargetSession:
         probe = torch.zeros(1, dtype=self.dtype, device=self.device)
         cos, sin = self.decoder.rotary_emb(probe, positions)  # cast to the model dtype, attention scaling applied
         self.cos, self.sin = cos[0], sin[0]
-        shapes = [(1, layer.num_kv_heads, capacity, self.head_dim) for layer in self.layers]
+        shapes = [(self.batch_size, layer.num_kv_heads, capacity, self.head_dim) for layer in self.layers]
         kwargs = {"dtype": self.dtype, "device": self.device}
-        old_keys, old_values, used = self.keys, self.values, self._length
+        old_keys, old_values, used = self.keys, self.values, max(self.lengths)
         self.keys = [torch.zeros(shape, **kwargs) for shape in shapes]
         self.values = [torch.zeros(shape, **kwargs) for shape in shapes]
         for new, old in zip((*self.keys, *self.values), (*old_keys, *old_values), strict=False):
@@ -201,21 +214,61 @@ class FastTargetSession:
 
         A boolean `attention_mask` [1, 1, n, cached + n] and `position_ids` [1, n] verify a tree."""
         n = tokens.shape[1]
-        start = self._length
+        start = self.lengths[0]
         end = start + n
         self._grow(end)
         if position_ids is None:
             cos, sin = self.cos[start:end], self.sin[start:end]
         else:
             cos, sin = self.cos[position_ids[0]], self.sin[position_ids[0]]
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [n, 1, head_dim]: broadcast over heads
-        half = self.head_dim // 2
         if attention_mask is not None:
             mask = attention_mask
         elif n > 1:
             mask = torch.ones(n, end, dtype=torch.bool, device=self.device).tril(start)
         else:
             mask = None
+
+        def store(index: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            keys, values = self.keys[index], self.values[index]
+            keys[:1, :, start:end] = k
+            values[:1, :, start:end] = v
+            return keys[:1, :, :end], values[:1, :, :end]
+
+        logits, features = self._run(tokens, cos.unsqueeze(0), sin.unsqueeze(0), mask, store)
+        self.lengths[0] = end
+        return logits[0], features
+
+    @torch.no_grad()
+    def forward_rows(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One ragged step for every row: row b's `tokens[b]` [W] go after ITS cached prefix (causally), whatever
+        the other rows' lengths. Returns (logits [B, W, V], features [B, W, K*H]).
+
+        The lengths do not move: the caller says with `lengths[b] = ...` how many of the written positions each
+        row keeps (positions past a row's length are never attended to and get overwritten later)."""
+        rows, width = tokens.shape
+        starts = torch.tensor(self.lengths, device=self.device)
+        positions = starts[:, None] + torch.arange(width, device=self.device)  # [B, W]
+        end = max(self.lengths) + width
+        self._grow(end)
+        mask = (torch.arange(end, device=self.device) <= positions[:, :, None]).unsqueeze(1)  # [B, 1, W, end]
+        scatter: dict[int, torch.Tensor] = {}
+
+        def store(index: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            keys, values = self.keys[index], self.values[index]
+            if k.shape[1] not in scatter:
+                scatter[k.shape[1]] = positions[:, None, :, None].expand(rows, k.shape[1], width, self.head_dim)
+            keys.scatter_(2, scatter[k.shape[1]], k)
+            values.scatter_(2, scatter[v.shape[1]], v)
+            return keys[:, :, :end], values[:, :, :end]
+
+        return self._run(tokens, self.cos[positions], self.sin[positions], mask, store)
+
+    def _run(self, tokens, cos, sin, mask, store) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder over `tokens` [B, W] with rotary tables `cos`/`sin` [B, W, head_dim], a boolean `mask`
+        (None: see everything) and `store(layer, keys, values)` -> the keys/values to attend over."""
+        rows, n = tokens.shape
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # broadcast over heads
+        half = self.head_dim // 2
         wanted = self.target.target_layer_ids
         last_layer = len(self.layers) - 1
         captured: dict[int, torch.Tensor] = {}
@@ -225,31 +278,23 @@ class FastTargetSession:
         for index, layer in enumerate(self.layers):
             heads, kv_heads = layer.num_heads, layer.num_kv_heads
             qkv = F.linear(_rms_norm(x, layer.input_norm, layer.eps), layer.qkv, layer.qkv_bias)
-            qkv = qkv.view(n, heads + 2 * kv_heads, self.head_dim)
-            qk = qkv[:, : heads + kv_heads]
+            qkv = qkv.view(rows, n, heads + 2 * kv_heads, self.head_dim)
+            qk = qkv[:, :, : heads + kv_heads]
             if layer.qk_norm is not None:
                 qk = _rms_norm(qk, None, layer.qk_eps)
                 qk = layer.qk_norm * qk if qk.dtype != torch.float32 else qk * layer.qk_norm
-            qk = (qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin).transpose(0, 1)
-            keys, values = self.keys[index], self.values[index]
-            keys[0, :, start:end] = qk[heads:]
-            values[0, :, start:end] = qkv[:, heads + kv_heads :].transpose(0, 1)
+            qk = (qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin).transpose(1, 2)
+            keys, values = store(index, qk[:, heads:], qkv[:, :, heads + kv_heads :].transpose(1, 2))
             attn = F.scaled_dot_product_attention(
-                qk[:heads].unsqueeze(0),
-                keys[:, :, :end],
-                values[:, :, :end],
-                attn_mask=mask,
-                scale=self.scaling,
-                enable_gqa=heads != kv_heads,
+                qk[:, :heads], keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=heads != kv_heads
             )
-            x = x + F.linear(attn.transpose(1, 2).reshape(1, n, -1), layer.o, layer.o_bias)
+            x = x + F.linear(attn.transpose(1, 2).reshape(rows, n, -1), layer.o, layer.o_bias)
             gate_up = F.linear(_rms_norm(x, layer.post_norm, layer.eps), layer.gate_up, layer.gate_up_bias)
             hidden = F.silu(gate_up[..., : layer.intermediate]) * gate_up[..., layer.intermediate :]
             x = x + F.linear(hidden, layer.down, layer.down_bias)
             if index in wanted and index != last_layer:
                 captured[index] = x
         x = _rms_norm(x, self.final_norm, self.final_eps)
-        self._length = end
         selected = [x if i == last_layer else captured[i] for i in wanted]
-        features = torch.cat(selected, dim=-1) if selected else x.new_zeros(1, n, 0)
-        return self.lm_head(x)[0], features
+        features = torch.cat(selected, dim=-1) if selected else x.new_zeros(rows, n, 0)
+        return self.lm_head(x), features

@@ -63,6 +63,18 @@ def _draw(
     return sample(probs, generator), probs
 
 
+def read_block_draft(proposer: object, draft: nn.Module, embed_tokens: nn.Module, lm_head: nn.Module) -> None:
+    """The fields every block proposer (single or batched) reads from a DFlash / DSpark draft."""
+    proposer.draft = draft
+    proposer.embed_tokens = embed_tokens
+    proposer.lm_head = lm_head
+    proposer.is_dspark = hasattr(draft, "markov_head")
+    proposer.block_size = int(draft.config.block_size)
+    proposer.max_drafts = proposer.block_size if proposer.is_dspark else proposer.block_size - 1
+    proposer.mask_token_id = int(draft.config.mask_token_id)
+    proposer.device = next(draft.parameters()).device
+
+
 class BlockProposer(Proposer):
     """DFlash and DSpark: one draft forward over `[anchor, MASK x (B-1)]` drafts a whole block.
 
@@ -72,16 +84,9 @@ class BlockProposer(Proposer):
     """
 
     def __init__(self, draft: nn.Module, embed_tokens: nn.Module, lm_head: nn.Module) -> None:
-        self.draft = draft
+        read_block_draft(self, draft, embed_tokens, lm_head)
         # DSpark `--verify auto` (set by the Engine): stop drafting the block at the first slot it would not verify.
         self.scheduler: PrefixScheduler | None = None
-        self.embed_tokens = embed_tokens
-        self.lm_head = lm_head
-        self.is_dspark = hasattr(draft, "markov_head")
-        self.block_size = int(draft.config.block_size)
-        self.max_drafts = self.block_size if self.is_dspark else self.block_size - 1
-        self.mask_token_id = int(draft.config.mask_token_id)
-        self.device = next(draft.parameters()).device
         self.reset()
 
     def reset(self) -> None:

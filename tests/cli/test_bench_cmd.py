@@ -142,3 +142,30 @@ def test_dflash_package_baseline_accepts_the_same(chat_target_dir, prompts_file,
     # Same draft, same target: the same acceptance, up to the last round of each answer, where the z-lab loop
     # drafts with a shortened block (spectool keeps the trained block size and verifies a prefix).
     assert zlab["acceptance_length"] == pytest.approx(data["acceptance_length"], abs=0.15)
+
+
+def test_bench_batched_is_lossless_and_says_its_batch(dspark_draft, prompts_file):
+    result = invoke(
+        "bench", "-d", str(dspark_draft), "-p", str(prompts_file), "-n", "10", "--batch-size", "3", "--json"
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["batch_size"] == 3 and data["lossless"] is True and data["num_prompts"] == 4
+    assert set(data["baselines"]) == {"target", "hf"}  # prompt lookup takes one prompt at a time
+    assert data["new_tokens"] == 40
+    assert all(row["tokens_per_second"] > 0 for row in data["baselines"].values())
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--baselines", "prompt-lookup"], "one prompt at a time"),
+        (["--verify", "auto"], "--verify auto decodes one prompt at a time"),
+        (["--batch-size", "0"], "--batch-size must be at least 1"),
+    ],
+)
+def test_bench_batched_refuses_what_cannot_batch(dspark_draft, prompts_file, extra, message):
+    args = ["bench", "-d", str(dspark_draft), "-p", str(prompts_file), "-n", "4"]
+    result = invoke(*args, *(["--batch-size", "2"] if "--batch-size" not in extra else []), *extra)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
