@@ -86,7 +86,7 @@ def load_runtime(
 
     `verify="auto"` (DSpark with a confidence head) profiles the target's verify cost once and verifies only the
     profitable prefix of each block; `"full"` verifies every drafted token. `tree="TOP_K,DEPTH,TOTAL"` drafts an
-    EAGLE-2 dynamic tree with an EAGLE-1 / EAGLE-3 draft (greedy; the chain is used at temperature > 0).
+    EAGLE-2 dynamic tree with an EAGLE-1 / EAGLE-3 draft (greedy or sampled).
     """
     if verify not in ("full", "auto"):
         raise UsageError(f"--verify must be full or auto, got {verify!r}")

@@ -34,7 +34,7 @@ def bench_command(
     limit: int = typer.Option(None, "--limit", help="Use only the first N prompts."),
     chain_length: int = typer.Option(6, "--chain-length", help="Tokens per round for EAGLE chains."),
     max_drafts: int = typer.Option(None, "--max-drafts", help="Draft at most N tokens per round [the whole block]."),
-    tree: str = typer.Option(None, "--tree", help="EAGLE-2 dynamic tree TOP_K,DEPTH,TOTAL (EAGLE drafts, greedy)."),
+    tree: str = typer.Option(None, "--tree", help="EAGLE-2 dynamic tree TOP_K,DEPTH,TOTAL (EAGLE drafts)."),
     verify: str = typer.Option(
         "full", "--verify", help="full, or auto: DSpark verifies only the profitable prefix (adds a full-block row)."
     ),

@@ -159,7 +159,7 @@ def chat_command(
     system: str = typer.Option(None, "--system", help="System prompt."),
     prompt: str = typer.Option(None, "--prompt", help="Answer this one prompt and exit (scriptable)."),
     plain: bool = typer.Option(False, "--plain", help="No colours or styles (also when stdout is not a terminal)."),
-    tree: str = typer.Option(None, "--tree", help="EAGLE-2 dynamic tree TOP_K,DEPTH,TOTAL (EAGLE drafts, greedy)."),
+    tree: str = typer.Option(None, "--tree", help="EAGLE-2 dynamic tree TOP_K,DEPTH,TOTAL (EAGLE drafts)."),
     verify: str = typer.Option("full", "--verify", help="full, or auto: DSpark verifies only the profitable prefix."),
     stop: list[str] = typer.Option(None, "--stop", help="End answers at this text (repeatable); eos always ends."),
     max_drafts: int = typer.Option(None, "--max-drafts", help="Draft at most N tokens per round [the whole block]."),

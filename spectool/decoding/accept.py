@@ -4,7 +4,12 @@ Greedy: accept the longest prefix of draft tokens that equal the target's argmax
 token at the first mismatch (or the bonus token after a full accept): the output is exactly the target's
 greedy decoding.
 
-Sampling (temperature > 0): the Leviathan / Chen rule. Draft token d_i, sampled from the draft's
+Trees (EAGLE-2): the draft only decides which continuations the verify forward precomputes. From the root, the
+target chooses its own token at the current node (argmax, or a sample of its processed distribution) and the
+walk moves to the child holding that token, if there is one; otherwise that token is emitted and the round ends.
+Every emitted token is thus chosen by the target at its true prefix, in both modes.
+
+Chains at temperature > 0: the Leviathan / Chen rule. Draft token d_i, sampled from the draft's
 distribution q_i, is accepted with probability min(1, p_i(d_i) / q_i(d_i)); on the first rejection the
 emitted token is sampled from normalize(max(p_i - q_i, 0)); after a full accept the bonus token is sampled
 from p_{K+1}. Every emitted token then follows the target's distribution p exactly. Both p and q must be the
@@ -13,6 +18,7 @@ from p_{K+1}. Every emitted token then follows the target's distribution p exact
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -118,3 +124,23 @@ def accept_sampling(
         dist = residual / total if total > 0 else target_probs[n]
         return Verdict(n, int(sample(dist, generator)))
     return Verdict(n, int(sample(target_probs[k], generator)))
+
+
+def walk_tree(
+    children: dict[int, list[int]], row_tokens: Sequence[int], choose: Callable[[int], int]
+) -> tuple[list[int], int]:
+    """Descend a verified tree from row 0 (the last committed token).
+
+    ``children[row]`` lists the rows whose parent is ``row``; ``row_tokens[row]`` is the token at that row;
+    ``choose(row)`` is the target's token after ``row`` (its argmax, or a sample of its processed distribution).
+    Returns (the accepted path's rows, the target's token after the path). Siblings hold distinct tokens, so at
+    most one child matches.
+    """
+    path, current = [], 0
+    while True:
+        token = choose(current)
+        match = next((c for c in children.get(current, []) if row_tokens[c] == token), None)
+        if match is None:
+            return path, token
+        path.append(match)
+        current = match

@@ -20,7 +20,14 @@ from typing import Literal
 import torch
 from transformers import DynamicCache
 
-from spectool.decoding.accept import SamplingParams, accept_greedy, accept_sampling, probabilities, sample
+from spectool.decoding.accept import (
+    SamplingParams,
+    accept_greedy,
+    accept_sampling,
+    probabilities,
+    sample,
+    walk_tree,
+)
 from spectool.decoding.fast_target import FastTargetSession, fast_path_problem
 from spectool.decoding.proposers import Proposal, Proposer
 from spectool.decoding.schedule import PrefixScheduler
@@ -198,7 +205,9 @@ class Engine:
                 proposal = proposer.propose(prompt_list + committed, sampling, generator, limit)
             t1 = time.perf_counter()
             if proposal.parents is not None:
-                accepted, next_token, num_drafted, full = self._verify_tree(committed[-1], proposal)
+                accepted, next_token, num_drafted, full = self._verify_tree(
+                    committed[-1], proposal, sampling, generator
+                )
             else:
                 accepted, next_token, num_drafted, full = self._verify_chain(
                     committed[-1], proposal, sampling, generator
@@ -237,8 +246,11 @@ class Engine:
             self.proposer.extend_context(features[:, : n + 1])
         return drafts[:n].tolist(), verdict.next_token, len(drafts), n == len(drafts)
 
-    def _verify_tree(self, last: int, proposal: Proposal) -> tuple[list[int], int, int, bool]:
-        """One forward over [last | tree nodes] with a tree attention mask; greedy walk down the matching path."""
+    def _verify_tree(
+        self, last: int, proposal: Proposal, sampling: SamplingParams, generator: torch.Generator
+    ) -> tuple[list[int], int, int, bool]:
+        """One forward over [last | tree nodes] with a tree attention mask; the target walks down the branch that
+        holds its own choice at each node (`walk_tree`), greedy or sampled."""
         session, device = self.session, self.device
         nodes, parents = proposal.tokens.tolist(), proposal.parents
         base, n = session.length, len(nodes)
@@ -256,22 +268,17 @@ class Engine:
         tokens = torch.tensor([[last, *nodes]], device=device)
         positions = torch.tensor([[base + d for d in depth]], device=device)
         logits, features = session.forward(tokens, mask, positions)
-        best = logits.argmax(-1).tolist()
         children: dict[int, list[int]] = {}
         for row in range(1, n + 1):
             children.setdefault(rows_parent[row], []).append(row)
-        path, current = [], 0
-        while True:
-            match = next((c for c in children.get(current, []) if nodes[c - 1] == best[current]), None)
-            if match is None:
-                break
-            path.append(match)
-            current = match
+        path, next_token = walk_tree(
+            children, [last, *nodes], lambda row: self._choose(logits[row], sampling, generator)
+        )
         session.keep(base, [0, *path])
         if self.proposer is not None:
             self.proposer.extend_context(features[:, [0, *path]])
-        full = not children.get(current)  # reached a leaf: the target's token is a bonus
-        return [nodes[r - 1] for r in path], best[current], max(depth), full
+        full = not children.get(path[-1] if path else 0)  # reached a leaf: the target's token is a bonus
+        return [nodes[r - 1] for r in path], next_token, max(depth), full
 
     @staticmethod
     def _choose(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator) -> int:

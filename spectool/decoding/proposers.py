@@ -211,7 +211,7 @@ class EagleProposer(Proposer):
 
 
 class EagleTreeProposer(EagleProposer):
-    """EAGLE-2's dynamic draft tree (greedy decoding; at temperature > 0 it drafts the plain chain).
+    """EAGLE-2's dynamic draft tree, at any temperature (the target verifies it by walking down its own choices).
 
     From the context, expand the `top_k` most likely children of the best `top_k` nodes of each layer for `depth`
     layers, scoring nodes by cumulative log-probability, then keep the `total_tokens` best nodes (a score never
@@ -235,8 +235,6 @@ class EagleTreeProposer(EagleProposer):
 
     @torch.no_grad()
     def propose(self, tokens: list[int], sampling: SamplingParams, generator: torch.Generator, limit: int) -> Proposal:
-        if not sampling.greedy:
-            return super().propose(tokens, sampling, generator, limit)
         hidden, logits = self._feed_context(tokens)
         device = hidden.device
 

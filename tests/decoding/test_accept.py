@@ -5,7 +5,14 @@ import itertools
 import pytest
 import torch
 
-from spectool.decoding.accept import SamplingParams, accept_greedy, accept_sampling, probabilities, sample
+from spectool.decoding.accept import (
+    SamplingParams,
+    accept_greedy,
+    accept_sampling,
+    probabilities,
+    sample,
+    walk_tree,
+)
 
 # Critical values of the chi-square distribution at p = 0.001 (tables): a correct sampler fails 1 run in 1000,
 # and the seeds are fixed, so the tests are deterministic.
@@ -127,3 +134,42 @@ def test_markov_chain_output_matches_target_joint_distribution():
         [float(target[start, a] * target[a, b] * target[b, c]) for a, b, c in itertools.product(range(vocab), repeat=3)]
     )
     assert chi_square(counts, exact) < CHI2_CRIT_001[26]
+
+
+def test_tree_walk_output_matches_target_joint_distribution():
+    """A toy first-order Markov target over 3 tokens and a fixed draft tree (root children 0 and 2; 0's child 1;
+    2's children 0 and 2): rounds of `walk_tree` with sampled choices; the joint of the first three emitted
+    tokens must equal the target's own chain, whatever the tree holds."""
+    vocab = 3
+    target = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.2, 0.6], [0.3, 0.5, 0.2]])
+    parents = [-1, 0, 0, 1, 2, 2]  # row -> parent row; row 0 is the last committed token
+    shape = [None, 0, 2, 1, 0, 2]  # token of each tree row (row 0: filled per round)
+    children: dict[int, list[int]] = {}
+    for row, parent in enumerate(parents[1:], start=1):
+        children.setdefault(parent, []).append(row)
+    g = torch.Generator().manual_seed(5)
+    counts = torch.zeros(vocab**3)
+    accepted = 0
+    for _ in range(4000):
+        out: list[int] = []
+        last = 1
+        while len(out) < 3:
+            tokens = [last, *shape[1:]]
+            path, token = walk_tree(children, tokens, lambda row, tokens=tokens: int(sample(target[tokens[row]], g)))
+            accepted += len(path)
+            out += [tokens[r] for r in path] + [token]
+            last = out[-1]
+        a, b, c = out[:3]
+        counts[a * 9 + b * 3 + c] += 1
+    exact = torch.tensor(
+        [float(target[1, a] * target[a, b] * target[b, c]) for a, b, c in itertools.product(range(vocab), repeat=3)]
+    )
+    assert accepted > 2000  # the tree really was walked into
+    assert chi_square(counts, exact) < CHI2_CRIT_001[26]
+
+
+def test_tree_walk_greedy_takes_the_matching_branch():
+    children = {0: [1, 2], 2: [3]}
+    best = {0: 7, 2: 8, 3: 4}  # the target's argmax after each row
+    assert walk_tree(children, [5, 6, 7, 8], best.__getitem__) == ([2, 3], 4)
+    assert walk_tree(children, [5, 6, 9, 8], best.__getitem__) == ([], 7)

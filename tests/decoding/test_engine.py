@@ -145,6 +145,21 @@ def test_eagle2_tree_is_lossless(method, tree, qwen3_target, qwen3_config):
         assert engine.session.length <= len(prompt) + 20
 
 
+@pytest.mark.parametrize("method", ["eagle1", "eagle3"])
+def test_eagle2_tree_samples_at_temperature(method, qwen3_target, qwen3_config):
+    """At temperature > 0 the tree is still drafted and verified (not the chain), seeded and reproducible."""
+    draft = make_engine(method, qwen3_target, qwen3_config).proposer.draft
+    engine = Engine(
+        FrozenTarget(qwen3_target, LAYER_IDS[method]), make_proposer(method, draft, qwen3_target, tree=(3, 3, 6))
+    )
+    params = SamplingParams(temperature=0.9, top_k=40)
+    a, stats = run(engine, PROMPTS[0], max_new_tokens=20, sampling=params, seed=3)
+    b, _ = run(engine, PROMPTS[0], max_new_tokens=20, sampling=params, seed=3)
+    assert a == b and len(a) == 20
+    assert all(0 < r.num_drafted <= 3 for r in stats.verify_rounds[:-1])  # tree depth, not a 6-token chain
+    assert a != reference_greedy(qwen3_target, PROMPTS[0], 20)
+
+
 def test_tree_walks_the_matching_branch(qwen3_target):
     """A hand-made tree whose second branch holds the target's continuation: the walk must take it."""
     prompt = PROMPTS[0]
