@@ -50,6 +50,8 @@ def fast_path_problem(frozen: FrozenTarget) -> str | None:
     rope_type = getattr(getattr(decoder, "rotary_emb", None), "rope_type", None)
     if rope_type not in STATIC_ROPE_TYPES:
         return f"rotary type {rope_type!r} is not one of {', '.join(STATIC_ROPE_TYPES)}"
+    if len({p.device for p in model.parameters()}) > 1 or any(hasattr(m, "_hf_hook") for m in model.modules()):
+        return "the model is spread over several devices or offloaded (accelerate hooks)"
     head = frozen.lm_head
     if type(head) is not nn.Linear or type(decoder.embed_tokens) is not nn.Embedding:
         return "the embedding or lm_head is not a plain nn.Embedding / nn.Linear"

@@ -158,5 +158,11 @@ def test_unsupported_targets_fall_back_to_transformers(config, reason):
     assert ours == reference[0, 4:].tolist()
 
 
+def test_models_spread_over_devices_fall_back():
+    model = build(CONFIGS["llama3-rope"]())
+    model.model.layers[1].mlp.to("meta")  # stands in for a second device
+    assert "several devices" in fast_path_problem(FrozenTarget(model, [0]))
+
+
 def test_engine_uses_the_lean_forward_for_supported_targets(qwen3_target):
     assert isinstance(Engine(FrozenTarget(qwen3_target, [])).session, FastTargetSession)
