@@ -326,8 +326,9 @@ class LlamaEagle3DraftModel(DraftModelMixin, PreTrainedModel):
         q, k, v = self._qkv(embeds, hidden, position_ids)
         if past_key_values is not None:
             k, v = past_key_values.update(0, k, v)
-        if attention_mask is None or attention_mask.dim() == 2:
+        if (attention_mask is not None and attention_mask.dim() == 2) or (attention_mask is None and length > 1):
             attention_mask = causal_mask(length, k.shape[2], hidden.device, attention_mask)
+        # (one new position with no mask: it is the last one and may see every cached key)
         attn = self.midlayer.self_attn
         out = self.midlayer.finish(hidden, attn.output(attend(q, k, v, attention_mask, attn.scaling)))
         return Eagle3Output(hidden_states=out, logits=self.compute_logits(out))
