@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from spectool.decoding.accept import SamplingParams, accept_greedy, accept_sampling, probabilities, sample
-from spectool.decoding.engine import FinishReason, RoundEvent
+from spectool.decoding.engine import Engine, FinishReason, RoundEvent
 from spectool.decoding.fast_target import FastTargetSession, fast_path_problem
 from spectool.decoding.proposers import read_block_draft
 from spectool.decoding.stops import StopStrings
@@ -38,7 +38,6 @@ class RaggedDraftCache:
     """
 
     def __init__(self, num_layers: int, rows: int) -> None:
-        self.rows = rows
         self.lengths = [0] * rows
         self.keys: list[torch.Tensor | None] = [None] * num_layers
         self.values: list[torch.Tensor | None] = [None] * num_layers
@@ -73,7 +72,6 @@ class RaggedDraftCache:
             if k is not None:
                 self.keys[i], self.values[i] = k.index_select(0, index), v.index_select(0, index)
         self.lengths = [self.lengths[r] for r in rows]
-        self.rows = len(rows)
 
 
 class BatchedBlockProposer:
@@ -195,8 +193,6 @@ class BatchEngine:
         max_drafts: int | None = None,
     ) -> list[BatchRow]:
         """Answer every prompt; rows come back in prompt order. Per-row rounds carry the batch's timings."""
-        from spectool.decoding.engine import Engine
-
         sampling = sampling or SamplingParams()
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed if seed is not None else 0)
