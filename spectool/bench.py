@@ -65,12 +65,15 @@ def load_prompts(path: str | Path) -> list[list[dict[str, str]]]:
     return prompts
 
 
-def machine_description() -> str:
+def machine_description(device: torch.device | None = None) -> str:
     cpu = platform.processor() or platform.machine()
-    return (
+    text = (
         f"{platform.system()} {platform.machine()} ({cpu}), {os.cpu_count()} CPU cores, "
         f"torch {torch.__version__} with {torch.get_num_threads()} threads"
     )
+    if device is not None and device.type == "cuda":
+        text += f"; {torch.cuda.get_device_name(device)}"
+    return text
 
 
 @dataclass
@@ -350,6 +353,7 @@ def _report(
         accepted_per_position=[a / d if d else 0.0 for a, d in zip(accepted, drafted, strict=True)],
         max_drafts=max_drafts,
         batch_size=batch_size,
+        machine=machine_description(runtime.model.device),
     )
 
 

@@ -77,7 +77,7 @@ def load_runtime(
     draft_dir: str | Path | None,
     target: str | None = None,
     *,
-    device: str = "cpu",
+    device: str | None = "cpu",
     chain_length: int = DEFAULT_CHAIN_LENGTH,
     verify: str = "full",
     tree: str | None = None,
@@ -86,10 +86,12 @@ def load_runtime(
 
     `verify="auto"` (DSpark with a confidence head) profiles the target's verify cost once and verifies only the
     profitable prefix of each block; `"full"` verifies every drafted token. `tree="TOP_K,DEPTH,TOTAL"` drafts an
-    EAGLE-2 dynamic tree with an EAGLE-1 / EAGLE-3 draft (greedy or sampled).
+    EAGLE-2 dynamic tree with an EAGLE-1 / EAGLE-3 draft (greedy or sampled). `device` None picks CUDA when
+    available (the target then runs in bfloat16), else the CPU (float32).
     """
     if verify not in ("full", "auto"):
         raise UsageError(f"--verify must be full or auto, got {verify!r}")
+    device = check_device(device)
     draft = (
         load_draft(draft_dir, device=device, dtype=torch.float32 if device == "cpu" else None) if draft_dir else None
     )
@@ -123,6 +125,24 @@ def load_runtime(
     chat = ChatFormat(tokenizer) if getattr(tokenizer, "chat_template", None) else None
     stops = stop_token_ids(model, chat, tokenizer)
     return Runtime(info, model, tokenizer, draft, engine, target_engine, stops, warnings, chat)
+
+
+def check_device(device: str | None) -> str:
+    """`--device` as given (None: cuda when available, else cpu), refused with the fix when unusable here."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise UsageError(f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif parsed.type != "cpu":
+        raise UsageError(f"--device {device}: only cpu and cuda are supported")
+    return device
 
 
 def parse_tree(text: str) -> tuple[int, int, int]:

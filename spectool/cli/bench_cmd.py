@@ -43,6 +43,7 @@ def bench_command(
     batch_size: int = typer.Option(
         1, "--batch-size", help="Decode N prompts together (DFlash / DSpark; baselines target and hf)."
     ),
+    device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... [cuda when available, in bf16]."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Run the prompts speculatively and with each baseline, interleaved in one run, and report acceptance length
@@ -76,7 +77,7 @@ def bench_command(
             raise UsageError("no --prompts given and no built-in prompt set is installed; pass --prompts FILE")
         prompts = DEFAULT_PROMPTS
     conversations = load_prompts(prompts)[:limit] if limit else load_prompts(prompts)
-    runtime = load_runtime(draft, target, chain_length=chain_length, verify=verify, tree=tree)
+    runtime = load_runtime(draft, target, device=device, chain_length=chain_length, verify=verify, tree=tree)
     for warning in runtime.warnings:
         error_console().print(Text(f"warning: {warning}", style="yellow"), soft_wrap=True)
 

@@ -163,6 +163,7 @@ def chat_command(
     verify: str = typer.Option("full", "--verify", help="full, or auto: DSpark verifies only the profitable prefix."),
     stop: list[str] = typer.Option(None, "--stop", help="End answers at this text (repeatable); eos always ends."),
     max_drafts: int = typer.Option(None, "--max-drafts", help="Draft at most N tokens per round [the whole block]."),
+    device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... [cuda when available, in bf16]."),
 ) -> None:
     """Chat with the target through the draft: accepted draft tokens are highlighted inline, one colour per round;
     the target's own tokens (corrections and bonus tokens) are plain. The output is exactly the target's."""
@@ -179,7 +180,7 @@ def chat_command(
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     out = Console(color_system=None, highlight=False) if plain else console()
-    runtime = load_runtime(draft, target, verify=verify, tree=tree)
+    runtime = load_runtime(draft, target, device=device, verify=verify, tree=tree)
     for warning in runtime.warnings:
         error_console().print(Text(f"warning: {warning}", style="yellow"), soft_wrap=True)
     stop_strings = StopStrings(runtime.tokenizer.decode, stop) if stop else None

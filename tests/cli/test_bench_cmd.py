@@ -169,3 +169,19 @@ def test_bench_batched_refuses_what_cannot_batch(dspark_draft, prompts_file, ext
     result = invoke(*args, *(["--batch-size", "2"] if "--batch-size" not in extra else []), *extra)
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(("device", "message"), [("banana", "not a torch device"), ("mps", "only cpu and cuda")])
+def test_bench_refuses_unusable_devices(dspark_draft, prompts_file, device, message):
+    result = invoke("bench", "-d", str(dspark_draft), "-p", str(prompts_file), "-n", "4", "--device", device)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_cuda_is_refused_with_the_fix_when_absent(dspark_draft, prompts_file):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = invoke("chat", "-d", str(dspark_draft), "--prompt", "hi", "--device", "cuda")
+    assert result.exit_code == 2 and "--device cpu" in result.output
