@@ -204,6 +204,8 @@ class Engine:
                 limit = remaining - 1 if max_drafts is None else min(max_drafts, remaining - 1)
                 proposal = proposer.propose(prompt_list + committed, sampling, generator, limit)
             t1 = time.perf_counter()
+            if self.scheduler is not None:
+                self.scheduler.observe_draft(t1 - t0)
             if proposal.parents is not None:
                 accepted, next_token, num_drafted, full = self._verify_tree(
                     committed[-1], proposal, sampling, generator

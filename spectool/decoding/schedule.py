@@ -2,10 +2,11 @@
 
 The confidence head gives, per slot, the logit that the slot is accepted given the earlier slots were; the
 survival of draft position j is `a_j = prod_{i<=j} sigmoid(c_i / T_i)` (T_i: calibration temperatures, 1 when
-uncalibrated). With `SPS(n)` = target forward steps per second when verifying n tokens (profiled once on this
-machine), the scheduler starts from n = 1 (the anchor alone, expected tokens tau* = 1) and admits positions in
-order while `tau* * SPS(n)` (expected tokens per second) keeps improving, stopping at the first
-non-improvement. The decision reads the draft only, never the target's verdict, so verification stays lossless.
+uncalibrated). A round verifying n tokens costs `D + V(n)`: V(n) is the target's verify forward (profiled once on
+this machine), D the drafting that precedes it (measured on the live loop, averaged). The scheduler starts from
+n = 1 (the anchor alone, expected tokens tau* = 1) and admits positions in order while `tau* / (D + V(n))`
+(expected tokens per second) keeps improving, stopping at the first non-improvement. The decision reads the
+draft and the clock only, never the target's verdict, so verification stays lossless.
 """
 
 from __future__ import annotations
@@ -66,9 +67,29 @@ def profile_verify_cost(
 class PrefixScheduler:
     """Chooses how many drafted tokens to verify from the confidence logits of a block."""
 
-    def __init__(self, profile: VerifyCostProfile, temperatures: Sequence[float] | None = None) -> None:
+    #: weight of the newest drafting time in the running average
+    DRAFT_TIME_WEIGHT = 0.1
+
+    def __init__(
+        self,
+        profile: VerifyCostProfile,
+        temperatures: Sequence[float] | None = None,
+        draft_seconds: float | None = None,
+    ) -> None:
         self.profile = profile
         self.temperatures = list(temperatures) if temperatures else None
+        self.draft_seconds = draft_seconds  # D: None until a round has been timed
+
+    def observe_draft(self, seconds: float) -> None:
+        """Fold one round's measured drafting time into D."""
+        if self.draft_seconds is None:
+            self.draft_seconds = seconds
+        else:
+            self.draft_seconds += self.DRAFT_TIME_WEIGHT * (seconds - self.draft_seconds)
+
+    def round_seconds(self, num_tokens: int) -> float:
+        """D + V(n): a round that verifies `num_tokens` tokens (the anchor included)."""
+        return (self.draft_seconds or 0.0) + 1.0 / self.profile.steps_per_second(num_tokens)
 
     def survival(self, confidence_logits: torch.Tensor) -> torch.Tensor:
         """a_j = prod_{i<=j} sigmoid(c_i / T_i) for j = 1..k."""
@@ -94,22 +115,22 @@ class PrefixScheduler:
 
 
 class Admission:
-    """Admits a block's drafted positions one at a time, in order, while ``tau* x SPS(n)`` keeps improving."""
+    """Admits a block's drafted positions one at a time, in order, while ``tau* / (D + V(n))`` keeps improving."""
 
     def __init__(self, scheduler: PrefixScheduler) -> None:
-        self.profile = scheduler.profile
+        self.round_seconds = scheduler.round_seconds
         self.temperatures = scheduler.temperatures or []
         self.expected = 1.0  # tau*: the anchor's token is always produced
         self.survival = 1.0
         self.admitted = 0
-        self.best = self.profile.steps_per_second(1)
+        self.best = 1.0 / self.round_seconds(1)
 
     def admit(self, confidence_logit: float) -> bool:
         """Whether the next position (its confidence logit given) is verified too; False ends the block."""
         j = self.admitted
         temperature = self.temperatures[j] if j < len(self.temperatures) else 1.0
         survival = self.survival / (1.0 + math.exp(-confidence_logit / temperature))
-        candidate = (self.expected + survival) * self.profile.steps_per_second(j + 2)
+        candidate = (self.expected + survival) / self.round_seconds(j + 2)
         if candidate <= self.best:
             return False  # the first non-improvement ends the search (non-anticipating, hence lossless)
         self.expected, self.best, self.survival, self.admitted = self.expected + survival, candidate, survival, j + 1

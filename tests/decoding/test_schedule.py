@@ -31,6 +31,22 @@ def test_admits_while_expected_tokens_per_second_improves():
     assert scheduler.prefix_length(conf) == 2
 
 
+def test_drafting_time_makes_longer_prefixes_pay():
+    # D = 3: n=1: 1/4 = 0.25; +a1 1.9/4; +a2 2.62/4 = 0.655; +a3 3.052/4.5 = 0.678 (admitted, unlike with D = 0);
+    # +a4 3.3112/5.5 = 0.602 < 0.678: stop at 3 drafts.
+    scheduler = PrefixScheduler(PROFILE, draft_seconds=3.0)
+    assert scheduler.prefix_length(logit([0.9, 0.8, 0.6, 0.6, 0.6])) == 3
+
+
+def test_drafting_time_is_a_running_average():
+    scheduler = PrefixScheduler(PROFILE)
+    assert scheduler.round_seconds(4) == 1.5  # nothing measured yet: verification alone
+    scheduler.observe_draft(2.0)
+    scheduler.observe_draft(1.0)
+    assert scheduler.draft_seconds == pytest.approx(2.0 + PrefixScheduler.DRAFT_TIME_WEIGHT * (1.0 - 2.0))
+    assert scheduler.round_seconds(4) == pytest.approx(1.5 + scheduler.draft_seconds)
+
+
 def test_stops_at_the_first_non_improvement_even_if_later_would_pay():
     flat_then_cheap = VerifyCostProfile(seconds=(1.0, 2.0, 0.5, 0.5), context_length=8)
     # One draft: (1 + 0.5) / 2.0 = 0.75 < 1.0 -> stop, although 3 tokens would be cheap.
