@@ -546,13 +546,16 @@ class Trainer:
 
     def _calibrate_confidence(self) -> None:
         """DSpark: fit the prefix scheduler's confidence temperatures (`calibrate_temperatures`) on the last
-        held-out evaluation (rank 0's share of it) and store them in the draft's config."""
+        held-out evaluation (every process's share of it) and store them in the draft's config."""
         data = getattr(self, "calibration_data", None)
-        if not data:
+        if not data:  # the same on every process: DSpark with a confidence head, after an evaluation
             return
         from spectool.decoding.schedule import calibrate_temperatures
 
-        logits, hits, supervised = (torch.cat(parts) for parts in zip(*data, strict=True))
+        local = tuple(torch.cat(parts) for parts in zip(*data, strict=True))
+        shares = self.context.all_gather_object(local)
+        logits, hits, supervised = (torch.cat(parts) for parts in zip(*shares, strict=True))
+        self.calibration_blocks = int(logits.shape[0])
         self.draft.config.confidence_temperatures = self._agree(
             lambda: calibrate_temperatures(logits, hits, supervised)
         )
@@ -816,6 +819,8 @@ class Trainer:
         }
         if metrics:
             summary["final_metrics"] = metrics
+        if getattr(self, "calibration_blocks", None):
+            summary["confidence_calibration_blocks"] = self.calibration_blocks  # held-out blocks behind the fit
         return summary
 
     def save_checkpoint(self) -> Path:

@@ -103,3 +103,21 @@ def test_two_processes_make_the_update_of_one(fsdp, tiny_target_dir, tmp_path):
         assert torch.allclose(reference[name], final[name], atol=2e-5), name
     meta = json.loads((tmp_path / "parallel" / "spectool.json").read_text())
     assert meta["training"]["steps"] == 4 and meta["training"]["tokens"] == single.tokens  # fillers not counted
+
+
+def test_two_processes_calibrate_dspark_on_the_whole_held_out_split(tiny_target_dir, tmp_path):
+    """Each process evaluates half of the held-out split; the confidence temperatures are fitted on both halves
+    (as many held-out blocks as one process sees alone), not on rank 0's share."""
+    data = write_jsonl(tmp_path / "data.jsonl", conversations(16))  # 4 held-out examples: 2 per process
+    options = dict(method="dspark", block_size=4, mask_token_id=6, num_anchors=6, max_steps=2, eval_fraction=0.25)
+    train(make_config(tiny_target_dir, data, tmp_path / "single", **options))
+    result = torchrun(cli_args(make_config(tiny_target_dir, data, tmp_path / "parallel", **options)), tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def summary(run):
+        meta = json.loads((tmp_path / run / "spectool.json").read_text())["training"]
+        temperatures = json.loads((tmp_path / run / "config.json").read_text())["confidence_temperatures"]
+        return meta["confidence_calibration_blocks"], len(temperatures)
+
+    assert summary("parallel") == summary("single")
+    assert summary("single")[0] > 0

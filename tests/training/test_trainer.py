@@ -338,5 +338,7 @@ def test_dspark_confidence_temperatures_are_calibrated_on_the_held_out_split(tin
     temperatures = json.loads((tmp_path / "run" / "config.json").read_text())["confidence_temperatures"]
     assert len(temperatures) == 4 and all(t in CALIBRATION_GRID for t in temperatures)  # block_size 4
     assert load_draft(tmp_path / "run").model.config.confidence_temperatures == temperatures
+    summary = json.loads((tmp_path / "run" / "spectool.json").read_text())["training"]
+    assert summary["confidence_calibration_blocks"] > 0
     Trainer(make_config(tiny_target_dir, data_file, tmp_path / "no-eval", **{**options, "eval_fraction": 0.0})).run()
     assert "confidence_temperatures" not in json.loads((tmp_path / "no-eval" / "config.json").read_text())
