@@ -384,8 +384,11 @@ def _run_batched(
         )
     if runtime.engine.scheduler is not None:
         raise UsageError("--verify auto decodes one prompt at a time; drop --batch-size or use --verify full")
-    draft = runtime.draft
-    spec = BatchEngine(runtime.engine.session.target, make_batched_proposer(draft.method, draft.model, runtime.model))
+    draft, single = runtime.draft, runtime.engine.proposer
+    if getattr(single, "top_k", None) is not None:  # an EAGLE-2 tree proposer
+        raise UsageError("--tree decodes one prompt at a time; drop --batch-size or --tree")
+    proposer = make_batched_proposer(draft.method, draft.model, runtime.model, num_steps=single.max_drafts)
+    spec = BatchEngine(runtime.engine.session.target, proposer)
     alone = BatchEngine(runtime.target_engine.session.target)
     encoded = [runtime.prompt_ids(p) for p in prompts]
     kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "sampling": sampling}

@@ -41,7 +41,7 @@ def bench_command(
     seed: int = typer.Option(0, "--seed"),
     stop: list[str] = typer.Option(None, "--stop", help="End answers at this text (repeatable); eos always ends."),
     batch_size: int = typer.Option(
-        1, "--batch-size", help="Decode N prompts together (DFlash / DSpark; baselines target and hf)."
+        1, "--batch-size", help="Decode N prompts together (no --tree / --verify auto; baselines target and hf)."
     ),
     device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... [cuda when available, in bf16]."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),

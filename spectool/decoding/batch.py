@@ -1,14 +1,14 @@
 """Batched speculative decoding: several prompts in one target forward per round, each row at its own length.
 
-Each round every unfinished row drafts its own block (DFlash / DSpark: one batched draft forward), the target
+Each round every unfinished row drafts its own block or chain (batched draft forwards), the target
 verifies all rows in ONE ragged forward (`FastTargetSession.forward_rows`: row b's tokens go after row b's own
 cached prefix), and each row keeps its own accepted prefix under the same acceptance rules as the single-
 sequence engine (greedy: the target's argmax; sampling: rejection sampling), so every row's output is what the
 target alone produces for it. A row stops at eos, a stop string or `max_new_tokens`; finished rows leave the
 batch (their cache rows are dropped), so the batch only ever computes for live rows.
 
-Supported: the target alone, and DFlash / DSpark drafts, on targets the lean forward covers (Llama, Mistral,
-Qwen2, Qwen3). EAGLE chains keep the single-sequence engine.
+Supported: the target alone, DFlash / DSpark blocks and EAGLE-1 / EAGLE-3 chains, on targets the lean forward
+covers (Llama, Mistral, Qwen2, Qwen3). EAGLE-2 trees keep the single-sequence engine.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch import nn
 from spectool.decoding.accept import SamplingParams, accept_greedy, accept_sampling, probabilities, sample
 from spectool.decoding.engine import Engine, FinishReason, RoundEvent
 from spectool.decoding.fast_target import FastTargetSession, fast_path_problem
-from spectool.decoding.proposers import read_block_draft
+from spectool.decoding.proposers import eagle3_target_logits, read_block_draft
 from spectool.decoding.stops import StopStrings
 from spectool.errors import UsageError
 from spectool.target import FrozenTarget
@@ -95,10 +95,12 @@ class BatchedBlockProposer:
 
     @torch.no_grad()
     def propose(
-        self, last_tokens: list[int], limits: list[int], sampling: SamplingParams, generator: torch.Generator
+        self, histories: list[list[int]], limits: list[int], sampling: SamplingParams, generator: torch.Generator
     ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """Per row: (draft tokens [<= limit], their distributions or None when greedy)."""
-        rows = len(last_tokens)
+        """Per row (`histories[b]`: its prompt and answer so far): (draft tokens [<= limit], their distributions
+        or None when greedy)."""
+        rows = len(histories)
+        last_tokens = [history[-1] for history in histories]
         contexts = [torch.cat(p, dim=0) if len(p) > 1 else p[0] for p in self.pending]
         self.pending = [[] for _ in range(rows)]
         counts = [c.shape[0] for c in contexts]
@@ -151,13 +153,107 @@ class BatchedBlockProposer:
         ]
 
 
-def make_batched_proposer(method: str, draft: nn.Module, target_model: nn.Module) -> BatchedBlockProposer:
-    """The batched proposer of a DFlash / DSpark draft (DFlash borrows the target's embedding and lm_head)."""
+class BatchedEagleProposer:
+    """EAGLE-1 / EAGLE-3 chains for several rows at once (see `EagleProposer` for the single-row rules): the new
+    committed positions of every row are fed in one draft forward, then each chain step drafts one token per
+    row. The draft cache is ragged; each row's chain positions are dropped when its next real features arrive."""
+
+    def __init__(self, draft: nn.Module, lm_head: nn.Module | None, num_steps: int) -> None:
+        self.draft = draft
+        self.is_eagle3 = hasattr(draft, "midlayer")
+        self.lm_head = lm_head
+        self.max_drafts = num_steps
+        self.device = next(draft.parameters()).device
+
+    def reset(self, rows: int) -> None:
+        self.cache = RaggedDraftCache(len(self.draft.layers) if not self.is_eagle3 else 1, rows)
+        self.pending: list[list[torch.Tensor]] = [[] for _ in range(rows)]
+        self.fed = [0] * rows  # draft positions per row fed with real target features
+
+    def extend_context(self, row: int, features: torch.Tensor) -> None:
+        self.pending[row].append(features)
+
+    def keep_rows(self, rows: list[int]) -> None:
+        self.cache.keep_rows(rows)
+        self.pending = [self.pending[r] for r in rows]
+        self.fed = [self.fed[r] for r in rows]
+
+    def _step(self, ids: torch.Tensor, features: torch.Tensor, own: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """A draft forward over ids [B, W] at each row's next positions; (hidden [B, W, H], logits [B, W, V])."""
+        rows, width = ids.shape
+        starts = torch.tensor(self.cache.lengths, device=self.device)
+        positions = starts[:, None] + torch.arange(width, device=self.device)
+        keys = max(self.cache.lengths) + width
+        mask = (torch.arange(keys, device=self.device) <= positions[:, :, None]).unsqueeze(1)  # [B, 1, W, keys]
+        if self.is_eagle3:
+            kwargs = {"hidden_states": features} if own else {"target_hidden_states": features}
+            out = self.draft(ids, position_ids=positions, past_key_values=self.cache, attention_mask=mask, **kwargs)
+            return out.hidden_states, eagle3_target_logits(self.draft, out.logits)
+        hidden = self.draft(
+            ids, hidden_states=features, position_ids=positions, past_key_values=self.cache, attention_mask=mask
+        )
+        return hidden, self.lm_head(hidden.to(self.lm_head.weight.dtype))
+
+    @torch.no_grad()
+    def propose(
+        self, histories: list[list[int]], limits: list[int], sampling: SamplingParams, generator: torch.Generator
+    ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        rows = len(histories)
+        self.cache.lengths = list(self.fed)  # drop the last round's chains
+        features = [torch.cat(p, dim=0) if len(p) > 1 else p[0] for p in self.pending]
+        self.pending = [[] for _ in range(rows)]
+        counts = [f.shape[0] for f in features]
+        width = max(counts)
+        context = features[0].new_zeros(rows, width, features[0].shape[-1])
+        shifted = torch.zeros(rows, width, dtype=torch.long, device=self.device)
+        for row, (f, history) in enumerate(zip(features, histories, strict=True)):
+            context[row, : f.shape[0]] = f
+            start = self.fed[row]  # position t pairs feature f_t with token x_{t+1}
+            shifted[row, : f.shape[0]] = torch.tensor(history[start + 1 : start + f.shape[0] + 1], device=self.device)
+        hidden, logits = self._step(shifted, context, own=False)
+        self.cache.advance(counts)
+        self.fed = [fed + count for fed, count in zip(self.fed, counts, strict=True)]
+        last = torch.tensor(counts, device=self.device) - 1
+        index = torch.arange(rows, device=self.device)
+        hidden, logits = hidden[index, last].unsqueeze(1), logits[index, last]
+        drafted, dists = [], []
+        steps = min(max(limits), self.max_drafts)
+        for step in range(steps):
+            if sampling.greedy:
+                token = logits.argmax(-1)
+            else:
+                dist = probabilities(logits, sampling)
+                token = sample(dist, generator)
+                dists.append(dist)
+            drafted.append(token)
+            if step + 1 == steps:
+                break
+            hidden, step_logits = self._step(token[:, None], hidden, own=True)
+            self.cache.advance([1] * rows)
+            logits = step_logits[:, 0]
+        tokens = torch.stack(drafted, dim=1) if drafted else torch.empty(rows, 0, dtype=torch.long)
+        probs = torch.stack(dists, dim=1) if dists else None
+        return [
+            (tokens[row, : limits[row]], None if probs is None else probs[row, : limits[row]]) for row in range(rows)
+        ]
+
+
+def make_batched_proposer(
+    method: str, draft: nn.Module, target_model: nn.Module, *, num_steps: int = 6
+) -> BatchedBlockProposer | BatchedEagleProposer:
+    """The batched proposer of a draft, wired to the target's embedding / lm_head where the method borrows them
+    (`num_steps`: EAGLE chain length)."""
     if method == "dflash":
         return BatchedBlockProposer(draft, target_model.get_input_embeddings(), target_model.get_output_embeddings())
     if method == "dspark":
         return BatchedBlockProposer(draft, draft.embed_tokens, draft.lm_head)
-    raise UsageError(f"batched decoding supports DFlash and DSpark drafts; a {method} draft runs one prompt at a time")
+    if method == "eagle3":
+        if not draft.owns_embeddings:
+            draft.attach_target_embeddings(target_model.get_input_embeddings())
+        return BatchedEagleProposer(draft, None, num_steps)
+    if method == "eagle1":
+        return BatchedEagleProposer(draft, target_model.get_output_embeddings(), num_steps)
+    raise UsageError(f"no batched decoding for {method!r} drafts")
 
 
 @dataclass
@@ -172,7 +268,9 @@ class BatchRow:
 class BatchEngine:
     """Speculative (or target-alone, with no proposer) decoding of several prompts in lockstep rounds."""
 
-    def __init__(self, target: FrozenTarget, proposer: BatchedBlockProposer | None = None) -> None:
+    def __init__(
+        self, target: FrozenTarget, proposer: BatchedBlockProposer | BatchedEagleProposer | None = None
+    ) -> None:
         problem = fast_path_problem(target)
         if problem is not None:
             raise UsageError(f"batched decoding needs a Llama / Mistral / Qwen2 / Qwen3 target: {problem}")
@@ -232,7 +330,8 @@ class BatchEngine:
             if proposer is not None:
                 cap = proposer.max_drafts if max_drafts is None else min(max_drafts, proposer.max_drafts)
                 limits = [max(0, min(cap, r - 1)) for r in remaining]
-                drafts = proposer.propose(last, limits, sampling, generator)
+                histories = [list(prompts[i]) + results[i].tokens for i in live]
+                drafts = proposer.propose(histories, limits, sampling, generator)
             else:
                 empty = torch.empty(0, dtype=torch.long, device=self.device)
                 drafts = [(empty, None)] * len(live)

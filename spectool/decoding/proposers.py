@@ -139,6 +139,15 @@ class BlockProposer(Proposer):
         return Proposal(torch.cat(tokens), torch.cat(probs) if probs else None)
 
 
+def eagle3_target_logits(draft: nn.Module, logits: torch.Tensor) -> torch.Tensor:
+    """EAGLE-3 logits over a pruned draft vocabulary [..., Vd] scattered onto target ids [..., V]."""
+    if not draft.pruned_vocab:
+        return logits
+    full = logits.new_full((*logits.shape[:-1], int(draft.config.vocab_size)), float("-inf"))
+    full[..., draft.draft_to_target(torch.arange(logits.shape[-1], device=logits.device))] = logits
+    return full
+
+
 class EagleProposer(Proposer):
     """EAGLE-1/2 and EAGLE-3 chains: one draft step per token, each fed the previous step's own hidden state.
 
@@ -154,7 +163,6 @@ class EagleProposer(Proposer):
             raise ValueError("an EAGLE-1 draft needs the target's lm_head")
         self.lm_head = lm_head
         self.max_drafts = num_steps
-        self.vocab_size = int(draft.config.vocab_size)
         self.reset()
 
     def reset(self) -> None:
@@ -177,12 +185,7 @@ class EagleProposer(Proposer):
         return predicted, self.lm_head(predicted[0, -1].to(self.lm_head.weight.dtype))
 
     def _target_vocab(self, logits: torch.Tensor) -> torch.Tensor:
-        """EAGLE-3 logits over a pruned draft vocabulary [..., Vd] scattered onto target ids [..., V]."""
-        if not self.draft.pruned_vocab:
-            return logits
-        full = logits.new_full((*logits.shape[:-1], self.vocab_size), float("-inf"))
-        full[..., self.draft.draft_to_target(torch.arange(logits.shape[-1], device=logits.device))] = logits
-        return full
+        return eagle3_target_logits(self.draft, logits)
 
     def _feed_context(self, tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Feed the pending committed positions with their real target features; (hidden, logits) at the last."""

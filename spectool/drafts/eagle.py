@@ -165,8 +165,8 @@ class LlamaEagleDraftModel(DraftModelMixin, PreTrainedModel):
         embeds = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         hidden = self.fc(torch.cat((embeds.to(hidden_states.dtype), hidden_states), dim=-1))
         batch, length = hidden.shape[:2]
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
+            past = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = torch.arange(past, past + length, device=hidden.device)
         position_ids = position_ids.expand(batch, length)
         cos_sin = self.rotary_emb(position_ids, hidden.dtype)

@@ -319,8 +319,8 @@ class LlamaEagle3DraftModel(DraftModelMixin, PreTrainedModel):
         hidden = self.fuse_target_features(target_hidden_states) if hidden_states is None else hidden_states
         embeds = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         batch, length = hidden.shape[:2]
-        past = past_key_values.get_seq_length() if past_key_values is not None else 0
         if position_ids is None:
+            past = past_key_values.get_seq_length() if past_key_values is not None else 0
             position_ids = torch.arange(past, past + length, device=hidden.device)
         position_ids = position_ids.expand(batch, length)
         q, k, v = self._qkv(embeds, hidden, position_ids)

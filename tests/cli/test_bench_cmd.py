@@ -185,3 +185,14 @@ def test_cuda_is_refused_with_the_fix_when_absent(dspark_draft, prompts_file):
         pytest.skip("this machine has CUDA")
     result = invoke("chat", "-d", str(dspark_draft), "--prompt", "hi", "--device", "cuda")
     assert result.exit_code == 2 and "--device cpu" in result.output
+
+
+def test_bench_batched_eagle3_chain_and_tree_refusal(chat_target_dir, prompts_file, tmp_path):
+    draft = init_draft(str(chat_target_dir), "eagle3", tmp_path / "eagle3", dtype="float32").path
+    args = ["bench", "-d", str(draft), "-p", str(prompts_file), "-n", "8", "--batch-size", "4"]
+    result = invoke(*args, "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert (data["method"], data["batch_size"], data["lossless"], data["new_tokens"]) == ("eagle3", 4, True, 32)
+    refused = invoke(*args, "--tree", "2,2,3")
+    assert refused.exit_code == 2 and "--tree decodes one prompt at a time" in refused.output

@@ -21,9 +21,12 @@ RAGGED = [*PROMPTS, [9, 8, 7, 6, 5, 4, 3, 2, 1, 10, 11, 12, 13, 14, 15, 16, 17, 
 
 def block_draft(method, target, config):
     torch.manual_seed(1)
-    draft = build_draft(method, config, target_layer_ids=LAYER_IDS[method], block_size=4, mask_token_id=255).eval()
+    options = {"block_size": 4, "mask_token_id": 255} if method in ("dflash", "dspark") else {}
+    draft = build_draft(method, config, target_layer_ids=LAYER_IDS[method], **options).eval()
     if method == "dspark":
         draft.copy_target_weights(target)
+    if method == "eagle1":
+        draft.copy_target_embeddings(target)
     return draft
 
 
@@ -49,38 +52,45 @@ def test_ragged_rows_match_each_row_alone(qwen3_target):
         torch.testing.assert_close(step_features[row], ref_features[0], rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("method", ["dflash", "dspark"])
+@pytest.mark.parametrize("method", ["dflash", "dspark", "eagle1", "eagle3"])
 def test_batched_drafts_equal_single_row_drafts(method, qwen3_target, qwen3_config):
     """Two rounds of context of different lengths per row: each row's block equals BlockProposer's for it."""
     draft = block_draft(method, qwen3_target, qwen3_config)
     frozen = FrozenTarget(qwen3_target, LAYER_IDS[method])
-    batched = make_batched_proposer(method, draft, qwen3_target)
+    batched = make_batched_proposer(method, draft, qwen3_target, num_steps=4)
     batched.reset(len(RAGGED))
-    single = make_proposer(method, draft, qwen3_target)
+    single = make_proposer(method, draft, qwen3_target, num_steps=4)
     greedy, generator = SamplingParams(), torch.Generator()
-    contexts = [frozen.capture(torch.tensor([p])).target_hidden_states[0] for p in RAGGED]
-    extra = [2, 1, 3, 1]  # a second round commits a different number of positions per row
+    # Each row: its prompt and a 2-token answer. Round 1 commits all but the last `extra` positions, round 2 the
+    # rest; the history a round reads ends with the token after the committed ones.
+    sequences = [[*p, 7, 8] for p in RAGGED]
+    contexts = [frozen.capture(torch.tensor([s])).target_hidden_states[0] for s in sequences]
+    extra = [2, 1, 3, 1]
+    cut = [len(s) - e for s, e in zip(sequences, extra, strict=True)]
     for row, context in enumerate(contexts):
-        batched.extend_context(row, context[: len(RAGGED[row]) - extra[row]])
-    first = batched.propose([p[-1] for p in RAGGED], [9] * 4, greedy, generator)
+        batched.extend_context(row, context[: cut[row]])
+    first_histories = [s[: c + 1] for s, c in zip(sequences, cut, strict=True)]
+    first = batched.propose(first_histories, [9] * 4, greedy, generator)
     for row, context in enumerate(contexts):
-        batched.extend_context(row, context[len(RAGGED[row]) - extra[row] :])
-    second = batched.propose([p[0] for p in RAGGED], [2, 9, 1, 3], greedy, generator)
-    for row, (prompt, context) in enumerate(zip(RAGGED, contexts, strict=True)):
+        batched.extend_context(row, context[cut[row] :])
+    histories = [[*s, 9] for s in sequences]
+    second = batched.propose(histories, [2, 9, 1, 3], greedy, generator)
+    for row, context in enumerate(contexts):
         single.reset()
-        single.extend_context(context[None, : len(prompt) - extra[row]])
-        expected = single.propose(prompt, greedy, generator, 9).tokens
+        single.extend_context(context[None, : cut[row]])
+        expected = single.propose(first_histories[row], greedy, generator, 9).tokens
         torch.testing.assert_close(first[row][0], expected)
-        single.extend_context(context[None, len(prompt) - extra[row] :])
-        expected = single.propose(prompt[:1], greedy, generator, [2, 9, 1, 3][row]).tokens
+        single.extend_context(context[None, cut[row] :])
+        expected = single.propose(histories[row], greedy, generator, [2, 9, 1, 3][row]).tokens
         torch.testing.assert_close(second[row][0], expected)
 
 
-@pytest.mark.parametrize("method", [None, "dflash", "dspark"])
+@pytest.mark.parametrize("method", [None, "dflash", "dspark", "eagle1", "eagle3"])
 def test_every_row_is_the_targets_greedy_answer(method, qwen3_target, qwen3_config):
     proposer = None
     if method:
-        proposer = make_batched_proposer(method, block_draft(method, qwen3_target, qwen3_config), qwen3_target)
+        draft = block_draft(method, qwen3_target, qwen3_config)
+        proposer = make_batched_proposer(method, draft, qwen3_target, num_steps=3)
     engine = BatchEngine(FrozenTarget(qwen3_target, LAYER_IDS.get(method, [])), proposer)
     rows = engine.generate(RAGGED, max_new_tokens=17)
     for prompt, row in zip(RAGGED, rows, strict=True):
@@ -89,7 +99,7 @@ def test_every_row_is_the_targets_greedy_answer(method, qwen3_target, qwen3_conf
         assert sum(len(r.tokens) for r in row.rounds) == 17
     if method:  # drafts were proposed and some accepted: the rows really ran speculatively
         stats = GenerationStats([r for row in rows for r in row.rounds])
-        assert max(r.num_drafted for r in stats.rounds) == (3 if method == "dflash" else 4)
+        assert max(r.num_drafted for r in stats.rounds) == (4 if method == "dspark" else 3)
 
 
 def test_rows_finish_at_their_own_stops(qwen3_target, qwen3_config):
@@ -129,7 +139,7 @@ def test_sampling_rows_are_reproducible_and_valid(qwen3_target, qwen3_config):
     assert first != greedy  # it really sampled
 
 
-def test_eagle_drafts_are_refused(qwen3_target, qwen3_config):
+def test_unknown_methods_are_refused(qwen3_target, qwen3_config):
     draft = build_draft("eagle3", qwen3_config, target_layer_ids=LAYER_IDS["eagle3"])
-    with pytest.raises(UsageError, match="one prompt at a time"):
-        make_batched_proposer("eagle3", draft, qwen3_target)
+    with pytest.raises(UsageError, match="no batched decoding"):
+        make_batched_proposer("medusa", draft, qwen3_target)
