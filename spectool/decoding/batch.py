@@ -20,10 +20,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from spectool.decoding.accept import SamplingParams, accept_greedy, accept_sampling, probabilities, sample
+from spectool.decoding.accept import SamplingParams, accept_greedy, accept_sampling, probabilities
 from spectool.decoding.engine import Engine, FinishReason, RoundEvent
 from spectool.decoding.fast_target import FastTargetSession, fast_path_problem
-from spectool.decoding.proposers import eagle3_target_logits, read_block_draft
+from spectool.decoding.proposers import draw, eagle3_target_logits, read_block_draft
 from spectool.decoding.stops import StopStrings
 from spectool.errors import UsageError
 from spectool.target import FrozenTarget
@@ -127,25 +127,15 @@ class BatchedBlockProposer:
         )
         self.cache.advance(counts)
         if not self.is_dspark:
-            logits = self.lm_head(hidden[:, 1:])
-            if sampling.greedy:
-                tokens, probs = logits.argmax(-1), None
-            else:
-                probs = probabilities(logits, sampling)
-                tokens = sample(probs, generator)
+            tokens, probs = draw(self.lm_head(hidden[:, 1:]), sampling, generator)
         else:
             base = self.lm_head(hidden)
             prev = block[:, 0]
             drawn, dists = [], []
             for k in range(self.block_size):
-                slot = base[:, k] + self.draft.markov_bias(prev)
-                if sampling.greedy:
-                    prev = slot.argmax(-1)
-                else:
-                    dist = probabilities(slot, sampling)
-                    prev = sample(dist, generator)
-                    dists.append(dist)
+                prev, dist = draw(base[:, k] + self.draft.markov_bias(prev), sampling, generator)
                 drawn.append(prev)
+                dists += [dist] if dist is not None else []
             tokens = torch.stack(drawn, dim=1)
             probs = torch.stack(dists, dim=1) if dists else None
         return [
@@ -219,13 +209,9 @@ class BatchedEagleProposer:
         drafted, dists = [], []
         steps = min(max(limits), self.max_drafts)
         for step in range(steps):
-            if sampling.greedy:
-                token = logits.argmax(-1)
-            else:
-                dist = probabilities(logits, sampling)
-                token = sample(dist, generator)
-                dists.append(dist)
+            token, dist = draw(logits, sampling, generator)
             drafted.append(token)
+            dists += [dist] if dist is not None else []
             if step + 1 == steps:
                 break
             hidden, step_logits = self._step(token[:, None], hidden, own=True)

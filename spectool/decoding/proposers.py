@@ -53,10 +53,10 @@ class Proposer(ABC):
         """Draft up to `limit` tokens after the committed `last_token` (whose features are not known yet)."""
 
 
-def _draw(
+def draw(
     logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Greedy argmax, or a sample with its processed distribution, for each row of `logits` [k, V]."""
+    """Greedy argmax, or a sample with its processed distribution, for each row of `logits` [..., V]."""
     if sampling.greedy:
         return logits.argmax(-1), None
     probs = probabilities(logits, sampling)
@@ -113,7 +113,7 @@ class BlockProposer(Proposer):
             past_key_values=self.cache,
         )[0]
         if not self.is_dspark:
-            tokens, probs = _draw(self.lm_head(hidden[1 : 1 + limit]), sampling, generator)
+            tokens, probs = draw(self.lm_head(hidden[1 : 1 + limit]), sampling, generator)
             return Proposal(tokens, probs)
         return self._dspark_block(hidden[:limit], last_token, sampling, generator)
 
@@ -129,7 +129,7 @@ class BlockProposer(Proposer):
             # The decision reads the draft only, so stopping here keeps decoding lossless.
             if admission is not None and not admission.admit(float(draft.confidence_logits(hidden[k : k + 1], prev))):
                 break
-            token, dist = _draw(base[k : k + 1] + draft.markov_bias(prev), sampling, generator)
+            token, dist = draw(base[k : k + 1] + draft.markov_bias(prev), sampling, generator)
             tokens.append(token)
             if dist is not None:
                 probs.append(dist)
@@ -203,7 +203,7 @@ class EagleProposer(Proposer):
         hidden, logits = self._feed_context(tokens)
         drafted, dists = [], []
         for step in range(min(limit, self.max_drafts)):
-            token, dist = _draw(logits.unsqueeze(0), sampling, generator)
+            token, dist = draw(logits.unsqueeze(0), sampling, generator)
             drafted.append(token)
             if dist is not None:
                 dists.append(dist)
