@@ -120,18 +120,23 @@ def _timed_hf(
 ):
     """HF generate (``extra``: e.g. prompt lookup); stop strings by the same rule as spectool's loop (HF's own
     ``stop_strings`` cannot read every tokenizer's vocabulary)."""
+    if stop_strings is not None:
+        extra["stopping_criteria"] = _stop_criteria(stop_strings, len(ids))
+    inputs = torch.tensor([ids], device=runtime.model.device)
+    out, seconds = _hf_generate(runtime, inputs, torch.ones_like(inputs), max_new_tokens, sampling, **extra)
+    return out[0, len(ids) :].tolist(), seconds
+
+
+def _stop_criteria(stop_strings: StopStrings, prompt_width: int):
+    """HF stopping criteria: a row is done once its answer (after `prompt_width`) holds a stop string."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     class StopAtStrings(StoppingCriteria):
         def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-            done = stop_strings.found_in(input_ids[0, len(ids) :].tolist())
-            return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+            done = [stop_strings.found_in(row[prompt_width:]) for row in input_ids.tolist()]
+            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
-    if stop_strings is not None:
-        extra["stopping_criteria"] = StoppingCriteriaList([StopAtStrings()])
-    inputs = torch.tensor([ids], device=runtime.model.device)
-    out, seconds = _hf_generate(runtime, inputs, torch.ones_like(inputs), max_new_tokens, sampling, **extra)
-    return out[0, len(ids) :].tolist(), seconds
+    return StoppingCriteriaList([StopAtStrings()])
 
 
 def _pad_id(runtime: Runtime) -> int:
@@ -159,8 +164,15 @@ def _hf_generate(
     return out, time.perf_counter() - start
 
 
-def _timed_hf_batch(runtime: Runtime, group: list[list[int]], max_new_tokens: int, sampling: SamplingParams):
-    """HF generate over a left-padded batch; each row's answer ends at its first stop token."""
+def _timed_hf_batch(
+    runtime: Runtime,
+    group: list[list[int]],
+    max_new_tokens: int,
+    sampling: SamplingParams,
+    stop_strings: StopStrings | None = None,
+):
+    """HF generate over a left-padded batch; each row's answer ends at its first stop token, or with the token
+    that completes a stop string (the rule of spectool's loops)."""
     model = runtime.model
     pad = _pad_id(runtime)
     width = max(len(ids) for ids in group)
@@ -169,10 +181,13 @@ def _timed_hf_batch(runtime: Runtime, group: list[list[int]], max_new_tokens: in
     for row, ids in enumerate(group):
         inputs[row, width - len(ids) :] = torch.tensor(ids, device=model.device)
         mask[row, width - len(ids) :] = 1
-    out, seconds = _hf_generate(runtime, inputs, mask, max_new_tokens, sampling)
+    extra = {"stopping_criteria": _stop_criteria(stop_strings, width)} if stop_strings is not None else {}
+    out, seconds = _hf_generate(runtime, inputs, mask, max_new_tokens, sampling, **extra)
     stops, answers = set(runtime.stop_token_ids), []
     for row in out[:, width:].tolist():
         end = next((i + 1 for i, token in enumerate(row) if token in stops), len(row))
+        if stop_strings is not None:
+            end = next((i for i in range(1, end + 1) if stop_strings.completes_at(row, i)), end)
         answers.append(row[:end])
     return answers, seconds
 
@@ -375,6 +390,7 @@ def _run_batched(
 ) -> BenchReport:
     """`run_bench` with `batch_size` prompts decoded together, by the speculative loop and by each baseline."""
     from spectool.decoding.batch import BatchEngine, make_batched_proposer
+    from spectool.decoding.proposers import EagleTreeProposer
 
     unsupported = [b for b in baselines if b not in BATCH_BASELINES]
     if unsupported:
@@ -385,7 +401,7 @@ def _run_batched(
     if runtime.engine.scheduler is not None:
         raise UsageError("--verify auto decodes one prompt at a time; drop --batch-size or use --verify full")
     draft, single = runtime.draft, runtime.engine.proposer
-    if getattr(single, "top_k", None) is not None:  # an EAGLE-2 tree proposer
+    if isinstance(single, EagleTreeProposer):
         raise UsageError("--tree decodes one prompt at a time; drop --batch-size or --tree")
     proposer = make_batched_proposer(draft.method, draft.model, runtime.model, num_steps=single.max_drafts)
     spec = BatchEngine(runtime.engine.session.target, proposer)
@@ -419,7 +435,7 @@ def _run_batched(
                     first + i for i, (a, b) in enumerate(zip(rows, reference, strict=True)) if a.tokens != b.tokens
                 ]
         if "hf" in baselines:
-            answers, hf_seconds = _timed_hf_batch(runtime, group, max_new_tokens, sampling)
+            answers, hf_seconds = _timed_hf_batch(runtime, group, max_new_tokens, sampling, kwargs.get("stop_strings"))
             seconds["hf"] += hf_seconds
             tokens["hf"] += sum(len(a) for a in answers)
         if on_prompt:

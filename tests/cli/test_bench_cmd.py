@@ -144,6 +144,15 @@ def test_dflash_package_baseline_accepts_the_same(chat_target_dir, prompts_file,
     assert zlab["acceptance_length"] == pytest.approx(data["acceptance_length"], abs=0.15)
 
 
+def test_bench_batched_stop_strings_cut_every_decoder(dspark_draft, prompts_file):
+    args = ["bench", "-d", str(dspark_draft), "-p", str(prompts_file), "-n", "12", "--batch-size", "4", "--json"]
+    full = json.loads(invoke(*args).stdout)
+    result = invoke(*args, "--stop", "a", "--stop", "e")
+    assert result.exit_code == 0, result.output
+    stopped = json.loads(result.stdout)
+    assert stopped["lossless"] is True and stopped["new_tokens"] < full["new_tokens"]
+
+
 def test_bench_batched_is_lossless_and_says_its_batch(dspark_draft, prompts_file):
     result = invoke(
         "bench", "-d", str(dspark_draft), "-p", str(prompts_file), "-n", "10", "--batch-size", "3", "--json"
