@@ -217,7 +217,7 @@ class BatchedEagleProposer:
             hidden, step_logits = self._step(token[:, None], hidden, own=True)
             self.cache.advance([1] * rows)
             logits = step_logits[:, 0]
-        tokens = torch.stack(drafted, dim=1) if drafted else torch.empty(rows, 0, dtype=torch.long)
+        tokens = torch.stack(drafted, dim=1) if drafted else torch.empty(rows, 0, dtype=torch.long, device=self.device)
         probs = torch.stack(dists, dim=1) if dists else None
         return [
             (tokens[row, : limits[row]], None if probs is None else probs[row, : limits[row]]) for row in range(rows)
