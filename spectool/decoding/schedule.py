@@ -91,15 +91,6 @@ class PrefixScheduler:
         """D + V(n): a round that verifies `num_tokens` tokens (the anchor included)."""
         return (self.draft_seconds or 0.0) + 1.0 / self.profile.steps_per_second(num_tokens)
 
-    def survival(self, confidence_logits: torch.Tensor) -> torch.Tensor:
-        """a_j = prod_{i<=j} sigmoid(c_i / T_i) for j = 1..k."""
-        logits = confidence_logits.float().flatten()
-        if self.temperatures:
-            temps = torch.tensor(self.temperatures[: logits.numel()], dtype=torch.float32, device=logits.device)
-            temps = torch.cat((temps, temps.new_ones(logits.numel() - temps.numel())))
-            logits = logits / temps
-        return torch.sigmoid(logits).cumprod(0)
-
     def admission(self) -> Admission:
         """A fresh left-to-right decision for one block: what lets a proposer stop drafting the block at the first
         slot the scheduler would cut."""

@@ -59,10 +59,13 @@ def test_confident_drafts_use_the_whole_block_on_flat_cost():
 
 
 def test_temperatures_soften_the_confidence():
-    scheduler = PrefixScheduler(PROFILE, temperatures=[4.0, 4.0])
-    survival = scheduler.survival(logit([0.9, 0.8, 0.6]))
-    expected = torch.sigmoid(logit([0.9, 0.8, 0.6]) / torch.tensor([4.0, 4.0, 1.0])).cumprod(0)
-    assert torch.allclose(survival, expected)
+    scheduler = PrefixScheduler(VerifyCostProfile((1.0,) * 4, 8), temperatures=[4.0, 4.0])  # flat cost: admit all
+    values = logit([0.9, 0.8, 0.6])
+    expected = torch.sigmoid(values / torch.tensor([4.0, 4.0, 1.0])).cumprod(0)  # the last position: T = 1
+    admission = scheduler.admission()
+    for value, survival in zip(values.tolist(), expected.tolist(), strict=True):
+        assert admission.admit(value)
+        assert admission.survival == pytest.approx(survival)
 
 
 def test_profile_is_positive_and_leaves_the_session_empty(qwen3_target):
