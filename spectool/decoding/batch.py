@@ -260,7 +260,7 @@ class BatchEngine:
         problem = fast_path_problem(target)
         if problem is not None:
             raise UsageError(f"batched decoding needs a Llama / Mistral / Qwen2 / Qwen3 target: {problem}")
-        self.target = target
+        self.session = FastTargetSession(target)  # re-shaped per call to the batch's row count
         self.proposer = proposer
         self.device = next(target.model.parameters()).device
 
@@ -282,7 +282,8 @@ class BatchEngine:
         generator.manual_seed(seed if seed is not None else 0)
         stops = set(stop_token_ids)
         results = [BatchRow() for _ in prompts]
-        session = FastTargetSession(self.target, batch_size=len(prompts))
+        session = self.session
+        session.reset(batch_size=len(prompts))
         proposer = self.proposer
         if proposer is not None:
             proposer.reset(len(prompts))

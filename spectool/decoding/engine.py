@@ -28,7 +28,7 @@ from spectool.decoding.accept import (
     sample,
     walk_tree,
 )
-from spectool.decoding.fast_target import FastTargetSession, fast_path_problem
+from spectool.decoding.fast_target import FastTargetSession
 from spectool.decoding.proposers import Proposal, Proposer
 from spectool.decoding.schedule import PrefixScheduler
 from spectool.decoding.stops import StopStrings
@@ -136,7 +136,10 @@ class TargetSession:
 
 def target_session(target: FrozenTarget) -> TargetSession | FastTargetSession:
     """The lean forward where the architecture allows it, else the transformers forward with a DynamicCache."""
-    return FastTargetSession(target) if fast_path_problem(target) is None else TargetSession(target)
+    try:
+        return FastTargetSession(target)
+    except ValueError:  # `fast_path_problem` names what the lean forward does not cover
+        return TargetSession(target)
 
 
 class Engine:

@@ -163,7 +163,13 @@ class FastTargetSession:
         self.lengths = [0] * batch_size  # cached positions per row
         self._grow(_INITIAL_CAPACITY)
 
-    def reset(self) -> None:
+    def reset(self, batch_size: int | None = None) -> None:
+        """Forget every row; `batch_size` (batched decoding) re-shapes the cache for that many rows."""
+        if batch_size is not None and batch_size != self.batch_size:
+            capacity, self.batch_size = self.capacity, batch_size
+            self.keys, self.values, self.capacity = [], [], 0
+            self.lengths = [0] * batch_size
+            self._grow(capacity)
         self.lengths = [0] * self.batch_size
 
     @property
