@@ -9,7 +9,7 @@ The journey of a row:
    learns what the target generates, so exactly the assistant turns (with their end-of-turn token, which the
    draft must predict too) are supervised, and template-inserted empty ``<think></think>`` blocks are not.
 3. `tokenize_conversations` truncates (and optionally packs) the examples; `collate` pads them into a
-   `Batch`; `ShuffledBatches` serves seeded, shuffled batches whose position can be saved and restored.
+   `Batch`; `ShuffledBatches` serves seeded, shuffled, length-grouped batches whose position can be saved and restored.
 4. `regenerate` rewrites the assistant turns with the target itself, so the draft learns the target's own
    distribution rather than whoever wrote the data; it appends JSONL and resumes after a kill.
 """
@@ -752,13 +752,42 @@ def collate(examples: Sequence[TokenizedExample], pad_token_id: int, *, pad_to: 
 # --------------------------------------------------------------------------------------------------------------
 
 
+#: How many batches' worth of shuffled examples `length_grouped` sorts by length together.
+GROUP_BATCHES = 50
+
+
+def length_grouped(order: list[int], lengths: Sequence[int], batch_size: int, generator: torch.Generator) -> list[int]:
+    """Reorder a shuffled ``order`` so that each batch holds examples of similar length (less padding to compute).
+
+    The order is cut into runs of ``GROUP_BATCHES * batch_size`` examples, each run is sorted by length and cut
+    into batches, and the full batches are shuffled over the epoch (with ``generator``), the full batch holding
+    the longest example first, so a batch that does not fit in memory fails at the first step rather than hours
+    in. A final partial batch stays last. Every example still appears exactly once.
+    """
+    if batch_size < 2 or len(order) <= batch_size:
+        return order
+    run = GROUP_BATCHES * batch_size
+    grouped: list[int] = []
+    for start in range(0, len(order), run):
+        grouped.extend(sorted(order[start : start + run], key=lambda i: -lengths[i]))
+    batches = [grouped[i : i + batch_size] for i in range(0, len(grouped), batch_size)]
+    tail = [batches.pop()] if len(batches[-1]) < batch_size else []
+    shuffled = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()]
+    longest = max(range(len(shuffled)), key=lambda b: max(lengths[i] for i in shuffled[b]))
+    shuffled[0], shuffled[longest] = shuffled[longest], shuffled[0]
+    return [i for batch in shuffled + tail for i in batch]
+
+
 class ShuffledBatches:
     """Seeded, shuffled batches over examples, epoch after epoch, with a position that survives a restart.
 
-    Epoch e visits the examples in the order of a permutation seeded by (seed, e), so the sequence of batches is
-    a pure function of the data, the seed and the batch size. `state_dict` records the epoch and the offset into
-    that permutation; `load_state_dict` restores it, and the batches that follow are the ones an uninterrupted
-    run would have produced. ``num_epochs=None`` iterates forever (the trainer counts steps).
+    Epoch e visits the examples in the order of a permutation seeded by (seed, e), regrouped so that a batch holds
+    examples of similar length (`length_grouped`), so the sequence of batches is a pure function of the data, the
+    seed and the batch size. With ``batches_per_step`` > 1 (gradient accumulation) the grouping keeps the examples
+    of one optimizer step together, so its micro-batches hold the same examples as one batch that size would.
+    `state_dict` records the epoch and the offset into that permutation; `load_state_dict` restores it, and the
+    batches that follow are the ones an uninterrupted run would have produced. ``num_epochs=None`` iterates
+    forever (the trainer counts steps).
     """
 
     def __init__(
@@ -771,6 +800,7 @@ class ShuffledBatches:
         drop_last: bool = False,
         pad_to: int | None = None,
         num_epochs: int | None = None,
+        batches_per_step: int = 1,
     ) -> None:
         if batch_size < 1:
             raise UsageError(f"batch size must be at least 1, got {batch_size}")
@@ -784,6 +814,7 @@ class ShuffledBatches:
         self.seed = seed
         self.drop_last = drop_last
         self.pad_to = pad_to
+        self.batches_per_step = max(1, batches_per_step)
         self.num_epochs = num_epochs
         self.epoch = 0
         self.position = 0  # offset into this epoch's permutation of the next example to serve
@@ -812,7 +843,9 @@ class ShuffledBatches:
     def _epoch_order(self) -> list[int]:
         if self._order is None:
             generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            self._order = torch.randperm(len(self.examples), generator=generator).tolist()
+            order = torch.randperm(len(self.examples), generator=generator).tolist()
+            lengths = [len(example) for example in self.examples]
+            self._order = length_grouped(order, lengths, self.batch_size * self.batches_per_step, generator)
         return self._order
 
     def fingerprint(self) -> str:

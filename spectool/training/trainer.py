@@ -267,7 +267,13 @@ class Trainer:
             )
         self.model = wrap_model(DraftWithObjective(self.draft, self.objective), context, fsdp=config.fsdp)
         self.optimizer = self._make_optimizer()
-        self.batches = IndexedBatches(self.train_examples, config.batch_size, self.pad_id, seed=config.seed)
+        self.batches = IndexedBatches(
+            self.train_examples,
+            config.batch_size,
+            self.pad_id,
+            seed=config.seed,
+            batches_per_step=config.grad_accum,
+        )
         self.total_steps, self.warmup_steps, self.scheduler = self._make_schedule()
         self.generator = torch.Generator(self.device).manual_seed(config.seed * 1_000_003 + context.rank)
         self.step, self.tokens, self.seconds = 0, 0, 0.0

@@ -13,6 +13,7 @@ from spectool.training.data import (
     ShuffledBatches,
     TokenizedExample,
     collate,
+    length_grouped,
     pack_examples,
     pad_token_id,
     split_heldout,
@@ -124,6 +125,43 @@ def test_state_dict_refuses_other_data_or_seed():
         ShuffledBatches(DATA[:-1], 3, 0, seed=5).load_state_dict(state)
     with pytest.raises(SpectoolError, match="seed 5"):
         ShuffledBatches(DATA, 3, 0, seed=6).load_state_dict(state)
+
+
+def test_length_grouped_order():
+    lengths = [(7 * i) % 97 + 1 for i in range(1000)]
+    order = torch.randperm(1000, generator=torch.Generator().manual_seed(0)).tolist()
+    grouped = length_grouped(order, lengths, 8, torch.Generator().manual_seed(1))
+    assert sorted(grouped) == list(range(1000))  # every example once
+
+    def padded(sequence):  # tokens computed with right padding to each batch's longest row
+        return sum(8 * max(lengths[i] for i in sequence[b : b + 8]) for b in range(0, 1000, 8))
+
+    assert padded(grouped) < 0.6 * padded(order)
+    assert max(lengths[i] for i in grouped[:8]) == max(lengths)  # the longest batch comes first
+    assert grouped == length_grouped(order, lengths, 8, torch.Generator().manual_seed(1))
+    assert grouped != length_grouped(order, lengths, 8, torch.Generator().manual_seed(2))
+    # a partial last batch stays last; batch size 1 keeps the shuffled order
+    odd = length_grouped(order[: 1003 - 8], lengths, 8, torch.Generator().manual_seed(1))
+    assert sorted(odd) == sorted(order[:995]) and set(odd[-3:]) <= set(order[:995])
+    assert length_grouped(order, lengths, 1, torch.Generator()) == order
+
+
+def test_shuffled_batches_group_similar_lengths():
+    data = [example([i] * (1 + (5 * i) % 40)) for i in range(400)]  # lengths 1, 6, ..., 36
+    loader = ShuffledBatches(data, 4, 0, seed=3)
+    widths = [next(loader).input_ids.shape[1] for _ in range(len(loader))]
+    assert widths[0] == 36  # the longest batch first
+    shuffled = torch.randperm(400, generator=torch.Generator().manual_seed(3)).tolist()
+    random_widths = [max(len(data[i]) for i in shuffled[b : b + 4]) for b in range(0, 400, 4)]
+    assert sum(widths) < 0.75 * sum(random_widths)
+
+
+def test_accumulated_micro_batches_hold_the_examples_of_one_batch():
+    data = [example([i] * (1 + (5 * i) % 40)) for i in range(400)]
+    whole, micro = ShuffledBatches(data, 4, 0, seed=3), ShuffledBatches(data, 2, 0, seed=3, batches_per_step=2)
+    for _ in range(150):  # crosses an epoch
+        rows = sorted(next(micro).input_ids[:, 0].tolist() + next(micro).input_ids[:, 0].tolist())
+        assert rows == sorted(next(whole).input_ids[:, 0].tolist())
 
 
 def test_finite_epochs_and_drop_last():
