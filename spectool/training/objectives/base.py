@@ -8,6 +8,9 @@ Conventions of all objectives:
   ``position_ids`` that restart at 0 per document; without them a row is one document padded per
   ``attention_mask``. No label, teacher position, shift or block ever leaves the contiguous run of its document.
 * The loss math (softmax, cross entropy, L1, BCE) runs in float32 whatever the model dtype or autocast.
+* Vocabulary-sized work (logits, softmaxes, their gradients) goes through `map_row_chunks`: at most
+  ``VOCAB_CHUNK_ELEMENTS`` rows x vocabulary floats at a time, recomputed in the backward pass, so a 150k-token
+  vocabulary over tens of thousands of supervised positions never sits in memory whole.
 * ``acceptance_length`` counts the bonus token: it estimates the tokens emitted per target verify forward
   (SPEC §6), 1 for a useless draft.
 """
@@ -15,12 +18,14 @@ Conventions of all objectives:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from spectool.errors import UsageError
 from spectool.target import TargetBatch
@@ -165,6 +170,30 @@ def project(lm_head: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """``lm_head(hidden)`` with ``hidden`` cast to the head's dtype (a bf16 target may serve an fp32 draft)."""
     weight = getattr(lm_head, "weight", None)
     return lm_head(hidden.to(weight.dtype) if isinstance(weight, torch.Tensor) else hidden)
+
+
+#: The most rows x vocabulary elements that `map_row_chunks` lets one chunk materialise (256 MiB in float32).
+VOCAB_CHUNK_ELEMENTS = 1 << 26
+
+
+def map_row_chunks(
+    fn: Callable[..., tuple[torch.Tensor, ...]], *rows: torch.Tensor, width: int
+) -> tuple[torch.Tensor, ...]:
+    """``fn(*rows)`` computed over chunks of rows and concatenated: ``fn`` maps row-aligned inputs (first
+    dimension n) to a tuple of row-aligned outputs and builds ``[chunk, width]`` intermediates (``width`` = the
+    vocabulary). When the whole does not exceed ``VOCAB_CHUNK_ELEMENTS`` it is one call; otherwise each chunk
+    runs under activation checkpointing when gradients are on, so the backward pass keeps only the inputs and
+    ``fn``'s outputs and recomputes one chunk's intermediates at a time. Results equal the single call's (up to
+    float summation order in the weight gradients)."""
+    total = rows[0].shape[0]
+    chunk = max(1, VOCAB_CHUNK_ELEMENTS // max(1, width))
+    if total <= chunk:
+        return fn(*rows)
+    parts = []
+    for start in range(0, total, chunk):
+        piece = [row[start : start + chunk] for row in rows]
+        parts.append(checkpoint(fn, *piece, use_reentrant=False) if torch.is_grad_enabled() else fn(*piece))
+    return tuple(torch.cat(outputs) for outputs in zip(*parts, strict=True))
 
 
 def weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -31,6 +31,7 @@ from .base import (
     chain_statistics,
     check_positive,
     finish,
+    map_row_chunks,
     project,
     rate_metrics,
     weighted_mean,
@@ -76,15 +77,21 @@ class DFlashObjective(BlockObjective):
 
         offsets = torch.arange(1, block, device=anchors.device)
         labels, valid = slot_labels(input_ids, batch.loss_mask, docs, anchors, anchor_valid, offsets)
-        logits = project(target_lm_head, hidden[valid]).float()
-        ce = F.cross_entropy(logits, labels[valid], reduction="none")
+
+        def slot_terms(slot_hidden: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """Per slot: CE and the draft's argmax (the vocabulary-sized part, in chunks)."""
+            logits = project(target_lm_head, slot_hidden).float()
+            return F.cross_entropy(logits, tokens, reduction="none"), logits.detach().argmax(-1)
+
+        width = int(self.draft.config.vocab_size)
+        ce, top = map_row_chunks(slot_terms, hidden[valid], labels[valid], width=width)
         slot_weights = torch.exp(-(offsets - 1).float() / self.gamma)
         weights = slot_weights.expand(valid.shape)[valid]
         loss = weighted_mean(ce, weights)
 
         with torch.no_grad():
             hits = torch.zeros_like(valid)
-            hits[valid] = logits.argmax(-1) == labels[valid]
+            hits[valid] = top == labels[valid]
             _, prefix, _ = chain_statistics(hits.flatten(0, 1), valid.flatten(0, 1))
         metrics = {
             "ce": loss,

@@ -40,6 +40,7 @@ from .base import (
     check_positive,
     expected_prefix_survival,
     finish,
+    map_row_chunks,
     project,
     rate_metrics,
     weighted_mean,
@@ -102,16 +103,24 @@ class DSparkObjective(BlockObjective):
         eval_mask = valid.long().cumprod(-1).bool()
         prev = teacher_forced_prev_tokens(input_ids, anchors, block).view_as(labels)[eval_mask]
         rows, blocks, slots = eval_mask.nonzero(as_tuple=True)
-        with torch.no_grad():
-            teacher_hidden = batch.target_last_hidden_states[rows, anchors[rows, blocks] + slots]
-            teacher = torch.softmax(project(target_lm_head, teacher_hidden).float(), dim=-1)
-
+        teacher_hidden = batch.target_last_hidden_states[rows, anchors[rows, blocks] + slots].detach()
         slot_hidden = hidden[eval_mask]
         target_tokens = labels[eval_mask]
-        log_q = F.log_softmax(draft.draft_logits(slot_hidden, prev).float(), dim=-1)
-        ce = F.nll_loss(log_q, target_tokens, reduction="none")
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.l1_weight > 0):  # no backward through a 0 term
-            l1 = (log_q.exp() - teacher).abs().sum(-1)
+
+        def slot_terms(
+            slot_hidden: torch.Tensor, prev: torch.Tensor, tokens: torch.Tensor, teacher_hidden: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            """Per slot: CE, L1 to the teacher, and the draft's argmax (the vocabulary-sized part, in chunks)."""
+            log_q = F.log_softmax(draft.draft_logits(slot_hidden, prev).float(), dim=-1)
+            ce = F.nll_loss(log_q, tokens, reduction="none")
+            with torch.no_grad():
+                teacher = torch.softmax(project(target_lm_head, teacher_hidden).float(), dim=-1)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and self.l1_weight > 0):  # no backward of a 0 term
+                l1 = (log_q.exp() - teacher).abs().sum(-1)
+            return ce, l1, log_q.detach().argmax(-1)
+
+        width = int(draft.config.vocab_size)
+        ce, l1, top = map_row_chunks(slot_terms, slot_hidden, prev, target_tokens, teacher_hidden, width=width)
         accept = (1 - l1 / 2).clamp(0, 1)
         weights = torch.exp(-offsets.float() / self.gamma).expand(eval_mask.shape)[eval_mask]
         ce_mean, l1_mean = weighted_mean(ce, weights), weighted_mean(l1, weights)
@@ -127,7 +136,7 @@ class DSparkObjective(BlockObjective):
             per_slot_accept = torch.zeros(eval_mask.shape, device=accept.device)
             per_slot_accept[eval_mask] = accept
             hits = torch.zeros_like(eval_mask)
-            hits[eval_mask] = log_q.argmax(-1) == target_tokens
+            hits[eval_mask] = top == target_tokens
             flat_mask = eval_mask.flatten(0, 1)
             supervised = flat_mask.sum(0).clamp_min(1)
             _, prefix, _ = chain_statistics(hits.flatten(0, 1), flat_mask)

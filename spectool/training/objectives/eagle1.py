@@ -39,6 +39,7 @@ from .base import (
     chain_statistics,
     check_positive,
     finish,
+    map_row_chunks,
     project,
     rate_metrics,
     shift_left,
@@ -111,17 +112,25 @@ class Eagle1Objective(Objective):
         pred = predicted[rows, cols]
         target = features[rows, cols + 1]
         smooth_l1 = F.smooth_l1_loss(pred.float(), target.float(), reduction="none").mean(-1)
-        with torch.no_grad():
-            teacher_logits = project(target_lm_head, target).float()
-        draft_logits = project(target_lm_head, pred)
-        soft_ce = soft_cross_entropy(draft_logits, torch.softmax(teacher_logits, dim=-1))
+
+        def position_terms(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """Per position: the soft CE against the target's distribution and whether the draft's argmax is the
+            target's (the vocabulary-sized part, in chunks)."""
+            with torch.no_grad():
+                teacher_logits = project(target_lm_head, target).float()
+            draft_logits = project(target_lm_head, pred)
+            soft_ce = soft_cross_entropy(draft_logits, torch.softmax(teacher_logits, dim=-1))
+            return soft_ce, draft_logits.detach().argmax(-1) == teacher_logits.argmax(-1)
+
+        width = int(draft.config.vocab_size)
+        soft_ce, first_hit = map_row_chunks(position_terms, pred, target, width=width)
         ones = torch.ones_like(smooth_l1)
         smooth_l1_mean, soft_ce_mean = weighted_mean(smooth_l1, ones), weighted_mean(soft_ce, ones)
         loss = self.regression_weight * smooth_l1_mean + self.distill_weight * soft_ce_mean
 
         with torch.no_grad():
             first_hits = torch.zeros_like(supervised)
-            first_hits[rows, cols] = draft_logits.argmax(-1) == teacher_logits.argmax(-1)
+            first_hits[rows, cols] = first_hit
             hits, valid = self._simulate_chain(
                 predicted.detach(), first_hits, supervised, batch, docs, position_ids, step0_mask, target_lm_head, cache
             )
@@ -154,6 +163,10 @@ class Eagle1Objective(Objective):
         diagonal = torch.eye(seq, dtype=torch.bool, device=supervised.device).expand_as(step0_mask)
         hits, valid = [first_hits], [supervised]
         chain_valid = supervised
+
+        def argmaxes(*hidden: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            return tuple(project(target_lm_head, h).argmax(-1) for h in hidden)
+
         for step in range(1, self.chain_steps):
             masks = [step0_mask] + [diagonal] * step  # step-0 keys causally, then each chain step's own key
             predicted = draft(
@@ -166,8 +179,9 @@ class Eagle1Objective(Objective):
             step_valid = shift_left(labels, 2 + step, False) & docs.within(2 + step)
             chain_valid = chain_valid & step_valid
             rows, cols = chain_valid.nonzero(as_tuple=True)
-            drafted = project(target_lm_head, predicted[rows, cols]).argmax(-1)
-            wanted = project(target_lm_head, features[rows, cols + 1 + step]).argmax(-1)
+            drafted, wanted = map_row_chunks(
+                argmaxes, predicted[rows, cols], features[rows, cols + 1 + step], width=int(draft.config.vocab_size)
+            )
             step_hits = torch.zeros_like(supervised)
             step_hits[rows, cols] = drafted == wanted
             hits.append(step_hits)

@@ -40,6 +40,7 @@ from .base import (
     chain_statistics,
     check_positive,
     finish,
+    map_row_chunks,
     project,
     rate_metrics,
     shift_left,
@@ -102,15 +103,12 @@ class Eagle3Objective(Objective):
             if target_logits is None:
                 target_logits = project(target_lm_head, batch.target_last_hidden_states)
             target_tokens = target_logits.argmax(-1)
+            selected, in_draft_vocab = None, None
             if draft.pruned_vocab:
                 selected = draft.draft_to_target(
                     torch.arange(draft.config.draft_vocab_size, device=target_logits.device)
                 )
-                teacher = torch.softmax(target_logits[..., selected].float(), dim=-1)
                 in_draft_vocab = draft.t2d[target_tokens]
-            else:
-                teacher = torch.softmax(target_logits.float(), dim=-1)
-                in_draft_vocab = None
         loss_masks = ttt_loss_masks(batch.loss_mask, docs, self.ttt_steps, in_draft_vocab)
         chain_masks = ttt_loss_masks(batch.loss_mask, docs, self.ttt_steps)
 
@@ -122,17 +120,31 @@ class Eagle3Objective(Objective):
             position_ids=position_ids,
             return_logits=False,
         )
+
+        def position_terms(
+            hidden: torch.Tensor, rows: torch.Tensor, teacher_cols: torch.Tensor
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            """Per scored position: the soft CE against the target's distribution at ``teacher_cols`` and the
+            draft's argmax (the vocabulary-sized part, in chunks)."""
+            logits = draft.compute_logits(hidden)
+            with torch.no_grad():
+                teacher_logits = target_logits[rows, teacher_cols]
+                if selected is not None:
+                    teacher_logits = teacher_logits[:, selected]
+                teacher = torch.softmax(teacher_logits.float(), dim=-1)
+            return soft_cross_entropy(logits, teacher), logits.detach().argmax(-1)
+
+        width = int(draft.config.draft_vocab_size)
         step_losses, hits = [], []
         for step, hidden in enumerate(out.hidden_states):
             # Logits only where the chain is scored (padding and row tails never reach the vocabulary projection).
             rows, cols = chain_masks[step].nonzero(as_tuple=True)
-            logits = draft.compute_logits(hidden[rows, cols])
+            ce, top = map_row_chunks(position_terms, hidden[rows, cols], rows, cols + 1 + step, width=width)
             in_loss = loss_masks[step][rows, cols]
-            ce = soft_cross_entropy(logits[in_loss], teacher[rows[in_loss], cols[in_loss] + 1 + step])
-            step_losses.append(weighted_mean(ce, torch.ones_like(ce)))
+            step_losses.append(weighted_mean(ce[in_loss], torch.ones_like(ce[in_loss])))
             with torch.no_grad():
                 hit = torch.zeros_like(chain_masks[step])
-                hit[rows, cols] = draft.draft_to_target(logits.argmax(-1)) == target_tokens[rows, cols + 1 + step]
+                hit[rows, cols] = draft.draft_to_target(top) == target_tokens[rows, cols + 1 + step]
                 hits.append(hit)
         decay = self.step_decay ** torch.arange(self.ttt_steps, dtype=torch.float32, device=step_losses[0].device)
         losses = torch.stack(step_losses)
