@@ -33,7 +33,7 @@ def bench_command(
     ),
     limit: int = typer.Option(None, "--limit", help="Use only the first N prompts."),
     chain_length: int = typer.Option(6, "--chain-length", help="Tokens per round for EAGLE chains."),
-    max_drafts: int = typer.Option(None, "--max-drafts", help="Draft at most N tokens per round [the whole block]."),
+    max_drafts: int = typer.Option(None, "--max-drafts", help="Draft at most N tokens per round \\[the whole block]."),
     tree: str = typer.Option(None, "--tree", help="EAGLE-2 dynamic tree TOP_K,DEPTH,TOTAL (EAGLE drafts)."),
     verify: str = typer.Option(
         "full", "--verify", help="full, or auto: DSpark verifies only the profitable prefix (adds a full-block row)."
@@ -43,7 +43,7 @@ def bench_command(
     batch_size: int = typer.Option(
         1, "--batch-size", help="Decode N prompts together (no --tree / --verify auto; baselines target and hf)."
     ),
-    device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... [cuda when available, in bf16]."),
+    device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... \\[cuda when available, in bf16]."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
     """Run the prompts speculatively and with each baseline, interleaved in one run, and report acceptance length

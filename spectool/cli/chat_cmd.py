@@ -162,8 +162,8 @@ def chat_command(
     tree: str = typer.Option(None, "--tree", help="EAGLE-2 dynamic tree TOP_K,DEPTH,TOTAL (EAGLE drafts)."),
     verify: str = typer.Option("full", "--verify", help="full, or auto: DSpark verifies only the profitable prefix."),
     stop: list[str] = typer.Option(None, "--stop", help="End answers at this text (repeatable); eos always ends."),
-    max_drafts: int = typer.Option(None, "--max-drafts", help="Draft at most N tokens per round [the whole block]."),
-    device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... [cuda when available, in bf16]."),
+    max_drafts: int = typer.Option(None, "--max-drafts", help="Draft at most N tokens per round \\[the whole block]."),
+    device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... \\[cuda when available, in bf16]."),
 ) -> None:
     """Chat with the target through the draft: accepted draft tokens are highlighted inline, one colour per round;
     the target's own tokens (corrections and bonus tokens) are plain. The output is exactly the target's."""
