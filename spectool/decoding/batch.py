@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from spectool.decoding.accept import SamplingParams, accept_greedy, accept_sampling, probabilities
-from spectool.decoding.engine import Engine, FinishReason, RoundEvent
+from spectool.decoding.engine import FinishReason, RoundEvent, choose_token, finish_reason
 from spectool.decoding.fast_target import FastTargetSession, fast_path_problem
 from spectool.decoding.proposers import draw, eagle3_target_logits, read_block_draft
 from spectool.decoding.stops import StopStrings
@@ -299,10 +299,10 @@ class BatchEngine:
         last: list[int] = []
         prefill_seconds = time.perf_counter() - start
         for row, length in enumerate(lengths):
-            first = Engine._choose(logits[row, length - 1], sampling, generator)
+            first = choose_token(logits[row, length - 1], sampling, generator)
             result = results[row]
             result.tokens.append(first)
-            result.finish_reason = Engine._finish(result.tokens, 1, stops, stop_strings, max_new_tokens)
+            result.finish_reason = finish_reason(result.tokens, 1, stops, stop_strings, max_new_tokens)
             result.rounds.append(RoundEvent([first], 0, 0, "prefill", 0.0, prefill_seconds, result.finish_reason))
             if proposer is not None:
                 proposer.extend_context(row, features[row, :length])
@@ -347,7 +347,7 @@ class BatchEngine:
                 result.tokens += new
                 finish = None
                 for i in range(len(new)):
-                    finish = Engine._finish(result.tokens, produced + i + 1, stops, stop_strings, max_new_tokens)
+                    finish = finish_reason(result.tokens, produced + i + 1, stops, stop_strings, max_new_tokens)
                     if finish:
                         del result.tokens[produced + i + 1 :]
                         new = new[: i + 1]

@@ -187,14 +187,14 @@ class Engine:
         prompt_list = list(prompt_ids)
         prompt = torch.tensor([prompt_list], device=self.device)
         logits, features = session.forward(prompt)
-        first = self._choose(logits[-1], sampling, generator)
+        first = choose_token(logits[-1], sampling, generator)
         if proposer is not None:
             proposer.reset()
             proposer.extend_context(features)
             if hasattr(proposer, "scheduler"):  # DSpark drafts only the slots this engine's scheduler verifies
                 proposer.scheduler = self.scheduler
         committed = [first]
-        finish = self._finish(committed, 1, stops, stop_strings, max_new_tokens)
+        finish = finish_reason(committed, 1, stops, stop_strings, max_new_tokens)
         yield RoundEvent([first], 0, 0, "prefill", 0.0, time.perf_counter() - start, finish)
         if finish:
             return
@@ -224,7 +224,7 @@ class Engine:
             produced = len(committed)
             committed += new
             for i in range(len(new)):
-                finish = self._finish(committed, produced + i + 1, stops, stop_strings, max_new_tokens)
+                finish = finish_reason(committed, produced + i + 1, stops, stop_strings, max_new_tokens)
                 if finish:
                     del committed[produced + i + 1 :]
                     new = new[: i + 1]
@@ -277,7 +277,7 @@ class Engine:
         for row in range(1, n + 1):
             children.setdefault(rows_parent[row], []).append(row)
         path, next_token = walk_tree(
-            children, [last, *nodes], lambda row: self._choose(logits[row], sampling, generator)
+            children, [last, *nodes], lambda row: choose_token(logits[row], sampling, generator)
         )
         session.keep(base, [0, *path])
         if self.proposer is not None:
@@ -285,21 +285,23 @@ class Engine:
         full = not children.get(path[-1] if path else 0)  # reached a leaf: the target's token is a bonus
         return [nodes[r - 1] for r in path], next_token, max(depth), full
 
-    @staticmethod
-    def _choose(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator) -> int:
-        if sampling.greedy:
-            return int(logits.argmax())
-        return int(sample(probabilities(logits, sampling), generator))
 
-    @staticmethod
-    def _finish(
-        generated: list[int], end: int, stops: set[int], stop_strings: StopStrings | None, limit: int
-    ) -> FinishReason | None:
-        """Why the answer ends at its token ``end - 1`` (``generated[:end]`` so far), if it does."""
-        if generated[end - 1] in stops:
-            return "eos"
-        if stop_strings is not None and stop_strings.completes_at(generated, end):
-            return "stop"
-        if end >= limit:
-            return "length"
-        return None
+def choose_token(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator) -> int:
+    """The target's token from its ``logits`` [V]: the argmax when greedy, else a draw from the warped
+    distribution."""
+    if sampling.greedy:
+        return int(logits.argmax())
+    return int(sample(probabilities(logits, sampling), generator))
+
+
+def finish_reason(
+    generated: list[int], end: int, stops: set[int], stop_strings: StopStrings | None, limit: int
+) -> FinishReason | None:
+    """Why the answer ends at its token ``end - 1`` (``generated[:end]`` so far), if it does."""
+    if generated[end - 1] in stops:
+        return "eos"
+    if stop_strings is not None and stop_strings.completes_at(generated, end):
+        return "stop"
+    if end >= limit:
+        return "length"
+    return None
