@@ -65,10 +65,24 @@ def load_prompts(path: str | Path) -> list[list[dict[str, str]]]:
     return prompts
 
 
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux, else the platform's processor string), or ""."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def machine_description(device: torch.device | None = None) -> str:
-    cpu = platform.processor() or platform.machine()
+    cpu = cpu_name()
+    named = f" ({cpu})" if cpu and cpu != platform.machine() else ""
     text = (
-        f"{platform.system()} {platform.machine()} ({cpu}), {os.cpu_count()} CPU cores, "
+        f"{platform.system()} {platform.machine()}{named}, {os.cpu_count()} CPU cores, "
         f"torch {torch.__version__} with {torch.get_num_threads()} threads"
     )
     if device is not None and device.type == "cuda":

@@ -205,3 +205,22 @@ def test_bench_batched_eagle3_chain_and_tree_refusal(chat_target_dir, prompts_fi
     assert (data["method"], data["batch_size"], data["lossless"], data["new_tokens"]) == ("eagle3", 4, True, 32)
     refused = invoke(*args, "--tree", "2,2,3")
     assert refused.exit_code == 2 and "--tree decodes one prompt at a time" in refused.output
+
+
+def test_machine_names_the_cpu_model(monkeypatch, tmp_path):
+    import builtins
+    import platform
+
+    from spectool import bench
+
+    fake = tmp_path / "cpuinfo"
+    fake.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Example CPU 9000 @ 3.0GHz\n")
+    real_open = builtins.open
+    monkeypatch.setattr(
+        builtins, "open", lambda path, *a, **k: real_open(fake if path == "/proc/cpuinfo" else path, *a, **k)
+    )
+    assert bench.cpu_name() == "Example CPU 9000 @ 3.0GHz"
+    assert f"{platform.machine()} (Example CPU 9000 @ 3.0GHz), " in bench.machine_description()
+    fake.write_text("processor\t: 0\n")  # no model name: the platform's string, never a duplicate of the machine
+    monkeypatch.setattr(platform, "processor", lambda: platform.machine())
+    assert f"{platform.machine()} (" not in bench.machine_description()
