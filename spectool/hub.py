@@ -279,6 +279,11 @@ def model_directory(info: TargetInfo) -> Path:
     return Path(path)
 
 
+#: Files that hold a tokenizer's vocabulary (fast, SentencePiece, BPE or WordPiece; or any ``*.tiktoken``); a
+#: directory without any of them would give transformers an empty tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
 def load_model_and_tokenizer(info: TargetInfo, *, dtype: str | None = None, device: str = "cpu"):
     """(model, tokenizer) for a resolved target, frozen and in eval mode. `dtype` None keeps float32 on CPU
     and uses bfloat16 on CUDA."""
@@ -289,8 +294,18 @@ def load_model_and_tokenizer(info: TargetInfo, *, dtype: str | None = None, devi
     transformers_logging.disable_progress_bar()  # a per-tensor bar for a local load is noise; downloads keep theirs
     directory = model_directory(info)
     torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    folder = Path(directory)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES) and not any(folder.glob("*.tiktoken")):
+        raise SpectoolError(
+            f"no tokenizer in {directory} (none of {', '.join(TOKENIZER_FILES)}, *.tiktoken); copy the model's "
+            "tokenizer files there"
+        )
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SpectoolError(f"cannot load the tokenizer of {info.ref} from {directory}: {first}") from None
+    try:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype)
     except OSError as exc:
         raise SpectoolError(f"cannot load {info.ref} from {directory}: {str(exc).splitlines()[0]}") from None

@@ -90,10 +90,8 @@ def regen_command(
     if limit is not None:
         conversations = conversations[:limit]
 
-    import torch
-
+    chosen_device = _check_device(device)
     info = resolve_model(target)
-    chosen_device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, tokenizer = load_model_and_tokenizer(info, dtype=dtype, device=chosen_device)
     chat_format = ChatFormat(tokenizer, chat_template=template_text)
 
@@ -190,7 +188,7 @@ def features_command(
         skip_bad_rows=skip_bad_rows,
         shard_size=shard_size,
         batch_size=batch_size,
-        device=device,
+        device=device if device is None else _check_device(device),
         dtype=dtype,
     )
     out_console = console()
@@ -234,3 +232,9 @@ def features_command(
         line += f", {summary.shards_skipped} were already there"
     out_console.print(line, soft_wrap=True, markup=False)
     out_console.print(f"train on them with: spectool train --features {summary.out} ...", soft_wrap=True, markup=False)
+
+
+def _check_device(device: str | None) -> str:
+    from spectool.runtime import check_device  # torch and the decoding engine: loaded only when a command runs
+
+    return check_device(device)

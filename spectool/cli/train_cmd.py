@@ -32,9 +32,9 @@ _HELP = (
     "OUT receives train_config.json, metrics.jsonl, checkpoints/step-*/ (every --save-every steps, the last "
     "--keep-last kept) and, at the end, the trained draft in the method's ecosystem format: `spectool chat --draft "
     "OUT` runs it. Ctrl-C saves a checkpoint and stops; --resume continues exactly where it stopped.\n\n"
-    "Options can also come from --config FILE (TOML or YAML, keys named like the options: max_steps = 200); options "
-    "given on the command line win. Several processes: torchrun --nproc-per-node N -m spectool train ... (DDP; "
-    "--fsdp shards the draft)."
+    "Options can also come from --config FILE (TOML, YAML or JSON, keys named like the options: max_steps = 200; "
+    "relative paths are read from the file's folder); options given on the command line win. Several processes: "
+    "torchrun --nproc-per-node N -m spectool train ... (DDP; --fsdp shards the draft)."
 )
 
 
@@ -57,7 +57,9 @@ def train_command(
         help="Conversations: .jsonl / .json / .parquet file, a directory of them, or a Hub dataset.",
     ),
     out: Path = typer.Option(None, "--out", "-o", help="Run directory (checkpoints, metrics, the final draft)."),
-    config_file: Path = typer.Option(None, "--config", "-c", help="TOML or YAML file of options."),
+    config_file: Path = typer.Option(
+        None, "--config", "-c", help="TOML, YAML or JSON file of options (relative paths: from its folder)."
+    ),
     features: str = typer.Option(None, "--features", help="Train from `spectool data features` output instead."),
     init: str = typer.Option(None, "--init", help="Start from this draft directory (e.g. from `spectool init`)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its latest checkpoint."),
@@ -212,6 +214,7 @@ def _run(config: Any, *, resume: bool, force: bool, as_json: bool) -> None:
         def on_event(event: TrainEvent) -> None:
             if event.kind == "start" and event.info is not None:
                 bar.update(task, total=event.total_steps, completed=event.step)
+                _print_warnings(error_console() if as_json else bar.console, event.info)
                 if not as_json:
                     _print_start(bar.console, event.info)
             elif event.kind == "step":
@@ -263,7 +266,8 @@ def _run(config: Any, *, resume: bool, force: bool, as_json: bool) -> None:
     )
 
 
-def _print_start(out: Any, info: dict[str, Any]) -> None:
+def _print_warnings(out: Any, info: dict[str, Any]) -> None:
+    """Notes and skipped rows (on stderr with --json, so the JSON on stdout stays clean)."""
     for note in info.get("notes", []):
         out.print(Text(f"note: {note}", style="yellow"), soft_wrap=True)
     data = info.get("data", {})
@@ -271,6 +275,9 @@ def _print_start(out: Any, info: dict[str, Any]) -> None:
         out.print(Text(f"warning: skipped {data['rows_skipped']} rows, e.g.:", style="yellow"))
         for reason in data.get("skip_reasons", [])[:3]:
             out.print(Text(f"  {reason}", style="yellow"), soft_wrap=True)
+
+
+def _print_start(out: Any, info: dict[str, Any]) -> None:
     start = f" from step {info['start_step']}" if info.get("start_step") else ""
     steps = f"{info['total_steps']} steps"
     if info.get("max_minutes"):

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass
@@ -167,12 +168,21 @@ class TrainConfig:
             raise UsageError(f"--max-length must be at least 2, got {self.max_length}")
         if self.block_size is not None and self.block_size < 2:
             raise UsageError(f"--block-size must be at least 2, got {self.block_size}")
+        if self.block_size is not None and self.block_size >= self.max_length:
+            raise UsageError(
+                f"--block-size {self.block_size} leaves no room in --max-length {self.max_length}: a block must fit "
+                "inside one example after its anchor; lower --block-size or raise --max-length"
+            )
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise UsageError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise UsageError("--weight-decay and --grad-clip must be 0 or more")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise UsageError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.device is not None:
+            from spectool.runtime import check_device
+
+            check_device(self.device)
 
     @property
     def peak_lr(self) -> float:
@@ -255,8 +265,15 @@ def _coerce(value: Any, hint: Any, label: str) -> Any:
             raise UsageError(f"{label} must be an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise UsageError(f"{label} must be a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UsageError(f"{label} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise UsageError(f"{label} must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, (str, Path)):
@@ -266,11 +283,17 @@ def _coerce(value: Any, hint: Any, label: str) -> Any:
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The mapping in a TOML (``.toml``) or YAML (``.yaml`` / ``.yml``) file; a ``[train]`` table is unwrapped."""
+    """The mapping in a TOML (``.toml``), YAML (``.yaml`` / ``.yml``) or JSON file; a ``[train]`` table is
+    unwrapped, and relative input paths that exist beside the file are read from there."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory; --config takes a .toml, .yaml or .json file")
     if not path.is_file():
         raise UsageError(f"no such config file: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"{path}: not UTF-8 text; a config is a .toml, .yaml or .json file") from None
     suffix = path.suffix.lower()
     if suffix == ".toml":
         import tomllib
@@ -302,7 +325,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         data = data["train"]
     if not isinstance(data, dict):
         raise UsageError(f"{path}: expected a table of options at the top level")
-    return check_values(data, where=str(path))
+    return _beside(check_values(data, where=str(path)), path.parent)
 
 
 def resolve_config(
@@ -336,6 +359,19 @@ def resolve_config(
 
 #: Options naming local files or directories: stored absolute, so a resumed run finds them from anywhere.
 _PATH_FIELDS = ("target", "data", "features", "init", "chat_template", "out")
+
+
+def _beside(values: dict[str, Any], folder: Path) -> dict[str, Any]:
+    """A config file's relative input paths read from the file's own folder when they exist there (so a config
+    works from any directory); otherwise they stay as written (the current directory, or a Hub id)."""
+    fixed = dict(values)
+    for name in _PATH_FIELDS:
+        value = fixed.get(name)
+        if name != "out" and isinstance(value, str) and not Path(value).expanduser().is_absolute():
+            candidate = folder / value
+            if candidate.exists():
+                fixed[name] = str(candidate.resolve())
+    return fixed
 
 
 def _absolute_paths(values: dict[str, Any]) -> dict[str, Any]:

@@ -623,7 +623,7 @@ def tokenize_conversations(
     the template cannot render is an error naming its row, or is counted with ``skip_bad_rows``.
     """
     if max_length < 2:
-        raise UsageError(f"max_length must be at least 2, got {max_length}")
+        raise UsageError(f"--max-length must be at least 2, got {max_length}")
     report = TokenizeReport(conversations=len(conversations))
     examples = []
     for conversation in conversations:

@@ -511,9 +511,17 @@ class Trainer:
         window = _Window()
         last_row: dict[str, Any] = {}
         eval_row: dict[str, Any] = {}
+        idle = 0  # steps in a row without a supervised prediction
         while self.step < self.total_steps:
             stats = self.train_step()
             self.step += 1
+            idle = idle + 1 if not stats["supervised"] else 0
+            if idle >= min(math.ceil(len(self.batches) / config.grad_accum), self.total_steps):
+                raise SpectoolError(
+                    f"{idle} steps in a row had nothing to learn: no example supervises a single "
+                    f"{config.method} prediction (too short for the block, or no assistant tokens within "
+                    "--max-length); nothing was saved. Check the data, --max-length and --block-size"
+                )
             self.tokens += int(stats["tokens"])
             self.seconds += stats["seconds"]
             window.add(stats)
@@ -617,7 +625,9 @@ class Trainer:
             raise TrainingDiverged(self._diverged_message("the gradient norm"))
         if supervised:
             self.optimizer.step()
-        self.scheduler.step()
+        with warnings.catch_warnings():  # a first step with nothing to learn skips optimizer.step() on purpose
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()` before"))
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         seconds = self._now() - started
         metrics = {key: totals[key] / supervised for key in metric_sums} if supervised else {}
@@ -829,8 +839,27 @@ class Trainer:
             summary["confidence_calibration_blocks"] = self.calibration_blocks  # held-out blocks behind the fit
         return summary
 
+    def _check_weights_finite(self) -> None:
+        """Refuse to save NaN or infinite weights (a far too high --lr can make them in one step, before any loss
+        shows it); every process checks its own parameters (shards under FSDP)."""
+        broken = 0.0
+        for param in self.model.parameters():
+            if param.requires_grad:
+                local = param.to_local() if hasattr(param, "to_local") else param
+                if not bool(torch.isfinite(local.detach()).all()):
+                    broken = 1.0
+                    break
+        if self._reduce({"broken": broken})["broken"]:
+            last = latest_checkpoint(self.out)
+            kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
+            raise TrainingDiverged(
+                f"the draft's weights became NaN or infinite by step {self.step}; nothing was saved ({kept}): "
+                "lower --lr"
+            )
+
     def save_checkpoint(self) -> Path:
         """Write ``checkpoints/step-<7-digit step>`` atomically (every process must call this), keep the last k."""
+        self._check_weights_finite()
         state = full_model_state(self.model) if is_fsdp(self.model) else {}
         optim = optimizer_state(self.model, self.optimizer)
         rng = self.context.all_gather_object(self._rng_state())
@@ -938,6 +967,7 @@ class Trainer:
 
     def save_final(self, metrics: dict[str, Any], eval_metrics: dict[str, Any]) -> Path:
         """The trained draft in OUT itself (ecosystem format + spectool.json with a ``training`` summary)."""
+        self._check_weights_finite()
         state = full_model_state(self.model) if is_fsdp(self.model) else {}
         final_metrics = {k: v for k, v in {**metrics, **eval_metrics}.items() if isinstance(v, (int, float))}
 

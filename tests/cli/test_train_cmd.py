@@ -123,6 +123,9 @@ def test_bad_rows_are_named_by_line(chat_target_dir, data_file, tmp_path):
     result = train(chat_target_dir, data_file, tmp_path / "run2", "--max-steps", "1", "--skip-bad-rows")
     assert result.exit_code == 0, result.output
     assert "skipped 1 rows" in result.stdout and f"{data_file.name}:3" in result.stdout
+    result = train(chat_target_dir, data_file, tmp_path / "run3", "--max-steps", "1", "--skip-bad-rows", "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["steps"] == 1  # stdout: the JSON alone
+    assert "skipped 1 rows" in result.stderr and f"{data_file.name}:3" in result.stderr
 
 
 def test_features_then_train_from_them(chat_target_dir, data_file, tmp_path):
@@ -160,3 +163,59 @@ def test_eagle3_trains_on_packed_rows(chat_target_dir, data_file, tmp_path):
     result = invoke(*args, *options, "--out", str(tmp_path / "run"), "--max-steps", "2", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["steps"] == 2 and saved_config(tmp_path / "run")["pack"] is True
+
+
+def test_config_paths_are_read_from_the_config_folder_and_yaml_exponents_are_numbers(
+    chat_target_dir, data_file, tmp_path, monkeypatch
+):
+    pytest.importorskip("yaml")
+    folder = tmp_path / "configs"
+    folder.mkdir()
+    (folder / "beside.jsonl").write_text(data_file.read_text())
+    config = folder / "run.yaml"
+    config.write_text(f"target: {chat_target_dir}\nmethod: dflash\ndata: beside.jsonl\nlr: 1e-3\nmax_steps: 1\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    result = invoke("train", "--config", str(config), "--out", "run", *FAST)
+    assert result.exit_code == 0, result.output
+    saved = saved_config(elsewhere / "run")  # --out stays relative to the current directory
+    assert saved["data"] == str((folder / "beside.jsonl").resolve()) and saved["lr"] == 0.001
+
+
+@pytest.mark.parametrize(
+    "option",
+    [("--lr", "inf"), ("--weight-decay", "nan"), ("--max-minutes", "inf"), ("--epochs", "inf"), ("--gamma", "nan")],
+)
+def test_non_finite_numbers_are_refused(chat_target_dir, data_file, tmp_path, option):
+    result = train(chat_target_dir, data_file, tmp_path / "run", "--max-steps", "1", *option)
+    assert result.exit_code == 2, result.output
+    assert "must be a finite number" in result.stderr and option[0].lstrip("-").replace("-", "_") in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_blocks_that_cannot_fit_are_refused(chat_target_dir, data_file, tmp_path):
+    result = train(chat_target_dir, data_file, tmp_path / "a", "--max-steps", "1", "--block-size", "48")
+    assert result.exit_code == 2 and "--block-size 48 leaves no room in --max-length 48" in result.stderr
+    # Fits --max-length but not one of these short conversations: every step would have nothing to learn.
+    result = train(chat_target_dir, data_file, tmp_path / "b", "--max-steps", "50", "--block-size", "40")
+    assert result.exit_code == 1, result.output
+    assert "had nothing to learn" in result.stderr and not (tmp_path / "b" / "model.safetensors").exists()
+    assert "lr_scheduler" not in result.output
+
+
+def test_bad_config_files_devices_and_tokenizers(chat_target_dir, data_file, tmp_path):
+    binary = tmp_path / "bin.toml"
+    binary.write_bytes(b"\xff\xfe\x00lr = 1")
+    for config, message in ((binary, "not UTF-8"), (tmp_path, "is a directory")):
+        result = invoke("train", "--config", str(config), "--out", str(tmp_path / "x"))
+        assert result.exit_code == 2 and message in result.stderr, result.output
+    result = train(chat_target_dir, data_file, tmp_path / "run", "--max-steps", "1", "--device", "foo")
+    assert result.exit_code == 2 and "--device 'foo' is not a torch device" in result.stderr
+    no_tokenizer = tmp_path / "no-tokenizer"
+    no_tokenizer.mkdir()
+    for item in chat_target_dir.iterdir():
+        if not item.name.startswith("tokenizer"):
+            (no_tokenizer / item.name).write_bytes(item.read_bytes())
+    result = train(no_tokenizer, data_file, tmp_path / "run2", "--max-steps", "1")
+    assert result.exit_code == 1 and f"no tokenizer in {no_tokenizer}" in result.stderr, result.output

@@ -342,3 +342,19 @@ def test_dspark_confidence_temperatures_are_calibrated_on_the_held_out_split(tin
     assert summary["confidence_calibration_blocks"] > 0
     Trainer(make_config(tiny_target_dir, data_file, tmp_path / "no-eval", **{**options, "eval_fraction": 0.0})).run()
     assert "confidence_temperatures" not in json.loads((tmp_path / "no-eval" / "config.json").read_text())
+
+
+def test_weights_that_became_infinite_are_never_saved(tiny_target_dir, data_file, tmp_path):
+    """A step can turn the weights into NaN / inf before any loss shows it (a far too high lr): neither a
+    checkpoint nor the final draft is written from them, and the last good checkpoint stays."""
+    trainer = Trainer(make_config(tiny_target_dir, data_file, tmp_path / "run", max_steps=2, save_every=1))
+    trainer.train_step()
+    trainer.step = 1
+    good = trainer.save_checkpoint()
+    with torch.no_grad():
+        next(p for p in trainer.draft.parameters() if p.requires_grad).view(-1)[0] = float("inf")
+    for save in (trainer.save_checkpoint, lambda: trainer.save_final({}, {})):
+        with pytest.raises(TrainingDiverged, match=f"NaN or infinite by step 1; nothing was saved .*{good.name}"):
+            save()
+    assert latest_checkpoint(tmp_path / "run") == good and not (tmp_path / "run" / "model.safetensors").exists()
+    trainer.close()
