@@ -926,6 +926,44 @@ class RegenConfig:
             raise UsageError(f"--temperature must be 0 (greedy) or positive, got {self.temperature}")
 
 
+def _regen_settings(model: PreTrainedModel, chat_format: ChatFormat, config: RegenConfig) -> dict[str, Any]:
+    """What decides a regenerated answer: the target, the chat template and the decoding settings."""
+    template = chat_format.chat_template or getattr(chat_format.tokenizer, "chat_template", None) or ""
+    return {
+        "target": str(getattr(model, "name_or_path", "") or ""),
+        "chat_template_sha1": hashlib.sha1(str(template).encode("utf-8")).hexdigest()[:12],
+        "max_new_tokens": config.max_new_tokens,
+        "temperature": config.temperature,
+        "seed": config.seed,
+        "system": config.system,
+    }
+
+
+def _check_regen_settings(out: Path, settings: dict[str, Any], *, resuming: bool) -> None:
+    """Resuming appends to rows made with the same settings only: ``<out>.regen.json`` records them (atomically,
+    before the first row); rows from other settings would be skipped as done without a word."""
+    record = out.with_name(out.name + ".regen.json")
+    if resuming and record.is_file():
+        try:
+            saved = json.loads(record.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            saved = None
+        if isinstance(saved, dict):
+            changed = [key for key in settings if saved.get(key) != settings[key]]
+            if changed:
+                detail = ", ".join(f"{key} {saved.get(key)!r} (now {settings[key]!r})" for key in changed)
+                raise UsageError(
+                    f"{out} holds rows regenerated with other settings: {detail}; write to a new --out, or delete "
+                    f"{record.name} if only the target's path changed"
+                )
+    try:
+        staging = record.with_name(record.name + ".tmp")
+        staging.write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
+        os.replace(staging, record)
+    except OSError as exc:
+        raise SpectoolError(f"cannot write {record}: {exc.strerror or exc}") from None
+
+
 @dataclass
 class RegenProgress:
     """Reported before the first batch and after every batch (cumulative)."""
@@ -1015,6 +1053,7 @@ def regenerate(
         handle = open(out, "a", encoding="utf-8")  # closed by the `with handle` below
     except OSError as exc:
         raise SpectoolError(f"cannot write {out}: {exc.strerror or exc}") from None
+    _check_regen_settings(out, _regen_settings(model, chat_format, config), resuming=bool(done))
     pending = [conversation for conversation in conversations if conversation.id not in done]
     already = len(conversations) - len(pending)
     stop_ids = sorted(set(chat_format.stop_token_ids) | set(_generation_eos_ids(model)))

@@ -169,3 +169,18 @@ def test_cut_at_stop():
     assert cut_at_stop([5, 6, 2, 7, 2], [2]) == ([5, 6], True)
     assert cut_at_stop([5, 6], [2, 3]) == ([5, 6], False)
     assert cut_at_stop([3], [2, 3]) == ([], True)
+
+
+def test_resuming_with_other_settings_is_refused(tmp_path, tiny_target_dir):
+    """Rows already in OUT count as done only when they were made with the same target, template and decoding."""
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", ROWS)
+    out = tmp_path / "regen.jsonl"
+    assert run_regen(tiny_target_dir, prompts, out, "--limit", "2").exit_code == 0
+    record = json.loads((tmp_path / "regen.jsonl.regen.json").read_text())
+    assert record["target"] == str(tiny_target_dir) and record["temperature"] == 0.0
+    before = out.read_text()
+    result = run_regen(tiny_target_dir, prompts, out, "--temperature", "1.0")
+    assert result.exit_code == 2, result.output
+    assert "other settings: temperature 0.0 (now 1.0)" in result.stderr and out.read_text() == before
+    result = run_regen(tiny_target_dir, prompts, out)  # the same settings: the remaining rows are appended
+    assert result.exit_code == 0 and "2 of 5 rows were already there" in result.stdout
