@@ -23,6 +23,7 @@ from spectool.decoding.engine import Engine, GenerationStats
 from spectool.decoding.stops import StopStrings
 from spectool.errors import SpectoolError, UsageError
 from spectool.runtime import Runtime
+from spectool.training.data import read_utf8
 
 BASELINES = ("target", "hf", "prompt-lookup")
 #: Opt-in: the z-lab `dflash` package's own loop on the same DFlash checkpoint (engine-overhead comparison).
@@ -36,10 +37,13 @@ def load_prompts(path: str | Path) -> list[list[dict[str, str]]]:
     A trailing assistant turn in `messages` is dropped (the benchmark generates it).
     """
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory; --prompts takes a JSONL file")
     if not path.is_file():
         raise UsageError(f"no such prompts file: {path}")
+    text = read_utf8(path)
     prompts: list[list[dict[str, str]]] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -101,7 +105,7 @@ class BenchReport:
     temperature: float
     lossless: bool | None  # None when sampling (checked statistically by the tests, not per prompt)
     mismatched_prompts: list[int]
-    acceptance_length: float
+    acceptance_length: float | None  # None when no verify round ran (every answer ended with its first token)
     tokens_per_second: float
     new_tokens: int
     baselines: dict[str, dict[str, float]]
@@ -337,7 +341,7 @@ def run_bench(
     table = _speedups(tps, baselines, tokens, seconds)
     if zlab_rounds:  # its own acceptance length, to show both loops accept the same
         verified = sum(f for _, f in zlab_rounds)
-        table["dflash-package"]["acceptance_length"] = sum(t for t, _ in zlab_rounds) / verified if verified else 0.0
+        table["dflash-package"]["acceptance_length"] = sum(t for t, _ in zlab_rounds) / verified if verified else None
     return _report(runtime, summary, tps, spec_tokens, encoded, max_new_tokens, sampling, mismatched, table, max_drafts)
 
 
@@ -374,7 +378,7 @@ def _report(
         temperature=sampling.temperature,
         lossless=(not mismatched) if sampling.greedy else None,
         mismatched_prompts=mismatched,
-        acceptance_length=summary.acceptance_length,
+        acceptance_length=summary.acceptance_length if summary.verify_rounds else None,
         tokens_per_second=tps,
         new_tokens=int(spec_tokens),
         baselines=table,
@@ -458,6 +462,7 @@ def _run_batched(
     summary = GenerationStats(rounds, spec_seconds)
     tps = spec_tokens / spec_seconds if spec_seconds else 0.0
     table = _speedups(tps, baselines, tokens, seconds)
+    batched = min(batch_size, len(encoded))  # prompts really decoded together, not the --batch-size asked for
     return _report(
-        runtime, summary, tps, spec_tokens, encoded, max_new_tokens, sampling, mismatched, table, max_drafts, batch_size
+        runtime, summary, tps, spec_tokens, encoded, max_new_tokens, sampling, mismatched, table, max_drafts, batched
     )

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -36,6 +37,7 @@ from spectool.arch import TargetArch
 from spectool.drafts import DRAFT_CLASSES, DRAFT_CONFIG_CLASSES, GptOssEagle3DraftModel
 from spectool.errors import SpectoolError, UsageError
 from spectool.hub import ASSETS_DIR, read_json
+from spectool.paths import check_output_path, refuse_to_replace_input
 
 METADATA_FILE = "spectool.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -116,6 +118,11 @@ def chat_template_sha256(template: str | list | dict | None) -> str | None:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def with_article(method: str) -> str:
+    """'an eagle3' / 'a dspark': a method name with the article that reads right before it."""
+    return f"{'an' if method[:1] in 'aeiou' else 'a'} {method}"
+
+
 def detect_method(config: dict[str, Any], where: str = "config.json") -> str:
     """The draft method of a config.json, from its architectures (or its eagle/dflash config blocks)."""
     archs = config.get("architectures") or []
@@ -174,9 +181,26 @@ def _normalise_keys(method: str, tensors: dict[str, torch.Tensor], notes: list[s
     return out
 
 
+def _check_config(method: str, cfg: Any) -> None:
+    """Reject values the draft would only trip over later (a ValueError naming the field)."""
+    for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size"):
+        value = getattr(cfg, name, None)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if method in ("dflash", "dspark"):
+        block = cfg.block_size
+        if not isinstance(block, int) or isinstance(block, bool) or block < 2:
+            raise ValueError(f"block_size must be an integer of at least 2, got {block!r}")
+    rope = cfg.rope_parameters
+    theta = rope.get("rope_theta") if isinstance(rope, dict) else None
+    if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
+        raise ValueError(f"rope_theta (or rope_parameters.rope_theta) must be a positive number, got {theta!r}")
+
+
 def _build_empty(method: str, config: dict[str, Any]) -> nn.Module:
     config_cls = DRAFT_CONFIG_CLASSES[method]
     cfg = config_cls.from_dict(dict(config))
+    _check_config(method, cfg)
     cls = DRAFT_CLASSES[method]
     if method == "eagle3" and "GptOssEagle3DraftModel" in (config.get("architectures") or []):
         cls = GptOssEagle3DraftModel
@@ -193,13 +217,18 @@ def shipped_drafts() -> list[str]:
 
 
 def load_draft(
-    path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    path: str | Path,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | None = None,
+    option: str = "--draft",
 ) -> LoadedDraft:
     """Load a draft directory in any layout spectool reads; missing or unexpected weights are an error.
 
     A name of `shipped_drafts()` that is not an existing path loads that shipped draft.
 
     The weights keep their stored dtype unless `dtype` is given (float32 suits CPU decoding and training).
+    `option` names the command-line argument that gave `path`, for error messages.
     """
     directory = Path(path).expanduser()
     if not directory.exists():
@@ -209,15 +238,16 @@ def load_draft(
             raise UsageError(f"no such draft directory: {path}{listing}")
         directory = SHIPPED_DRAFTS_DIR / str(path)
     if not (directory / "config.json").is_file():
-        raise UsageError(f"{directory} has no config.json; point --draft at a draft checkpoint directory")
+        raise UsageError(f"{directory} has no config.json; point {option} at a draft checkpoint directory")
     config = read_json(directory / "config.json")
     method = detect_method(config, str(directory / "config.json"))
     notes: list[str] = []
     tensors = _normalise_keys(method, read_state_dict(directory), notes)
     try:
         model = _build_empty(method, config)
-    except (TypeError, ValueError, KeyError) as exc:
-        raise SpectoolError(f"{directory / 'config.json'}: not a valid {method} draft config ({exc})") from None
+    except (TypeError, ValueError, KeyError, RuntimeError, StrictDataclassError) as exc:
+        reason = " ".join(str(exc).split())  # the config classes' validation errors span several lines
+        raise SpectoolError(f"{directory / 'config.json'}: not a valid {method} draft config ({reason})") from None
 
     expected = model.state_dict()
     if method == "eagle3":
@@ -235,7 +265,7 @@ def load_draft(
             parts.append(
                 f"unexpected {len(unexpected)}: {', '.join(unexpected[:8])}{' ...' if len(unexpected) > 8 else ''}"
             )
-        raise SpectoolError(f"{directory}: weights do not match a {method} draft ({'; '.join(parts)})")
+        raise SpectoolError(f"{directory}: weights do not match {with_article(method)} draft ({'; '.join(parts)})")
     wrong = [
         f"{k} {tuple(tensors[k].shape)} != {tuple(v.shape)}" for k, v in expected.items() if tensors[k].shape != v.shape
     ]
@@ -285,7 +315,7 @@ def check_against_target(loaded: LoadedDraft, arch: TargetArch, tokenizer_length
         problems.append(f"its vocabulary has {cfg.vocab_size} rows, the target's {arch.vocab_size}")
     depth = getattr(cfg, "num_target_layers", None)
     if depth is not None and depth != arch.num_hidden_layers:
-        problems.append(f"it was made for a {depth}-layer target, this one has {arch.num_hidden_layers} layers")
+        problems.append(f"it was made for a target with {depth} layers, this one has {arch.num_hidden_layers}")
     ids = loaded.target_layer_ids
     if ids and not all(-1 <= i <= arch.num_hidden_layers - 1 for i in ids):
         problems.append(f"its feature layers {ids} are outside the target's [-1, {arch.num_hidden_layers - 1}]")
@@ -319,7 +349,7 @@ def _export_state_dict(method: str, model: nn.Module) -> dict[str, torch.Tensor]
         tensors["t2d"] = torch.ones(model.config.vocab_size, dtype=torch.bool)
     missing = [k for k in REQUIRED_KEYS[method] if k not in tensors]
     if missing:
-        raise SpectoolError(f"refusing to write a {method} checkpoint without {', '.join(missing)}")
+        raise SpectoolError(f"refusing to write {with_article(method)} checkpoint without {', '.join(missing)}")
     return tensors
 
 
@@ -338,17 +368,21 @@ def save_draft(
     any moment leaves either the previous checkpoint or the new one, never a half-written directory.
     """
     out = Path(out).expanduser()
+    check_output_path(out)
     tensors = _export_state_dict(method, model)
     if dtype is not None:
         tensors = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
     config = model.config.to_dict()
     config["torch_dtype"] = str(dtype or next(model.parameters()).dtype).removeprefix("torch.")
     config.pop("dtype", None)
-    out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    except OSError as exc:
+        raise SpectoolError(f"cannot write {out}: {exc.strerror or exc}") from None
     try:
         save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -383,11 +417,26 @@ def convert(src: str | Path, to: str, out: str | Path) -> LoadedDraft:
     """Re-save a draft in the layout another tool loads, then prove it by loading the result."""
     if to not in CONVERSIONS:
         raise UsageError(f"--to must be one of {', '.join(CONVERSIONS)}, got {to!r}")
-    loaded = load_draft(src)
+    loaded = load_draft(src, option="SRC")
     if loaded.method not in CONVERSIONS[to]:
-        raise UsageError(f"a {loaded.method} draft has no {to} layout ({to} holds {', '.join(CONVERSIONS[to])} drafts)")
-    if Path(out).expanduser().resolve() == loaded.path.resolve():
-        raise UsageError("--out must differ from SRC (convert never overwrites its input)")
+        raise UsageError(
+            f"{with_article(loaded.method)} draft has no {to} layout ({to} holds {', '.join(CONVERSIONS[to])} drafts)"
+        )
+    refuse_to_replace_input(out, loaded.path, "SRC")
     metadata = loaded.metadata or DraftMetadata(method=loaded.method, target_layer_ids=loaded.target_layer_ids)
+    metadata.target = relocated_target(metadata.target, loaded.path, Path(out).expanduser())
     save_draft(loaded.model, out, method=loaded.method, metadata=metadata)
     return load_draft(out)
+
+
+def relocated_target(target: str | None, old: Path, new: Path) -> str | None:
+    """A draft's recorded target as seen from its copy at `new`: a path relative to the draft ("./", "../", how
+    shipped drafts record theirs) is rewritten to reach the same directory; absolute paths and Hub ids stay."""
+    if not target or not target.startswith(("./", "../")):
+        return target
+    directory = (old / target).resolve()
+    try:
+        relative = Path(os.path.relpath(directory, new.resolve())).as_posix()
+    except ValueError:  # another drive (Windows): no relative path exists
+        return str(directory)
+    return relative if relative == ".." or relative.startswith("../") else f"./{relative}"

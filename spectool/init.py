@@ -11,6 +11,7 @@ from spectool.checkpoint import DraftMetadata, chat_template_sha256, save_draft
 from spectool.drafts import build_draft
 from spectool.errors import UsageError
 from spectool.hub import TargetInfo, read_target_weights, resolve_model, transformers_config
+from spectool.paths import refuse_to_replace_input
 from spectool.registry import DraftSpec, resolve
 
 
@@ -64,7 +65,7 @@ def new_draft(info: TargetInfo, spec: DraftSpec, *, seed: int = 0) -> torch.nn.M
         dtype=torch.float32,
     )
     if spec.method != "dflash":  # DFlash stores nothing of the target's
-        weights = read_target_weights(info)
+        weights = _target_weights(info, spec.method)
         with torch.no_grad():
             if spec.method == "eagle1":
                 draft.embed_tokens.weight.copy_(weights["embed_tokens"])
@@ -80,6 +81,21 @@ def new_draft(info: TargetInfo, spec: DraftSpec, *, seed: int = 0) -> torch.nn.M
     return draft
 
 
+def _target_weights(info: TargetInfo, method: str) -> dict[str, torch.Tensor]:
+    """The target tensors a draft format stores; missing weight files are a one-line error (exit 2)."""
+    from huggingface_hub.errors import EntryNotFoundError
+
+    try:
+        return read_target_weights(info)
+    except (FileNotFoundError, EntryNotFoundError):
+        where = info.directory if info.source == "local" else info.ref
+        raise UsageError(
+            f"{where}: the target's weights are missing (no model.safetensors or model.safetensors.index.json); "
+            f"{method} init copies the target's embedding / lm_head from them, so point MODEL at the complete model "
+            "(or use --method dflash, which needs none)"
+        ) from None
+
+
 def init_draft(
     model: str,
     method: str,
@@ -92,6 +108,8 @@ def init_draft(
 ) -> InitResult:
     """Resolve MODEL, build a draft of `method` and write it to `out` (atomically)."""
     info = resolve_model(model, revision=revision)
+    if info.directory is not None:
+        refuse_to_replace_input(out, info.directory, "MODEL")
     spec = resolve(method, info.arch, tokenizer_length=info.tokenizer_length, **options)
     draft = new_draft(info, spec, seed=seed)
     notes = list(info.notes)

@@ -23,6 +23,9 @@ from spectool.training.data import ChatFormat, Message
 
 #: Tokens drafted per round by the EAGLE chains (DFlash / DSpark draft a whole block).
 DEFAULT_CHAIN_LENGTH = 6
+#: Upper bounds of `--tree TOP_K,DEPTH,TOTAL`: the target verifies TOTAL tokens in one forward and the draft
+#: expands TOP_K x TOP_K nodes per level, so unbounded values exhaust memory (upstream EAGLE-2 uses 10,7,60).
+MAX_TREE = (64, 64, 1024)
 
 
 @dataclass
@@ -91,6 +94,9 @@ def load_runtime(
     """
     if verify not in ("full", "auto"):
         raise UsageError(f"--verify must be full or auto, got {verify!r}")
+    if chain_length < 1:
+        raise UsageError(f"--chain-length must be at least 1, got {chain_length}")
+    tree_shape = parse_tree(tree) if tree is not None else None
     device = check_device(device)
     draft = (
         load_draft(draft_dir, device=device, dtype=torch.float32 if device == "cpu" else None) if draft_dir else None
@@ -107,7 +113,6 @@ def load_runtime(
     n = info.arch.num_hidden_layers
     ids = (draft.target_layer_ids or [n - 1]) if draft else []
     frozen = FrozenTarget(model, ids)
-    tree_shape = parse_tree(tree) if tree else None
     if tree_shape and (draft is None or draft.method not in ("eagle1", "eagle3")):
         raise UsageError("--tree needs an EAGLE-1 or EAGLE-3 draft (EAGLE-2 is their dynamic-tree decoding)")
     proposer = (
@@ -151,6 +156,9 @@ def parse_tree(text: str) -> tuple[int, int, int]:
         top_k, depth, total = (int(part) for part in text.split(","))
     except ValueError:
         raise UsageError(f"--tree takes TOP_K,DEPTH,TOTAL_TOKENS, e.g. 4,5,16; got {text!r}") from None
-    if min(top_k, depth, total) < 1:
-        raise UsageError(f"--tree values must be positive, got {text!r}")
+    if not all(1 <= value <= cap for value, cap in zip((top_k, depth, total), MAX_TREE, strict=True)):
+        k, d, t = MAX_TREE
+        raise UsageError(
+            f"--tree needs TOP_K in 1..{k}, DEPTH in 1..{d} and TOTAL_TOKENS in 1..{t} (e.g. 10,7,60); got {text!r}"
+        )
     return top_k, depth, total

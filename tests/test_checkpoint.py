@@ -158,7 +158,7 @@ def test_check_against_target(drafts, tiny_target_dir, tmp_path):
     with pytest.raises(SpectoolError) as info_:
         check_against_target(load_draft(drafts["dspark"]), other.arch)
     message = str(info_.value)
-    for part in ("width 64", "200", "8-layer target", "[1, 2, 4, 6, 7]", "mask token 250"):
+    for part in ("width 64", "200", "made for a target with 8 layers", "[1, 2, 4, 6, 7]", "mask token 250"):
         assert part in message
     warnings = check_against_target(load_draft(drafts["dspark"]), info.arch, tokenizer_length=300)
     assert "tokenizer of length 250" in warnings[0]
@@ -187,8 +187,10 @@ def test_convert(drafts, tmp_path):
     assert loaded.method == "eagle3" and keys(out) == keys(drafts["eagle3"])
     with pytest.raises(UsageError, match="no vllm layout"):
         convert(drafts["dspark"], "vllm", tmp_path / "x")
-    with pytest.raises(UsageError, match="must differ"):
+    with pytest.raises(UsageError, match="is the SRC"):
         convert(drafts["dflash"], "dflash", drafts["dflash"])
+    with pytest.raises(UsageError, match="contains the SRC"):  # writing OUT would delete SRC inside it
+        convert(drafts["dflash"], "dflash", drafts["dflash"].parent)
     with pytest.raises(UsageError, match="--to must be one of"):
         convert(drafts["dflash"], "onnx", tmp_path / "y")
 
@@ -219,3 +221,62 @@ def test_read_target_weights_from_a_sharded_index(tiny_target_dir, tmp_path):
 def test_metadata_round_trip():
     meta = DraftMetadata(method="dflash", target="Qwen/Qwen3-8B", target_layer_ids=[1, 9])
     assert DraftMetadata.from_json({**meta.to_json(), "unknown_future_field": 1}) == meta
+
+
+@pytest.mark.parametrize(
+    ("method", "change", "field"),
+    [
+        ("dflash", {"hidden_size": 0}, "hidden_size"),
+        ("dspark", {"num_attention_heads": "4"}, "num_attention_heads"),
+        ("dspark", {"block_size": 1}, "block_size"),
+        ("eagle3", {"rope_parameters": {"rope_type": "default", "rope_theta": -1.0}}, "rope_theta"),
+    ],
+)
+def test_invalid_config_values_are_one_line_errors(drafts, tmp_path, method, change, field):
+    broken = rewrite(drafts[method], tmp_path / "bad", config_change=lambda c: c.update(change))
+    with pytest.raises(SpectoolError, match=f"not a valid {method} draft config") as info:
+        load_draft(broken)
+    assert field in str(info.value) and "\n" not in str(info.value)
+
+
+def test_save_refuses_an_output_that_is_a_file(drafts, tmp_path):
+    model = load_draft(drafts["dflash"]).model
+    (tmp_path / "file").write_text("mine")
+    with pytest.raises(UsageError, match="is a file"):
+        save_draft(model, tmp_path / "file", method="dflash")
+    with pytest.raises(UsageError, match="lies under .*file, which is a file"):
+        save_draft(model, tmp_path / "file" / "draft", method="dflash")
+    assert (tmp_path / "file").read_text() == "mine"
+
+
+def test_articles_in_messages():
+    assert checkpoint.with_article("eagle3") == "an eagle3"
+    assert checkpoint.with_article("dspark") == "a dspark"
+
+
+@pytest.mark.parametrize(
+    ("target", "new", "expected"),
+    [
+        ("../../tiny", "assets/drafts/x", "../../tiny"),  # same depth: unchanged
+        ("../../tiny", "elsewhere", "../assets/tiny"),
+        ("./target", "assets/drafts/copy", "../x/target"),
+        ("Qwen/Qwen3-8B", "elsewhere", "Qwen/Qwen3-8B"),  # Hub ids and absolute paths stay
+        ("/abs/target", "elsewhere", "/abs/target"),
+        (None, "elsewhere", None),
+    ],
+)
+def test_relocated_target(tmp_path, target, new, expected):
+    old = tmp_path / "assets" / "drafts" / "x"
+    assert checkpoint.relocated_target(target, old, tmp_path / new) == expected
+
+
+def test_convert_keeps_a_relative_target_reachable(drafts, tmp_path):
+    src = tmp_path / "deep" / "src"
+    shutil.copytree(drafts["eagle3"], src)
+    meta = json.loads((src / "spectool.json").read_text())
+    (tmp_path / "tgt").mkdir()
+    meta["target"] = "../../tgt"
+    (src / "spectool.json").write_text(json.dumps(meta))
+    loaded = convert(src, "sglang", tmp_path / "out")
+    assert loaded.metadata.target == "../tgt"
+    assert ((tmp_path / "out") / loaded.metadata.target).resolve() == (tmp_path / "tgt").resolve()

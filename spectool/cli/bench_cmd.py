@@ -26,8 +26,8 @@ def bench_command(
     prompts: Path = typer.Option(None, "--prompts", "-p", help="JSONL of {prompt} or {messages} rows."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="Tokens to generate per prompt."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy (checked for losslessness)."),
-    top_p: float = typer.Option(1.0, "--top-p"),
-    top_k: int = typer.Option(0, "--top-k"),
+    top_p: float = typer.Option(1.0, "--top-p", help="Sample from the smallest set of tokens holding this mass (0-1]."),
+    top_k: int = typer.Option(0, "--top-k", help="Sample from the K most likely tokens only (0 = all)."),
     baselines: str = typer.Option(
         DEFAULT_BASELINES, "--baselines", help="Comma list of target, hf, prompt-lookup, dflash-package."
     ),
@@ -38,7 +38,7 @@ def bench_command(
     verify: str = typer.Option(
         "full", "--verify", help="full, or auto: DSpark verifies only the profitable prefix (adds a full-block row)."
     ),
-    seed: int = typer.Option(0, "--seed"),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed (prompt i uses SEED + i)."),
     stop: list[str] = typer.Option(None, "--stop", help="End answers at this text (repeatable); eos always ends."),
     batch_size: int = typer.Option(
         1, "--batch-size", help="Decode N prompts together (no --tree / --verify auto; baselines target and hf)."
@@ -59,10 +59,9 @@ def bench_command(
         raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if max_drafts is not None and max_drafts < 1:
         raise UsageError(f"--max-drafts must be at least 1, got {max_drafts}")
-    try:
-        sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)  # a UsageError when out of range
+    if limit is not None and limit < 1:
+        raise UsageError(f"--limit must be at least 1, got {limit}")
     if batch_size < 1:
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     if batch_size > 1 and baselines == DEFAULT_BASELINES:
@@ -76,7 +75,7 @@ def bench_command(
         if not DEFAULT_PROMPTS.is_file():
             raise UsageError("no --prompts given and no built-in prompt set is installed; pass --prompts FILE")
         prompts = DEFAULT_PROMPTS
-    conversations = load_prompts(prompts)[:limit] if limit else load_prompts(prompts)
+    conversations = load_prompts(prompts)[:limit]
     runtime = load_runtime(draft, target, device=device, chain_length=chain_length, verify=verify, tree=tree)
     for warning in runtime.warnings:
         error_console().print(Text(f"warning: {warning}", style="yellow"), soft_wrap=True)
@@ -129,15 +128,21 @@ def _render(report) -> None:
     for name, row in report.baselines.items():
         table.add_row(names[name], f"{row['tokens_per_second']:.1f}", f"{row['speedup']:.2f}x")
     out.print(table)
-    hist = "  ".join(f"{k}:{v}" for k, v in sorted(report.acceptance_histogram.items()))
-    per_position = " ".join(f"{p:.2f}" for p in report.accepted_per_position)
-    out.print(
-        f"acceptance length {report.acceptance_length:.2f} tokens per target forward (bonus/correction included); "
-        f"{report.num_prompts} prompts, {report.new_tokens} tokens",
-        soft_wrap=True,
-    )
-    out.print(f"tokens per round: {hist}", soft_wrap=True)
-    out.print(f"accept rate by draft position: {per_position}", soft_wrap=True)
+    totals = f"{report.num_prompts} prompts, {report.new_tokens} tokens"
+    if report.acceptance_length is None:  # every answer ended with the prefill's token: nothing was verified
+        out.print(
+            f"acceptance length n/a (no verify round: each answer ended after one token); {totals}", soft_wrap=True
+        )
+    else:
+        hist = "  ".join(f"{k}:{v}" for k, v in sorted(report.acceptance_histogram.items()))
+        per_position = " ".join(f"{p:.2f}" for p in report.accepted_per_position)
+        out.print(
+            f"acceptance length {report.acceptance_length:.2f} tokens per target forward "
+            f"(bonus/correction included); {totals}",
+            soft_wrap=True,
+        )
+        out.print(f"tokens per round: {hist}", soft_wrap=True)
+        out.print(f"accept rate by draft position: {per_position}", soft_wrap=True)
     if report.lossless is True:
         out.print(Text("lossless: output identical to the target's own greedy decoding on every prompt", "green"))
     elif report.lossless is False:

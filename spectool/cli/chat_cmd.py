@@ -175,10 +175,7 @@ def chat_command(
         raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if max_drafts is not None and max_drafts < 1:
         raise UsageError(f"--max-drafts must be at least 1, got {max_drafts}")
-    try:
-        sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)  # a UsageError when out of range
     out = Console(color_system=None, highlight=False) if plain else console()
     runtime = load_runtime(draft, target, device=device, verify=verify, tree=tree)
     for warning in runtime.warnings:
@@ -239,14 +236,14 @@ def _command(session: ChatSession, text: str, out: Console) -> bool:
         session.reset()
         out.print(f"system prompt {'set' if session.system else 'cleared'}; conversation forgotten")
     elif name == "/temp":
-        from spectool.decoding.accept import SamplingParams
+        from spectool.decoding.accept import MIN_TEMPERATURE, SamplingParams
 
         try:
             value = float(arg)
             session.sampling = SamplingParams(value, session.sampling.top_p, session.sampling.top_k)
             out.print(f"temperature {value:g}")
         except ValueError:
-            out.print("usage: /temp T  (a number >= 0)")
+            out.print(f"usage: /temp T  (0 for greedy, or a number >= {MIN_TEMPERATURE:g})")
     else:
         out.print(f"unknown command {name}; /help lists them")
     return True

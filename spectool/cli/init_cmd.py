@@ -13,6 +13,7 @@ from spectool.cli import app
 from spectool.cli.render import console, handles_errors, human_bytes, human_count
 from spectool.errors import UsageError
 from spectool.layers import parse_layer_ids
+from spectool.paths import check_output_path, refuse_to_replace_input
 
 
 class InitMethod(str, Enum):
@@ -36,10 +37,28 @@ LOADERS = {
 }
 
 
-def refuse_to_overwrite(out: Path, force: bool) -> None:
-    """Never replace a user's non-empty directory unless they said --force (exit 2)."""
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+#: Largest --block-size accepted: published DFlash / DSpark blocks are 7 to 16 tokens, and every block costs the
+#: target a verify forward of that many positions.
+MAX_BLOCK_SIZE = 64
+
+
+def refuse_to_overwrite(out: Path, force: bool, source: str | Path | None = None, name: str = "SRC") -> None:
+    """Never replace a user's non-empty directory unless they said --force, nor the command's own input (the
+    directory `source`, called `name` on the command line), even with --force (exit 2)."""
+    check_output_path(out)
+    if source is not None and Path(source).expanduser().exists():
+        source = Path(source).expanduser()
+        refuse_to_replace_input(out, source if source.is_dir() else source.parent, name)
+    if out.exists() and any(out.iterdir()) and not force:
         raise UsageError(f"{out} exists and is not empty; choose another --out or pass --force to replace it")
+
+
+def check_block_size(block_size: int | None) -> None:
+    """--block-size must lie in [2, MAX_BLOCK_SIZE] (exit 2)."""
+    if block_size is not None and not 2 <= block_size <= MAX_BLOCK_SIZE:
+        raise UsageError(
+            f"--block-size must be between 2 and {MAX_BLOCK_SIZE} (published blocks are 7 to 16), got {block_size}"
+        )
 
 
 class ConvertTarget(str, Enum):
@@ -75,7 +94,10 @@ def init_command(
     """
     from spectool.init import init_draft
 
-    refuse_to_overwrite(out, force)
+    refuse_to_overwrite(out, force, model, "MODEL")
+    check_block_size(block_size)
+    if markov_rank is not None and markov_rank < 1:
+        raise UsageError(f"--markov-rank must be at least 1, got {markov_rank}")
     ids = parse_layer_ids(target_layer_ids) if target_layer_ids else None
     result = init_draft(
         model,
@@ -126,7 +148,7 @@ def convert_command(
     load the result to prove it."""
     from spectool.checkpoint import convert
 
-    refuse_to_overwrite(out, force)
+    refuse_to_overwrite(out, force, src, "SRC")
     loaded = convert(src, to.value, out)
     out_console = console()
     for note in loaded.notes:

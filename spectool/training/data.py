@@ -339,13 +339,18 @@ def _read_jsonl(path: Path) -> Iterator[_RawRow]:
         raise SpectoolError(f"cannot read {path}: {exc.strerror or exc}") from None
 
 
-def _read_json(path: Path) -> Iterator[_RawRow]:
+def read_utf8(path: Path) -> str:
+    """A whole text file (a leading BOM dropped); undecodable or unreadable files are one-line errors."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise SpectoolError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise SpectoolError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
     except OSError as exc:
         raise SpectoolError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def _read_json(path: Path) -> Iterator[_RawRow]:
+    text = read_utf8(path)
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:

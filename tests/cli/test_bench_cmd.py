@@ -80,7 +80,14 @@ def test_bench_sampling_reports_no_lossless_verdict(dspark_draft, prompts_file):
     [
         ["--baselines", "target,vllm"],
         ["--temperature", "-1"],
+        ["--temperature", "nan"],
+        ["--temperature", "1e-5"],
+        ["--top-p", "0"],
+        ["--top-k", "-1"],
         ["-n", "0"],
+        ["--limit", "0"],
+        ["--chain-length", "0"],
+        ["--tree", "100,7,60"],
         ["--prompts", "/no/such/file.jsonl"],
     ],
 )
@@ -106,6 +113,23 @@ def test_load_prompts_errors(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(UsageError, match="holds no prompts"):
         load_prompts(tmp_path / "empty.jsonl")
+
+
+def test_load_prompts_refuses_directories_and_binary_files(tmp_path):
+    with pytest.raises(UsageError, match="is a directory"):
+        load_prompts(tmp_path)
+    (tmp_path / "latin1.jsonl").write_bytes('{"prompt": "caf\xe9"}\n'.encode("latin-1"))
+    with pytest.raises(SpectoolError, match="not UTF-8"):
+        load_prompts(tmp_path / "latin1.jsonl")
+
+
+def test_bench_one_token_answers_have_no_acceptance_length(dspark_draft, prompts_file):
+    """With -n 1 every answer is the prefill's token: no verify round ran, so there is nothing to average."""
+    args = ["bench", "-d", str(dspark_draft), "-p", str(prompts_file), "-n", "1", "--baselines", "target"]
+    data = json.loads(invoke(*args, "--json").stdout)
+    assert data["acceptance_length"] is None and data["new_tokens"] == 4 and data["lossless"] is True
+    result = invoke(*args)
+    assert result.exit_code == 0 and "acceptance length n/a" in result.stdout, result.output
 
 
 def test_verify_auto_adds_the_full_block_baseline(dspark_draft, prompts_file):
@@ -162,6 +186,8 @@ def test_bench_batched_is_lossless_and_says_its_batch(dspark_draft, prompts_file
     assert data["batch_size"] == 3 and data["lossless"] is True and data["num_prompts"] == 4
     assert set(data["baselines"]) == {"target", "hf"}  # prompt lookup takes one prompt at a time
     assert data["new_tokens"] == 40
+    wide = invoke("bench", "-d", str(dspark_draft), "-p", str(prompts_file), "-n", "2", "--batch-size", "8", "--json")
+    assert json.loads(wide.stdout)["batch_size"] == 4  # the prompts really decoded together, not the 8 asked for
     assert all(row["tokens_per_second"] > 0 for row in data["baselines"].values())
 
 

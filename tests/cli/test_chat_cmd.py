@@ -49,7 +49,7 @@ def test_max_drafts_caps_the_rounds(draft_dir):
 
 
 def test_scripted_session_with_slash_commands(draft_dir):
-    script = "/help\nhi there\n/stats\n/temp 0.5\n/system you are nice\ntell me about cats\n/reset\n/bogus\n/quit\n"
+    script = "/help\nhi there\n/stats\n/temp 1e-9\n/temp 0.5\n/system you are nice\ntell me about cats\n/reset\n/bogus\n/quit\n"
     result = subprocess.run(
         [sys.executable, "-m", "spectool", "chat", "--draft", str(draft_dir), "-n", "8"],
         input=script,
@@ -63,6 +63,7 @@ def test_scripted_session_with_slash_commands(draft_dir):
     assert "/stats" in out and "tokens per target forward over" in out  # the help text, then the histogram
     assert "temperature 0.5" in out and "system prompt set" in out and "conversation forgotten" in out
     assert "unknown command /bogus" in out
+    assert "usage: /temp T  (0 for greedy, or a number >= 0.001)" in out  # 1e-9 would overflow logits / T
     assert out.count("acceptance length") == 2
 
 

@@ -1,6 +1,7 @@
 """`spectool init` / `spectool convert` through Typer's runner: formats, inspect agreement, errors."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -102,3 +103,50 @@ def test_convert_command(tiny_target_dir, tmp_path):
     assert bad.exit_code == 2 and "no deepspec layout" in bad.stderr
     missing = invoke("convert", str(tmp_path / "nope"), "--to", "vllm", "--out", str(tmp_path / "y"))
     assert missing.exit_code == 2
+
+
+def test_init_never_writes_over_its_own_model(tiny_target_dir, tmp_path):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_target_dir, model)
+    before = sorted(p.name for p in model.iterdir())
+    for out in (model, tmp_path):  # OUT is MODEL, or contains it: writing OUT would delete it, --force or not
+        result = invoke("init", str(model), "-m", "dflash", "-o", str(out), "--force")
+        assert result.exit_code == 2 and "MODEL" in result.stderr, result.output
+    assert sorted(p.name for p in model.iterdir()) == before
+
+
+def test_convert_never_writes_over_its_source(tiny_target_dir, tmp_path):
+    src = tmp_path / "src"
+    assert invoke("init", str(tiny_target_dir), "-m", "eagle3", "-o", str(src)).exit_code == 0
+    for out in (src, tmp_path):
+        result = invoke("convert", str(src), "--to", "sglang", "--out", str(out), "--force")
+        assert result.exit_code == 2 and "SRC" in result.stderr, result.output
+    assert (src / "model.safetensors").is_file()
+
+
+def test_init_refuses_an_out_that_is_a_file(tiny_target_dir, tmp_path):
+    (tmp_path / "f").write_text("x")
+    result = invoke("init", str(tiny_target_dir), "-m", "dflash", "-o", str(tmp_path / "f" / "d"))
+    assert result.exit_code == 2 and "which is a file" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["-m", "dflash", "--block-size", "1"], "between 2 and 64"),
+        (["-m", "dspark", "--block-size", "65"], "between 2 and 64"),
+        (["-m", "dspark", "--markov-rank", "0"], "--markov-rank must be at least 1"),
+    ],
+)
+def test_init_out_of_range_options(tiny_target_dir, tmp_path, args, message):
+    result = invoke("init", str(tiny_target_dir), "-o", str(tmp_path / "x"), *args)
+    assert result.exit_code == 2 and message in result.stderr, result.output
+    assert not (tmp_path / "x").exists()
+
+
+def test_init_without_target_weights_says_what_to_do(tiny_model_dir, tmp_path):
+    """EAGLE-3 copies the target's embedding: a config-only directory is refused in one line (DFlash needs none)."""
+    result = invoke("init", str(tiny_model_dir), "-m", "eagle3", "-o", str(tmp_path / "e3"))
+    assert result.exit_code == 2 and "weights are missing" in result.stderr and "--method dflash" in result.stderr
+    assert "Traceback" not in result.output
+    assert invoke("init", str(tiny_model_dir), "-m", "dflash", "-o", str(tmp_path / "df")).exit_code == 0

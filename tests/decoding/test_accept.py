@@ -13,6 +13,7 @@ from spectool.decoding.accept import (
     sample,
     walk_tree,
 )
+from spectool.errors import UsageError
 
 # Critical values of the chi-square distribution at p = 0.001 (tables): a correct sampler fails 1 run in 1000,
 # and the seeds are fixed, so the tests are deterministic.
@@ -65,9 +66,22 @@ def test_probabilities_by_hand():
 
 
 def test_sampling_params_validation():
-    for bad in ({"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"top_k": -2}):
-        with pytest.raises(ValueError):
+    bad_values = (
+        {"temperature": -1},
+        {"temperature": float("nan")},
+        {"temperature": float("inf")},
+        {"temperature": 1e-5},  # logits / T would overflow: 0 is greedy
+        {"top_p": 0},
+        {"top_p": 1.5},
+        {"top_p": float("nan")},
+        {"top_k": -2},
+    )
+    for bad in bad_values:
+        with pytest.raises(ValueError):  # and a UsageError, so the command line exits 2
             SamplingParams(**bad)
+    with pytest.raises(UsageError, match="--temperature"):
+        SamplingParams(temperature=-1)
+    assert SamplingParams(temperature=1e-3).temperature == 1e-3
 
 
 def test_identical_draft_is_always_accepted():
