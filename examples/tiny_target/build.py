@@ -88,6 +88,8 @@ class Options:
     grad_clip: float = 1.0
     log_every: int = 20
     checkpoint_minutes: float = 5.0
+    device: str = "cpu"
+    source_code: bool = False
     command: str = ""
 
 
@@ -119,7 +121,17 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--grad-clip", type=float, default=1.0)
     parser.add_argument("--log-every", type=int, default=20)
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    parser.add_argument(
+        "--source-code",
+        action="store_true",
+        help="add the standard library's functions as source-code answers (~5x the corpus; see chat_corpus.py)",
+    )
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (fp32 either way; results differ between devices)")
     args = parser.parse_args(argv)
+    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+        parser.error(f"--device must be cpu or cuda, got {args.device!r}")
+    if args.device != "cpu" and not torch.cuda.is_available():
+        parser.error("--device cuda: this machine has no CUDA device; use --device cpu")
     horizons = None
     if args.horizons:
         horizons = [tuple(int(x) for x in part.split(":")) for part in args.horizons.split(",")]
@@ -145,9 +157,9 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
-def build_corpus(work_dir: Path) -> tuple[list[dict], list[dict], str]:
+def build_corpus(work_dir: Path, source_code: bool = False) -> tuple[list[dict], list[dict], str]:
     """Train and held-out conversations (also written to ``work_dir``) and a hash of both."""
-    train, heldout = chat_corpus.corpus("train"), chat_corpus.corpus("heldout")
+    train, heldout = chat_corpus.corpus("train", source_code), chat_corpus.corpus("heldout", source_code)
     write_jsonl(work_dir / "train.jsonl", train)
     write_jsonl(work_dir / "heldout.jsonl", heldout)
     digest = hashlib.sha256(json.dumps([train, heldout], ensure_ascii=False).encode()).hexdigest()[:16]
@@ -336,6 +348,8 @@ def make_optimizer(model, opts: Options) -> torch.optim.AdamW:
 
 def loss_on(model, input_ids, position_ids, labels) -> tuple[torch.Tensor, int]:
     """Mean next-token cross-entropy over labelled positions, and how many there were."""
+    device = model.lm_head.weight.device
+    input_ids, position_ids, labels = input_ids.to(device), position_ids.to(device), labels.to(device)
     logits = model(input_ids=input_ids, position_ids=position_ids, use_cache=False).logits
     targets = labels[:, 1:]
     loss = F.cross_entropy(
@@ -373,6 +387,7 @@ def save_checkpoint(path: Path, model, optimizer, state: TrainState, opts: Optio
         "fingerprint": fingerprint,
         "options": {k: str(v) for k, v in asdict(opts).items()},
         "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
         "python_rng": random.getstate(),
     }
     tmp = path.with_suffix(".tmp")
@@ -391,6 +406,8 @@ def load_checkpoint(path: Path, model, optimizer, fingerprint: dict) -> TrainSta
     model.load_state_dict(payload["model"])
     optimizer.load_state_dict(payload["optimizer"])
     torch.set_rng_state(payload["torch_rng"])
+    if payload.get("cuda_rng") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(payload["cuda_rng"])
     random.setstate(payload["python_rng"])
     state = payload["state"]
     state["horizons"] = [tuple(h) for h in state["horizons"]]
@@ -528,7 +545,7 @@ def export(model, tokenizer, opts: Options, state: TrainState, card_info: dict, 
     staging = out.parent / f".{out.name}.staging"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    bf16 = copy.deepcopy(model).to("cpu", torch.bfloat16)
     bf16.config.architectures = ["Qwen3ForCausalLM"]
     bf16.save_pretrained(str(staging))
     chat_tokenizer.save(tokenizer, staging)
@@ -568,13 +585,20 @@ def greedy_samples(out: Path, questions: list[tuple[str, str]], max_new_tokens: 
     return results
 
 
+def device_words(opts: Options) -> str:
+    """Where the training ran, for the model card."""
+    if opts.device == "cpu":
+        return f"{opts.threads} CPU thread(s)"
+    return torch.cuda.get_device_name(torch.device(opts.device))
+
+
 def model_card(opts: Options, state: TrainState, info: dict, samples, final: bool) -> str:
     """The exported directory's README.md."""
     status = "final export" if final else f"intermediate snapshot at step {state.step} (training still running)"
     lines = [
         "# tiny-qwen3: spectool's embedded chat target",
         "",
-        "An 8-layer Qwen3 (`Qwen3ForCausalLM`) trained from scratch on CPU to answer questions about Python",
+        "An 8-layer Qwen3 (`Qwen3ForCausalLM`) trained from scratch to answer questions about Python",
         "from Python's own documentation. It exists so spectool's tests, examples and demos have a real,",
         "offline chat target whose drafts can be trained and benchmarked in minutes. It memorises its",
         "training answers and is not a useful assistant.",
@@ -595,9 +619,10 @@ def model_card(opts: Options, state: TrainState, info: dict, samples, final: boo
         "| weights | bfloat16 safetensors (trained in fp32) |",
         f"| corpus | {info['train_conversations']:,} train / {info['heldout_conversations']:,} held-out "
         f"conversations, {info['train_tokens']:,} train tokens; pydoc help topics and docstrings of "
-        f"{len(chat_corpus.STDLIB_MODULES)} standard-library modules (CPython {info['python']}) |",
+        f"{len(chat_corpus.STDLIB_MODULES)} standard-library modules"
+        f"{' and the source of its functions' if opts.source_code else ''} (CPython {info['python']}) |",
         f"| training | {state.step} steps of {opts.batch_size} x {opts.seq_len} tokens, "
-        f"{state.elapsed_s / 60:.1f} min on {opts.threads} CPU thread(s), loss on assistant tokens only |",
+        f"{state.elapsed_s / 60:.1f} min on {device_words(opts)}, loss on assistant tokens only |",
         f"| optimiser | AdamW lr {opts.lr:g} (betas 0.9/0.95, wd {opts.weight_decay:g}), warmup "
         f"{opts.warmup_steps}, cosine to {opts.min_lr_ratio:g}x; horizon plan `{plan_text(state)}` |",
         f"| final loss | train batch {state.last_loss:.3f}, train subset {state.train_eval_loss:.3f}, "
@@ -634,12 +659,15 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_interop_threads(1)
     except RuntimeError:
         pass
-    torch.use_deterministic_algorithms(True)
+    if opts.device != "cpu":  # cuBLAS needs a fixed workspace to be deterministic
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # On CUDA an op without a deterministic kernel warns instead of stopping the build.
+    torch.use_deterministic_algorithms(True, warn_only=opts.device != "cpu")
     opts.work_dir.mkdir(parents=True, exist_ok=True)
     log(f"[build] {opts.command}")
     log(f"[build] torch {torch.__version__}, {torch.get_num_threads()} thread(s), work dir {opts.work_dir}")
 
-    train_convs, heldout_convs, corpus_sha = build_corpus(opts.work_dir)
+    train_convs, heldout_convs, corpus_sha = build_corpus(opts.work_dir, opts.source_code)
     tokenizer = build_tokenizer(train_convs, opts.work_dir)
 
     encoded = [encode_conversation(tokenizer, c) for c in train_convs]
@@ -661,7 +689,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{too_long} conversations longer than {opts.seq_len} tokens dropped"
     )
 
-    model = build_model(tokenizer, opts.seed)
+    model = build_model(tokenizer, opts.seed).to(opts.device)
     params = count_parameters(model)
     log(f"[model] Qwen3ForCausalLM, {params:,} parameters, vocab_size {MODEL_VOCAB_SIZE}")
 
@@ -671,6 +699,7 @@ def main(argv: list[str] | None = None) -> int:
         "batch_size": opts.batch_size,
         "seq_len": opts.seq_len,
         "threads": opts.threads,
+        "device": opts.device,
     }
     card_info = {
         "params": params,

@@ -21,6 +21,7 @@ Use :func:`corpus` (``"train"``, ``"heldout"`` or ``"all"``) from Python, or ``b
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
 import inspect
@@ -29,6 +30,8 @@ import random
 import re
 import subprocess
 import sys
+import sysconfig
+import textwrap
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -60,6 +63,11 @@ MAX_ANSWER_CHARS = 800
 MIN_ANSWER_CHARS = 24
 #: Fraction of conversations held out by question hash (in thousandths, so the test is integer-exact).
 HELDOUT_PER_MILLE = 50
+#: Longest and shortest source-code answer kept, in characters (``--source-code``).
+MAX_SOURCE_CHARS = 700
+MIN_SOURCE_CHARS = 40
+#: Standard-library folders whose code is not read for source-code answers (tests, demos, the IDE).
+SOURCE_SKIP_DIRS = frozenset({"test", "tests", "idle_test", "idlelib", "lib2to3", "turtledemo", "site-packages"})
 #: Seed of the ``random.Random`` that picks question templates.
 TEMPLATE_SEED = 0
 
@@ -86,6 +94,11 @@ SECTION_TEMPLATES = (
     "What is {name}?",
     "Tell me about {name}.",
     "Can you describe {name}?",
+)
+SOURCE_TEMPLATES = (
+    "Show me the source of `{name}`.",
+    "How is `{name}` implemented?",
+    "Write `{name}` the way the standard library does.",
 )
 CONTINUATION_TEMPLATES = (
     "Tell me more about {name} (part {part}).",
@@ -425,6 +438,7 @@ def question_for(item: Item, rng: random.Random) -> str:
         "function": FUNCTION_TEMPLATES,
         "section": SECTION_TEMPLATES,
         "continuation": CONTINUATION_TEMPLATES,
+        "source": SOURCE_TEMPLATES,
     }[item.kind]
     return rng.choice(templates).format(name=item.name, part=item.part)
 
@@ -435,12 +449,63 @@ def is_heldout(question: str) -> bool:
     return int.from_bytes(digest[:8], "big") % 1000 < HELDOUT_PER_MILLE
 
 
-def _items() -> Iterator[Item]:
+# --------------------------------------------------------------------------------------------------------
+# Optional third source: the standard library's own code
+
+
+def _source_of(node: ast.AST, lines: list[str]) -> str:
+    """A function's source (decorators included), dedented and cut at a line end to MAX_SOURCE_CHARS."""
+    first = min([node.lineno] + [d.lineno for d in node.decorator_list])
+    kept: list[str] = []
+    size = 0
+    for line in textwrap.dedent("\n".join(lines[first - 1 : node.end_lineno])).splitlines():
+        if size + len(line) + 1 > MAX_SOURCE_CHARS:
+            break
+        kept.append(line.rstrip())
+        size += len(line) + 1
+    while kept and not kept[-1].strip():
+        kept.pop()
+    return "\n".join(kept)
+
+
+def source_items() -> Iterator[Item]:
+    """Every function and method of the standard library's non-test modules, as source code (sorted by path).
+
+    Parsed with ``ast`` from the files (nothing is imported); about 13k items, 4.2M characters on 3.11.
+    """
+    root = Path(sysconfig.get_paths()["stdlib"])
+    functions = (ast.FunctionDef, ast.AsyncFunctionDef)
+    for path in sorted(root.rglob("*.py")):
+        relative = path.relative_to(root)
+        if SOURCE_SKIP_DIRS & set(relative.parts):
+            continue
+        module = ".".join(relative.with_suffix("").parts).removesuffix(".__init__")
+        try:
+            text = path.read_text(encoding="utf-8")
+            tree = ast.parse(text)
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        lines = text.splitlines()
+        for node in tree.body:
+            named = []
+            if isinstance(node, functions):
+                named.append((f"{module}.{node.name}", node))
+            elif isinstance(node, ast.ClassDef):
+                named += [(f"{module}.{node.name}.{sub.name}", sub) for sub in node.body if isinstance(sub, functions)]
+            for name, function in named:
+                answer = _source_of(function, lines)
+                if len(answer) >= MIN_SOURCE_CHARS:
+                    yield Item("source", name, answer)
+
+
+def _items(source_code: bool = False) -> Iterator[Item]:
     yield from topic_items()
     yield from docstring_items()
+    if source_code:  # after the documentation, so its questions, templates and hold-out stay the same
+        yield from source_items()
 
 
-def build_conversations() -> list[tuple[str, str, bool]]:
+def build_conversations(source_code: bool = False) -> list[tuple[str, str, bool]]:
     """Every conversation as ``(question, answer, heldout)``, deduplicated, in build order.
 
     The result depends on which modules the interpreter has already imported (an imported submodule or a
@@ -451,7 +516,7 @@ def build_conversations() -> list[tuple[str, str, bool]]:
     seen_questions: set[str] = set()
     seen_answers: set[str] = set()
     out = []
-    for item in _items():
+    for item in _items(source_code):
         question = question_for(item, rng)
         q_key = " ".join(question.lower().split())
         a_key = " ".join(item.answer.split())
@@ -463,10 +528,11 @@ def build_conversations() -> list[tuple[str, str, bool]]:
     return out
 
 
-@lru_cache(maxsize=1)
-def _all_conversations() -> tuple[tuple[str, str, bool], ...]:
+@lru_cache(maxsize=2)
+def _all_conversations(source_code: bool = False) -> tuple[tuple[str, str, bool], ...]:
     """:func:`build_conversations` run in a fresh, site-free interpreter, whatever the caller imported."""
     command = [sys.executable, "-S", "-s", "-B", str(Path(__file__).resolve()), "--json"]
+    command += ["--source-code"] if source_code else []
     env = {"PYTHONHASHSEED": "0", "PYTHONIOENCODING": "utf-8"}
     result = subprocess.run(command, env=env, capture_output=True, check=True)
     return tuple((q, a, bool(h)) for q, a, h in json.loads(result.stdout.decode("utf-8")))
@@ -477,18 +543,25 @@ def to_messages(question: str, answer: str) -> dict:
     return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
 
 
-def corpus(split: str = "train") -> list[dict]:
+def corpus(split: str = "train", source_code: bool = False) -> list[dict]:
     """The conversations of one split: ``"train"`` (~95%), ``"heldout"`` (~5%) or ``"all"``.
+
+    ``source_code`` adds :func:`source_items` (the standard library's functions as code answers).
 
     Each is ``{"messages": [{"role": "user", ...}, {"role": "assistant", ...}]}``, in a fixed order.
     """
     if split not in ("train", "heldout", "all"):
         raise ValueError(f"split must be 'train', 'heldout' or 'all', not {split!r}")
-    return [to_messages(q, a) for q, a, held in _all_conversations() if split == "all" or held == (split == "heldout")]
+    return [
+        to_messages(q, a)
+        for q, a, held in _all_conversations(source_code)
+        if split == "all" or held == (split == "heldout")
+    ]
 
 
 if __name__ == "__main__":
-    if sys.argv[1:] == ["--json"]:
-        sys.stdout.write(json.dumps(build_conversations(), ensure_ascii=False))
+    if sys.argv[1:2] == ["--json"] and sys.argv[2:] in ([], ["--source-code"]):
+        conversations = build_conversations(source_code=sys.argv[2:] == ["--source-code"])
+        sys.stdout.write(json.dumps(conversations, ensure_ascii=False))
     else:
-        raise SystemExit("usage: chat_corpus.py --json  (from Python, use corpus(split))")
+        raise SystemExit("usage: chat_corpus.py --json [--source-code]  (from Python, use corpus(split))")
