@@ -241,6 +241,11 @@ def _timed_zlab(zlab, runtime: Runtime, ids: list[int], max_new_tokens: int, sam
                 top_p=sampling.top_p,
                 top_k=sampling.top_k,
             )
+    except Exception as exc:  # third-party code tied to transformers versions: say whose failure it is
+        raise SpectoolError(
+            f"the z-lab dflash package failed in its own loop ({type(exc).__name__}: {exc}); it may not support "
+            "this transformers version: drop dflash-package from --baselines"
+        ) from None
     finally:
         handle.remove()
     seconds = time.perf_counter() - start

@@ -168,6 +168,20 @@ def test_dflash_package_baseline_accepts_the_same(chat_target_dir, prompts_file,
     assert zlab["acceptance_length"] == pytest.approx(data["acceptance_length"], abs=0.15)
 
 
+def test_a_failing_dflash_package_is_named_with_the_fix(chat_target_dir, prompts_file, tmp_path, monkeypatch):
+    dflash_model = pytest.importorskip("dflash.model")
+
+    def broken(*args, **kwargs):
+        raise TypeError("forward() got an unexpected keyword argument 'past_key_values'")
+
+    monkeypatch.setattr(dflash_model, "dflash_generate", broken)
+    draft = init_draft(str(chat_target_dir), "dflash", tmp_path / "dflash", dtype="float32").path
+    result = invoke("bench", "-d", str(draft), "-p", str(prompts_file), "-n", "4", "--baselines", "dflash-package")
+    assert result.exit_code == 1, result.output
+    assert "z-lab dflash package failed" in result.stderr and "drop dflash-package" in result.stderr
+    assert "internal error" not in result.stderr
+
+
 def test_bench_batched_stop_strings_cut_every_decoder(dspark_draft, prompts_file):
     args = ["bench", "-d", str(dspark_draft), "-p", str(prompts_file), "-n", "12", "--batch-size", "4", "--json"]
     full = json.loads(invoke(*args).stdout)
