@@ -6,8 +6,9 @@
 #   2. `spectool bench` of the shipped DSpark draft on CUDA (bf16), 8 held-out prompts;
 #   3. a GPU build of the source-code tiny target (examples/tiny_target/build.py --source-code --device cuda),
 #      BUILD_STEPS steps of 16 x 256 tokens (4,500 = about ten epochs of its 1.85M training tokens; a CPU
-#      build of 693 steps, 1.9 epochs, still looped in greedy decoding). Held-out loss is logged every minute
-#      and each checkpoint is exported, so a run cut by its timeout still leaves the latest snapshot.
+#      build of 693 steps, 1.9 epochs, still looped in greedy decoding). Held-out loss is measured every 30 s
+#      and only a checkpoint that lowers it is exported (--keep-best), so the result is the best-generalising
+#      snapshot, and a run cut by its timeout still leaves the best one so far.
 #
 # Run from the repository root; OUT names the folder for the results (the device tool sets it):
 #   OUT=/tmp/gpu_out bash examples/gpu_session.sh
@@ -37,6 +38,6 @@ timeout 180 python3 -m spectool bench --draft dspark --device cuda --limit 8 --m
 
 step "tiny target v2 build on CUDA (${BUILD_STEPS} steps)"
 timeout 420 python3 examples/tiny_target/build.py --device cuda --source-code --minutes 0 \
-    --max-steps "$BUILD_STEPS" --checkpoint-minutes 1 --work-dir /tmp/tiny_v2_work --out "$OUT/tiny-qwen3-v2"
+    --max-steps "$BUILD_STEPS" --keep-best --checkpoint-minutes 0.5 --work-dir /tmp/tiny_v2_work --out "$OUT/tiny-qwen3-v2"
 
 step "done"

@@ -90,6 +90,7 @@ class Options:
     checkpoint_minutes: float = 5.0
     device: str = "cpu"
     source_code: bool = False
+    keep_best: bool = False
     command: str = ""
 
 
@@ -121,6 +122,11 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--grad-clip", type=float, default=1.0)
     parser.add_argument("--log-every", type=int, default=20)
     parser.add_argument("--checkpoint-minutes", type=float, default=5.0)
+    parser.add_argument(
+        "--keep-best",
+        action="store_true",
+        help="export the checkpoint with the lowest held-out loss instead of the last one",
+    )
     parser.add_argument(
         "--source-code",
         action="store_true",
@@ -314,6 +320,8 @@ class TrainState:
     last_loss: float = float("nan")
     heldout_loss: float = float("nan")
     train_eval_loss: float = float("nan")
+    best_heldout_loss: float = float("inf")  # with --keep-best: the exported weights' held-out loss and step
+    best_step: int = -1
 
 
 def horizon_at(step: int, horizons: list[tuple[int, int]]) -> int:
@@ -378,10 +386,13 @@ def subset(rows: PackedRows, count: int) -> PackedRows:
     return PackedRows(rows.input_ids[:count], rows.position_ids[:count], rows.labels[:count])
 
 
-def save_checkpoint(path: Path, model, optimizer, state: TrainState, opts: Options, fingerprint: dict) -> None:
-    """Write model, optimizer, progress and RNG states atomically (tmp file, then ``os.replace``)."""
+def save_checkpoint(
+    path: Path, model, optimizer, state: TrainState, opts: Options, fingerprint: dict, best: dict | None = None
+) -> None:
+    """Write model, optimizer, progress and RNG states (and ``--keep-best``'s best weights) atomically."""
     payload = {
         "model": model.state_dict(),
+        "best_model": best,
         "optimizer": optimizer.state_dict(),
         "state": asdict(state),
         "fingerprint": fingerprint,
@@ -395,8 +406,9 @@ def save_checkpoint(path: Path, model, optimizer, state: TrainState, opts: Optio
     os.replace(tmp, path)
 
 
-def load_checkpoint(path: Path, model, optimizer, fingerprint: dict) -> TrainState:
-    """Restore a checkpoint written by :func:`save_checkpoint`; refuse one from a different setup."""
+def load_checkpoint(path: Path, model, optimizer, fingerprint: dict) -> tuple[TrainState, dict | None]:
+    """Restore a checkpoint written by :func:`save_checkpoint` (state and best weights); refuse one from a
+    different setup."""
     payload = torch.load(path, map_location="cpu", weights_only=False)
     if payload["fingerprint"] != fingerprint:
         raise SystemExit(
@@ -411,7 +423,7 @@ def load_checkpoint(path: Path, model, optimizer, fingerprint: dict) -> TrainSta
     random.setstate(payload["python_rng"])
     state = payload["state"]
     state["horizons"] = [tuple(h) for h in state["horizons"]]
-    return TrainState(**state)
+    return TrainState(**state), payload.get("best_model")
 
 
 def replan(state: TrainState, opts: Options, seconds_per_step: float) -> None:
@@ -433,13 +445,18 @@ def plan_text(state: TrainState) -> str:
 
 
 def train(model, tokenizer, train_rows, eval_sets, opts: Options, fingerprint: dict, card_info: dict):
-    """The training loop; returns the final :class:`TrainState`."""
+    """The training loop; returns the final :class:`TrainState`.
+
+    With ``--keep-best`` the model leaves with the weights of the lowest held-out loss, which is also what every
+    export wrote.
+    """
     checkpoint_path = opts.work_dir / "checkpoint.pt"
     optimizer = make_optimizer(model, opts)
+    best: dict | None = None
     if opts.resume:
         if not checkpoint_path.exists():
             raise SystemExit(f"--resume: no checkpoint at {checkpoint_path}")
-        state = load_checkpoint(checkpoint_path, model, optimizer, fingerprint)
+        state, best = load_checkpoint(checkpoint_path, model, optimizer, fingerprint)
         log(f"[train] resumed at step {state.step} ({state.elapsed_s / 60:.1f} min done), plan {plan_text(state)}")
     else:
         # Without --max-steps, start from an optimistic 1 s/step guess; the re-plan after 40 steps (still in
@@ -463,13 +480,21 @@ def train(model, tokenizer, train_rows, eval_sets, opts: Options, fingerprint: d
     model.train()
 
     def checkpoint_and_export(final: bool) -> None:
+        nonlocal best
         state.heldout_loss = evaluate(model, eval_sets["heldout"], opts.batch_size)
         state.train_eval_loss = evaluate(model, eval_sets["train"], opts.batch_size)
-        save_checkpoint(checkpoint_path, model, optimizer, state, opts, fingerprint)
-        export(model, tokenizer, opts, state, card_info, samples=None, final=final)
+        improved = state.heldout_loss < state.best_heldout_loss
+        if opts.keep_best and improved:
+            state.best_heldout_loss, state.best_step = state.heldout_loss, state.step
+            best = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        save_checkpoint(checkpoint_path, model, optimizer, state, opts, fingerprint, best)
+        exported = not opts.keep_best or improved
+        if exported:
+            export(model, tokenizer, opts, state, card_info, samples=None, final=final)
         log(
             f"[checkpoint] step {state.step}: held-out loss {state.heldout_loss:.3f}, train-subset loss "
-            f"{state.train_eval_loss:.3f}; saved {checkpoint_path.name} and exported to {opts.out}"
+            f"{state.train_eval_loss:.3f}; saved {checkpoint_path.name}"
+            + (f" and exported to {opts.out}" if exported else f" (best stays step {state.best_step})")
         )
 
     while True:
@@ -520,6 +545,8 @@ def train(model, tokenizer, train_rows, eval_sets, opts: Options, fingerprint: d
     state.elapsed_s = elapsed_before + time.perf_counter() - start_time
     log(f"[train] stopped at step {state.step} after {state.elapsed_s / 60:.1f} min; plan {plan_text(state)}")
     checkpoint_and_export(final=not stopped_early(state, opts))
+    if opts.keep_best and best is not None:
+        model.load_state_dict(best)
     return state
 
 
@@ -600,8 +627,8 @@ def model_card(opts: Options, state: TrainState, info: dict, samples, final: boo
         "",
         "An 8-layer Qwen3 (`Qwen3ForCausalLM`) trained from scratch to answer questions about Python",
         "from Python's own documentation. It exists so spectool's tests, examples and demos have a real,",
-        "offline chat target whose drafts can be trained and benchmarked in minutes. It memorises its",
-        "training answers and is not a useful assistant.",
+        "offline chat target whose drafts can be trained and benchmarked in minutes. It is far too small",
+        "to be a useful assistant.",
         "",
         f"Status: {status}.",
         "",
@@ -625,6 +652,14 @@ def model_card(opts: Options, state: TrainState, info: dict, samples, final: boo
         f"{state.elapsed_s / 60:.1f} min on {device_words(opts)}, loss on assistant tokens only |",
         f"| optimiser | AdamW lr {opts.lr:g} (betas 0.9/0.95, wd {opts.weight_decay:g}), warmup "
         f"{opts.warmup_steps}, cosine to {opts.min_lr_ratio:g}x; horizon plan `{plan_text(state)}` |",
+        *(
+            [
+                f"| exported weights | step {state.best_step}: the lowest held-out loss of the run "
+                f"({state.best_heldout_loss:.3f}; `--keep-best`) |"
+            ]
+            if opts.keep_best and state.best_step >= 0
+            else []
+        ),
         f"| final loss | train batch {state.last_loss:.3f}, train subset {state.train_eval_loss:.3f}, "
         f"held-out {state.heldout_loss:.3f} |",
         "",
