@@ -12,6 +12,7 @@ field's convention. The first token after the prompt comes from the prefill forw
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -91,6 +92,12 @@ class GenerationStats:
         return accepted, drafted
 
 
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The name under which the model's forward takes its KV cache: `cache` from transformers 5.24 on,
+    `past_key_values` before (given the new name, older releases pass it on unread and keep no cache)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class TargetSession:
     """The frozen target with a KV cache over the committed tokens, capturing the proposer's features, through
     the transformers forward (targets the lean forward of `fast_target` does not cover)."""
@@ -99,6 +106,7 @@ class TargetSession:
         self.target = target
         self.model = target.model
         self.cache = DynamicCache()
+        self.cache_keyword = cache_keyword(self.model)
 
     def reset(self) -> None:
         self.cache = DynamicCache()
@@ -117,7 +125,8 @@ class TargetSession:
         store: dict = {}
         extra = {} if attention_mask is None else {"attention_mask": attention_mask, "position_ids": position_ids}
         with self.target.capture_hooks(store):
-            out = self.model(input_ids=tokens, cache=self.cache, use_cache=True, **extra)  # the cache grows in place
+            extra[self.cache_keyword] = self.cache  # the cache grows in place
+            out = self.model(input_ids=tokens, use_cache=True, **extra)
         return out.logits[0], self.target.features_from(store)
 
     def keep(self, base: int, rows: list[int]) -> None:

@@ -1,11 +1,14 @@
 """The engine: greedy output equals the target's own greedy decoding for every method, even with random
 drafts (low acceptance); stop handling; KV crop; sampling stays lossless."""
 
+import inspect
+
 import pytest
 import torch
+from transformers import Qwen3ForCausalLM
 
 from spectool.decoding.accept import SamplingParams
-from spectool.decoding.engine import Engine, GenerationStats
+from spectool.decoding.engine import Engine, GenerationStats, TargetSession, cache_keyword
 from spectool.decoding.proposers import Proposal, Proposer, make_proposer
 from spectool.drafts import build_draft
 from spectool.target import FrozenTarget
@@ -194,3 +197,40 @@ def test_pruned_eagle3_vocabulary_is_lossless(tree, qwen3_target, qwen3_config):
         tokens, stats = run(engine, prompt, max_new_tokens=16)
         assert tokens == reference_greedy(qwen3_target, prompt, 16)
         assert all(t % 4 == 0 for r in stats.verify_rounds for t in r.tokens[: r.num_accepted])
+
+
+#: What this transformers release calls the cache argument of Qwen3ForCausalLM.forward (`cache` from 5.24 on).
+RELEASE_KEYWORD = "cache" if "cache" in inspect.signature(Qwen3ForCausalLM.forward).parameters else "past_key_values"
+
+
+class CacheNamedCache(Qwen3ForCausalLM):
+    """A target whose forward takes its KV cache as `cache` (transformers 5.24 and later)."""
+
+    def forward(self, input_ids=None, cache=None, use_cache=None, attention_mask=None, position_ids=None):
+        kwargs = {RELEASE_KEYWORD: cache, "attention_mask": attention_mask, "position_ids": position_ids}
+        return super().forward(input_ids=input_ids, use_cache=use_cache, **kwargs)
+
+
+class CacheNamedPastKeyValues(Qwen3ForCausalLM):
+    """A target whose forward takes its KV cache as `past_key_values` (transformers before 5.24)."""
+
+    def forward(self, input_ids=None, past_key_values=None, use_cache=None, attention_mask=None, position_ids=None):
+        kwargs = {RELEASE_KEYWORD: past_key_values, "attention_mask": attention_mask, "position_ids": position_ids}
+        return super().forward(input_ids=input_ids, use_cache=use_cache, **kwargs)
+
+
+@pytest.mark.parametrize(("cls", "keyword"), [(CacheNamedCache, "cache"), (CacheNamedPastKeyValues, "past_key_values")])
+def test_transformers_session_passes_the_cache_by_the_models_name(cls, keyword, qwen3_target, qwen3_config):
+    """The transformers-forward session passes its cache under the name the model takes, so it keeps the
+    context whatever the transformers release (under the other name a forward runs without it)."""
+    model = cls(qwen3_config).eval()
+    model.load_state_dict(qwen3_target.state_dict())
+    assert cache_keyword(model) == keyword
+    session = TargetSession(FrozenTarget(model, []))
+    logits, _ = session.forward(torch.tensor([PROMPTS[0]]))
+    tokens = [int(logits[-1].argmax())]
+    for _ in range(11):
+        logits, _ = session.forward(torch.tensor([[tokens[-1]]]))
+        tokens.append(int(logits[-1].argmax()))
+    assert session.length == len(PROMPTS[0]) + 11
+    assert tokens == reference_greedy(qwen3_target, PROMPTS[0], 12)
