@@ -40,9 +40,8 @@ def bench_set(heldout: list[str], source_code: bool) -> list[str]:
     """The default bench prompts: the first held-out questions, half of them code when the corpus has code."""
     if not source_code:
         return heldout[:BENCH_PROMPTS]
-    code_questions = {
-        question for question in heldout if question.startswith(("Show me the source", "How is `", "Write `"))
-    }
+    openings = tuple(template.split("{name}")[0] for template in chat_corpus.SOURCE_TEMPLATES)
+    code_questions = {question for question in heldout if question.startswith(openings)}
     docs = [q for q in heldout if q not in code_questions][: BENCH_PROMPTS // 2]
     code = [q for q in heldout if q in code_questions][: BENCH_PROMPTS - len(docs)]
     return docs + code
