@@ -3,14 +3,17 @@
     python examples/data/make_prompts.py                  # the shipped files, byte for byte
     python examples/data/make_prompts.py --source-code    # for a target built with build.py --source-code
 
-Writes, as {"prompt": ...} JSON lines in corpus order:
+Writes, as {"prompt": ...} JSON lines:
 
-* examples/data/train_prompts.jsonl: every training question of the target;
+* examples/data/train_prompts.jsonl: every training question of the target, in corpus order (with
+  --source-code: shuffled by random.Random(0), so that any first N, as `spectool data regen --limit N` and
+  the demo take them, mix documentation and source-code questions as the corpus does);
 * examples/data/heldout_prompts.jsonl: every held-out question (never trained on, no overlap);
 * spectool/assets/prompts/heldout.jsonl: `spectool bench`'s default set, the first 24 held-out questions
   (with --source-code: the first 12 documentation and the first 12 source-code questions).
 
-The answers are then the target's own, regenerated with spectool, and the demo trains on the first 800:
+The answers are then the target's own, regenerated with spectool (with --source-code, add `--limit 4000`: the
+whole 16k take an hour on 2 CPU cores), and the demo trains on the first 800:
 
     spectool data regen --target spectool/assets/tiny-qwen3 --prompts examples/data/train_prompts.jsonl \\
         --out examples/data/regen_train.jsonl --batch-size 32
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 from pathlib import Path
 
@@ -59,6 +63,8 @@ def main() -> None:
     train, heldout = questions("train", args.source_code), questions("heldout", args.source_code)
     if set(train) & set(heldout):
         raise SystemExit("a question is in both splits; the corpus hold-out is broken")
+    if args.source_code:
+        random.Random(0).shuffle(train)
     write(ROOT / "examples" / "data" / "train_prompts.jsonl", train)
     write(ROOT / "examples" / "data" / "heldout_prompts.jsonl", heldout)
     write(ROOT / "spectool" / "assets" / "prompts" / "heldout.jsonl", bench_set(heldout, args.source_code))

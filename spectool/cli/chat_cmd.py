@@ -175,6 +175,8 @@ def chat_command(
         raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if max_drafts is not None and max_drafts < 1:
         raise UsageError(f"--max-drafts must be at least 1, got {max_drafts}")
+    if prompt is not None and not prompt.strip():
+        raise UsageError("--prompt is empty: give the text to answer, or leave --prompt out to chat interactively")
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)  # a UsageError when out of range
     out = Console(color_system=None, highlight=False) if plain else console()
     runtime = load_runtime(draft, target, device=device, verify=verify, tree=tree)

@@ -82,6 +82,8 @@ def test_end_of_input_exits_cleanly(draft_dir):
 def test_bad_options(draft_dir, tmp_path):
     assert invoke("chat", "--draft", str(draft_dir), "--temperature", "-2", "--prompt", "x").exit_code == 2
     assert invoke("chat", "--draft", str(tmp_path / "none"), "--prompt", "x").exit_code == 2
+    empty = invoke("chat", "--draft", str(draft_dir), "--prompt", "  ")
+    assert empty.exit_code == 2 and "--prompt is empty" in empty.output
 
 
 def _read_until(fd, pattern, timeout):
