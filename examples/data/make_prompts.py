@@ -1,7 +1,7 @@
 """Write the tiny target's prompt files from its corpus (examples/tiny_target/chat_corpus.py).
 
-    python examples/data/make_prompts.py                  # the shipped files, byte for byte
-    python examples/data/make_prompts.py --source-code    # for a target built with build.py --source-code
+    python examples/data/make_prompts.py --source-code    # the shipped files, byte for byte
+    python examples/data/make_prompts.py                  # for a documentation-only target (no --source-code)
 
 Writes, as {"prompt": ...} JSON lines:
 
@@ -10,13 +10,13 @@ Writes, as {"prompt": ...} JSON lines:
   the demo take them, mix documentation and source-code questions as the corpus does);
 * examples/data/heldout_prompts.jsonl: every held-out question (never trained on, no overlap);
 * spectool/assets/prompts/heldout.jsonl: `spectool bench`'s default set, the first 24 held-out questions
-  (with --source-code: the first 12 documentation and the first 12 source-code questions).
+  (with --source-code: the first 12 source-code and the first 12 documentation questions, alternating).
 
-The answers are then the target's own, regenerated with spectool (with --source-code, add `--limit 4000`: the
-whole 16k take an hour on 2 CPU cores), and the demo trains on the first 800:
+The answers are then the target's own, regenerated with spectool (the first 4,000 prompts: 11 minutes on 2 CPU
+cores; all 16k would take about 45), and the demo trains on the first 800:
 
     spectool data regen --target spectool/assets/tiny-qwen3 --prompts examples/data/train_prompts.jsonl \\
-        --out examples/data/regen_train.jsonl --batch-size 32
+        --limit 4000 --out examples/data/regen_train.jsonl --batch-size 32
     head -n 800 examples/data/regen_train.jsonl > spectool/assets/data/demo_train.jsonl
 """
 
@@ -48,7 +48,8 @@ def bench_set(heldout: list[str], source_code: bool) -> list[str]:
     code_questions = {question for question in heldout if question.startswith(openings)}
     docs = [q for q in heldout if q not in code_questions][: BENCH_PROMPTS // 2]
     code = [q for q in heldout if q in code_questions][: BENCH_PROMPTS - len(docs)]
-    return docs + code
+    # Alternating, so that any first N (bench --limit, the demo's 8) mix both kinds.
+    return [q for pair in zip(code, docs, strict=True) for q in pair]
 
 
 def write(path: Path, prompts: list[str]) -> None:

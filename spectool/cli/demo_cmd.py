@@ -71,8 +71,8 @@ def demo_command(
         batch_size=8,
         lr=3e-3,
         # Short answers (~50 supervised tokens) and 90 s of CPU: 8 blocks per row and one draft layer buy the most
-        # steps; in side-by-side 1.5-minute runs 48 blocks reached acceptance 1.14, 16 1.19, 8 1.22, and 8 blocks
-        # with one layer 1.26 (512 upstream is for 4k-token GPU batches).
+        # steps; in side-by-side 1.5-minute runs on the earlier, documentation-only target 48 blocks reached
+        # acceptance 1.14, 16 1.19, 8 1.22, and 8 blocks with one layer 1.26 (512 upstream is for 4k-token GPU batches).
         num_anchors=8,
         num_draft_layers=1,
         ce_weight=1.0,  # cross entropy alone lifts greedy acceptance faster than the published CE + L1 mix here
