@@ -92,9 +92,10 @@ class GenerationStats:
         return accepted, drafted
 
 
-def cache_keyword(model: torch.nn.Module) -> str:
-    """The name under which the model's forward takes its KV cache: `cache` from transformers 5.24 on,
-    `past_key_values` before (given the new name, older releases pass it on unread and keep no cache)."""
+def cache_keyword(model: torch.nn.Module | type[torch.nn.Module]) -> str:
+    """The name under which the model's (or model class's) forward takes its KV cache: `cache` from
+    transformers 5.24 on, `past_key_values` before (given the new name, older releases pass it on unread and
+    keep no cache)."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 

@@ -1,8 +1,6 @@
 """The engine: greedy output equals the target's own greedy decoding for every method, even with random
 drafts (low acceptance); stop handling; KV crop; sampling stays lossless."""
 
-import inspect
-
 import pytest
 import torch
 from transformers import Qwen3ForCausalLM
@@ -200,7 +198,7 @@ def test_pruned_eagle3_vocabulary_is_lossless(tree, qwen3_target, qwen3_config):
 
 
 #: What this transformers release calls the cache argument of Qwen3ForCausalLM.forward (`cache` from 5.24 on).
-RELEASE_KEYWORD = "cache" if "cache" in inspect.signature(Qwen3ForCausalLM.forward).parameters else "past_key_values"
+RELEASE_KEYWORD = cache_keyword(Qwen3ForCausalLM)
 
 
 class CacheNamedCache(Qwen3ForCausalLM):
