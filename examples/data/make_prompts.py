@@ -12,11 +12,11 @@ Writes, as {"prompt": ...} JSON lines:
 * spectool/assets/prompts/heldout.jsonl: `spectool bench`'s default set, the first 24 held-out questions
   (with --source-code: the first 12 source-code and the first 12 documentation questions, alternating).
 
-The answers are then the target's own, regenerated with spectool (the first 4,000 prompts: 11 minutes on 2 CPU
-cores; all 16k would take about 45), and the demo trains on the first 800:
+The answers are then the target's own, regenerated with spectool (all 16,154 prompts: about 45 minutes on 2
+CPU cores; the run resumes after a kill), and the demo trains on the first 800:
 
     spectool data regen --target spectool/assets/tiny-qwen3 --prompts examples/data/train_prompts.jsonl \\
-        --limit 4000 --out examples/data/regen_train.jsonl --batch-size 32
+        --out examples/data/regen_train.jsonl --batch-size 32
     head -n 800 examples/data/regen_train.jsonl > spectool/assets/data/demo_train.jsonl
 """
 
