@@ -14,7 +14,7 @@ SHIPPED = ASSETS_DIR / "drafts"
 REPO = Path(__file__).resolve().parents[1]
 # Greedy acceptance length on the first 6 held-out prompts, 48 new tokens each, a little below what the
 # shipped weights measured (README, "Results"); a random draft of the same shape stays near 1.0.
-MIN_ACCEPTANCE = {"dspark": 1.65, "dflash": 1.4, "eagle3": 1.75}  # measured 1.86, 1.57, 1.96
+MIN_ACCEPTANCE = {"dspark": 1.8, "dflash": 1.8, "eagle3": 2.0}  # measured 1.93, 1.96, 2.21
 
 
 @pytest.fixture(scope="module")
