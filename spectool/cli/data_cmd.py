@@ -158,7 +158,9 @@ def features_command(
     shard_size: int = typer.Option(1000, "--shard-size", help="Examples per shard file."),
     batch_size: int = typer.Option(8, "--batch-size", help="Rows per target forward."),
     device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... (default: cuda when available)."),
-    dtype: str = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: bf16 on CUDA, else fp32)."),
+    dtype: str = typer.Option(
+        None, "--dtype", help="float32, bfloat16 or float16 (default: bf16 on CUDA and AMX CPUs, else fp32)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
 ) -> None:
     """Store target features for offline training (help text: `_FEATURES_HELP`); the work is in `training.features`."""

@@ -91,7 +91,9 @@ def train_command(
     log_every: int = typer.Option(None, "--log-every", help="Steps between metrics.jsonl rows [10]."),
     seed: int = typer.Option(None, "--seed", help="Seed of the draft, the data order and the objective [0]."),
     device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... \\[cuda when available]."),
-    dtype: str = typer.Option(None, "--dtype", help="auto (bf16 autocast on CUDA, fp32 on CPU), float32, bfloat16."),
+    dtype: str = typer.Option(
+        None, "--dtype", help="auto (target bf16 on CUDA and AMX CPUs; draft bf16 autocast on CUDA), float32, bfloat16."
+    ),
     save_dtype: str = typer.Option(None, "--save-dtype", help="dtype of the final draft's weights \\[bfloat16]."),
     fsdp: bool = typer.Option(None, "--fsdp", help="Shard the draft with FSDP2 across torchrun processes."),
     num_draft_layers: int = typer.Option(None, "--num-draft-layers", help="Decoder layers in the draft."),

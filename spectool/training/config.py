@@ -108,7 +108,9 @@ class TrainConfig:
     seed: int = 0
     # hardware
     device: str | None = None  # cpu, cuda, cuda:1 ... (default cuda when available); torchrun picks cuda:LOCAL_RANK
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: fp32 on CPU, bf16 autocast on CUDA
+    # auto: on CUDA the target in bf16 and the draft under bf16 autocast; on CPU the target in bf16 where the CPU
+    # multiplies bf16 natively (AMX), else fp32, and the draft in fp32 (spectool.training.precision)
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     save_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # dtype of the final draft's weights
     fsdp: bool = False  # shard the draft with FSDP2 (fully_shard) instead of replicating it (DDP)
     # draft shape (None: the registry's default for the target)

@@ -330,7 +330,7 @@ class FeaturesConfig:
     shard_size: int = 1000  # examples per shard file
     batch_size: int = 8  # rows per target forward
     device: str | None = None
-    dtype: str | None = None  # the target's dtype (default: bf16 on CUDA, fp32 on CPU); features are stored in it
+    dtype: str | None = None  # the target's dtype (default: `precision.target_dtype`); features are stored in it
 
     def validate(self) -> None:
         for name in ("shard_size", "batch_size", "max_length"):
@@ -356,6 +356,7 @@ def extract_features(
     from spectool.registry import resolve
     from spectool.training.data import pad_token_id
     from spectool.training.distributed import init_distributed, shutdown
+    from spectool.training.precision import target_dtype
 
     config.validate()
     context = init_distributed(config.device)
@@ -371,7 +372,8 @@ def extract_features(
                 num_feature_layers=config.num_feature_layers,
                 num_draft_layers=config.num_draft_layers,
             )
-        model, tokenizer = load_model_and_tokenizer(info, dtype=config.dtype, device=str(context.device))
+        dtype = target_dtype(context.device, config.dtype)
+        model, tokenizer = load_model_and_tokenizer(info, dtype=dtype, device=str(context.device))
         prepared = prepare_examples(config, tokenizer)
         examples = prepared.examples
         ids = feature_layer_ids(config.method, spec.target_layer_ids)

@@ -48,6 +48,7 @@ from torch import nn
 
 from spectool.checkpoint import DraftMetadata, check_against_target, load_draft, save_draft
 from spectool.errors import SpectoolError, UsageError
+from spectool.training import precision
 from spectool.training.config import RESUME_LOCKED, TrainConfig, default_warmup_steps
 from spectool.training.data import Batch, collate, pad_token_id, split_heldout
 from spectool.training.distributed import (
@@ -240,7 +241,7 @@ class Trainer:
         protected = [Path(p).expanduser() for p in (config.data, config.init, config.features) if p]
         resume_from = self._agree(lambda: prepare_output(self.out, resume=resume, force=force, protected=protected))
         self.resume_from: Path | None = resume_from
-        self.autocast_dtype = self._autocast_dtype()
+        self.autocast_dtype = precision.draft_autocast_dtype(self.device, self.config.dtype)
         torch.manual_seed(config.seed)
         random.seed(config.seed)
 
@@ -302,7 +303,7 @@ class Trainer:
         config = self.config
         self.store = FeatureStore(config.features) if config.features else None
         self.info = resolve_model(config.target or (self.store.manifest["target"] if self.store else None))
-        target_dtype = "bfloat16" if self.autocast_dtype == torch.bfloat16 and self.device.type == "cuda" else "float32"
+        target_dtype = precision.target_dtype(self.device, config.dtype)
         if self.store is None:
             self.target_model, tokenizer = load_model_and_tokenizer(
                 self.info, dtype=target_dtype, device=str(self.device)
@@ -361,13 +362,6 @@ class Trainer:
         if error is not None:
             raise error
         return result
-
-    def _autocast_dtype(self) -> torch.dtype | None:
-        """bf16 autocast on CUDA (``auto``) or when asked; fp32 otherwise."""
-        dtype = self.config.dtype
-        if dtype == "bfloat16" or (dtype == "auto" and self.device.type == "cuda"):
-            return torch.bfloat16
-        return None
 
     def _target_heads(self, dtype: str) -> tuple[nn.Module, nn.Module]:
         """The target's lm_head and input embedding alone, read from its weights (training from features)."""
@@ -658,8 +652,15 @@ class Trainer:
         needs_logits = bool(self.objective.needs_target_logits)
         if self.store is not None:
             head = self.target_lm_head if needs_logits else None
-            return self.store.target_batch(indices, batch, lm_head=head, device=self.device)
-        return capture_batch(self.target, batch, return_logits=needs_logits)
+            features = self.store.target_batch(indices, batch, lm_head=head, device=self.device)
+        else:
+            features = capture_batch(self.target, batch, return_logits=needs_logits)
+        if self.autocast_dtype is None:  # an fp32 draft reads a bf16 target's features (no autocast to mix them)
+            for name in ("target_hidden_states", "target_last_hidden_states", "target_logits"):
+                value = getattr(features, name)
+                if value is not None and value.is_floating_point() and value.dtype != torch.float32:
+                    setattr(features, name, value.float())
+        return features
 
     def _objective_kwargs(self, batch: Batch, generator: torch.Generator) -> dict[str, Any]:
         return {
