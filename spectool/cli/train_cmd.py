@@ -291,7 +291,8 @@ def _print_start(out: Any, info: dict[str, Any]) -> None:
             f"{info['target']}, feature layers {info['target_layer_ids']}: {info['train_examples']} training / "
             f"{info['eval_examples']} held-out examples, {steps}{start} of "
             f"{info['global_batch']} sequences, lr {info['lr']:g} (warmup {info['warmup_steps']}), {info['mode']}, "
-            f"{info['world_size']} process(es) on {info['device']}"
+            f"{info['world_size']} process(es) on {info['device']} (target {info['target_dtype']}, draft "
+            f"{info['draft_dtype']})"
         ),
         soft_wrap=True,
     )

@@ -303,7 +303,7 @@ class Trainer:
         config = self.config
         self.store = FeatureStore(config.features) if config.features else None
         self.info = resolve_model(config.target or (self.store.manifest["target"] if self.store else None))
-        target_dtype = precision.target_dtype(self.device, config.dtype)
+        self.target_dtype = target_dtype = precision.target_dtype(self.device, config.dtype)
         if self.store is None:
             self.target_model, tokenizer = load_model_and_tokenizer(
                 self.info, dtype=target_dtype, device=str(self.device)
@@ -786,6 +786,8 @@ class Trainer:
             "global_batch": self.config.batch_size * self.config.grad_accum,
             "world_size": self.context.world_size,
             "device": str(self.device),
+            "target_dtype": self.store.manifest.get("feature_dtype") if self.store is not None else self.target_dtype,
+            "draft_dtype": "bfloat16 autocast" if self.autocast_dtype is not None else "float32",
             "mode": "features" if self.store is not None else "online",
             "data": self.data_report,
             "notes": list(self.notes),

@@ -45,6 +45,8 @@ def test_an_fp32_draft_trains_against_the_target_in_the_chosen_dtype(
     trainer = Trainer(make_config(tiny_target_dir, data_file, tmp_path / "out", max_steps=3, **METHOD_OPTIONS[method]))
     trainer.run()
     assert trainer.target_model.dtype == (torch.bfloat16 if amx else torch.float32)
+    described = trainer.describe()  # what `spectool train` prints at the start
+    assert (described["target_dtype"], described["draft_dtype"]) == ("bfloat16" if amx else "float32", "float32")
     assert all(p.dtype == torch.float32 for p in trainer.draft.parameters())
     losses = [row["loss"] for row in rows(tmp_path / "out")]
     assert len(losses) == 3 and all(math.isfinite(loss) for loss in losses)
