@@ -2,7 +2,8 @@
 # The checks a session runs when it is lent a GPU, as one prepared command (at most about 11 minutes;
 # the build's speed on an H200 is not yet measured):
 #
-#   1. the CUDA tests (tests/decoding/test_cuda.py: lean forward in bf16, speculative == target alone);
+#   1. the CUDA tests (tests/decoding/test_cuda.py: lean forward in bf16, speculative == target alone;
+#      tests/training/test_precision.py: every method trains on CUDA, target bf16, draft under autocast);
 #   2. `spectool bench` of the shipped DSpark draft on CUDA (bf16), 8 held-out prompts;
 #   3. a GPU build of the source-code tiny target (examples/tiny_target/build.py --source-code --device cuda),
 #      BUILD_STEPS steps of 16 x 256 tokens (4,500 = about ten epochs of its 1.85M training tokens; the shipped
@@ -31,7 +32,7 @@ torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA')"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
 step "CUDA tests"
-timeout 180 python3 -m pytest -q -p no:cacheprovider tests/decoding/test_cuda.py
+timeout 180 python3 -m pytest -q -p no:cacheprovider tests/decoding/test_cuda.py tests/training/test_precision.py
 
 step "bench on CUDA"
 timeout 180 python3 -m spectool bench --draft dspark --device cuda --limit 8 --max-new-tokens 96 \
