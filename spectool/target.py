@@ -41,9 +41,14 @@ class TargetBatch:
     attention_mask: torch.Tensor | None = None
     target_logits: torch.Tensor | None = None
 
-    def to(self, device: torch.device | str) -> TargetBatch:
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TargetBatch:
+        """On ``device``; with ``dtype``, the floating tensors (features, logits) also cast to it."""
+
+        def move(v: torch.Tensor) -> torch.Tensor:
+            return v.to(device, dtype) if dtype is not None and v.is_floating_point() else v.to(device)
+
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        return TargetBatch(**{k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
+        return TargetBatch(**{k: move(v) if isinstance(v, torch.Tensor) else v for k, v in moved.items()})
 
 
 def find_decoder(model: nn.Module) -> nn.Module:

@@ -656,10 +656,7 @@ class Trainer:
         else:
             features = capture_batch(self.target, batch, return_logits=needs_logits)
         if self.autocast_dtype is None:  # an fp32 draft reads a bf16 target's features (no autocast to mix them)
-            for name in ("target_hidden_states", "target_last_hidden_states", "target_logits"):
-                value = getattr(features, name)
-                if value is not None and value.is_floating_point() and value.dtype != torch.float32:
-                    setattr(features, name, value.float())
+            features = features.to(self.device, torch.float32)
         return features
 
     def _objective_kwargs(self, batch: Batch, generator: torch.Generator) -> dict[str, Any]:
