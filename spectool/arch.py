@@ -132,6 +132,19 @@ class TargetArch:
 
         num_experts = cfg.get("num_experts") or cfg.get("num_local_experts")
         layer_types = cfg.get("layer_types")
+        if layer_types is not None:
+            if not isinstance(layer_types, list) or not all(isinstance(kind, str) for kind in layer_types):
+                raise ConfigError(f"{where}: field 'layer_types' should be a list of strings, got {layer_types!r}")
+            if len(layer_types) != layers:
+                raise ConfigError(
+                    f"{where}: 'layer_types' names {len(layer_types)} layers but num_hidden_layers is {layers}; "
+                    "give one entry per layer"
+                )
+        max_positions = cfg.get("max_position_embeddings")
+        if max_positions is not None and (not isinstance(max_positions, int) or max_positions < 1):
+            raise ConfigError(
+                f"{where}: field 'max_position_embeddings' must be a positive integer, got {max_positions!r}"
+            )
         return cls(
             architectures=tuple(archs),
             model_type=model_type,

@@ -1,5 +1,7 @@
 """Honest benchmarks: the speculative engine against the target alone (same loop), HF `generate` and HF
-prompt-lookup decoding, interleaved prompt by prompt in one run, with a losslessness check.
+prompt-lookup decoding, interleaved prompt by prompt in one run, with losslessness checks: at temperature 0 the
+speculative output must equal, token for token, the target's greedy output through spectool's loop and, when the
+HF baseline runs, through HF `generate` (an implementation spectool does not share).
 
 Speedups are ratios of tokens per second measured side by side in the same process on the same prompts.
 """
@@ -113,7 +115,15 @@ class BenchReport:
     accepted_per_position: list[float]
     max_drafts: int | None = None  # the cap on tokens drafted per round, None = the whole block / chain
     batch_size: int = 1  # prompts decoded together (one target forward per round for all of them)
+    # The same check against HF generate's greedy output (the "hf" baseline); None when sampling or not run.
+    lossless_vs_hf_generate: bool | None = None
+    hf_mismatched_prompts: list[int] = field(default_factory=list)
     machine: str = field(default_factory=machine_description)
+
+    @property
+    def passed(self) -> bool:
+        """No losslessness check failed (a check that did not run does not fail)."""
+        return self.lossless is not False and self.lossless_vs_hf_generate is not False
 
     def to_json(self) -> dict[str, Any]:
         data = dict(self.__dict__)
@@ -176,9 +186,19 @@ def _hf_generate(
         options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     else:
         options.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
+    from transformers import GenerationConfig
+
+    # The target's plain decoding, as spectool's loops do it: generation_config.json defaults such as a
+    # repetition_penalty (Qwen2.5 ships 1.05) would change HF's greedy output, and transformers fills any option
+    # left at its global default from the model's own config, so the model's config is swapped for a bare one.
+    model, shipped = runtime.model, runtime.model.generation_config
+    model.generation_config = GenerationConfig(bos_token_id=shipped.bos_token_id)
     start = time.perf_counter()
-    with torch.no_grad():
-        out = runtime.model.generate(inputs, attention_mask=mask, **options, **extra)
+    try:
+        with torch.no_grad():
+            out = model.generate(inputs, attention_mask=mask, **options, **extra)
+    finally:
+        model.generation_config = shipped
     return out, time.perf_counter() - start
 
 
@@ -308,6 +328,7 @@ def run_bench(
     seconds = Counter()
     tokens = Counter()
     mismatched: list[int] = []
+    hf_mismatched = [] if "hf" in baselines and sampling.greedy else None  # None: no check against HF generate
     for index, ids in enumerate(encoded):
         out, stats = _timed_engine(runtime.engine, ids, **spec_kwargs, seed=seed + index)
         spec_tokens += len(out)
@@ -332,6 +353,8 @@ def run_bench(
             hf_out, hf_seconds = _timed_hf(runtime, ids, max_new_tokens, sampling, **hf_stops)
             seconds["hf"] += hf_seconds
             tokens["hf"] += len(hf_out)
+            if hf_mismatched is not None and out != hf_out:
+                hf_mismatched.append(index)
         if "prompt-lookup" in baselines:
             pl_out, pl_seconds = _timed_hf(
                 runtime, ids, max_new_tokens, sampling, prompt_lookup_num_tokens=PROMPT_LOOKUP_TOKENS, **hf_stops
@@ -347,7 +370,10 @@ def run_bench(
     if zlab_rounds:  # its own acceptance length, to show both loops accept the same
         verified = sum(f for _, f in zlab_rounds)
         table["dflash-package"]["acceptance_length"] = sum(t for t, _ in zlab_rounds) / verified if verified else None
-    return _report(runtime, summary, tps, spec_tokens, encoded, max_new_tokens, sampling, mismatched, table, max_drafts)
+    return _report(
+        runtime, summary, tps, spec_tokens, encoded, max_new_tokens, sampling, mismatched, table, max_drafts,
+        hf_mismatched,
+    )  # fmt: skip
 
 
 def _speedups(tps: float, baselines: Sequence[str], tokens: Counter, seconds: Counter) -> dict[str, dict[str, float]]:
@@ -369,8 +395,11 @@ def _report(
     mismatched: list[int],
     table: dict[str, dict[str, float]],
     max_drafts: int | None,
+    hf_mismatched: list[int] | None,
     batch_size: int = 1,
 ) -> BenchReport:
+    """`mismatched`: prompts whose greedy output differs from the target's through spectool's loop;
+    `hf_mismatched`: from HF generate's, None when that was not checked (sampling, or no hf baseline)."""
     accepted, drafted = summary.accepted_per_position()
     draft = runtime.draft
     return BenchReport(
@@ -391,6 +420,8 @@ def _report(
         accepted_per_position=[a / d if d else 0.0 for a, d in zip(accepted, drafted, strict=True)],
         max_drafts=max_drafts,
         batch_size=batch_size,
+        lossless_vs_hf_generate=(not hf_mismatched) if hf_mismatched is not None else None,
+        hf_mismatched_prompts=hf_mismatched or [],
         machine=machine_description(runtime.model.device),
     )
 
@@ -439,6 +470,7 @@ def _run_batched(
     alone.generate(groups[0], **{**kwargs, "max_new_tokens": 8}, seed=seed)
 
     rounds, mismatched = [], []
+    hf_mismatched = [] if "hf" in baselines and sampling.greedy else None  # None: no check against HF generate
     seconds, tokens = Counter(), Counter()
     spec_seconds = spec_tokens = 0.0
     for number, group in enumerate(groups):
@@ -461,6 +493,10 @@ def _run_batched(
             answers, hf_seconds = _timed_hf_batch(runtime, group, max_new_tokens, sampling, kwargs.get("stop_strings"))
             seconds["hf"] += hf_seconds
             tokens["hf"] += sum(len(a) for a in answers)
+            if hf_mismatched is not None:
+                hf_mismatched += [
+                    first + i for i, (a, b) in enumerate(zip(rows, answers, strict=True)) if a.tokens != b
+                ]
         if on_prompt:
             for index in range(first, first + len(group)):
                 on_prompt(index)
@@ -469,5 +505,6 @@ def _run_batched(
     table = _speedups(tps, baselines, tokens, seconds)
     batched = min(batch_size, len(encoded))  # prompts really decoded together, not the --batch-size asked for
     return _report(
-        runtime, summary, tps, spec_tokens, encoded, max_new_tokens, sampling, mismatched, table, max_drafts, batched
-    )
+        runtime, summary, tps, spec_tokens, encoded, max_new_tokens, sampling, mismatched, table, max_drafts,
+        hf_mismatched, batched,
+    )  # fmt: skip

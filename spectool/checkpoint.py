@@ -37,7 +37,7 @@ from spectool.arch import TargetArch
 from spectool.drafts import DRAFT_CLASSES, DRAFT_CONFIG_CLASSES, GptOssEagle3DraftModel
 from spectool.errors import SpectoolError, UsageError
 from spectool.hub import ASSETS_DIR, read_json
-from spectool.paths import check_output_path, refuse_to_replace_input
+from spectool.paths import check_output_path, file_mode, fsync_dir, refuse_to_replace_input
 
 METADATA_FILE = "spectool.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -390,10 +390,14 @@ def save_draft(
             (tmp / METADATA_FILE).write_text(json.dumps(metadata.to_json(), indent=2) + "\n")
         for name, data in (extra_files or {}).items():
             (tmp / name).write_bytes(data)
+        mode = file_mode()  # safetensors writes 0600 whatever the umask; the user expects 0644 under 022
         for child in tmp.iterdir():
+            os.chmod(child, mode)
             with open(child, "rb") as handle:
                 os.fsync(handle.fileno())
+        fsync_dir(tmp)
         _swap_in(tmp, out)
+        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

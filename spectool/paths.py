@@ -1,10 +1,32 @@
-"""Checks on output directories that every writing command shares (light: no torch, so the CLI starts fast)."""
+"""Checks and writes on output paths that every writing command shares (light: no torch, so the CLI starts fast).
+
+What `--force` may remove: only what spectool itself wrote. A directory counts as spectool's when it holds a
+`spectool.json` (a draft spectool wrote) or a `train_config.json` (a training run); then its draft files, run files
+and spectool's own temporary files are spectool's, and anything else in it is the user's. A directory without either
+marker is entirely the user's (a `config.json` + `model.safetensors` beside no `spectool.json` is somebody's model).
+"""
 
 from __future__ import annotations
 
+import os
+import shlex
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from spectool.errors import UsageError
+from spectool.errors import SpectoolError, UsageError
+
+#: The files of a draft directory that spectool writes (`spectool.checkpoint.save_draft`).
+DRAFT_FILES = ("model.safetensors", "config.json", "spectool.json")
+#: What a training run adds beside its final draft (`spectool.training.trainer`).
+RUN_FILES = ("train_config.json", "metrics.jsonl", "checkpoints", ".final-draft")
+#: Files whose presence says spectool wrote the directory.
+MARKER_FILES = ("spectool.json", "train_config.json")
+_OWN_NAMES = frozenset(DRAFT_FILES + RUN_FILES)
+
+
+def quoted(path: str | os.PathLike[str]) -> str:
+    """A path as it must appear in a command line printed for pasting (quoted when it holds spaces etc.)."""
+    return shlex.quote(str(path))
 
 
 def check_output_path(out: str | Path) -> None:
@@ -18,14 +40,115 @@ def check_output_path(out: str | Path) -> None:
             return
 
 
-def refuse_to_replace_input(out: str | Path, source: str | Path, name: str) -> None:
-    """Writing OUT replaces the whole directory: refuse an OUT that is, or contains, an input (exit 2).
+def make_output_dir(out: str | Path) -> Path:
+    """Create the output directory (and its parents), or fail with one line (exit 1) naming why."""
+    out = Path(out).expanduser()
+    check_output_path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SpectoolError(f"cannot create --out {out}: {exc.strerror or exc}; choose another --out") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise SpectoolError(f"cannot write into --out {out}: permission denied; choose another --out")
+    return out
 
-    `name` is how the command line calls the input (SRC, MODEL).
+
+def refuse_to_replace_input(out: str | Path, source: str | Path, name: str) -> None:
+    """Writing OUT replaces what spectool owns in it: refuse an OUT that is, or contains, an input (exit 2).
+
+    `name` is how the command line calls the input (SRC, MODEL, --data).
     """
     resolved, src = Path(out).expanduser().resolve(), Path(source).expanduser().resolve()
     if resolved == src or resolved in src.parents:
         where = "is" if resolved == src else "contains"
         raise UsageError(
-            f"--out {out} {where} the {name} {source}, which writing --out would delete; choose another --out"
+            f"--out {out} {where} the {name} {source}, which writing --out could overwrite or delete; "
+            "choose another --out"
         )
+
+
+def refuse_inputs_inside(out: str | Path, inputs: Mapping[str, str | Path | None]) -> None:
+    """`refuse_to_replace_input` for every input that exists on disk (Hub ids and unset options are skipped)."""
+    for name, source in inputs.items():
+        if source and Path(source).expanduser().exists():
+            refuse_to_replace_input(out, source, name)
+
+
+def spectool_entries(out: str | Path) -> tuple[list[Path], list[Path]]:
+    """(entries spectool wrote, the user's entries) of directory ``out`` (see the module docstring)."""
+    out = Path(out).expanduser()
+    if not out.is_dir():
+        return [], []
+    entries = sorted(out.iterdir())
+    names = {entry.name for entry in entries}
+    if not names & set(MARKER_FILES):
+        return [], entries
+    own, foreign = [], []
+    for entry in entries:
+        (own if _is_own(entry.name) else foreign).append(entry)
+    return own, foreign
+
+
+def _is_own(name: str) -> bool:
+    if name in _OWN_NAMES:
+        return True
+    # Temporary files of an interrupted atomic write: ".metrics.jsonl.tmp-1234", ".train_config.json.tmp-1234".
+    base, sep, pid = name.rpartition(".tmp-")
+    return bool(sep) and pid.isdigit() and base.startswith(".") and base[1:] in _OWN_NAMES
+
+
+def check_force_target(out: str | Path, *, force: bool, hint: str = "choose another --out") -> list[Path]:
+    """Whether a fresh write into ``out`` may go ahead; returns the entries that must be removed first.
+
+    An empty or missing ``out`` needs nothing. A non-empty one needs ``force``, and then may hold only what spectool
+    wrote: the user's own files are never removed (exit 2 names them). Nothing is removed here.
+    """
+    out = Path(out).expanduser()
+    if not out.is_dir() or not any(out.iterdir()):
+        return []
+    if not force:
+        raise UsageError(f"{out} is not empty; {hint}, or pass --force to replace what spectool wrote there")
+    own, foreign = spectool_entries(out)
+    if foreign:
+        shown = ", ".join(entry.name for entry in foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        whose = "files spectool did not write" if own else "no draft or run written by spectool, only other files"
+        raise UsageError(
+            f"--force replaces only what spectool wrote, and {out} holds {whose} ({shown}); move them or choose "
+            "another --out"
+        )
+    return own
+
+
+def remove_entries(entries: Iterable[Path]) -> None:
+    """Remove what `check_force_target` returned (files, and directories spectool wrote)."""
+    import shutil
+
+    for entry in entries:
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink(missing_ok=True)
+        except OSError as exc:
+            raise SpectoolError(f"cannot remove {entry}: {exc.strerror or exc}") from None
+
+
+def file_mode() -> int:
+    """The mode a new regular file gets under the current umask (0o644 under 022)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def fsync_dir(directory: str | Path) -> None:
+    """Make renames in ``directory`` durable (a no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

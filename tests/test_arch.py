@@ -62,6 +62,9 @@ def test_multimodal_text_config():
         ({"vocab_size": 0}, "'vocab_size' must be positive"),
         ({"architectures": "Qwen3ForCausalLM"}, "'architectures' should be a list"),
         ({"num_attention_heads": True}, "'num_attention_heads' should be int"),
+        ({"layer_types": ["full_attention"] * 2}, "'layer_types' names 2 layers but num_hidden_layers is 4"),
+        ({"layer_types": "full_attention"}, "'layer_types' should be a list of strings"),
+        ({"max_position_embeddings": 0}, "'max_position_embeddings' must be a positive integer"),
     ],
 )
 def test_malformed_fields_name_the_file_and_field(change, message):

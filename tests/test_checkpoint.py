@@ -152,7 +152,7 @@ def test_check_against_target(drafts, tiny_target_dir, tmp_path):
     assert check_against_target(load_draft(drafts["dspark"]), info.arch, 250) == []
     shutil.copytree(tiny_target_dir, tmp_path / "other")
     config = json.loads((tmp_path / "other" / "config.json").read_text())
-    config.update(num_hidden_layers=6, hidden_size=96, vocab_size=200)
+    config.update(num_hidden_layers=6, hidden_size=96, vocab_size=200, layer_types=config["layer_types"][:6])
     (tmp_path / "other" / "config.json").write_text(json.dumps(config))
     other = resolve_model(str(tmp_path / "other"))
     with pytest.raises(SpectoolError) as info_:

@@ -102,7 +102,7 @@ def bench_command(
         print_json(report.to_json())
     else:
         _render(report)
-    if report.lossless is False:
+    if not report.passed:
         raise typer.Exit(1)
 
 
@@ -148,5 +148,11 @@ def _render(report) -> None:
     elif report.lossless is False:
         out.print(
             Text(f"NOT lossless: prompts {report.mismatched_prompts} differ from the target's own output", "bold red")
+        )
+    if report.lossless_vs_hf_generate is True:
+        out.print(Text("lossless: output identical to HF generate's greedy output on every prompt", "green"))
+    elif report.lossless_vs_hf_generate is False:
+        out.print(
+            Text(f"NOT lossless: prompts {report.hf_mismatched_prompts} differ from HF generate's output", "bold red")
         )
     out.print(Text(f"machine: {report.machine}", style="dim"), soft_wrap=True)

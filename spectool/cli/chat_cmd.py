@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -81,15 +82,62 @@ class ChatSession:
     def reset(self) -> None:
         self.messages = []
 
-    def conversation(self, user_text: str) -> list[dict[str, str]]:
+    def conversation(self, user_text: str, history: list[dict[str, str]] | None = None) -> list[dict[str, str]]:
+        """The system prompt, the history (this session's unless given) and the user's new message."""
         head = [{"role": "system", "content": self.system}] if self.system else []
-        return head + self.messages + [{"role": "user", "content": user_text}]
+        history = self.messages if history is None else history
+        return head + history + [{"role": "user", "content": user_text}]
+
+    @property
+    def max_positions(self) -> int | None:
+        """The target's max_position_embeddings: prompt + answer must fit in it (None when the config has none)."""
+        limit = self.runtime.info.arch.max_position_embeddings
+        return limit if isinstance(limit, int) and limit > 0 else None
+
+    def fit(self, user_text: str) -> tuple[list[int], int]:
+        """The prompt ids of this turn and the answer's token budget, within the target's positions.
+
+        A message that leaves no room for an answer even without the history is refused (UsageError) and the
+        history kept. Otherwise the oldest turns are dropped, saying so, until a full answer fits; when the
+        message alone leaves room for fewer than max_new_tokens, the history goes and the answer is capped, saying
+        so."""
+        ids = self.runtime.prompt_ids(self.conversation(user_text))
+        limit = self.max_positions
+        if limit is None or len(ids) + self.max_new_tokens <= limit:
+            return ids, self.max_new_tokens
+        alone = len(self.runtime.prompt_ids(self.conversation(user_text, history=[])))
+        if alone >= limit:
+            system = " and the system prompt" if self.system else ""
+            raise UsageError(
+                f"the prompt is {alone} tokens with the chat template{system}, which leaves no room for an answer in "
+                f"the target's {limit} positions (max_position_embeddings); shorten it"
+            )
+        budget = min(self.max_new_tokens, limit - alone)
+        dropped = 0
+        while len(ids) + budget > limit and self.messages:
+            self.messages = self.messages[2:]  # one turn: the user's message and its answer
+            dropped += 1
+            ids = self.runtime.prompt_ids(self.conversation(user_text))
+        if dropped:
+            self.note(
+                f"dropped the oldest {_turns(dropped)} of the conversation to fit the target's {limit} positions "
+                f"(max_position_embeddings); {_turns(len(self.messages) // 2)} kept"
+            )
+        if budget < self.max_new_tokens:
+            self.note(
+                f"answer capped at {budget} tokens (not {self.max_new_tokens}): the prompt is {len(ids)} tokens "
+                f"and the target takes at most {limit} positions (max_position_embeddings)"
+            )
+        return ids, budget
+
+    def note(self, text: str) -> None:
+        error_console().print(Text(f"note: {text}", style="yellow"), soft_wrap=True)
 
     def answer(self, user_text: str) -> None:
         from spectool.decoding.engine import GenerationStats
 
         runtime = self.runtime
-        ids = runtime.prompt_ids(self.conversation(user_text))
+        ids, max_new_tokens = self.fit(user_text)
         printer = AnswerPrinter(runtime.tokenizer, self.out)
         rounds: list[RoundEvent] = []
         start = time.perf_counter()
@@ -98,7 +146,7 @@ class ChatSession:
             for index, event in enumerate(
                 runtime.engine.generate(
                     ids,
-                    max_new_tokens=self.max_new_tokens,
+                    max_new_tokens=max_new_tokens,
                     sampling=self.sampling,
                     stop_token_ids=runtime.stop_token_ids,
                     stop_strings=self.stop_strings,
@@ -134,6 +182,36 @@ class ChatSession:
         for k in sorted(counts):
             lines.append(f"  {k:>2} {'█' * max(1, round(30 * counts[k] / width))} {counts[k]}")
         return "\n".join(lines)
+
+
+def _turns(count: int) -> str:
+    return f"{count} turn{'' if count == 1 else 's'}"
+
+
+def utf8_problem(text: str) -> str | None:
+    """Why `text` is not valid UTF-8, or None. Undecodable bytes reach Python as lone surrogates (argv and, once
+    `read_lines_leniently` ran, stdin decode them with surrogateescape); the tokenizer cannot take them."""
+    for position, char in enumerate(text):
+        if "\ud800" <= char <= "\udfff":
+            code = ord(char)
+            what = f"byte 0x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"lone surrogate U+{code:04X}"
+            return f"{what} at character {position + 1}"
+    return None
+
+
+def check_utf8(text: str | None, option: str) -> None:
+    """Refuse an option's text that is not valid UTF-8 (exit 2)."""
+    problem = utf8_problem(text) if text is not None else None
+    if problem:
+        raise UsageError(f"{option} is not valid UTF-8 ({problem}); pass the text encoded as UTF-8")
+
+
+def read_lines_leniently() -> None:
+    """Let `input()` return a line that is not valid UTF-8 (as surrogate escapes, which `utf8_problem` finds)
+    instead of raising and losing the rest of the buffered input."""
+    reconfigure = getattr(sys.stdin, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(errors="surrogateescape")
 
 
 def stats_line(stats: GenerationStats) -> str:
@@ -175,6 +253,10 @@ def chat_command(
         raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if max_drafts is not None and max_drafts < 1:
         raise UsageError(f"--max-drafts must be at least 1, got {max_drafts}")
+    check_utf8(prompt, "--prompt")
+    check_utf8(system, "--system")
+    for text in stop or []:
+        check_utf8(text, "--stop")
     if prompt is not None and not prompt.strip():
         raise UsageError("--prompt is empty: give the text to answer, or leave --prompt out to chat interactively")
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)  # a UsageError when out of range
@@ -202,6 +284,7 @@ def chat_command(
     legend.append("(next round)", style=ROUND_STYLES[1])
     legend.append(", target's own tokens plain. /help for commands.")
     out.print(legend, soft_wrap=True)
+    read_lines_leniently()
     while True:
         try:
             line = input("you> ")
@@ -211,6 +294,13 @@ def chat_command(
         except KeyboardInterrupt:
             out.print()
             continue
+        except UnicodeDecodeError as exc:  # a stdin that cannot decode leniently (see read_lines_leniently)
+            session.note(f"skipped a line that is not valid UTF-8 ({exc.reason}); type it again in UTF-8")
+            continue
+        problem = utf8_problem(line)
+        if problem:
+            session.note(f"skipped a line that is not valid UTF-8 ({problem}); type it again in UTF-8")
+            continue
         text = line.strip()
         if not text:
             continue
@@ -218,7 +308,10 @@ def chat_command(
             if not _command(session, text, out):
                 return
             continue
-        session.answer(text)
+        try:
+            session.answer(text)
+        except UsageError as exc:  # this message alone does not fit the target: the session goes on
+            error_console().print(Text(f"error: {exc}", style="bold red"), soft_wrap=True)
 
 
 def _command(session: ChatSession, text: str, out: Console) -> bool:

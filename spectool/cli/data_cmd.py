@@ -12,6 +12,7 @@ from rich.text import Text
 from spectool.cli import app
 from spectool.cli.render import console, error_console, handles_errors, print_json
 from spectool.errors import UsageError
+from spectool.paths import check_output_path, quoted, refuse_inputs_inside
 
 data_app = typer.Typer(
     name="data",
@@ -71,7 +72,14 @@ def regen_command(
         template_text = chat_template.read_text(encoding="utf-8")
 
     from spectool.hub import load_model_and_tokenizer, resolve_model
-    from spectool.training.data import ChatFormat, RegenConfig, RegenProgress, load_conversations, regenerate
+    from spectool.training.data import (
+        ChatFormat,
+        RegenConfig,
+        RegenProgress,
+        check_regen_output,
+        load_conversations,
+        regenerate,
+    )
 
     config = RegenConfig(
         max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed, system=system
@@ -80,6 +88,7 @@ def regen_command(
     prompts_path = Path(prompts).expanduser()
     if prompts_path.exists() and out.exists() and prompts_path.resolve() == out.resolve():
         raise UsageError("--out must not be the --prompts file")
+    check_regen_output(out.expanduser())  # a file regen did not write is refused before anything loads
 
     conversations, report = load_conversations(prompts, require="prompt", skip_bad_rows=skip_bad_rows)
     if report.rows_skipped:
@@ -92,6 +101,12 @@ def regen_command(
 
     chosen_device = _check_device(device)
     info = resolve_model(target)
+    positions = info.arch.max_position_embeddings
+    if positions is not None and max_new_tokens >= positions:
+        raise UsageError(
+            f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the target's {positions} positions "
+            "(max_position_embeddings); lower it"
+        )
     model, tokenizer = load_model_and_tokenizer(info, dtype=dtype, device=chosen_device)
     chat_format = ChatFormat(tokenizer, chat_template=template_text)
 
@@ -125,8 +140,17 @@ def regen_command(
     if summary.dropped_partial_line:
         line += "; a cut-off last line was rewritten"
     if summary.turns_cut_at_max_new_tokens:
-        line += f"; {summary.turns_cut_at_max_new_tokens} answers hit --max-new-tokens"
+        line += f"; {summary.turns_cut_at_max_new_tokens} answers hit --max-new-tokens or the target's last position"
     out_console.print(line, soft_wrap=True, markup=False)
+    if summary.rows_too_long:
+        error_console().print(
+            Text(
+                f"warning: skipped {summary.rows_too_long} rows whose prompt fills the target's "
+                f"{summary.max_positions} positions (max_position_embeddings); shorten them to regenerate them",
+                style="yellow",
+            ),
+            soft_wrap=True,
+        )
 
 
 _FEATURES_HELP = (
@@ -175,6 +199,8 @@ def features_command(
         raise UsageError(f"--dtype must be one of {', '.join(_DTYPES)}, got {dtype!r}")
     if assistant_turns not in ("all", "last"):
         raise UsageError(f"--assistant-turns must be 'all' or 'last', got {assistant_turns!r}")
+    check_output_path(out)
+    refuse_inputs_inside(out, {"--target": target, "--data": data, "--chat-template": chat_template})
     config = FeaturesConfig(
         target=target,
         method=check_method(method),
@@ -233,7 +259,9 @@ def features_command(
     if summary.shards_skipped:
         line += f", {summary.shards_skipped} were already there"
     out_console.print(line, soft_wrap=True, markup=False)
-    out_console.print(f"train on them with: spectool train --features {summary.out} ...", soft_wrap=True, markup=False)
+    out_console.print(
+        f"train on them with: spectool train --features {quoted(summary.out)} ...", soft_wrap=True, markup=False
+    )
 
 
 def _check_device(device: str | None) -> str:

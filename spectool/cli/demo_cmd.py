@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import typer
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.rule import Rule
 from rich.text import Text
@@ -33,7 +34,6 @@ def demo_command(
     """Inspect the embedded tiny target, train a DSpark draft for it briefly, answer a held-out question with the
     inline acceptance view, and benchmark it against the target alone. Everything ships with spectool."""
     from spectool.bench import load_prompts, run_bench
-    from spectool.checkpoint import shipped_drafts
     from spectool.cli.chat_cmd import ChatSession
     from spectool.cli.inspect_cmd import _method_panel, _target_panel
     from spectool.decoding.accept import SamplingParams
@@ -134,12 +134,25 @@ def demo_command(
     if not keep:
         shutil.rmtree(workdir, ignore_errors=True)
     screen.print(Rule("next"))
-    draft_hint = str(workdir) if keep else "DIR (rerun with --out DIR to keep the draft)"
-    screen.print(f"spectool chat --draft {draft_hint}", soft_wrap=True)
-    screen.print(f"spectool bench --draft {draft_hint} --json", soft_wrap=True)
+    print_next_commands(screen, workdir if keep else None)
+
+
+def print_next_commands(screen: Console, draft: Path | None) -> None:
+    """The commands the demo suggests last, paths quoted for the shell so they paste as printed (and printed
+    without Rich markup or emoji codes, which would eat a path's `[...]` or `:x:`); `draft` is the kept draft
+    (None: it was in a temporary directory, now removed)."""
+    from spectool.checkpoint import shipped_drafts
+    from spectool.paths import quoted
+
     shipped = shipped_drafts()
+    hint = quoted(str(draft)) if draft is not None else "DIR (rerun with --out DIR to keep the draft)"
+    lines = [f"spectool chat --draft {hint}", f"spectool bench --draft {hint} --json"]
     if shipped:
-        names = ", ".join(shipped)
         example = "dspark" if "dspark" in shipped else shipped[0]
-        screen.print(f"spectool chat --draft {example}   # drafts trained longer ship with spectool: {names}")
-    screen.print("spectool inspect Qwen/Qwen3-8B   ·   spectool train --help", soft_wrap=True)
+        lines.append(
+            f"spectool chat --draft {quoted(example)}   # drafts trained longer ship with spectool: "
+            + ", ".join(shipped)
+        )
+    lines.append("spectool inspect Qwen/Qwen3-8B   ·   spectool train --help")
+    for line in lines:
+        screen.print(line, soft_wrap=True, markup=False, emoji=False)

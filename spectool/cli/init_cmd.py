@@ -13,7 +13,7 @@ from spectool.cli import app
 from spectool.cli.render import console, handles_errors, human_bytes, human_count
 from spectool.errors import UsageError
 from spectool.layers import parse_layer_ids
-from spectool.paths import check_output_path, refuse_to_replace_input
+from spectool.paths import check_force_target, check_output_path, refuse_to_replace_input
 
 
 class InitMethod(str, Enum):
@@ -43,14 +43,14 @@ MAX_BLOCK_SIZE = 64
 
 
 def refuse_to_overwrite(out: Path, force: bool, source: str | Path | None = None, name: str = "SRC") -> None:
-    """Never replace a user's non-empty directory unless they said --force, nor the command's own input (the
-    directory `source`, called `name` on the command line), even with --force (exit 2)."""
+    """Never replace a user's non-empty directory unless they said --force, and then only one that holds nothing
+    but what spectool wrote; never the command's own input (the directory `source`, called `name` on the command
+    line), even with --force (exit 2)."""
     check_output_path(out)
     if source is not None and Path(source).expanduser().exists():
         source = Path(source).expanduser()
         refuse_to_replace_input(out, source if source.is_dir() else source.parent, name)
-    if out.exists() and any(out.iterdir()) and not force:
-        raise UsageError(f"{out} exists and is not empty; choose another --out or pass --force to replace it")
+    check_force_target(out, force=force)  # what it lists is replaced by save_draft's swap, after every check
 
 
 def check_block_size(block_size: int | None) -> None:
@@ -84,7 +84,7 @@ def init_command(
     seed: int = typer.Option(0, "--seed", help="Seed of the random initialisation."),
     dtype: DType = typer.Option(DType.bfloat16, "--dtype", help="dtype of the written weights."),
     revision: str = typer.Option(None, "--revision", help="Hub revision of the target."),
-    force: bool = typer.Option(False, "--force", help="Replace a non-empty --out directory."),
+    force: bool = typer.Option(False, "--force", help="Replace a draft spectool wrote in --out (nothing else)."),
 ) -> None:
     """Build a freshly initialised draft for MODEL and write it in the method's ecosystem format.
 
@@ -142,7 +142,7 @@ def convert_command(
     src: Path = typer.Argument(..., metavar="SRC", help="A draft checkpoint directory (any layout spectool reads)."),
     to: ConvertTarget = typer.Option(..., "--to", help="Layout to write."),
     out: Path = typer.Option(..., "--out", "-o", help="Directory to write."),
-    force: bool = typer.Option(False, "--force", help="Replace a non-empty --out directory."),
+    force: bool = typer.Option(False, "--force", help="Replace a draft spectool wrote in --out (nothing else)."),
 ) -> None:
     """Re-save a draft in the layout another tool loads (names, prefixes, architecture strings, d2t/t2d), then
     load the result to prove it."""

@@ -15,6 +15,7 @@ from rich.text import Text
 from spectool.cli import app
 from spectool.cli.render import console, error_console, handles_errors, human_count, print_json
 from spectool.errors import UsageError
+from spectool.paths import check_output_path, quoted
 
 
 class TrainMethod(str, Enum):
@@ -63,7 +64,9 @@ def train_command(
     features: str = typer.Option(None, "--features", help="Train from `spectool data features` output instead."),
     init: str = typer.Option(None, "--init", help="Start from this draft directory (e.g. from `spectool init`)."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in OUT from its latest checkpoint."),
-    force: bool = typer.Option(False, "--force", help="Replace the contents of a non-empty OUT."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace an earlier spectool run in OUT (only the files spectool wrote)."
+    ),
     max_steps: int = typer.Option(None, "--max-steps", help="Optimizer steps (with --epochs, whichever ends first)."),
     epochs: float = typer.Option(None, "--epochs", help="Passes over the training split [1]."),
     max_minutes: float = typer.Option(
@@ -166,6 +169,7 @@ def train_command(
     out_dir = given.get("out") or file_values.get("out")
     if out_dir is None:
         raise UsageError("give --out DIR (the run directory)")
+    check_output_path(out_dir)
     saved = None
     if resume:
         if force:
@@ -261,7 +265,7 @@ def _run(config: Any, *, resume: bool, force: bool, as_json: bool) -> None:
             summary += " (tau: simulated acceptance length, bonus token included)"
     out_console.print(summary, soft_wrap=True, markup=False)
     out_console.print(
-        f"wrote the draft to {result.out} (try it: spectool chat --draft {result.out}); metrics in "
+        f"wrote the draft to {result.out} (try it: spectool chat --draft {quoted(result.out)}); metrics in "
         f"{result.out / 'metrics.jsonl'}",
         soft_wrap=True,
         markup=False,

@@ -947,7 +947,7 @@ def _regen_settings(model: PreTrainedModel, chat_format: ChatFormat, config: Reg
 def _check_regen_settings(out: Path, settings: dict[str, Any], *, resuming: bool) -> None:
     """Resuming appends to rows made with the same settings only: ``<out>.regen.json`` records them (atomically,
     before the first row); rows from other settings would be skipped as done without a word."""
-    record = out.with_name(out.name + ".regen.json")
+    record = regen_record(out)
     if resuming and record.is_file():
         try:
             saved = json.loads(record.read_text(encoding="utf-8"))
@@ -996,27 +996,37 @@ class RegenSummary:
     turns_cut_at_max_new_tokens: int
     seconds: float
     dropped_partial_line: bool  # a truncated last line (from a kill) was removed before appending
+    rows_too_long: int = 0  # skipped: a prompt filled the target's max_position_embeddings
+    max_positions: int | None = None  # the target's max_position_embeddings (prompt + answer never exceed it)
 
     @property
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
-def read_finished_ids(out: Path) -> tuple[set[str], bool]:
-    """Ids already written to a regeneration output, repairing a truncated last line left by a kill.
+def regen_record(out: Path) -> Path:
+    """The settings file `spectool data regen` keeps beside its output (``<out>.regen.json``)."""
+    return out.with_name(out.name + ".regen.json")
 
-    Returns (ids, whether a partial last line was dropped). Every line ends with a newline when complete, so a
-    last line without one is cut off at the previous newline; its row is regenerated.
+
+def check_regen_output(out: Path) -> tuple[set[str], bool]:
+    """Ids already written to a regeneration output, and whether its last line was cut off by a kill; reads only.
+
+    Every line must be a regeneration row, else the file is not one spectool wrote and is refused untouched. A
+    last line without its newline is the row a kill cut off; it is dropped (by `read_finished_ids`) only when the
+    settings record beside the file shows that spectool was writing it.
     """
+    if out.is_dir():
+        raise UsageError(f"{out} is a directory; the output must be a JSONL file path")
     if not out.exists():
         return set(), False
+    try:
+        data = out.read_bytes()
+    except OSError as exc:
+        raise SpectoolError(f"cannot read {out}: {exc.strerror or exc}") from None
+    complete = data.rfind(b"\n") + 1
+    partial = complete < len(data)
     ids: set[str] = set()
-    with open(out, "rb+") as handle:
-        data = handle.read()
-        complete = data.rfind(b"\n") + 1
-        dropped = complete < len(data)
-        if dropped:
-            handle.truncate(complete)
     for number, line in enumerate(data[:complete].splitlines(), start=1):
         if not line.strip():
             continue
@@ -1029,7 +1039,25 @@ def read_finished_ids(out: Path) -> tuple[set[str], bool]:
         if not isinstance(row, dict) or not isinstance(row.get("id"), str):
             raise SpectoolError(f"{out}:{number}: not a regeneration row (no string 'id'); choose another --out")
         ids.add(row["id"])
-    return ids, dropped
+    if partial and not regen_record(out).is_file():
+        raise SpectoolError(
+            f"{out} ends with an incomplete line and was not written by `spectool data regen` (no "
+            f"{regen_record(out).name} beside it); choose another --out"
+        )
+    return ids, partial
+
+
+def read_finished_ids(out: Path) -> tuple[set[str], bool]:
+    """`check_regen_output`, then drop the cut-off last line a kill left (its row is regenerated).
+
+    Returns (ids, whether a partial last line was dropped).
+    """
+    ids, partial = check_regen_output(out)
+    if partial:
+        with open(out, "rb+") as handle:
+            data = handle.read()
+            handle.truncate(data.rfind(b"\n") + 1)
+    return ids, partial
 
 
 def regenerate(
@@ -1050,8 +1078,7 @@ def regenerate(
     """
     config.validate()
     out = Path(out)
-    if out.is_dir():
-        raise UsageError(f"{out} is a directory; the output must be a JSONL file path")
+    check_regen_output(out)  # refuses a file that is not a regeneration output before anything is written
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         done, dropped = read_finished_ids(out)
@@ -1061,19 +1088,23 @@ def regenerate(
     _check_regen_settings(out, _regen_settings(model, chat_format, config), resuming=bool(done))
     pending = [conversation for conversation in conversations if conversation.id not in done]
     already = len(conversations) - len(pending)
+    positions = getattr(model.config, "max_position_embeddings", None)
     stop_ids = sorted(set(chat_format.stop_token_ids) | set(_generation_eos_ids(model)))
     pad_id = pad_token_id(chat_format.tokenizer)
     torch.manual_seed(config.seed)
     started = time.perf_counter()
-    new_tokens = turns = cut = written = 0
+    new_tokens = turns = cut = written = too_long = 0
     if progress is not None:
         progress(RegenProgress(len(conversations), already, 0, 0.0))
     with handle:
         for first in range(0, len(pending), config.batch_size):
             batch = pending[first : first + config.batch_size]
-            results = _regenerate_batch(model, chat_format, batch, config, stop_ids, pad_id)
+            results = _regenerate_batch(model, chat_format, batch, config, stop_ids, pad_id, positions)
             lines = []
             for conversation, result in zip(batch, results, strict=True):
+                if result.too_long:  # not written: a rerun meets it again and skips it again
+                    too_long += 1
+                    continue
                 row: dict[str, Any] = {"messages": [m.to_dict() for m in result.messages], "id": conversation.id}
                 if result.cut:
                     row["truncated"] = True
@@ -1083,7 +1114,7 @@ def regenerate(
                 cut += result.cut
             handle.write("".join(lines))  # a kill mid-write leaves at most one cut-off line, repaired on resume
             handle.flush()
-            written += len(batch)
+            written += len(batch) - sum(result.too_long for result in results)
             if progress is not None:
                 elapsed = time.perf_counter() - started
                 progress(RegenProgress(len(conversations), already + written, new_tokens, elapsed))
@@ -1097,6 +1128,8 @@ def regenerate(
         turns_cut_at_max_new_tokens=cut,
         seconds=time.perf_counter() - started,
         dropped_partial_line=dropped,
+        rows_too_long=too_long,
+        max_positions=positions,
     )
 
 
@@ -1105,7 +1138,8 @@ class _RegenRow:
     messages: list[Message]
     turns: int = 0
     new_tokens: int = 0
-    cut: int = 0  # answers that hit max_new_tokens
+    cut: int = 0  # answers that hit max_new_tokens (or the target's last position)
+    too_long: bool = False  # a prompt left no position for an answer: the row is skipped
 
 
 def _regeneration_steps(messages: Sequence[Message]) -> list[tuple[list[Message], bool]]:
@@ -1131,6 +1165,7 @@ def _regenerate_batch(
     config: RegenConfig,
     stop_ids: list[int],
     pad_id: int,
+    positions: int | None = None,
 ) -> list[_RegenRow]:
     rows, plans = [], []
     for conversation in batch:
@@ -1142,7 +1177,7 @@ def _regenerate_batch(
     for step in range(max(len(plan) for plan in plans)):
         asking = []
         for row, plan in zip(rows, plans, strict=True):
-            if step < len(plan):
+            if step < len(plan) and not row.too_long:
                 turns, answer = plan[step]
                 row.messages.extend(turns)
                 if answer:
@@ -1153,8 +1188,15 @@ def _regenerate_batch(
             prompts = [chat_format.prompt_ids(row.messages) for row in asking]
         except ChatTemplateError as exc:
             raise ChatTemplateError(f"{batch[0].where} (batch starting there): {exc}") from None
+        if positions is not None:
+            for row, prompt in zip(asking, prompts, strict=True):
+                row.too_long = len(prompt) >= positions
+            prompts = [prompt for row, prompt in zip(asking, prompts, strict=True) if not row.too_long]
+            asking = [row for row in asking if not row.too_long]
+            if not asking:
+                continue
         for row, (text, count, finished) in zip(
-            asking, _generate(model, chat_format, prompts, config, stop_ids, pad_id), strict=True
+            asking, _generate(model, chat_format, prompts, config, stop_ids, pad_id, positions), strict=True
         ):
             row.messages.append(Message("assistant", text))
             row.turns += 1
@@ -1170,10 +1212,13 @@ def _generate(
     config: RegenConfig,
     stop_ids: list[int],
     pad_id: int,
+    positions: int | None = None,
 ) -> list[tuple[str, int, bool]]:
     """Batched HF generate with left padding. Returns (answer text, tokens generated incl. the stop token,
-    stopped before max_new_tokens) per prompt; the answer text excludes the stop token."""
+    stopped before max_new_tokens) per prompt; the answer text excludes the stop token. With ``positions`` (the
+    target's max_position_embeddings) the longest prompt plus its answer never exceed it."""
     longest = max(len(prompt) for prompt in prompts)
+    max_new_tokens = config.max_new_tokens if positions is None else min(config.max_new_tokens, positions - longest)
     input_ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(prompts), longest), dtype=torch.long)
     for row, prompt in enumerate(prompts):
@@ -1186,7 +1231,7 @@ def _generate(
         output = model.generate(
             input_ids=input_ids.to(model.device),
             attention_mask=attention_mask.to(model.device),
-            max_new_tokens=config.max_new_tokens,
+            max_new_tokens=max_new_tokens,
             eos_token_id=stop_ids or None,
             pad_token_id=pad_id,
             **options,

@@ -35,6 +35,7 @@ from torch import nn
 
 from spectool.checkpoint import chat_template_sha256
 from spectool.errors import SpectoolError, UsageError
+from spectool.paths import file_mode, fsync_dir
 from spectool.target import FrozenTarget, TargetBatch
 from spectool.training.data import (
     AssistantTurns,
@@ -257,7 +258,9 @@ def write_features(
         tmp = out / f".{path.name}.tmp-{os.getpid()}"
         try:
             save_file(tensors, str(tmp), metadata={"format": FORMAT, "first_example": str(index * shard_size)})
+            os.chmod(tmp, file_mode())  # safetensors writes 0600 whatever the umask
             os.replace(tmp, path)
+            fsync_dir(out)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise

@@ -48,6 +48,14 @@ from torch import nn
 
 from spectool.checkpoint import DraftMetadata, check_against_target, load_draft, save_draft
 from spectool.errors import SpectoolError, UsageError
+from spectool.paths import (
+    check_force_target,
+    fsync_dir,
+    make_output_dir,
+    quoted,
+    refuse_inputs_inside,
+    remove_entries,
+)
 from spectool.training import precision
 from spectool.training.config import RESUME_LOCKED, TrainConfig, default_warmup_steps
 from spectool.training.data import Batch, collate, pad_token_id, split_heldout
@@ -128,43 +136,99 @@ class TrainResult:
     resumed_from: int | None = None
 
 
-def latest_checkpoint(out: str | Path) -> Path | None:
-    """The highest-step complete checkpoint under ``OUT/checkpoints`` (one with its trainer_state.pt), or None."""
+def complete_checkpoints(out: str | Path) -> list[Path]:
+    """The complete checkpoints under ``OUT/checkpoints`` (with their trainer_state.pt and weights), newest first."""
     found = []
     for path in (Path(out) / CHECKPOINTS_DIR).glob("step-*"):
         match = _CHECKPOINT_NAME.match(path.name)
         if match and (path / STATE_FILE).is_file() and (path / "model.safetensors").is_file():
             found.append((int(match.group(1)), path))
-    return max(found)[1] if found else None
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def latest_checkpoint(out: str | Path) -> Path | None:
+    """The highest-step complete checkpoint under ``OUT/checkpoints`` (one with its trainer_state.pt), or None."""
+    found = complete_checkpoints(out)
+    return found[0] if found else None
+
+
+#: What a trainer_state.pt must hold (see `Trainer.save_checkpoint`).
+STATE_KEYS = ("step", "tokens", "seconds", "total_steps", "optimizer", "scheduler", "rng", "data", "config")
+
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's trainer state, read without running any code from the file (``weights_only=True``: tensors,
+    numbers, strings and containers only; a pickle that asks for anything else is refused with one line)."""
+    file = path / STATE_FILE
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a crafted or corrupt pickle raises anything; nothing of it runs
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+            reason = "it holds objects other than tensors and plain values, which spectool never writes"
+        raise SpectoolError(f"{file}: unreadable trainer state ({reason[:200]})") from None
+    if not isinstance(state, dict):
+        raise SpectoolError(f"{file}: unreadable trainer state (not a dictionary)")
+    missing = [key for key in STATE_KEYS if key not in state]
+    if missing:
+        raise SpectoolError(f"{file}: trainer state lacks {', '.join(missing)}; resume from another checkpoint")
+    return state
+
+
+@dataclass
+class ResumePoint:
+    """The checkpoint a resumed run continues from, its trainer state, and warnings about newer ones skipped."""
+
+    path: Path
+    state: dict[str, Any]
+    skipped: list[str]
+
+
+def find_resume_point(out: Path) -> ResumePoint:
+    """The newest checkpoint that reads back whole (trainer state, weights, config); newer unreadable ones are
+    skipped with a warning, so a corrupt latest checkpoint falls back to the one before it."""
+    from safetensors import safe_open
+
+    candidates = complete_checkpoints(out)
+    if not candidates:
+        raise UsageError(f"nothing to resume in {out}: no complete checkpoint under {out / CHECKPOINTS_DIR}")
+    skipped: list[str] = []
+    for path in candidates:
+        try:
+            state = read_trainer_state(path)
+            try:
+                with safe_open(str(path / "model.safetensors"), framework="pt") as handle:
+                    for key in handle.keys():
+                        handle.get_tensor(key)
+                json.loads((path / "config.json").read_text(encoding="utf-8"))
+            except Exception as exc:  # truncated or garbled weights / config
+                raise SpectoolError(f"{path}: unreadable draft ({str(exc).splitlines()[0][:200]})") from None
+        except SpectoolError as exc:
+            skipped.append(str(exc))
+            continue
+        if skipped:
+            skipped = [f"{reason}; resuming from the previous checkpoint, {path.name}" for reason in skipped]
+        return ResumePoint(path, state, skipped)
+    raise SpectoolError(f"no readable checkpoint in {out / CHECKPOINTS_DIR}: " + " | ".join(skipped))
 
 
 def checkpoint_dir(out: Path, step: int) -> Path:
     return out / CHECKPOINTS_DIR / f"step-{step:07d}"
 
 
-def prepare_output(out: Path, *, resume: bool, force: bool, protected: list[Path]) -> Path | None:
-    """Check the run directory: a resume needs a checkpoint in it (returned); a fresh run needs it empty, or
-    ``force`` to clear it. ``protected`` paths (the data, --init, features) may not lie inside a cleared OUT."""
+def check_output(out: Path, *, resume: bool, force: bool, inputs: dict[str, str | None]) -> ResumePoint | list[Path]:
+    """Check the run directory before anything loads; nothing is removed here.
+
+    A resume needs a readable checkpoint in OUT (returned). A fresh run needs OUT empty, or ``force`` and only
+    spectool's own run files in it (returned: what to remove once every other check has passed). OUT may never
+    be, nor contain, one of the run's ``inputs`` (the target, data, --init, features).
+    """
+    refuse_inputs_inside(out, inputs)
     if resume:
-        checkpoint = latest_checkpoint(out)
-        if checkpoint is None:
-            raise UsageError(f"nothing to resume in {out}: no complete checkpoint under {out / CHECKPOINTS_DIR}")
-        return checkpoint
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()):
-        if not force:
-            raise UsageError(
-                f"{out} is not empty; continue its run with --resume, or pass --force to replace its contents"
-            )
-        resolved = out.resolve()
-        for path in protected:
-            if path.resolve() == resolved or resolved in path.resolve().parents:
-                raise UsageError(f"--force would delete {path}, which lies inside --out {out}")
-        for child in out.iterdir():
-            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
-    out.mkdir(parents=True, exist_ok=True)
-    return None
+        return find_resume_point(out)
+    remove = check_force_target(out, force=force, hint="continue its run with --resume")
+    make_output_dir(out)
+    return remove
 
 
 @dataclass
@@ -238,14 +302,29 @@ class Trainer:
                 f"--batch-size {config.batch_size} is the global micro-batch; it must divide evenly over "
                 f"{context.world_size} processes"
             )
-        protected = [Path(p).expanduser() for p in (config.data, config.init, config.features) if p]
-        resume_from = self._agree(lambda: prepare_output(self.out, resume=resume, force=force, protected=protected))
+        inputs = {"--target": config.target}  # a resumed run writes its final draft into OUT
+        if not resume:  # a fresh one may also remove what --force replaces
+            inputs.update({"--data": config.data, "--init": config.init, "--features": config.features})
+        self._resume_state: dict[str, Any] | None = None
+        self._to_remove: list[Path] = []
+
+        def check() -> tuple[Path | None, list[str]]:
+            checked = check_output(self.out, resume=resume, force=force, inputs=inputs)
+            if isinstance(checked, ResumePoint):
+                self._resume_state = checked.state  # rank 0 keeps it; the others read their own copy
+                return checked.path, checked.skipped
+            self._to_remove = checked
+            return None, []
+
+        resume_from, skipped = self._agree(check)
+        self.notes.extend(skipped)
         self.resume_from: Path | None = resume_from
         self.autocast_dtype = precision.draft_autocast_dtype(self.device, self.config.dtype)
         torch.manual_seed(config.seed)
         random.seed(config.seed)
 
         examples = self._load_target_and_examples()
+        config = self.config  # --max-length may have been capped to the target's positions
         self.train_examples, self.eval_examples = split_heldout(examples, config.eval_fraction, seed=config.seed)
         if not self.train_examples:
             raise SpectoolError("no training examples left after holding out --eval-fraction; lower it")
@@ -290,9 +369,12 @@ class Trainer:
             draft_vocab_size=self.spec.draft_vocab_size,
             markov_rank=self.spec.markov_rank,
         )
+        self.finish_only = False  # a resumed run whose steps are all done but whose final draft is not
         if resume_from is not None:
             self._load_trainer_state(resume_from)
         elif context.is_main:
+            # Every check passed and everything loaded: only now replace what --force said to replace.
+            remove_entries(self._to_remove)
             _write_json(self.out / CONFIG_FILE, self.resolved_config.to_json())
 
     def _load_target_and_examples(self) -> list[Any]:
@@ -304,6 +386,13 @@ class Trainer:
         self.store = FeatureStore(config.features) if config.features else None
         self.info = resolve_model(config.target or (self.store.manifest["target"] if self.store else None))
         self.target_dtype = target_dtype = precision.target_dtype(self.device, config.dtype)
+        limit = self.info.arch.max_position_embeddings
+        if self.store is None and limit and config.max_length > limit:
+            self.notes.append(
+                f"--max-length {config.max_length} is more than the target's {limit} positions "
+                f"(max_position_embeddings): examples are cut at {limit} tokens"
+            )
+            self.config = config = replace(config, max_length=limit)
         if self.store is None:
             self.target_model, tokenizer = load_model_and_tokenizer(
                 self.info, dtype=target_dtype, device=str(self.device)
@@ -506,6 +595,9 @@ class Trainer:
         last_row: dict[str, Any] = {}
         eval_row: dict[str, Any] = {}
         idle = 0  # steps in a row without a supervised prediction
+        if self.finish_only:  # the steps were all done before a kill: evaluate (and calibrate) as the run would have
+            last_row = _last_metrics_row(self.out / METRICS_FILE, self.step)
+            eval_row = self.evaluate() if self.eval_examples else {}
         while self.step < self.total_steps:
             stats = self.train_step()
             self.step += 1
@@ -543,7 +635,7 @@ class Trainer:
                     received = self._stop_signal or signal.SIGTERM  # another process got it: torchrun stops us all
                     raise TrainingInterrupted(
                         f"interrupted by {signal.Signals(received).name} at step {self.step} of {self.total_steps}; "
-                        f"saved {path}. Continue with: spectool train --out {self.out} --resume",
+                        f"saved {path}. Continue with: spectool train --out {quoted(self.out)} --resume",
                         exit_code=_SIGNAL_EXIT_CODES.get(received, 130),
                     )
         self._calibrate_confidence()
@@ -889,6 +981,7 @@ class Trainer:
                 extra_files={STATE_FILE: buffer.getvalue()},
             )
             self._prune_checkpoints()
+            _fsync_file(self.out / METRICS_FILE)  # the rows up to this checkpoint survive a power cut with it
             return path
 
         self._agree(lambda: _wrap_os_errors(write, path))
@@ -919,10 +1012,8 @@ class Trainer:
     def _load_trainer_state(self, path: Path) -> None:
         """Restore optimizer, scheduler, RNG, data position and counters from a checkpoint (weights were loaded
         with the draft)."""
-        try:
-            state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
-        except Exception as exc:  # a corrupt pickle raises anything
-            raise SpectoolError(f"{path / STATE_FILE}: unreadable trainer state ({exc})") from None
+        state = self._resume_state if self._resume_state is not None else read_trainer_state(path)
+        self._resume_state = None
         saved = state["config"]
         now = self.resolved_config.to_json()
         changed = [name for name in RESUME_LOCKED if saved.get(name) != now.get(name)]
@@ -950,10 +1041,14 @@ class Trainer:
         if self.config.max_minutes:
             self._plan()  # the budget counts the time already spent
         if self.step >= self.total_steps:
-            raise UsageError(
-                f"the run in {self.out} already finished ({self.step} of {self.total_steps} steps); raise --max-steps, "
-                "--epochs or --max-minutes to train longer"
-            )
+            if final_draft_steps(self.out) == self.step:
+                raise UsageError(
+                    f"the run in {self.out} already finished ({self.step} of {self.total_steps} steps); raise "
+                    "--max-steps, --epochs or --max-minutes to train longer"
+                )
+            # Stopped after its last checkpoint but before (or while) writing the final draft: write it now.
+            self.finish_only = True
+            self.notes.append(f"all {self.step} steps were done; writing the final draft the run did not finish")
         # The lr of the next step from the current schedule (a resumed run may change --lr or its length).
         schedule = CosineSchedule(self.total_steps, self.warmup_steps, self.config.min_lr_ratio)
         self.scheduler.base_lrs = [self.config.peak_lr] * len(self.optimizer.param_groups)
@@ -981,9 +1076,13 @@ class Trainer:
                 metadata=self._metadata(self._training_summary(final_metrics)),
                 dtype=getattr(torch, self.config.save_dtype),
             )
-            # Weights first, then config.json, then spectool.json: each rename is atomic.
+            # spectool.json goes first and comes back last, so a kill in between leaves a draft that --resume
+            # sees as unfinished (and writes again); weights, then config.json: each rename is atomic.
+            (self.out / FINAL_FILES[-1]).unlink(missing_ok=True)
+            fsync_dir(self.out)
             for name in FINAL_FILES:
                 os.replace(staging / name, self.out / name)
+            fsync_dir(self.out)
             shutil.rmtree(staging, ignore_errors=True)
             return self.out
 
@@ -1069,7 +1168,40 @@ class _Window:
 def _write_json(path: Path, data: dict[str, Any]) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    _fsync_file(tmp)
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def _fsync_file(path: Path) -> None:
+    if path.is_file():
+        with open(path, "rb") as handle:
+            os.fsync(handle.fileno())
+
+
+def final_draft_steps(out: Path) -> int | None:
+    """The step count recorded by a whole final draft in ``out`` (all of FINAL_FILES), or None."""
+    if not all((out / name).is_file() for name in FINAL_FILES):
+        return None
+    try:
+        steps = json.loads((out / FINAL_FILES[-1]).read_text(encoding="utf-8"))["training"]["steps"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return steps if isinstance(steps, int) else None
+
+
+def _last_metrics_row(path: Path, step: int) -> dict[str, Any]:
+    """The training metrics logged at ``step`` (without eval_*), or {}."""
+    row: dict[str, Any] = {}
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                data = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(data, dict) and data.get("step") == step:
+                row = {k: v for k, v in data.items() if not k.startswith("eval_")}
+    return row
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

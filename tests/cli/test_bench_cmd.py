@@ -33,6 +33,7 @@ def test_bench_json_is_lossless(method, chat_target_dir, prompts_file, tmp_path)
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["lossless"] is True and data["mismatched_prompts"] == []
+    assert data["lossless_vs_hf_generate"] is True and data["hf_mismatched_prompts"] == []  # an independent loop
     assert (data["method"], data["num_prompts"], data["new_tokens"]) == (method, 4, 48)
     assert set(data["baselines"]) == {"target", "hf", "prompt-lookup"}
     for row in data["baselines"].values():
@@ -56,7 +57,7 @@ def test_bench_stop_strings_stay_lossless(dspark_draft, prompts_file):
     result = invoke(*args, "--stop", "a", "--stop", "e")
     assert result.exit_code == 0, result.output
     stopped = json.loads(result.stdout)
-    assert stopped["lossless"] is True
+    assert stopped["lossless"] is True and stopped["lossless_vs_hf_generate"] is True  # HF stops on the same token
     assert stopped["new_tokens"] < full["new_tokens"]
 
 
@@ -71,8 +72,8 @@ def test_bench_max_drafts_caps_every_round(dspark_draft, prompts_file):
 
 def test_bench_sampling_reports_no_lossless_verdict(dspark_draft, prompts_file):
     args = ["bench", "-d", str(dspark_draft), "-p", str(prompts_file), "-n", "6", "--temperature", "0.7", "--json"]
-    data = json.loads(invoke(*args, "--baselines", "target").stdout)
-    assert data["lossless"] is None and data["temperature"] == 0.7
+    data = json.loads(invoke(*args, "--baselines", "target,hf").stdout)
+    assert data["lossless"] is None and data["lossless_vs_hf_generate"] is None and data["temperature"] == 0.7
 
 
 @pytest.mark.parametrize(
@@ -189,6 +190,7 @@ def test_bench_batched_stop_strings_cut_every_decoder(dspark_draft, prompts_file
     assert result.exit_code == 0, result.output
     stopped = json.loads(result.stdout)
     assert stopped["lossless"] is True and stopped["new_tokens"] < full["new_tokens"]
+    assert stopped["lossless_vs_hf_generate"] is True
 
 
 def test_bench_batched_is_lossless_and_says_its_batch(dspark_draft, prompts_file):
@@ -198,6 +200,7 @@ def test_bench_batched_is_lossless_and_says_its_batch(dspark_draft, prompts_file
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["batch_size"] == 3 and data["lossless"] is True and data["num_prompts"] == 4
+    assert data["lossless_vs_hf_generate"] is True and data["hf_mismatched_prompts"] == []
     assert set(data["baselines"]) == {"target", "hf"}  # prompt lookup takes one prompt at a time
     assert data["new_tokens"] == 40
     wide = invoke("bench", "-d", str(dspark_draft), "-p", str(prompts_file), "-n", "2", "--batch-size", "8", "--json")
@@ -264,3 +267,74 @@ def test_machine_names_the_cpu_model(monkeypatch, tmp_path):
     fake.write_text("processor\t: 0\n")  # no model name: the platform's string, never a duplicate of the machine
     monkeypatch.setattr(platform, "processor", lambda: platform.machine())
     assert f"{platform.machine()} (" not in bench.machine_description()
+
+
+def _corrupt_one_answer(answer: list[int]) -> list[int]:
+    return answer[:-1] + [(answer[-1] + 1) % 50]  # a different last token
+
+
+def test_bench_fails_loudly_when_hf_generate_disagrees(dspark_draft, prompts_file, monkeypatch):
+    """HF generate's answer to prompt 2 made to differ in its last token: bench names the prompt and exits 1."""
+    from spectool import bench
+
+    real, calls = bench._timed_hf, []
+
+    def one_wrong(runtime, ids, *args, **kwargs):
+        answer, seconds = real(runtime, ids, *args, **kwargs)
+        if "prompt_lookup_num_tokens" not in kwargs:  # the hf baseline, not prompt lookup
+            calls.append(ids)
+            if len(calls) == 3:
+                answer = _corrupt_one_answer(answer)
+        return answer, seconds
+
+    monkeypatch.setattr(bench, "_timed_hf", one_wrong)
+    args = ["bench", "-d", str(dspark_draft), "-p", str(prompts_file), "-n", "6", "--baselines", "target,hf"]
+    result = invoke(*args, "--json")
+    assert result.exit_code == 1, result.output
+    data = json.loads(result.stdout)
+    assert data["lossless"] is True  # spectool's own target loop still agrees
+    assert data["lossless_vs_hf_generate"] is False and data["hf_mismatched_prompts"] == [2]
+    calls.clear()
+    result = invoke(*args)
+    assert result.exit_code == 1, result.output
+    assert "NOT lossless: prompts [2] differ from HF generate's output" in result.stdout
+
+
+def test_bench_batched_fails_when_hf_generate_disagrees(dspark_draft, prompts_file, monkeypatch):
+    from spectool import bench
+
+    real = bench._timed_hf_batch
+
+    def one_wrong(*args, **kwargs):
+        answers, seconds = real(*args, **kwargs)
+        if len(answers) == 3:  # the first group: prompts 0, 1, 2
+            answers[1] = _corrupt_one_answer(answers[1])
+        return answers, seconds
+
+    monkeypatch.setattr(bench, "_timed_hf_batch", one_wrong)
+    args = ["bench", "-d", str(dspark_draft), "-p", str(prompts_file), "-n", "6", "--batch-size", "3", "--json"]
+    result = invoke(*args)
+    assert result.exit_code == 1, result.output
+    data = json.loads(result.stdout)
+    assert data["lossless"] is True
+    assert data["lossless_vs_hf_generate"] is False and data["hf_mismatched_prompts"] == [1]
+
+
+def test_hf_baseline_is_the_plain_target_whatever_its_generation_config(chat_target_dir, prompts_file, tmp_path):
+    """A target whose generation_config.json asks for penalties (Qwen2.5 ships repetition_penalty 1.05): HF's
+    baseline still decodes plainly, so its greedy output matches spectool's and the check passes."""
+    import shutil
+
+    target = tmp_path / "penalised"
+    shutil.copytree(chat_target_dir, target)
+    config_path = target / "generation_config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    config.update(repetition_penalty=3.0, no_repeat_ngram_size=1)
+    config_path.write_text(json.dumps(config))
+    draft = init_draft(str(target), "dspark", tmp_path / "dspark", dtype="float32").path
+    args = ["bench", "-d", str(draft), "-p", str(prompts_file), "-n", "12", "--baselines", "target,hf", "--json"]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["lossless"] is True and data["lossless_vs_hf_generate"] is True
+    assert json.loads(config_path.read_text())["repetition_penalty"] == 3.0

@@ -1,17 +1,27 @@
 """`spectool chat` driven end to end: scripted stdin, --prompt, --plain, and a real pty for Ctrl-C."""
 
+import io
+import json
 import os
 import pty
 import re
 import select
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+from rich.console import Console
+from transformers import AutoTokenizer
 
+from spectool.cli.chat_cmd import ChatSession
+from spectool.decoding.accept import SamplingParams
+from spectool.errors import UsageError
 from spectool.init import init_draft
+from spectool.runtime import load_runtime
+from spectool.training.data import ChatFormat, Message
 from tests.cli.conftest import invoke
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -128,3 +138,108 @@ def test_tty_colours_and_ctrl_c_stops_only_the_answer(draft_dir):
         except ProcessLookupError:
             pass
         os.close(fd)
+
+
+def _chat_process(*args, input: bytes, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`spectool chat ARGS` as a process fed raw bytes on stdin (argv items may be bytes, as a shell passes them)."""
+    return subprocess.run(
+        [sys.executable, "-m", "spectool", "chat", *args],
+        input=input,
+        capture_output=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )
+
+
+def test_prompt_that_is_not_utf8_is_refused(draft_dir):
+    result = _chat_process("--draft", str(draft_dir), "--prompt", b"hi \xff there", input=b"")
+    stderr = result.stderr.decode()
+    assert result.returncode == 2, stderr
+    assert "--prompt is not valid UTF-8 (byte 0xff at character 4)" in stderr
+    assert len(stderr.strip().splitlines()) == 1 and "internal error" not in stderr
+
+
+@pytest.mark.parametrize("option", ["--system", "--stop"])
+def test_other_text_options_that_are_not_utf8_are_refused(draft_dir, option):
+    result = invoke("chat", "--draft", str(draft_dir), "--prompt", "hi", option, "a\udcffb")  # argv's b"a\xffb"
+    assert result.exit_code == 2, result.output
+    assert f"{option} is not valid UTF-8 (byte 0xff at character 2)" in result.stderr
+
+
+# The default stdin decodes leniently only under the C / C.UTF-8 locales; PYTHONIOENCODING=utf-8:strict is what a
+# en_US.UTF-8 terminal gives, where a bad byte used to raise and lose the lines buffered behind it.
+@pytest.mark.parametrize("env", [{}, {"PYTHONIOENCODING": "utf-8:strict"}], ids=["default", "strict-stdin"])
+def test_stdin_line_that_is_not_utf8_is_skipped(draft_dir, env):
+    result = _chat_process("--draft", str(draft_dir), "-n", "6", input=b"hi \xff there\nhi there\n/quit\n", env=env)
+    stdout, stderr = result.stdout.decode(), result.stderr.decode()
+    assert result.returncode == 0, stderr
+    assert stderr.count("skipped a line that is not valid UTF-8 (byte 0xff at character 4)") == 1
+    assert stdout.count("acceptance length") == 1  # the bad line never reached the model; the next one did
+    assert "internal error" not in stderr
+
+
+SHORT_POSITIONS = 40
+
+
+@pytest.fixture(scope="module")
+def short_target(chat_target_dir, tmp_path_factory):
+    """The chat target with max_position_embeddings 40, and a DFlash draft for it."""
+    target = tmp_path_factory.mktemp("short") / "target"
+    shutil.copytree(chat_target_dir, target)
+    config = json.loads((target / "config.json").read_text())
+    (target / "config.json").write_text(json.dumps({**config, "max_position_embeddings": SHORT_POSITIONS}))
+    draft = init_draft(str(target), "dflash", target.parent / "dflash", dtype="float32").path
+    return target, draft
+
+
+def _prompt_length(target, text: str) -> int:
+    return len(ChatFormat(AutoTokenizer.from_pretrained(target)).prompt_ids([Message("user", text)]))
+
+
+def test_answer_is_capped_to_the_target_positions(short_target):
+    target, draft = short_target
+    room = SHORT_POSITIONS - _prompt_length(target, "hi there")
+    result = invoke("chat", "--draft", str(draft), "--prompt", "hi there", "-n", "100")
+    assert result.exit_code == 0, result.output
+    assert f"answer capped at {room} tokens (not 100)" in result.stderr
+    assert f"{room} tokens in" in result.stdout
+    assert "capped" not in invoke("chat", "--draft", str(draft), "--prompt", "hi there", "-n", str(room)).stderr
+
+
+def test_prompt_longer_than_the_target_positions_is_refused(short_target):
+    _, draft = short_target
+    result = invoke("chat", "--draft", str(draft), "--prompt", "hi " * 30)
+    assert result.exit_code == 2, result.output
+    assert "leaves no room for an answer in the target's 40 positions (max_position_embeddings)" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "acceptance length" not in result.stdout
+
+
+def test_long_conversation_drops_the_oldest_turns(short_target):
+    _, draft = short_target
+    turns = ["tell me about cats and dogs", "what is the time now ?", "write code for x", "tell me about cats"]
+    script = "\n".join([*turns, "hi " * 30, "hi there", "/quit"]).encode() + b"\n"
+    result = _chat_process("--draft", str(draft), "-n", "8", input=script)
+    stdout, stderr = result.stdout.decode(), result.stderr.decode()
+    assert result.returncode == 0, stderr
+    assert "dropped the oldest" in stderr and "to fit the target's 40 positions" in stderr
+    assert stdout.count("8 tokens in") == len(turns) + 1  # every answer in full; the too-long message got none
+    assert stderr.count("leaves no room for an answer") == 1 and "internal error" not in stderr
+
+
+def test_fitting_never_exceeds_the_positions_and_a_refusal_keeps_the_history(short_target):
+    session = ChatSession(
+        load_runtime(short_target[1]),
+        system=None,
+        sampling=SamplingParams(),
+        max_new_tokens=8,
+        out=Console(file=io.StringIO()),
+    )
+    history = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "fine thanks"}] * 3
+    session.messages = list(history)
+    with pytest.raises(UsageError, match="leaves no room"):
+        session.fit("hi " * 30)
+    assert session.messages == history  # a refused message costs no history
+    ids, budget = session.fit("tell me about cats")
+    assert budget == 8 and len(ids) + budget <= SHORT_POSITIONS
+    assert 0 < len(session.messages) < len(history)  # only the oldest turns went
+    assert session.messages == history[len(history) - len(session.messages) :]

@@ -1,11 +1,15 @@
 """`spectool demo` end to end on the embedded tiny target (minutes on 2 CPU cores: marked slow)."""
 
+import io
 import os
+import shlex
 import subprocess
 import sys
 
 import pytest
+from rich.console import Console
 
+from spectool.cli.demo_cmd import print_next_commands
 from spectool.hub import ASSETS_DIR, DEFAULT_MODEL_DIR
 
 
@@ -26,3 +30,22 @@ def test_demo_runs_end_to_end(tmp_path):
     for text in ("1. the target", "2. train a DSpark draft", "3. speculative chat", "acceptance length", "lossless"):
         assert text in result.stdout
     assert (out / "model.safetensors").is_file() and (out / "spectool.json").is_file()
+
+
+def test_next_commands_paste_back_with_the_draft_path(tmp_path):
+    """The printed commands name a path holding spaces, quotes, Rich markup and an emoji code exactly, once split
+    as a shell splits them."""
+    draft = tmp_path / "my drafts" / "it's [bold]:smile: 1"
+    screen = Console(file=io.StringIO(), width=40, highlight=False)
+    print_next_commands(screen, draft)
+    lines = screen.file.getvalue().splitlines()
+    commands = [shlex.split(line, comments=True) for line in lines if line.startswith("spectool ")]
+    assert commands[0] == ["spectool", "chat", "--draft", str(draft)]
+    assert commands[1] == ["spectool", "bench", "--draft", str(draft), "--json"]
+    assert ["spectool", "chat", "--draft", "dspark"] in commands  # the shipped draft, by name
+
+
+def test_next_commands_without_a_kept_draft_say_how_to_keep_one():
+    screen = Console(file=io.StringIO(), width=200)
+    print_next_commands(screen, None)
+    assert "spectool chat --draft DIR (rerun with --out DIR to keep the draft)" in screen.file.getvalue()

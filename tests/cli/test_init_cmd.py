@@ -55,8 +55,20 @@ def test_init_never_overwrites_without_force(tiny_target_dir, tmp_path):
     result = invoke("init", str(tiny_target_dir), "-m", "dflash", "-o", str(out))
     assert result.exit_code == 2 and "--force" in result.stderr
     assert (out / "precious.txt").read_text() == "keep me"
-    assert invoke("init", str(tiny_target_dir), "-m", "dflash", "-o", str(out), "--force").exit_code == 0
-    assert not (out / "precious.txt").exists()
+    forced = invoke("init", str(tiny_target_dir), "-m", "dflash", "-o", str(out), "--force")
+    assert forced.exit_code == 2 and "--force replaces only what spectool wrote" in forced.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
+    (out / "precious.txt").unlink()
+    assert invoke("init", str(tiny_target_dir), "-m", "dflash", "-o", str(out)).exit_code == 0
+    # A draft spectool wrote is replaced with --force...
+    assert invoke("init", str(tiny_target_dir), "-m", "dspark", "-o", str(out), "--force").exit_code == 0
+    assert load_draft(out).method == "dspark"
+    # ...a model without spectool.json is somebody else's, --force or not.
+    (out / "spectool.json").unlink()
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    forced = invoke("init", str(tiny_target_dir), "-m", "dflash", "-o", str(out), "--force")
+    assert forced.exit_code == 2 and "no draft or run written by spectool" in forced.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 @pytest.mark.parametrize(

@@ -91,8 +91,59 @@ def test_a_non_empty_out_needs_resume_or_force(chat_target_dir, data_file, tmp_p
     assert result.exit_code == 2 and "--resume" in result.stderr and "--force" in result.stderr
     assert (out / "notes.txt").exists()
     result = train(chat_target_dir, data_file, out, "--max-steps", "1", "--force")
+    assert result.exit_code == 2 and "--force replaces only what spectool wrote" in result.stderr
+    assert "notes.txt" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]  # nothing removed, nothing written
+
+
+def tree(directory: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_force_never_deletes_the_target(chat_target_dir, data_file, tmp_path):
+    """`train --target proj/model --out proj --force` deleted the target model; now it is refused, untouched."""
+    import shutil
+
+    project = tmp_path / "proj"
+    shutil.copytree(chat_target_dir, project / "model")
+    before = tree(project)
+    for out in (project, project / "model"):
+        result = invoke(
+            "train", "--target", str(project / "model"), "--method", "dflash", "--data", str(data_file),
+            "--out", str(out), "--force", "--max-steps", "1", *FAST,
+        )  # fmt: skip
+        assert result.exit_code == 2, result.output
+        assert "--target" in result.stderr and "choose another --out" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert tree(project) == before
+
+
+def test_force_replaces_only_spectool_files_after_every_check(chat_target_dir, data_file, tmp_path):
+    out = tmp_path / "run"
+    assert train(chat_target_dir, data_file, out, "--max-steps", "2", "--save-every", "1").exit_code == 0
+    first = tree(out)
+    assert "checkpoints/step-0000002/trainer_state.pt" in first and "metrics.jsonl" in first
+    # A malformed data file: the check fails, and the old run (checkpoints, metrics, draft) is all still there.
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user"}]}\n')
+    result = train(chat_target_dir, bad, out, "--max-steps", "1", "--force")
+    assert result.exit_code != 0 and len(result.stderr.strip().splitlines()) == 1
+    assert tree(out) == first
+    # A bad option found only once the target is known: still nothing removed.
+    result = train(chat_target_dir, data_file, out, "--max-steps", "1", "--force", "--target-layer-ids", "0,99")
+    assert result.exit_code == 2 and tree(out) == first
+    # The user's file beside a run: --force refuses rather than choose for them.
+    (out / "notes.txt").write_text("mine")
+    result = train(chat_target_dir, data_file, out, "--max-steps", "1", "--force")
+    assert result.exit_code == 2 and "files spectool did not write (notes.txt)" in result.stderr
+    (out / "notes.txt").unlink()
+    # A good run replaces the old one: no stale checkpoints, metrics start over.
+    result = train(chat_target_dir, data_file, out, "--max-steps", "1", "--force")
     assert result.exit_code == 0, result.output
-    assert not (out / "notes.txt").exists() and (out / "model.safetensors").exists()
+    files = tree(out)
+    assert {name.split("/")[1] for name in files if name.startswith("checkpoints/")} == {"step-0000001"}
+    assert [json.loads(line)["step"] for line in files["metrics.jsonl"].decode().splitlines()] == [1]
+    assert load_draft(out).metadata.training["steps"] == 1
 
 
 def test_resume(chat_target_dir, data_file, tmp_path):
@@ -219,3 +270,40 @@ def test_bad_config_files_devices_and_tokenizers(chat_target_dir, data_file, tmp
             (no_tokenizer / item.name).write_bytes(item.read_bytes())
     result = train(no_tokenizer, data_file, tmp_path / "run2", "--max-steps", "1")
     assert result.exit_code == 1 and f"no tokenizer in {no_tokenizer}" in result.stderr, result.output
+
+
+@pytest.mark.parametrize("where", ["proc", "under-file", "is-file"])
+def test_an_unwritable_out_is_one_line_before_the_target_loads(
+    chat_target_dir, data_file, tmp_path, where, monkeypatch
+):
+    import spectool.hub
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the target was loaded before --out was checked")
+
+    monkeypatch.setattr(spectool.hub, "load_model_and_tokenizer", no_load)
+    (tmp_path / "file.txt").write_text("x")
+    out = {
+        "proc": Path("/proc/spectool-run"),
+        "under-file": tmp_path / "file.txt" / "sub",
+        "is-file": tmp_path / "file.txt",
+    }[where]
+    result = train(chat_target_dir, data_file, out, "--max-steps", "1")
+    assert result.exit_code in (1, 2), result.output
+    assert str(out) in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert "internal error" not in result.stderr and (tmp_path / "file.txt").read_text() == "x"
+
+
+def test_max_length_beyond_the_target_positions_is_capped_with_a_note(chat_target_dir, data_file, tmp_path):
+    import shutil
+
+    small = tmp_path / "small"
+    shutil.copytree(chat_target_dir, small)
+    config = json.loads((small / "config.json").read_text())
+    config["max_position_embeddings"] = 32
+    (small / "config.json").write_text(json.dumps(config))
+    out = tmp_path / "run"
+    result = train(small, data_file, out, "--max-steps", "1")  # FAST asks for --max-length 48
+    assert result.exit_code == 0, result.output
+    assert "--max-length 48 is more than the target's 32 positions" in " ".join(result.output.split())
+    assert saved_config(out)["max_length"] == 32

@@ -100,6 +100,8 @@ def test_regen_resumes_after_a_kill(tmp_path, tiny_target_dir):
     lines = reference.read_text().splitlines(keepends=True)
     killed = tmp_path / "killed.jsonl"
     killed.write_text(lines[0] + lines[1] + lines[2][: len(lines[2]) // 2])  # died while writing row 3
+    # regen records its settings before the first row, so a killed run leaves the record beside its rows
+    (tmp_path / "killed.jsonl.regen.json").write_text((tmp_path / "reference.jsonl.regen.json").read_text())
     assert read_finished_ids(killed)[1] is True  # the cut-off line is dropped...
     assert killed.read_text() == lines[0] + lines[1]  # ...and the file ends at the last complete row
     killed.write_text(lines[0] + lines[1] + lines[2][: len(lines[2]) // 2])
@@ -163,6 +165,62 @@ def test_foreign_output_file_is_refused(tmp_path, tiny_target_dir):
     out.write_text('{"text": "something else"}\n')
     result = run_regen(tiny_target_dir, prompts, out)
     assert result.exit_code == 1 and "not a regeneration row" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "my notes about the project",  # one line, no newline: was truncated to nothing before the refusal
+        '{"messages": [], "id": "a"}\nmy notes, no newline at the end',  # a regen-looking first line
+        "first line of notes\nsecond line\n",
+    ],
+)
+def test_regen_never_touches_a_file_it_did_not_write(tmp_path, tiny_target_dir, monkeypatch, text):
+    """A file that is not a regeneration output is refused before the target loads, byte for byte unchanged."""
+    import spectool.hub
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the target was loaded before --out was checked")
+
+    monkeypatch.setattr(spectool.hub, "load_model_and_tokenizer", no_load)
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", ROWS)
+    notes = tmp_path / "notes.txt"
+    notes.write_text(text)
+    result = run_regen(tiny_target_dir, prompts, notes)
+    assert result.exit_code == 1, result.output
+    assert "not a regeneration row" in result.stderr or "was not written by `spectool data regen`" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert notes.read_text() == text and not (tmp_path / "notes.txt.regen.json").exists()
+
+
+def test_regen_keeps_prompt_and_answer_within_the_target_positions(tmp_path, tiny_target_dir):
+    """Prompt + answer never exceed max_position_embeddings: answers are cut at the last position (marked
+    truncated), rows whose prompt alone fills it are skipped with a warning, and a --max-new-tokens that leaves no
+    room for any prompt is refused before the target loads."""
+    import shutil
+
+    small = tmp_path / "small-target"
+    shutil.copytree(tiny_target_dir, small)
+    config = json.loads((small / "config.json").read_text())
+    config["max_position_embeddings"] = 24
+    (small / "config.json").write_text(json.dumps(config))
+    rows = [{"prompt": "hi"}, {"prompt": " ".join(["one two three"] * 10), "id": "long"}]
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    refused = run_regen(small, prompts, out, "--max-new-tokens", "24")
+    assert refused.exit_code == 2 and "leaves no room for a prompt in the target's 24 positions" in refused.stderr
+    result = run_regen(small, prompts, out, "--max-new-tokens", "20", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["rows_too_long"] == 1 and summary["rows_written"] == 1 and summary["max_positions"] == 24
+    (row,) = read_rows(out)
+    assert row["id"] != "long"
+    model, tokenizer = load_model_and_tokenizer(resolve_model(str(small)))
+    chat_format = ChatFormat(tokenizer)
+    messages = [Message(m["role"], m["content"]) for m in row["messages"]]
+    prompt = chat_format.prompt_ids(messages[:-1])
+    answer = tokenizer(messages[-1].content, add_special_tokens=False)["input_ids"]
+    assert len(prompt) + len(answer) <= 24 and row.get("truncated") is True
 
 
 def test_cut_at_stop():
