@@ -10,7 +10,8 @@ walk moves to the child holding that token, if there is one; otherwise that toke
 Every emitted token is thus chosen by the target at its true prefix, in both modes.
 
 Chains at temperature > 0: the Leviathan / Chen rule. Draft token d_i, sampled from the draft's
-distribution q_i, is accepted with probability min(1, p_i(d_i) / q_i(d_i)); on the first rejection the
+distribution q_i, is accepted when u * q_i(d_i) < p_i(d_i) (u ~ U[0, 1), strict: a token the target gives
+probability 0 is never accepted), i.e. with probability min(1, p_i(d_i) / q_i(d_i)); on the first rejection the
 emitted token is sampled from normalize(max(p_i - q_i, 0)); after a full accept the bonus token is sampled
 from p_{K+1}. Every emitted token then follows the target's distribution p exactly. Both p and q must be the
 *processed* distributions (temperature, top-k, top-p) that the target alone and the draft really sample from.
@@ -124,7 +125,8 @@ def accept_sampling(
         p = target_probs[:k].gather(-1, index).squeeze(-1)
         q = draft_probs.gather(-1, index).squeeze(-1)
         u = torch.rand(k, generator=generator, device=target_probs.device)
-        accepted = (u * q <= p).long()  # u < p/q without dividing by q
+        # u < p/q without dividing by q; strict, so a token with p(x) = 0 is never accepted, even at u = 0.
+        accepted = (u * q < p).long()
         n = int(accepted.cumprod(0).sum())
     else:
         n = 0

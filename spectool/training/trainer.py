@@ -605,8 +605,8 @@ class Trainer:
             if idle >= min(math.ceil(len(self.batches) / config.grad_accum), self.total_steps):
                 raise SpectoolError(
                     f"{idle} steps in a row had nothing to learn: no example supervises a single "
-                    f"{config.method} prediction (too short for the block, or no assistant tokens within "
-                    "--max-length); nothing was saved. Check the data, --max-length and --block-size"
+                    f"{config.method} prediction (answers too short, or no assistant tokens within --max-length); "
+                    "nothing was saved. Check the data and --max-length"
                 )
             self.tokens += int(stats["tokens"])
             self.seconds += stats["seconds"]

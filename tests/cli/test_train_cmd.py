@@ -248,8 +248,12 @@ def test_non_finite_numbers_are_refused(chat_target_dir, data_file, tmp_path, op
 def test_blocks_that_cannot_fit_are_refused(chat_target_dir, data_file, tmp_path):
     result = train(chat_target_dir, data_file, tmp_path / "a", "--max-steps", "1", "--block-size", "48")
     assert result.exit_code == 2 and "--block-size 48 leaves no room in --max-length 48" in result.stderr
-    # Fits --max-length but not one of these short conversations: every step would have nothing to learn.
-    result = train(chat_target_dir, data_file, tmp_path / "b", "--max-steps", "50", "--block-size", "40")
+    # A block may run past its conversation's end (cut, as the reference trainers do), but an anchor needs two
+    # assistant tokens in a row: empty answers (<|im_end|> alone) leave every step with nothing to learn.
+    empty = tmp_path / "empty.jsonl"
+    rows = [{"messages": [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": ""}]}] * 4
+    empty.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    result = train(chat_target_dir, empty, tmp_path / "b", "--max-steps", "50", "--block-size", "40")
     assert result.exit_code == 1, result.output
     assert "had nothing to learn" in result.stderr and not (tmp_path / "b" / "model.safetensors").exists()
     assert "lr_scheduler" not in result.output

@@ -101,6 +101,26 @@ def test_zero_probability_token_is_never_emitted():
         assert verdict.num_accepted == 0 and verdict.next_token in (1, 2)
 
 
+@pytest.mark.parametrize(
+    ("u", "p_x", "accepted"),
+    [
+        (0.0, 0.0, 0),  # u = 0 and p(x) = 0: rejected (`<=` would accept it)
+        (0.0, 1e-6, 1),  # u = 0 and p(x) > 0: accepted
+        (0.5, 0.5, 0),  # u * q(x) == p(x): rejected, so P(accept) = P(u < p/q) = p/q exactly
+    ],
+)
+def test_acceptance_is_strict(monkeypatch, u, p_x, accepted):
+    """A draft token x is accepted when u * q(x) < p(x), strictly. The uniform draw is forced to ``u``; q(x) = 1."""
+    rand = torch.rand
+    monkeypatch.setattr(torch, "rand", lambda *args, **kwargs: torch.full_like(rand(*args, **kwargs), u))
+    p = torch.tensor([[p_x, 0.5, 0.5 - p_x], [0.2, 0.3, 0.5]])
+    q = torch.tensor([[1.0, 0.0, 0.0]])
+    verdict = accept_sampling(torch.tensor([0]), q, p, torch.Generator().manual_seed(0))
+    assert verdict.num_accepted == accepted
+    if not accepted:
+        assert verdict.next_token in (1, 2)  # the correction comes from normalize(max(p - q, 0))
+
+
 def test_first_token_follows_the_target_distribution():
     """One position: emitted token ~ p whatever q is (and the accept rate is sum_v min(p, q))."""
     g = torch.Generator().manual_seed(2)

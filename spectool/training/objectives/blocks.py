@@ -3,7 +3,8 @@ anchors, the block layout of one packed forward, the per-slot labels, and the de
 
 Training packs up to ``num_anchors`` blocks per row into ONE draft forward over ``[context features | blocks]``:
 block j holds ``[x_a, MASK x (B-1)]`` at rotary positions ``a .. a+B-1`` (per-document positions in packed rows);
-it sees the context keys strictly before its anchor in its own document and its own block, nothing else.
+it sees the context keys strictly before its anchor in its own document and its own block, nothing else. A block
+may run past its document's (or the row's) end: its slots there are simply not supervised.
 """
 
 from __future__ import annotations
@@ -35,16 +36,13 @@ def default_gamma(num_drafts: int) -> float:
     return g1 + (g2 - g1) * (num_drafts - n1) / (n2 - n1)
 
 
-def anchor_candidates(
-    loss_mask: torch.Tensor, docs: Documents, block_size: int, *, next_is_label: bool = False
-) -> torch.Tensor:
-    """``[B, S]`` bool: positions a that may anchor a block: x_a is a label, the block a..a+B-1 lies inside a's
-    document (so a <= S - B and no padding) and, when ``next_is_label`` (DSpark), x_{a+1} is a label too."""
+def anchor_candidates(loss_mask: torch.Tensor, docs: Documents) -> torch.Tensor:
+    """``[B, S]`` bool: positions a that may anchor a block, by the reference rule (SpecForge's and DeepSpec's
+    samplers): x_a and x_{a+1} are both labels (``loss_mask[a] and loss_mask[a+1]``), and x_{a+1} lies in a's
+    document. A block that runs past its document's or the row's end is cut (`slot_labels` drops its slots there),
+    not skipped, so a document's last token is trained at every slot."""
     labels = loss_mask.bool()
-    candidates = labels & docs.within(block_size - 1)
-    if next_is_label:
-        candidates = candidates & shift_left(labels, 1, False)
-    return candidates
+    return labels & shift_left(labels, 1, False) & docs.within(1)
 
 
 def sample_anchors(
@@ -113,11 +111,9 @@ def slot_labels(
 
 
 class BlockObjective(Objective):
-    """What the DFlash and DSpark objectives share: anchors drawn per ``anchor_candidates`` (``next_is_label``:
-    x_{a+1} must be a label too), then ``loss_at`` those anchors. Subclasses set ``block_size`` and
-    ``num_anchors``."""
+    """What the DFlash and DSpark objectives share: anchors drawn per ``anchor_candidates``, then ``loss_at`` those
+    anchors. Subclasses set ``block_size`` and ``num_anchors``."""
 
-    next_is_label = False
     block_size: int
     num_anchors: int
 
@@ -130,7 +126,7 @@ class BlockObjective(Objective):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(anchors [B, A], anchor_valid [B, A])`` drawn by the rules of step 1 of the method's docstring."""
         docs = Documents.of(batch, document_ids)
-        candidates = anchor_candidates(batch.loss_mask, docs, self.block_size, next_is_label=self.next_is_label)
+        candidates = anchor_candidates(batch.loss_mask, docs)
         return sample_anchors(candidates, self.num_anchors, generator)
 
     def __call__(

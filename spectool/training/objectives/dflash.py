@@ -1,8 +1,9 @@
 """DFlash objective (SPEC §4): block diffusion over target features, hard cross entropy with decaying slot weights.
 
 1. Anchors: up to ``num_anchors`` per row, sampled uniformly without replacement (``generator``) among positions a
-   where x_a is a label and the block a..a+B-1 lies inside a's document (so a <= S - B, no padding). Rows with
-   fewer candidates get padding blocks.
+   where x_a and x_{a+1} are labels of a's document (``blocks.anchor_candidates``, the reference rule). A block that
+   runs past its document's (or the row's) end is cut: its slots there are invalid (step 3). Rows with fewer
+   candidates get padding blocks.
 2. Blocks ``[x_a, MASK x (B-1)]`` are embedded with the TARGET's embedding and drafted in ONE forward over
    ``[context features | all blocks]`` (``blocks.block_layout``: context strictly before the anchor in its document,
    the own block bidirectionally).

@@ -1,8 +1,8 @@
 """DSpark objective (SPEC §4): the DFlash backbone, every slot a prediction, distilled towards the target with a
 Markov head and a confidence head.
 
-1. Anchors as DFlash (x_a a label, the block a..a+B-1 inside a's document), and x_{a+1} must be a label too, so every
-   valid block supervises at least its first slot.
+1. Anchors as DFlash (``blocks.anchor_candidates``: x_a and x_{a+1} labels of one document), so every valid block
+   supervises at least its first slot; a block running past its document's (or the row's) end is cut there.
 2. One forward over ``[context features | all blocks]``, blocks ``[x_a, MASK x (B-1)]`` embedded with the draft's
    frozen copy of the target embedding.
 3. Slot k = 0..B-1 predicts x_{a+k+1}. Its logits are teacher-forced through the Markov head:
@@ -54,7 +54,6 @@ class DSparkObjective(BlockObjective):
     method = "dspark"
     draft_class = Qwen3DSparkModel
     needs_target_logits = False
-    next_is_label = True  # every valid block supervises at least its first slot
 
     def __init__(
         self,

@@ -105,3 +105,23 @@ def test_without_confidence_head_the_loss_has_no_conf_term(objective_for, qwen3_
     out = objective(batch, target_lm_head=qwen3_target.lm_head, target_embed=None)
     assert "conf" not in out.metrics
     assert out.loss.item() == pytest.approx(0.1 * out.metrics["ce"] + 0.9 * out.metrics["l1"], rel=1e-6)
+
+
+def test_blocks_cut_at_a_document_and_at_the_row_end(objective_for, qwen3_target):
+    """Anchors the reference rule allows near the ends: their blocks are cut, and the loss still matches the loop."""
+    objective = objective_for("dspark", gamma=GAMMA, ce_weight=0.2, l1_weight=0.5, confidence_weight=0.7)
+    draft = objective.draft.eval()
+    head = three_token_head(seed=1, bias=-3.0)
+    batch, position_ids, document_ids = packed_batch(qwen3_target, objective, three_token_documents([[10, 14]]), 24)
+    # Document 0 = 0..9, document 1 = 10..23 (no padding). Anchor 8 supervises slot 0 (x_9) only; anchor 19's block
+    # predicts x_20..x_23; anchor 22 supervises slot 0 (x_23) only, its block running past the row.
+    anchors, valid = torch.tensor([[8, 19, 22]]), torch.ones(1, 3, dtype=torch.bool)
+    assert objective.sample_anchors(batch, document_ids=document_ids)[1].sum() == 5 + 9  # 4..8 and 14..22
+    out = objective.loss_at(
+        batch, anchors, valid, target_lm_head=head, position_ids=position_ids, document_ids=document_ids
+    )
+    expected = reference(draft, batch, document_ids, anchors, valid, head)
+    for name in ("ce", "l1", "conf", "loss"):
+        assert out.metrics[name] == pytest.approx(expected[name], rel=1e-5), name
+    assert out.metrics["acceptance_length"] == pytest.approx(expected["tau"], rel=1e-5)
+    assert out.num_supervised == expected["num_supervised"] == 1 + 4 + 1
