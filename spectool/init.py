@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from spectool.checkpoint import DraftMetadata, chat_template_sha256, save_draft
 from spectool.drafts import build_draft
 from spectool.errors import UsageError
 from spectool.hub import TargetInfo, read_target_weights, resolve_model, transformers_config
+from spectool.layers import LayerIdWarning, serving, unportable_ids
 from spectool.paths import refuse_to_replace_input
 from spectool.registry import DraftSpec, resolve
 
@@ -110,9 +112,13 @@ def init_draft(
     info = resolve_model(model, revision=revision)
     if info.directory is not None:
         refuse_to_replace_input(out, info.directory, "MODEL")
-    spec = resolve(method, info.arch, tokenizer_length=info.tokenizer_length, **options)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LayerIdWarning)  # said once, as a note below
+        spec = resolve(method, info.arch, tokenizer_length=info.tokenizer_length, **options)
     draft = new_draft(info, spec, seed=seed)
     notes = list(info.notes)
+    if spec.method != "eagle1" and unportable_ids(spec.target_layer_ids, spec.num_target_layers):
+        notes.append(serving(spec.method, spec.target_layer_ids, spec.num_target_layers).message())
     if spec.method == "eagle3" and spec.draft_vocab_size:
         notes.append(
             f"draft vocabulary = target ids 0..{spec.draft_vocab_size - 1} for now; `spectool train` rebuilds it "

@@ -10,6 +10,7 @@ from typing import Any
 
 from spectool.errors import UsageError
 from spectool.hub import TargetInfo
+from spectool.layers import serving, unportable_ids
 from spectool.layout import DraftLayout, draft_layout
 from spectool.registry import METHOD_TITLES, METHODS, DraftSpec, UnsupportedArchitecture, resolve
 
@@ -35,6 +36,11 @@ class MethodReport:
             "draft_class": spec.draft_class if spec else None,
             "architecture": spec.architecture if spec else None,
             "target_layer_ids": list(spec.target_layer_ids) if spec else None,
+            "serving": (
+                serving(self.method, spec.target_layer_ids, spec.num_target_layers).to_json()
+                if spec and self.method != "eagle1"
+                else None
+            ),
             "num_draft_layers": spec.num_draft_layers if spec else None,
             "block_size": spec.block_size if spec else None,
             "mask_token_id": spec.mask_token_id if spec else None,
@@ -103,12 +109,8 @@ def method_report(info: TargetInfo, method: str, **options: Any) -> MethodReport
         return MethodReport(method, supported=False, reason=str(exc))
     report = MethodReport(method, supported=True, spec=spec, layout=draft_layout(spec, info.arch))
     n = info.arch.num_hidden_layers
-    edge = [i for i in spec.target_layer_ids if i in (-1, n - 1)]
-    if edge and method != "eagle1":
-        report.notes.append(
-            f"layer id {edge[0]} ({'embedding output' if edge[0] == -1 else 'post-norm last hidden'}) "
-            "is not capturable by SGLang; vLLM and spectool serve it"
-        )
+    if method != "eagle1" and unportable_ids(spec.target_layer_ids, n):
+        report.notes.append(serving(method, spec.target_layer_ids, n).message())
     if method in ("dflash", "dspark") and spec.mask_token_id is None:
         report.notes.append("no spare embedding row is known: pass --mask-token-id to init / train")
     if method == "eagle3" and spec.draft_vocab_size is None:

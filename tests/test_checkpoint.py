@@ -41,6 +41,7 @@ def test_eagle3_always_writes_d2t_t2d_and_no_embeddings(drafts):
     config = json.loads((drafts["eagle3"] / "config.json").read_text())
     assert config["architectures"] == ["LlamaForCausalLMEagle3"]
     assert config["eagle_config"] == {"eagle_aux_hidden_state_layer_ids": [1, 3, 4], "use_aux_hidden_state": True}
+    assert config["eagle_aux_hidden_state_layer_ids"] == [2, 4, 5]  # vLLM reads only this key, in its numbering
 
 
 def test_configs_carry_the_format_fields(drafts):
@@ -109,9 +110,18 @@ def test_missing_and_unexpected_weights_are_listed(drafts, tmp_path):
 
 
 def test_wrong_shape_is_an_error(drafts, tmp_path):
-    broken = rewrite(drafts["dflash"], tmp_path / "a", add={"fc.weight": torch.zeros(64, 64)})
-    with pytest.raises(SpectoolError, match=r"fc.weight \(64, 64\) != \(64, 128\)"):
+    broken = rewrite(drafts["dflash"], tmp_path / "a", add={"norm.weight": torch.zeros(32)})
+    with pytest.raises(SpectoolError, match=r"norm.weight \(32,\) != \(64,\)"):
         load_draft(broken)
+
+
+@pytest.mark.parametrize("method", ["eagle3", "dflash", "dspark"])
+def test_feature_layers_times_width_must_be_the_fc_input(drafts, tmp_path, method):
+    fc = load_file(drafts[method] / "model.safetensors")["fc.weight"]
+    broken = rewrite(drafts[method], tmp_path / "a", add={"fc.weight": torch.zeros(fc.shape[0], fc.shape[1] + 64)})
+    with pytest.raises(SpectoolError, match=r"feature layers .* of width 64 .* fc.weight takes \d+ inputs") as info:
+        load_draft(broken)
+    assert "\n" not in str(info.value)
 
 
 def test_nemo_style_dflash_export_loads(drafts, tmp_path):
@@ -280,3 +290,74 @@ def test_convert_keeps_a_relative_target_reachable(drafts, tmp_path):
     loaded = convert(src, "sglang", tmp_path / "out")
     assert loaded.metadata.target == "../tgt"
     assert ((tmp_path / "out") / loaded.metadata.target).resolve() == (tmp_path / "tgt").resolve()
+
+
+def engine_readings(config):
+    """Which target tensors each reader of an EAGLE-3 config.json captures, all in the numbering "input of decoder
+    layer j" (HF hidden_states[j]): SGLang adds 1 to eagle_config's ids; vLLM takes its top-level ids as they are."""
+    return {
+        "sglang": [i + 1 for i in config["eagle_config"]["eagle_aux_hidden_state_layer_ids"]],
+        "vllm": list(config["eagle_aux_hidden_state_layer_ids"]),
+    }
+
+
+def test_eagle3_layer_ids_survive_write_and_read_in_every_numbering(tiny_target_dir, tmp_path):
+    ids = [0, 2, 5]  # not the default [1, 3, 4] of the 8-layer target
+    path = init_draft(str(tiny_target_dir), "eagle3", tmp_path / "d", target_layer_ids=ids, dtype="float32").path
+    config = json.loads((path / "config.json").read_text())
+    assert engine_readings(config) == {"sglang": [1, 3, 6], "vllm": [1, 3, 6]}  # spectool id + 1 = hidden_states[i+1]
+    assert load_draft(path).target_layer_ids == ids
+    for to in ("vllm", "sglang"):
+        converted = convert(path, to, tmp_path / to)
+        assert converted.target_layer_ids == ids
+        assert engine_readings(json.loads((tmp_path / to / "config.json").read_text()))["vllm"] == [1, 3, 6]
+    again = save_draft(load_draft(path).model, tmp_path / "again", method="eagle3")
+    assert engine_readings(json.loads((again / "config.json").read_text())) == {"sglang": [1, 3, 6], "vllm": [1, 3, 6]}
+
+
+def test_eagle3_ids_of_a_vllm_only_config_are_read_in_vllm_numbering(drafts, tmp_path):
+    def vllm_only(config):
+        config["eagle_config"] = {"use_aux_hidden_state": True}
+        config["eagle_aux_hidden_state_layer_ids"] = [1, 3, 6]
+
+    loaded = load_draft(rewrite(drafts["eagle3"], tmp_path / "v", config_change=vllm_only))
+    assert loaded.target_layer_ids == [0, 2, 5] and not loaded.notes
+
+
+def test_eagle3_ids_that_disagree_between_engines_are_named(drafts, tmp_path):
+    def disagree(config):  # a conversion that copied SGLang's ids into vLLM's key unchanged
+        config["eagle_aux_hidden_state_layer_ids"] = list(config["eagle_config"]["eagle_aux_hidden_state_layer_ids"])
+
+    loaded = load_draft(rewrite(drafts["eagle3"], tmp_path / "v", config_change=disagree))
+    assert loaded.target_layer_ids == [1, 3, 4]  # eagle_config wins
+    assert "SGLang and vLLM read different layers" in loaded.notes[-1]
+
+
+def test_eagle3_without_known_ids_writes_none(drafts, tmp_path):
+    def no_ids(config):
+        config["eagle_config"] = {"use_aux_hidden_state": True}
+        config.pop("eagle_aux_hidden_state_layer_ids", None)
+        config.pop("num_target_layers", None)
+
+    source = rewrite(drafts["eagle3"], tmp_path / "s", config_change=no_ids)
+    (source / "spectool.json").unlink()
+    loaded = convert(source, "sglang", tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert loaded.layer_ids_unknown  # the engines' defaults still apply: nothing invented, nothing empty written
+    assert config["eagle_config"] == {"use_aux_hidden_state": True} and "eagle_aux_hidden_state_layer_ids" not in config
+
+
+def test_dflash_without_layer_ids_uses_the_dflash_packages_default(drafts, tmp_path):
+    def no_ids(config):  # the dflash package then derives them from num_target_layers and the draft depth
+        config["dflash_config"].pop("target_layer_ids")
+
+    loaded = load_draft(rewrite(drafts["dflash"], tmp_path / "d", config_change=no_ids))
+    assert loaded.target_layer_ids == [1, 5]  # round(1 + i*(8-4)/(2-1)) for the 8-layer target, 2 draft layers
+    dflash_model = pytest.importorskip("dflash.model")
+    assert dflash_model.build_target_layer_ids(8, 2) == [1, 5]
+
+
+def test_a_config_that_names_no_dspark_layers_is_a_one_line_error(drafts, tmp_path):
+    broken = rewrite(drafts["dspark"], tmp_path / "d", config_change=lambda c: c.pop("target_layer_ids"))
+    with pytest.raises(SpectoolError, match="a DSpark config needs target_layer_ids"):
+        load_draft(broken)

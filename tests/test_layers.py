@@ -11,7 +11,12 @@ from spectool.layers import (
     dflash_layer_ids,
     dspark_layer_ids,
     eagle3_layer_ids,
+    engine_default_eagle3_ids,
+    engine_ids,
+    from_engine_ids,
     parse_layer_ids,
+    portable_layer_ids,
+    serving,
     validate_layer_ids,
 )
 
@@ -117,9 +122,9 @@ def test_validate_rejects(ids, message):
         validate_layer_ids(ids, 36, expected_count=3 if message == "exactly 3" else None)
 
 
-def test_validate_warns_on_ids_sglang_cannot_capture():
-    with pytest.warns(LayerIdWarning, match=r"\[-1, 35\]"):
-        validate_layer_ids([-1, 10, 35], 36)
+def test_validate_warns_on_ids_vllm_and_sglang_cannot_capture():
+    with pytest.warns(LayerIdWarning, match=r"layer id 35 .* and layer id -1 .*--target-layer-ids 0,10,34"):
+        validate_layer_ids([-1, 10, 35], 36, method="DSpark")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         validate_layer_ids([0, 10, 34], 36)
@@ -131,3 +136,37 @@ def test_parse_layer_ids():
     assert parse_layer_ids("-1 5") == [-1, 5]
     with pytest.raises(UsageError, match="comma-separated integers"):
         parse_layer_ids("1,a")
+
+
+def test_engine_numbering_is_spectool_plus_one():
+    assert engine_ids([-1, 0, 17, 34]) == [0, 1, 18, 35]
+    assert from_engine_ids(engine_ids([1, 17, 32])) == [1, 17, 32]
+    # With no ids in the draft config, SGLang and vLLM capture (2, N//2, N-3): spectool's EAGLE-3 default.
+    assert engine_ids(engine_default_eagle3_ids(36)) == [2, 18, 33]
+    assert engine_ids(engine_default_eagle3_ids(32)) == [2, 16, 29]
+
+
+@pytest.mark.parametrize(
+    ("ids", "n", "expected"),
+    [
+        ([1, 10, 18, 26, 35], 36, [1, 10, 18, 26, 34]),
+        ([1, 2, 4, 6, 7], 8, [1, 2, 4, 5, 6]),  # the neighbour moves aside
+        ([-1, 0, 1], 8, [0, 1, 2]),
+        ([7], 8, [6]),
+        ([0, 1, 2, 3, 4, 5, 6, 7], 8, None),  # more ids than portable layers
+    ],
+)
+def test_portable_layer_ids(ids, n, expected):
+    assert portable_layer_ids(ids, n) == expected
+
+
+def test_serving_names_who_can_and_cannot():
+    dspark = serving("dspark", [1, 10, 18, 26, 35], 36)
+    assert dspark.served_by == ("spectool", "DeepSpec") and dspark.not_served_by == ("vLLM", "SGLang")
+    assert dspark.unportable == (35,) and dspark.portable_ids == (1, 10, 18, 26, 34)
+    dflash = serving("dflash", [1, 9, 17, 25, 35], 36)
+    assert dflash.served_by == ("spectool", "the z-lab dflash package")
+    assert serving("dflash", [1, 9, 17, 25, 33], 36).not_served_by == ()
+    eagle3 = serving("EAGLE-3", [-1, 17, 32], 36)
+    assert eagle3.served_by == ("spectool",) and "layer id -1 (the embedding output)" in eagle3.message()
+    assert "the embedding output only on some SGLang models" in eagle3.message()

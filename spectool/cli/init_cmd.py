@@ -37,6 +37,18 @@ LOADERS = {
 }
 
 
+def loaders_for(method: str, ids: list[int], num_target_layers: int) -> str:
+    """Who loads a draft of `method` reading `ids`: `LOADERS`, less vLLM and SGLang for ids they cannot capture."""
+    from spectool.layers import serving
+
+    if method == "eagle1":
+        return LOADERS[method]
+    served = serving(method, ids, num_target_layers)
+    if served.portable:
+        return LOADERS[method]
+    return f"{', '.join(served.served_by)} (not vLLM or SGLang: they cannot capture layer {list(served.unportable)})"
+
+
 #: Largest --block-size accepted: published DFlash / DSpark blocks are 7 to 16 tokens, and every block costs the
 #: target a verify forward of that many positions.
 MAX_BLOCK_SIZE = 64
@@ -132,7 +144,7 @@ def init_command(
     table.add_row("wrote", Text(f"{result.path}/", overflow="fold"))
     for path in sorted(result.path.iterdir()):
         table.add_row("", f"{path.name}  ({human_bytes(path.stat().st_size)})")
-    table.add_row("loads in", LOADERS[spec.method])
+    table.add_row("loads in", loaders_for(spec.method, list(spec.target_layer_ids), spec.num_target_layers))
     out_console.print(table)
 
 

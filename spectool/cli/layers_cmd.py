@@ -12,7 +12,7 @@ from spectool.cli import app
 from spectool.cli.render import console, depth_bar, handles_errors, print_json
 from spectool.errors import UsageError
 from spectool.hub import default_model_ref, resolve_model
-from spectool.layers import EAGLE3_NUM_FEATURE_LAYERS, LAYER_METHODS, build_target_layer_ids
+from spectool.layers import EAGLE3_NUM_FEATURE_LAYERS, LAYER_METHODS, build_target_layer_ids, serving
 from spectool.registry import METHOD_TITLES
 
 
@@ -72,8 +72,16 @@ def layers_command(
                 raise
             chosen[m], problems[m] = None, str(exc)
 
+    served = {m: serving(m, ids, n) for m, ids in chosen.items() if ids is not None}
     if as_json:
-        print_json({"num_target_layers": n, "num_feature_layers": num_feature_layers, "layers": chosen})
+        print_json(
+            {
+                "num_target_layers": n,
+                "num_feature_layers": num_feature_layers,
+                "layers": chosen,
+                "serving": {m: s.to_json() for m, s in served.items()},
+            }
+        )
         return
 
     table = Table.grid(padding=(0, 2))
@@ -90,6 +98,9 @@ def layers_command(
     out = console()
     out.print(Text(f"Feature layers for {ref or f'a {n}-layer target'} (K = {num_feature_layers})", style="bold"))
     out.print(table)
+    for m, served_m in served.items():
+        if not served_m.portable:
+            out.print(Text(f"note: {METHOD_TITLES[m]}: {served_m.message()}", style="yellow"), soft_wrap=True)
     out.print(
         Text(
             "Layer id i = output of decoder layer i (HF hidden_states[i+1]); engines (SGLang / vLLM) capture the "
@@ -97,10 +108,12 @@ def layers_command(
             style="dim",
         )
     )
-    if any(ids and n - 1 in ids for ids in chosen.values()):
+    if any(not s.portable for s in served.values()):
         out.print(
             Text(
-                f"Id {n - 1} is the post-norm last hidden state; SGLang cannot capture it (vLLM and spectool can).",
+                f"Id {n - 1} is the post-final-norm hidden state. vLLM and SGLang capture a layer's input before the "
+                f"final norm (engine ids 1..{n - 1}, i.e. layer ids 0..{n - 2}); spectool, DeepSpec and the z-lab "
+                "dflash package read Hugging Face hidden_states and capture every id.",
                 style="dim",
             )
         )

@@ -52,7 +52,9 @@ EAGLE3_ARCHITECTURE = "LlamaForCausalLMEagle3"
 class Eagle3DraftConfig(LlamaConfig):
     """Llama config of an EAGLE-3 draft; ``config.json`` is what SGLang/vLLM read (SPEC §5).
 
-    ``target_layer_ids`` (output-of-layer ids) is written as ``eagle_config.eagle_aux_hidden_state_layer_ids``;
+    ``target_layer_ids`` (output-of-layer ids) is written as ``eagle_config.eagle_aux_hidden_state_layer_ids`` (SGLang
+    adds 1 when capturing; ``spectool.checkpoint.save_draft`` also writes vLLM's top-level
+    ``eagle_aux_hidden_state_layer_ids``, id + 1, which is read back when the nested key is absent);
     ``target_hidden_size`` is written only when it differs from ``hidden_size``.
     """
 
@@ -65,7 +67,11 @@ class Eagle3DraftConfig(LlamaConfig):
     def __post_init__(self, **kwargs: Any) -> None:
         if isinstance(self.eagle_config, dict) and self.target_layer_ids is None:
             ids = self.eagle_config.get("eagle_aux_hidden_state_layer_ids")
-            self.target_layer_ids = list(ids) if ids is not None else None
+            self.target_layer_ids = list(ids) if ids else None
+        # vLLM's key: top-level, in its numbering (spectool id + 1); read when SGLang's nested one is absent.
+        vllm_ids = kwargs.pop("eagle_aux_hidden_state_layer_ids", None)
+        if self.target_layer_ids is None and vllm_ids:
+            self.target_layer_ids = [int(i) - 1 for i in vllm_ids]
         self.eagle_config = None
         super().__post_init__(**kwargs)
         if self.draft_vocab_size is None:

@@ -162,3 +162,28 @@ def test_init_without_target_weights_says_what_to_do(tiny_model_dir, tmp_path):
     assert result.exit_code == 2 and "weights are missing" in result.stderr and "--method dflash" in result.stderr
     assert "Traceback" not in result.output
     assert invoke("init", str(tiny_model_dir), "-m", "dflash", "-o", str(tmp_path / "df")).exit_code == 0
+
+
+def test_init_eagle3_names_its_layers_for_sglang_and_vllm(tiny_target_dir, tmp_path):
+    out = tmp_path / "e3"
+    args = ["init", str(tiny_target_dir), "-m", "eagle3", "-o", str(out), "--target-layer-ids", "0,2,5"]
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    config = json.loads((out / "config.json").read_text())
+    assert config["eagle_config"]["eagle_aux_hidden_state_layer_ids"] == [0, 2, 5]  # SGLang adds 1 itself
+    assert config["eagle_aux_hidden_state_layer_ids"] == [1, 3, 6]  # vLLM's own numbering
+    assert "SGLang, vLLM" in result.stdout and "note:" not in result.stdout  # portable ids: no caveat
+
+
+def test_init_says_which_engines_cannot_serve_the_last_layer(tiny_target_dir, tmp_path):
+    result = invoke("init", str(tiny_target_dir), "-m", "dspark", "-o", str(tmp_path / "ds"))  # ids [1, 2, 4, 6, 7]
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    assert "note: layer id 7 (the post-final-norm hidden state): captured by spectool and DeepSpec only" in text
+    assert "vLLM and SGLang capture the stream entering a decoder layer, before the final norm" in text
+    assert "--target-layer-ids 1,2,4,5,6" in text
+    assert "loads in spectool, DeepSpec (not vLLM or SGLang: they cannot capture layer [7])" in text
+    portable = invoke(
+        "init", str(tiny_target_dir), "-m", "dspark", "-o", str(tmp_path / "p"), "--target-layer-ids", "1,2,4,5,6"
+    )
+    assert portable.exit_code == 0 and "note:" not in portable.stdout

@@ -144,3 +144,22 @@ def test_start_up_does_not_import_torch():
     code = "import sys, spectool.cli; print('torch' in sys.modules, 'transformers' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stdout.split() == ["False", "False"], result.stderr
+
+
+def test_dspark_default_ids_say_which_engines_serve_them():
+    data = json.loads(invoke("inspect", "Qwen/Qwen3-8B", "--json", "-m", "all").stdout)["methods"]
+    dspark = data["dspark"]
+    assert dspark["serving"] == {
+        "engine_ids": [2, 11, 19, 27, 36],
+        "served_by": ["spectool", "DeepSpec"],
+        "not_served_by": ["vLLM", "SGLang"],
+        "portable_ids": [1, 10, 18, 26, 34],
+    }
+    (note,) = dspark["notes"]
+    assert note.startswith("layer id 35 (the post-final-norm hidden state): captured by spectool and DeepSpec only;")
+    assert "before the final norm, so they reach id 34 at most" in note
+    assert note.endswith("nearest portable choice: --target-layer-ids 1,10,18,26,34")
+    assert "vLLM and spectool serve it" not in json.dumps(data)  # the old, wrong claim
+    assert data["dflash"]["serving"]["not_served_by"] == [] and not data["dflash"]["notes"]
+    assert data["dflash"]["serving"]["served_by"] == ["spectool", "the z-lab dflash package", "vLLM", "SGLang"]
+    assert data["eagle3"]["serving"]["engine_ids"] == [2, 18, 33]

@@ -7,7 +7,32 @@ from tests.cli.conftest import invoke, run_script
 
 def test_json_default_method_is_dspark():
     data = json.loads(invoke("layers", "-n", "36", "--json").stdout)
-    assert data == {"num_target_layers": 36, "num_feature_layers": 5, "layers": {"dspark": [1, 10, 18, 26, 35]}}
+    assert data == {
+        "num_target_layers": 36,
+        "num_feature_layers": 5,
+        "layers": {"dspark": [1, 10, 18, 26, 35]},
+        "serving": {
+            "dspark": {
+                "engine_ids": [2, 11, 19, 27, 36],
+                "served_by": ["spectool", "DeepSpec"],
+                "not_served_by": ["vLLM", "SGLang"],
+                "portable_ids": [1, 10, 18, 26, 34],
+            }
+        },
+    }
+
+
+def test_rich_view_says_which_engines_serve_the_last_layer():
+    text = " ".join(invoke("layers", "-n", "36", "-m", "all").stdout.split())
+    assert (
+        "note: DSpark: layer id 35 (the post-final-norm hidden state): captured by spectool and DeepSpec only; vLLM "
+        "and SGLang capture the stream entering a decoder layer, before the final norm, so they reach id 34 at most; "
+        "nearest portable choice: --target-layer-ids 1,10,18,26,34"
+    ) in text
+    assert "note: DFlash" not in text and "note: EAGLE-3" not in text  # their defaults are portable
+    assert "(vLLM and spectool can)" not in text
+    portable = invoke("layers", "-n", "36", "-k", "1", "-m", "dflash").stdout
+    assert "note:" not in portable
 
 
 def test_all_methods_side_by_side():
