@@ -113,6 +113,8 @@ class BenchReport:
     baselines: dict[str, dict[str, float]]
     acceptance_histogram: dict[int, int]
     accepted_per_position: list[float]
+    drafted_per_round: dict[int, int] = field(default_factory=dict)  # rounds by tokens drafted (0: a plain step)
+    profile: dict[str, Any] | None = None  # `bench --profile`: what speculation costs on this machine
     max_drafts: int | None = None  # the cap on tokens drafted per round, None = the whole block / chain
     batch_size: int = 1  # prompts decoded together (one target forward per round for all of them)
     # The same check against HF generate's greedy output (the "hf" baseline); None when sampling or not run.
@@ -128,6 +130,7 @@ class BenchReport:
     def to_json(self) -> dict[str, Any]:
         data = dict(self.__dict__)
         data["acceptance_histogram"] = {str(k): v for k, v in sorted(self.acceptance_histogram.items())}
+        data["drafted_per_round"] = {str(k): v for k, v in sorted(self.drafted_per_round.items())}
         return data
 
 
@@ -285,6 +288,7 @@ def run_bench(
     max_drafts: int | None = None,
     on_prompt: Callable[[int], None] | None = None,
     batch_size: int = 1,
+    profile: bool = False,
 ) -> BenchReport:
     """Run every prompt speculatively and with each baseline, interleaved, after one untimed warm-up.
 
@@ -300,6 +304,8 @@ def run_bench(
     if runtime.draft is None:
         raise UsageError("bench needs a draft (--draft DIR)")
     if batch_size > 1:
+        if profile:
+            raise UsageError("--profile measures one prompt at a time; drop --batch-size")
         return _run_batched(
             runtime, prompts, batch_size, max_new_tokens, sampling, baselines, seed, stop_strings, max_drafts, on_prompt
         )
@@ -316,14 +322,15 @@ def run_bench(
     _timed_engine(runtime.engine, encoded[0], **{**spec_kwargs, "max_new_tokens": 8}, seed=seed)
     _timed_engine(runtime.target_engine, encoded[0], **{**kwargs, "max_new_tokens": 8}, seed=seed)
 
-    # With `--verify auto`, the same draft verifying every drafted token is the baseline that shows the gain.
+    # With `--verify auto`, the same draft drafting (and verifying) all it offers is the baseline that shows the gain.
     full_block = None
-    if runtime.engine.scheduler is not None:
+    if runtime.engine.controller is not None:
         full_block = Engine(runtime.engine.session.target, runtime.engine.proposer)
         baselines = [*baselines, "full-block"]
 
     spec_tokens = spec_seconds = 0.0
     zlab_rounds: list[tuple[int, int]] = []  # (tokens after the first, verify forwards) per prompt
+    full_rounds: list[Any] = []  # the verify rounds of the same draft drafting fully (with --verify auto)
     rounds = []
     seconds = Counter()
     tokens = Counter()
@@ -344,6 +351,7 @@ def run_bench(
             full_out, full_stats = _timed_engine(full_block, ids, **spec_kwargs, seed=seed + index)
             seconds["full-block"] += full_stats.seconds
             tokens["full-block"] += len(full_out)
+            full_rounds += full_stats.verify_rounds
         if zlab is not None:
             z_out, z_seconds, z_rounds = _timed_zlab(zlab, runtime, ids, max_new_tokens, sampling)
             seconds["dflash-package"] += z_seconds
@@ -367,13 +375,18 @@ def run_bench(
     summary = GenerationStats(rounds, spec_seconds)
     tps = spec_tokens / spec_seconds if spec_seconds else 0.0
     table = _speedups(tps, baselines, tokens, seconds)
+    if full_rounds:
+        table["full-block"]["acceptance_length"] = GenerationStats(full_rounds).acceptance_length
     if zlab_rounds:  # its own acceptance length, to show both loops accept the same
         verified = sum(f for _, f in zlab_rounds)
         table["dflash-package"]["acceptance_length"] = sum(t for t, _ in zlab_rounds) / verified if verified else None
-    return _report(
+    report = _report(
         runtime, summary, tps, spec_tokens, encoded, max_new_tokens, sampling, mismatched, table, max_drafts,
         hf_mismatched,
     )  # fmt: skip
+    if profile:
+        report.profile = cost_profile(runtime, rounds + full_rounds)  # auto drafts rarely: the full rounds count too
+    return report
 
 
 def _speedups(tps: float, baselines: Sequence[str], tokens: Counter, seconds: Counter) -> dict[str, dict[str, float]]:
@@ -417,6 +430,7 @@ def _report(
         new_tokens=int(spec_tokens),
         baselines=table,
         acceptance_histogram=dict(Counter(len(r.tokens) for r in summary.verify_rounds)),
+        drafted_per_round=dict(Counter(r.num_drafted for r in summary.verify_rounds)),
         accepted_per_position=[a / d if d else 0.0 for a, d in zip(accepted, drafted, strict=True)],
         max_drafts=max_drafts,
         batch_size=batch_size,
@@ -508,3 +522,67 @@ def _run_batched(
         runtime, summary, tps, spec_tokens, encoded, max_new_tokens, sampling, mismatched, table, max_drafts,
         hf_mismatched, batched,
     )  # fmt: skip
+
+
+#: Acceptance lengths for which `cost_profile` gives the speedup a full-length round would reach here.
+PROFILE_TAUS = (1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0)
+
+
+def cost_profile(runtime: Runtime, rounds: Sequence[Any]) -> dict[str, Any]:
+    """What speculation costs on this machine, for `bench --profile`: the target's verify curve V(n)/V(1) (n tokens
+    in one forward), the draft's cost per round (measured in this run's drafting rounds), for each number of
+    drafted tokens k the acceptance it needs to break even with plain target steps, and the speedup a full round
+    would give at several acceptance lengths."""
+    from spectool.decoding.engine import target_session
+    from spectool.decoding.schedule import profile_verify_cost
+
+    proposer = runtime.engine.proposer
+    width = (proposer.tree_size or proposer.max_drafts) + 1
+    profile = profile_verify_cost(target_session(runtime.engine.session.target), width)
+    step = profile.seconds[0]
+    drafting = [r for r in rounds if r.num_drafted > 0]
+    if proposer.per_token_drafting:
+        per_token = sum(r.draft_seconds for r in drafting) / max(1, sum(r.num_drafted for r in drafting))
+        draft_cost = [per_token * k for k in range(width)]
+    else:
+        per_round = sum(r.draft_seconds for r in drafting) / max(1, len(drafting))
+        draft_cost = [0.0] + [per_round] * (width - 1)
+    rows = []
+    for k in range(1, width):
+        if proposer.tree_size is not None and k != width - 1:
+            continue  # a tree is verified whole
+        needed = (draft_cost[k] + profile.seconds[min(k, len(profile.seconds) - 1)]) / step  # E(k) to break even
+        rows.append(
+            {
+                "drafted": k,
+                "verify_cost": round(profile.seconds[k] / step, 3) if k < len(profile.seconds) else None,
+                "break_even_tokens": round(needed, 3),
+                "break_even_rate": _uniform_rate(needed, k),
+            }
+        )
+    full = draft_cost[-1] + profile.seconds[-1]
+    return {
+        "step_seconds": step,
+        "verify_curve": [round(s / step, 3) for s in profile.seconds],  # V(n) / V(1), n = 1..
+        "draft_seconds": draft_cost[-1] if proposer.per_token_drafting else draft_cost[1],
+        "draft_cost": round((draft_cost[-1] if proposer.per_token_drafting else draft_cost[1]) / step, 3),
+        "per_token_drafting": bool(proposer.per_token_drafting),
+        "drafting_rounds_measured": len(drafting),
+        "break_even": rows,
+        "speedup_at_acceptance_length": {str(tau): round(tau * step / full, 3) for tau in PROFILE_TAUS if tau <= width},
+    }
+
+
+def _uniform_rate(expected: float, k: int) -> float | None:
+    """The acceptance rate r, the same at every position, that gives 1 + r + ... + r^k = ``expected`` tokens per
+    round (None when even r = 1 falls short)."""
+    if expected > k + 1:
+        return None
+    low, high = 0.0, 1.0
+    for _ in range(50):
+        middle = (low + high) / 2
+        if sum(middle**j for j in range(k + 1)) < expected:
+            low = middle
+        else:
+            high = middle
+    return round(high, 3)

@@ -15,7 +15,7 @@ import torch
 from spectool.checkpoint import LoadedDraft, check_against_target, load_draft
 from spectool.decoding.engine import Engine, target_session
 from spectool.decoding.proposers import make_proposer
-from spectool.decoding.schedule import PrefixScheduler, profile_verify_cost
+from spectool.decoding.schedule import DraftLengthController, PrefixScheduler, profile_verify_cost
 from spectool.errors import SpectoolError, UsageError
 from spectool.hub import TargetInfo, load_model_and_tokenizer, resolve_model
 from spectool.target import FrozenTarget
@@ -87,8 +87,10 @@ def load_runtime(
 ) -> Runtime:
     """Load the draft (if any) and its target, check they fit, and build both engines.
 
-    `verify="auto"` (DSpark with a confidence head) profiles the target's verify cost once and verifies only the
-    profitable prefix of each block; `"full"` verifies every drafted token. `tree="TOP_K,DEPTH,TOTAL"` drafts an
+    `verify="auto"` profiles the target's verify cost once and lets the engine choose, each round, how many
+    tokens to draft (0: a plain target step) from that cost, the measured drafting time and the running
+    acceptance; a DSpark draft with a confidence head also stops each block at its first unprofitable slot.
+    `"full"` drafts and verifies as much as the draft offers (or `--max-drafts`). `tree="TOP_K,DEPTH,TOTAL"` drafts an
     EAGLE-2 dynamic tree with an EAGLE-1 / EAGLE-3 draft (greedy or sampled). `device` None picks CUDA when
     available (the target then runs in bfloat16), else the CPU (float32).
     """
@@ -118,14 +120,18 @@ def load_runtime(
     proposer = (
         make_proposer(draft.method, draft.model, model, num_steps=chain_length, tree=tree_shape) if draft else None
     )
-    scheduler = None
+    scheduler = controller = None
     if verify == "auto":
-        if draft is None or draft.method != "dspark" or not draft.model.config.enable_confidence_head:
-            raise UsageError("--verify auto needs a DSpark draft with a confidence head")
-        profile = profile_verify_cost(target_session(frozen), draft.model.config.block_size + 1)
-        temperatures = getattr(draft.model.config, "confidence_temperatures", None)
-        scheduler = PrefixScheduler(profile, temperatures)
-    engine = Engine(frozen, proposer, scheduler)
+        if proposer is None:
+            raise UsageError("--verify auto chooses how many tokens a draft proposes: give --draft DIR")
+        profile = profile_verify_cost(target_session(frozen), (proposer.tree_size or proposer.max_drafts) + 1)
+        controller = DraftLengthController(
+            profile, per_token_drafting=proposer.per_token_drafting, tree=proposer.tree_size is not None
+        )
+        if getattr(draft.model.config, "enable_confidence_head", False):  # DSpark: cut each block by confidence too
+            temperatures = getattr(draft.model.config, "confidence_temperatures", None)
+            scheduler = PrefixScheduler(profile, temperatures)
+    engine = Engine(frozen, proposer, scheduler, controller)
     target_engine = Engine(FrozenTarget(model, []))
     chat = ChatFormat(tokenizer) if getattr(tokenizer, "chat_template", None) else None
     stops = stop_token_ids(model, chat, tokenizer)

@@ -36,9 +36,18 @@ def bench_command(
     max_drafts: int = typer.Option(None, "--max-drafts", help="Draft at most N tokens per round \\[the whole block]."),
     tree: str = typer.Option(None, "--tree", help="EAGLE-2 dynamic tree TOP_K,DEPTH,TOTAL (EAGLE drafts)."),
     verify: str = typer.Option(
-        "full", "--verify", help="full, or auto: DSpark verifies only the profitable prefix (adds a full-block row)."
+        None,
+        "--verify",
+        help="auto: choose each round how many tokens to draft, 0 when drafting does not pay on this machine (adds "
+        "a row for the same draft drafting fully); full: draft all the draft offers \\[auto; full with --batch-size].",
     ),
     seed: int = typer.Option(0, "--seed", help="Sampling seed (prompt i uses SEED + i)."),
+    profile: bool = typer.Option(
+        False,
+        "--profile",
+        help="Also print what speculation costs here: the target's verify curve, the draft's cost, the acceptance "
+        "each draft length needs to break even, and the speedup each acceptance length would give.",
+    ),
     stop: list[str] = typer.Option(None, "--stop", help="End answers at this text (repeatable); eos always ends."),
     batch_size: int = typer.Option(
         1, "--batch-size", help="Decode N prompts together (no --tree / --verify auto; baselines target and hf)."
@@ -66,6 +75,8 @@ def bench_command(
         raise UsageError(f"--batch-size must be at least 1, got {batch_size}")
     if batch_size > 1 and baselines == DEFAULT_BASELINES:
         baselines = "target,hf"  # prompt lookup takes one prompt at a time
+    if verify is None:
+        verify = "auto" if batch_size == 1 else "full"  # a batch drafts for all its rows alike
     chosen = [b.strip() for b in baselines.split(",") if b.strip()]
     known = BASELINES + OPTIONAL_BASELINES
     unknown = [b for b in chosen if b not in known]
@@ -97,6 +108,7 @@ def bench_command(
             max_drafts=max_drafts,
             on_prompt=lambda _: progress.advance(task),
             batch_size=batch_size,
+            profile=profile,
         )
     if as_json:
         print_json(report.to_json())
@@ -122,11 +134,14 @@ def _render(report) -> None:
         "target": "target alone (spectool loop)",
         "hf": "HF generate",
         "prompt-lookup": "HF prompt lookup",
-        "full-block": "same draft, full-block verify",
+        "full-block": "same draft, drafting fully",
         "dflash-package": "z-lab dflash package loop",
     }
     for name, row in report.baselines.items():
-        table.add_row(names[name], f"{row['tokens_per_second']:.1f}", f"{row['speedup']:.2f}x")
+        label = names[name]
+        if row.get("acceptance_length") is not None:
+            label += f" (acceptance length {row['acceptance_length']:.2f})"
+        table.add_row(label, f"{row['tokens_per_second']:.1f}", f"{row['speedup']:.2f}x")
     out.print(table)
     totals = f"{report.num_prompts} prompts, {report.new_tokens} tokens"
     if report.acceptance_length is None:  # every answer ended with the prefill's token: nothing was verified
@@ -142,6 +157,9 @@ def _render(report) -> None:
             soft_wrap=True,
         )
         out.print(f"tokens per round: {hist}", soft_wrap=True)
+        if report.verify == "auto":
+            drafted = "  ".join(f"{k}:{v}" for k, v in sorted(report.drafted_per_round.items()))
+            out.print(f"tokens drafted per round (0: a plain target step): {drafted}", soft_wrap=True)
         out.print(f"accept rate by draft position: {per_position}", soft_wrap=True)
     if report.lossless is True:
         out.print(Text("lossless: output identical to the target's own greedy decoding on every prompt", "green"))
@@ -155,4 +173,28 @@ def _render(report) -> None:
         out.print(
             Text(f"NOT lossless: prompts {report.hf_mismatched_prompts} differ from HF generate's output", "bold red")
         )
+    if report.profile is not None:
+        _render_profile(out, report.profile)
     out.print(Text(f"machine: {report.machine}", style="dim"), soft_wrap=True)
+
+
+def _render_profile(out, profile: dict) -> None:
+    """`--profile`: costs in units of one plain target step (V(1))."""
+    step_ms = profile["step_seconds"] * 1000
+    curve = " ".join(f"{v:.2f}" for v in profile["verify_curve"])
+    unit = "per drafted token" if profile["per_token_drafting"] else "per round"
+    out.print(
+        f"cost profile (unit: one target step, {step_ms:.2f} ms): verify of n = 1.. tokens {curve}; draft "
+        f"{profile['draft_cost']:.2f} {unit} (from {profile['drafting_rounds_measured']} drafting rounds)",
+        soft_wrap=True,
+    )
+    table = Table(show_edge=False)
+    table.add_column("drafted", justify="right")
+    table.add_column("tokens per round to break even", justify="right")
+    table.add_column("= acceptance at every position", justify="right")
+    for row in profile["break_even"]:
+        rate = f"{row['break_even_rate']:.0%}" if row["break_even_rate"] is not None else "out of reach"
+        table.add_row(str(row["drafted"]), f"{row['break_even_tokens']:.2f}", rate)
+    out.print(table)
+    speedups = "  ".join(f"{tau}: {x:.2f}x" for tau, x in profile["speedup_at_acceptance_length"].items())
+    out.print(f"speedup over the target alone at acceptance length (drafting fully): {speedups}", soft_wrap=True)

@@ -218,9 +218,17 @@ def stats_line(stats: GenerationStats) -> str:
     accepted, drafted = stats.accepted_per_position()
     per_position = " ".join(f"{a}/{d}" for a, d in zip(accepted, drafted, strict=True)) or "-"
     tau = f"{stats.acceptance_length:.2f}" if stats.verify_rounds else "n/a"
+    drafted_counts = Counter(r.num_drafted for r in stats.verify_rounds)
+    drafted_per_round = ""
+    if len(drafted_counts) > 1 or 0 in drafted_counts:  # `--verify auto` (or the answer's end) varied the drafts
+        drafted_per_round = (
+            "drafted per round "
+            + " ".join(f"{k}:{v}" for k, v in sorted(drafted_counts.items()))
+            + " (0: a plain target step) · "
+        )
     return (
         f"acceptance length {tau} tokens/forward (incl. bonus) · "
-        f"accepted/drafted by position {per_position} · "
+        f"accepted/drafted by position {per_position} · {drafted_per_round}"
         f"{stats.new_tokens} tokens in {stats.seconds:.2f}s ({stats.tokens_per_second:.1f} tok/s)"
     )
 
@@ -238,7 +246,12 @@ def chat_command(
     prompt: str = typer.Option(None, "--prompt", help="Answer this one prompt and exit (scriptable)."),
     plain: bool = typer.Option(False, "--plain", help="No colours or styles (also when stdout is not a terminal)."),
     tree: str = typer.Option(None, "--tree", help="EAGLE-2 dynamic tree TOP_K,DEPTH,TOTAL (EAGLE drafts)."),
-    verify: str = typer.Option("full", "--verify", help="full, or auto: DSpark verifies only the profitable prefix."),
+    verify: str = typer.Option(
+        "auto",
+        "--verify",
+        help="auto: choose each round how many tokens to draft (0, a plain target step, when drafting does not pay "
+        "on this machine); full: draft all the draft offers every round.",
+    ),
     stop: list[str] = typer.Option(None, "--stop", help="End answers at this text (repeatable); eos always ends."),
     max_drafts: int = typer.Option(None, "--max-drafts", help="Draft at most N tokens per round \\[the whole block]."),
     device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... \\[cuda when available, in bf16]."),

@@ -31,7 +31,7 @@ from spectool.decoding.accept import (
 )
 from spectool.decoding.fast_target import FastTargetSession
 from spectool.decoding.proposers import Proposal, Proposer
-from spectool.decoding.schedule import PrefixScheduler
+from spectool.decoding.schedule import DraftLengthController, PrefixScheduler
 from spectool.decoding.stops import StopStrings
 from spectool.target import FrozenTarget
 
@@ -156,15 +156,23 @@ class Engine:
     """Speculative decoding of one prompt at a time with a target and a proposer (None = target alone)."""
 
     def __init__(
-        self, target: FrozenTarget, proposer: Proposer | None = None, scheduler: PrefixScheduler | None = None
+        self,
+        target: FrozenTarget,
+        proposer: Proposer | None = None,
+        scheduler: PrefixScheduler | None = None,
+        controller: DraftLengthController | None = None,
     ) -> None:
-        """`scheduler` (DSpark `--verify auto`): the proposer drafts only the block's profitable prefix, stopping at
-        the first slot the scheduler would not verify."""
+        """`controller` (`--verify auto`): how many tokens to draft each round, 0 for a plain target step.
+        `scheduler` (DSpark with a confidence head, with `--verify auto`): within that, the proposer drafts only
+        the block's profitable prefix, stopping at the first slot the scheduler would not verify."""
         if scheduler is not None and not hasattr(proposer, "scheduler"):
             raise ValueError("a prefix scheduler needs a proposer that drafts block by block (DSpark)")
+        if controller is not None and proposer is None:
+            raise ValueError("a draft-length controller needs a proposer")
         self.session = target_session(target)
         self.proposer = proposer
         self.scheduler = scheduler
+        self.controller = controller
         self.device = next(target.model.parameters()).device
 
     @torch.no_grad()
@@ -213,11 +221,15 @@ class Engine:
             remaining = max_new_tokens - len(committed)
             t0 = time.perf_counter()
             proposal = Proposal.empty(self.device)
+            limit = 0
             if proposer is not None and remaining > 1:
                 limit = remaining - 1 if max_drafts is None else min(max_drafts, remaining - 1)
-                proposal = proposer.propose(prompt_list + committed, sampling, generator, limit)
+                if self.controller is not None:
+                    limit = self.controller.choose(min(limit, proposer.max_drafts), proposer.tree_size)
+                if limit > 0:
+                    proposal = proposer.propose(prompt_list + committed, sampling, generator, limit)
             t1 = time.perf_counter()
-            if self.scheduler is not None:
+            if self.scheduler is not None and limit > 0:
                 self.scheduler.observe_draft(t1 - t0)
             if proposal.parents is not None:
                 accepted, next_token, num_drafted, full = self._verify_tree(
@@ -227,6 +239,9 @@ class Engine:
                 accepted, next_token, num_drafted, full = self._verify_chain(
                     committed[-1], proposal, sampling, generator
                 )
+            if self.controller is not None:
+                self.controller.observe(num_drafted, len(accepted), t1 - t0, len(proposal.tokens))
+                self.controller.observe_verify(1 + len(proposal.tokens), time.perf_counter() - t1)
             new = accepted + [next_token]
             n = len(accepted)
             kind = "bonus" if full else "correction"

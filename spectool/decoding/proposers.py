@@ -39,6 +39,10 @@ class Proposer(ABC):
 
     #: the most tokens one round can draft
     max_drafts: int
+    #: nodes of the tree a round drafts (EAGLE-2), None for a chain or a block
+    tree_size: int | None = None
+    #: whether drafting k tokens costs k draft forwards (a chain) rather than one (a block, a tree layer per level)
+    per_token_drafting: bool = False
 
     @abstractmethod
     def reset(self) -> None:
@@ -163,6 +167,7 @@ class EagleProposer(Proposer):
             raise ValueError("an EAGLE-1 draft needs the target's lm_head")
         self.lm_head = lm_head
         self.max_drafts = num_steps
+        self.per_token_drafting = True
         self.reset()
 
     def reset(self) -> None:
@@ -235,6 +240,7 @@ class EagleTreeProposer(EagleProposer):
         if min(top_k, depth, total_tokens) < 1:
             raise ValueError("tree top_k, depth and total_tokens must be at least 1")
         self.top_k, self.depth, self.total_tokens = top_k, depth, total_tokens
+        self.tree_size, self.per_token_drafting = total_tokens, False
 
     @torch.no_grad()
     def propose(self, tokens: list[int], sampling: SamplingParams, generator: torch.Generator, limit: int) -> Proposal:

@@ -34,10 +34,12 @@ class VerifyCostProfile:
 
 @torch.no_grad()
 def profile_verify_cost(
-    session, max_tokens: int, *, context_length: int = 64, repeats: int = 5, seed: int = 0
+    session, max_tokens: int, *, context_length: int = 64, repeats: int = 7, seed: int = 0
 ) -> VerifyCostProfile:
     """Time `session` (the engine's target session: `forward` / `crop` / `reset`) verifying 1..max_tokens tokens
-    after `context_length` cached tokens (median of repeats); the session is reset afterwards."""
+    after `context_length` cached tokens: the median of `repeats` sweeps over 1..max_tokens (interleaved, so a
+    drift of the machine's speed touches every size alike), made non-decreasing (a forward over more tokens never
+    costs less; a dip is noise); the session is reset afterwards."""
     device = next(session.model.parameters()).device
     vocab = session.model.get_input_embeddings().weight.shape[0]
     generator = torch.Generator().manual_seed(seed)
@@ -47,20 +49,22 @@ def profile_verify_cost(
     session.forward(context)
     session.forward(block[:, :1])  # warm-up
     session.crop(context_length)
-    seconds = []
-    for n in range(1, max_tokens + 1):
-        samples = []
-        for _ in range(repeats):
+    samples: list[list[float]] = [[] for _ in range(max_tokens)]
+    for _ in range(repeats):
+        for n in range(1, max_tokens + 1):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
             session.forward(block[:, :n])
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            samples.append(time.perf_counter() - start)
+            samples[n - 1].append(time.perf_counter() - start)
             session.crop(context_length)
-        seconds.append(statistics.median(samples))
     session.reset()
+    seconds, highest = [], 0.0
+    for timings in samples:
+        highest = max(highest, statistics.median(timings))
+        seconds.append(highest)
     return VerifyCostProfile(tuple(seconds), context_length)
 
 
@@ -173,3 +177,172 @@ def calibrate_temperatures(
         temperatures.append(float(best))
         prefix = prefix * torch.sigmoid(logits[:, j] / best)
     return temperatures
+
+
+class DraftLengthController:
+    """`--verify auto` for every method: how many tokens to draft in the next round, 0 meaning a plain target step
+    with no draft forward at all.
+
+    The choice maximises expected tokens per second, ``E(k) / (D(k) + V(k + 1))``: ``V(n)`` is the target's verify
+    forward over n tokens (profiled on this machine), ``D(k)`` the drafting of k tokens (measured on the live loop:
+    one forward for a whole block, one per token for a chain), and ``E(k) = 1 + sum_{j<=k} prod_{i<=j} r_i`` with
+    ``r_i`` the running acceptance rate of draft position i given the earlier ones were accepted. A k = 0 round
+    yields ``1 / V(1)``. A tree (EAGLE-2) is all or nothing: its running tokens per round against a plain step.
+
+    While drafting does not pay, the controller still probes a full draft now and then (every `probe_every`-th
+    round; the interval doubles, up to `max_probe_every`, each time a probe confirms it), so it notices when the
+    draft starts to pay. The decision reads past rounds and the clock only, never the current round's verdict, so
+    decoding stays lossless.
+    """
+
+    #: the newest observation's weight in the running estimates, once they hold 1 / DECAY observations
+    DECAY = 0.05
+    #: drafting must promise this much more throughput than a plain target step: estimates from a noisy clock and
+    #: a few rounds should not flip a loop that gains nothing measurable into one that may lose
+    MARGIN = 1.05
+    #: the first position's acceptance rate before any observation; a later position starts from the rate of the
+    #: one before it (acceptance falls along a draft), each counted as PRIOR_WEIGHT observations
+    PRIOR_RATE = 0.5
+    PRIOR_WEIGHT = 2.0
+
+    def __init__(
+        self,
+        profile: VerifyCostProfile,
+        *,
+        per_token_drafting: bool,
+        tree: bool = False,
+        probe_every: int = 16,
+        max_probe_every: int = 256,
+    ) -> None:
+        self.profile = profile
+        self.per_token_drafting = per_token_drafting and not tree  # chains: D(k) = k x one step; blocks: one forward
+        self.tree = tree
+        self.probe_every = self.base_probe_every = probe_every
+        self.max_probe_every = max_probe_every
+        self.draft_seconds = _RunningMean(self.DECAY)  # a block / tree round, or one chain step
+        self.rates: list[_RunningMean] = []  # r_i: acceptance of position i given positions < i were accepted
+        self.paying_rounds = 0  # drafting rounds in a row chosen because they pay (not probes)
+        self.tree_tokens = _RunningMean(self.DECAY)  # tokens per tree round (accepted + the target's own)
+        # Live verify forwards against the profile: a machine that got busier (or quieter) since start-up moves
+        # V(n) and the draft's cost together, and the choice depends on their ratio.
+        self.verify_scale = _RunningMean(self.DECAY, prior=1.0)
+        self.plain_rounds = 0  # k = 0 rounds since the last draft
+        self.probing = False
+
+    def verify_seconds(self, num_tokens: int) -> float:
+        """V(n): the profiled verify forward over n tokens, scaled by what the live rounds measure."""
+        return self.verify_scale.value / self.profile.steps_per_second(num_tokens)
+
+    def observe_verify(self, num_tokens: int, seconds: float) -> None:
+        """Fold in a live verify forward over ``num_tokens`` tokens that took ``seconds``."""
+        expected = 1.0 / self.profile.steps_per_second(num_tokens)
+        if expected > 0 and seconds > 0:
+            self.verify_scale.add(seconds / expected)
+
+    def draft_cost(self, k: int) -> float:
+        if k == 0 or self.draft_seconds.value is None:
+            return 0.0
+        return self.draft_seconds.value * (k if self.per_token_drafting else 1)
+
+    def acceptance_rates(self, k: int) -> list[float]:
+        """r_0 .. r_{k-1}, each shrunk towards the position before it while it has few observations (a rarely
+        reached late position would otherwise keep an optimistic prior)."""
+        rates, prior = [], self.PRIOR_RATE
+        for position in range(k):
+            mean = self.rates[position] if position < len(self.rates) else None
+            if mean is None or mean.value is None:
+                rate = prior
+            else:
+                weight = self.PRIOR_WEIGHT if mean.count < 1 / self.DECAY else 0.0
+                rate = (mean.count * mean.value + weight * prior) / (mean.count + weight)
+            rates.append(rate)
+            prior = rate
+        return rates
+
+    def expected_tokens(self, k: int) -> float:
+        """E(k): expected tokens of a round that drafts k (the target's own token included)."""
+        if self.tree:
+            return 1.0 if k == 0 else (self.tree_tokens.value or 1.0)
+        expected, survival = 1.0, 1.0
+        for rate in self.acceptance_rates(k):
+            survival *= rate
+            expected += survival
+        return expected
+
+    def tokens_per_second(self, k: int, tree_size: int | None = None) -> float:
+        """Expected throughput of a round that drafts k (a tree: verifies its ``tree_size`` nodes when k > 0)."""
+        verified = 1 + (tree_size if self.tree and k > 0 and tree_size is not None else k)
+        return self.expected_tokens(k) / (self.draft_cost(k) + self.verify_seconds(verified))
+
+    def best(self, limit: int, tree_size: int | None = None) -> int:
+        """The draft length in 0..limit with the highest expected throughput (ties: the shorter; a plain step
+        unless drafting beats it by MARGIN); a tree: limit or 0."""
+        plain = self.tokens_per_second(0) * self.MARGIN
+        if self.tree:
+            return limit if self.tokens_per_second(limit, tree_size) > plain else 0
+        best_k, best, expected, survival = 0, plain, 1.0, 1.0
+        for k, rate in enumerate(self.acceptance_rates(limit), start=1):
+            survival *= rate
+            expected += survival
+            score = expected / (self.draft_cost(k) + self.verify_seconds(k + 1))
+            if score > best:  # strictly better: ties keep the shorter draft
+                best_k, best = k, score
+        return best_k
+
+    def choose(self, limit: int, tree_size: int | None = None) -> int:
+        """Tokens to draft next round (at most ``limit``; a tree: ``limit`` or 0)."""
+        self.probing = False
+        if limit <= 0:
+            return 0
+        if self.draft_seconds.value is None:  # nothing measured yet: draft fully once
+            self.probing = True
+            return limit
+        k = self.best(limit, tree_size)
+        if k > 0:
+            self.plain_rounds = 0
+            self.paying_rounds += 1
+            if self.paying_rounds >= self.base_probe_every:  # drafting has paid for a while: probe eagerly again
+                self.probe_every = self.base_probe_every
+            return k
+        self.paying_rounds = 0
+        self.plain_rounds += 1
+        if self.plain_rounds >= self.probe_every:
+            self.probing = True
+            self.plain_rounds = 0
+            return limit
+        return 0
+
+    def observe(self, drafted: int, accepted: int, draft_seconds: float, tree_size: int | None = None) -> None:
+        """Fold in a round that drafted ``drafted`` tokens (a tree: ``tree_size`` nodes, ``drafted`` deep) of which
+        ``accepted`` were accepted, drafting in ``draft_seconds``."""
+        if drafted <= 0:
+            return
+        self.draft_seconds.add(draft_seconds / drafted if self.per_token_drafting else draft_seconds)
+        if self.tree:
+            self.tree_tokens.add(accepted + 1.0)
+        else:
+            for j in range(min(drafted, accepted + 1)):  # the positions reached: all before them were accepted
+                while j >= len(self.rates):
+                    self.rates.append(_RunningMean(self.DECAY))
+                self.rates[j].add(1.0 if j < accepted else 0.0)
+        if self.probing and self.best(drafted, tree_size) == 0:
+            # A probe that shows drafting still does not pay: wait twice as long for the next one. (One that pays
+            # lets the draft run; the interval comes back down once drafting has paid for a while.)
+            self.probe_every = min(self.max_probe_every, self.probe_every * 2)
+
+
+class _RunningMean:
+    """The mean of what was added (a ``prior`` counting as one observation) until it holds 1 / decay values, then
+    an exponential moving average with weight ``decay``: quick to settle, and then following drift."""
+
+    def __init__(self, decay: float, prior: float | None = None) -> None:
+        self.decay = decay
+        self.value = prior
+        self.count = 0 if prior is None else 1
+
+    def add(self, observation: float) -> None:
+        self.count += 1
+        if self.value is None:
+            self.value = observation
+        else:
+            self.value += max(self.decay, 1.0 / self.count) * (observation - self.value)

@@ -35,7 +35,8 @@ def test_bench_json_is_lossless(method, chat_target_dir, prompts_file, tmp_path)
     assert data["lossless"] is True and data["mismatched_prompts"] == []
     assert data["lossless_vs_hf_generate"] is True and data["hf_mismatched_prompts"] == []  # an independent loop
     assert (data["method"], data["num_prompts"], data["new_tokens"]) == (method, 4, 48)
-    assert set(data["baselines"]) == {"target", "hf", "prompt-lookup"}
+    # --verify auto is the default: the same draft drafting every round is measured beside it.
+    assert data["verify"] == "auto" and set(data["baselines"]) == {"target", "hf", "prompt-lookup", "full-block"}
     for row in data["baselines"].values():
         assert row["tokens_per_second"] > 0 and row["speedup"] > 0
     hist = {int(k): v for k, v in data["acceptance_histogram"].items()}
@@ -142,10 +143,21 @@ def test_verify_auto_adds_the_full_block_baseline(dspark_draft, prompts_file):
     assert set(data["baselines"]) == {"target", "full-block"}
 
 
-def test_verify_auto_needs_dspark(chat_target_dir, prompts_file, tmp_path):
-    draft = init_draft(str(chat_target_dir), "dflash", tmp_path / "dflash", dtype="float32").path
-    result = invoke("bench", "-d", str(draft), "-p", str(prompts_file), "--verify", "auto")
-    assert result.exit_code == 2 and "needs a DSpark draft" in result.stderr
+@pytest.mark.parametrize(("method", "extra"), [("dflash", []), ("eagle3", []), ("eagle3", ["--tree", "3,3,8"])])
+def test_verify_auto_for_every_method_is_lossless(method, extra, chat_target_dir, prompts_file, tmp_path):
+    """`--verify auto` (it used to need DSpark) on blocks, chains and trees: lossless, and bench says how many
+    tokens each round drafted (0: a plain target step)."""
+    draft = init_draft(str(chat_target_dir), method, tmp_path / method, dtype="float32").path
+    args = ["bench", "-d", str(draft), "-p", str(prompts_file), "-n", "12", "--verify", "auto", *extra]
+    result = invoke(*args, "--baselines", "target,hf", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["verify"] == "auto" and data["lossless"] is True and data["lossless_vs_hf_generate"] is True
+    drafted = {int(k): v for k, v in data["drafted_per_round"].items()}
+    rounds = sum(data["acceptance_histogram"].values())
+    assert sum(drafted.values()) == rounds and max(drafted) >= 1  # at least the first (measuring) round drafts
+    table = invoke(*args, "--baselines", "target")
+    assert table.exit_code == 0 and "tokens drafted per round (0: a plain target step)" in table.stdout
 
 
 def test_eagle2_tree_bench_is_lossless(chat_target_dir, prompts_file, tmp_path):
@@ -338,3 +350,30 @@ def test_hf_baseline_is_the_plain_target_whatever_its_generation_config(chat_tar
     data = json.loads(result.stdout)
     assert data["lossless"] is True and data["lossless_vs_hf_generate"] is True
     assert json.loads(config_path.read_text())["repetition_penalty"] == 3.0
+
+
+def test_bench_profile_reports_the_cost_model(dspark_draft, prompts_file):
+    """`--profile`: the verify curve starts at 1 (one target step), break-even tokens are (D + V(k+1)) / V(1) from
+    the report's own curve and draft cost, and the rate solves 1 + r + ... + r^k = break-even tokens."""
+    args = ["bench", "-d", str(dspark_draft), "-p", str(prompts_file), "-n", "8", "--baselines", "target", "--profile"]
+    result = invoke(*args, "--json")
+    assert result.exit_code == 0, result.output
+    profile = json.loads(result.stdout)["profile"]
+    curve, draft = profile["verify_curve"], profile["draft_cost"]
+    assert curve[0] == 1.0 and len(curve) == 8 and profile["drafting_rounds_measured"] > 0  # block 7 + the anchor
+    assert [row["drafted"] for row in profile["break_even"]] == list(range(1, 8))
+    for row in profile["break_even"]:
+        k = row["drafted"]
+        assert row["break_even_tokens"] == pytest.approx(draft + curve[k], abs=2e-3)
+        if row["break_even_rate"] is None:
+            assert row["break_even_tokens"] > k + 1
+        else:
+            r = row["break_even_rate"]
+            assert sum(r**j for j in range(k + 1)) == pytest.approx(row["break_even_tokens"], abs=0.02)
+    full = draft + curve[-1]
+    for tau, speedup in profile["speedup_at_acceptance_length"].items():
+        assert speedup == pytest.approx(float(tau) / full, abs=2e-3)
+    table = invoke(*args)
+    assert table.exit_code == 0 and "tokens per round to break even" in table.stdout
+    batched = invoke(*args, "--batch-size", "2")
+    assert batched.exit_code == 2 and "--profile measures one prompt at a time" in batched.stderr

@@ -29,6 +29,8 @@ def test_demo_runs_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     for text in ("1. the target", "2. train a DSpark draft", "3. speculative chat", "acceptance length", "lossless"):
         assert text in result.stdout
+    # The bench reads both ways of running the draft: drafting every round, and --verify auto (the default).
+    assert "drafting every round" in result.stdout and "--verify auto" in " ".join(result.stdout.split())
     assert (out / "model.safetensors").is_file() and (out / "spectool.json").is_file()
 
 

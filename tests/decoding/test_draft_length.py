@@ -1,0 +1,223 @@
+"""`--verify auto` for every method: the draft-length rule against hand-computed throughputs, plain target steps
+(k = 0) and probing, a flat verify cost that makes a good draft draft full blocks, and losslessness in the loop."""
+
+import itertools
+
+import pytest
+import torch
+
+from spectool.decoding.accept import SamplingParams, probabilities
+from spectool.decoding.engine import Engine
+from spectool.decoding.proposers import Proposal, make_proposer
+from spectool.decoding.schedule import DraftLengthController, VerifyCostProfile, _RunningMean
+from spectool.drafts import build_draft
+from spectool.target import FrozenTarget
+from tests.decoding.test_accept import CHI2_CRIT_001, chi_square
+from tests.decoding.test_engine import PROMPTS, ScriptedProposer, oracle, reference_greedy, run
+
+FLAT = VerifyCostProfile(seconds=(1.0,) * 8, context_length=64)  # a GPU with a large target: V(n) ~ V(1)
+CPU = VerifyCostProfile(seconds=(1.0, 1.25, 1.5, 1.75, 2.0, 2.25, 2.5, 2.75), context_length=64)  # V(n) grows
+
+
+def settled(value):
+    """A running estimate holding ``value`` after many observations (no prior left in it)."""
+    mean = _RunningMean(0.05, prior=value)
+    mean.count = 1000
+    return mean
+
+
+def controller_with(profile, rates, draft_seconds, *, per_token=False):
+    """A controller whose running estimates hold exactly ``rates`` and ``draft_seconds``."""
+    controller = DraftLengthController(profile, per_token_drafting=per_token)
+    controller.draft_seconds = settled(draft_seconds)
+    controller.rates = [settled(rate) for rate in rates]
+    return controller
+
+
+def test_rarely_reached_positions_lean_on_the_one_before():
+    """Position 0 seen 1000 times at 0.3, position 1 seen twice (both accepted): its estimate is pulled towards
+    0.3 ((2 x 1 + 2 x 0.3) / 4 = 0.65), and position 2, never reached, takes position 1's."""
+    c = DraftLengthController(FLAT, per_token_drafting=False)
+    c.rates = [settled(0.3), _RunningMean(0.05)]
+    c.rates[1].add(1.0)
+    c.rates[1].add(1.0)
+    assert c.acceptance_rates(3) == rounded([0.3, 0.65, 0.65])
+    assert DraftLengthController(FLAT, per_token_drafting=False).acceptance_rates(2) == [0.5, 0.5]
+
+
+def rounded(values):
+    return [pytest.approx(v, abs=1e-4) for v in values]
+
+
+def test_expected_throughput_by_hand_flat_cost_drafts_the_whole_block():
+    c = controller_with(FLAT, [0.8, 0.5, 0.5], 0.1)
+    # E(0)=1 -> 1/1 = 1; E(1)=1.8 -> 1.8/1.1 = 1.636; E(2)=2.2 -> 2.0; E(3)=2.4 -> 2.1818
+    assert [c.tokens_per_second(k) for k in range(4)] == rounded([1.0, 1.6364, 2.0, 2.1818])
+    assert c.best(3) == 3
+
+
+def test_expected_throughput_by_hand_steep_cost_takes_a_plain_step():
+    c = controller_with(CPU, [0.5, 0.3, 0.2], 0.9)
+    # k=1: 1.5/(0.9+1.25)=0.6977; k=2: 1.65/(0.9+1.5)=0.6875; k=3: 1.68/(0.9+1.75)=0.6340; k=0: 1/1 = 1
+    assert [c.tokens_per_second(k) for k in range(4)] == rounded([1.0, 0.6977, 0.6875, 0.634])
+    assert c.best(3) == 0
+
+
+def test_expected_throughput_by_hand_middle_length_wins():
+    c = controller_with(CPU, [0.9, 0.5, 0.1], 0.2)
+    # k=1: 1.9/1.45=1.3103; k=2: 2.35/1.7=1.3824; k=3: 2.395/1.95=1.2282
+    assert [c.tokens_per_second(k) for k in range(1, 4)] == rounded([1.3103, 1.3824, 1.2282])
+    assert c.best(3) == 2
+
+
+def test_drafting_must_beat_a_plain_step_by_the_margin():
+    """1.03x a plain step is within the noise of the estimates: a plain step; 1.10x is drafting."""
+    c = controller_with(FLAT, [0.13], 0.1)  # 1.13 / 1.1 = 1.027 tokens/s against 1
+    assert c.tokens_per_second(1) == pytest.approx(1.0273, abs=1e-4) and c.best(1) == 0
+    c = controller_with(FLAT, [0.21], 0.1)  # 1.21 / 1.1 = 1.1
+    assert c.best(1) == 1
+
+
+def test_a_chain_pays_per_drafted_token():
+    c = controller_with(FLAT, [0.9, 0.9, 0.2], 0.3, per_token=True)
+    # k=1: 1.9/1.3=1.4615; k=2: 2.71/1.6=1.6938; k=3: 2.872/1.9=1.5116
+    assert [c.tokens_per_second(k) for k in range(1, 4)] == rounded([1.4615, 1.6938, 1.5116])
+    assert c.best(3) == 2
+
+
+def test_tree_is_all_or_nothing():
+    c = DraftLengthController(FLAT, per_token_drafting=False, tree=True)
+    assert c.choose(5, tree_size=16) == 5  # nothing measured yet: draft once
+    c.observe(5, 3, 0.5, tree_size=16)  # 4 tokens per tree round, 0.5 s of drafting: 4 / 1.5 > 1
+    assert c.choose(5, tree_size=16) == 5
+    slow = DraftLengthController(CPU, per_token_drafting=False, tree=True)
+    slow.choose(5, tree_size=7)
+    slow.observe(5, 0, 0.5, tree_size=7)  # 1 token per round for 0.5 + V(8) = 3.25 s: a plain step wins
+    assert slow.choose(5, tree_size=7) == 0
+
+
+def test_plain_steps_then_probes_with_a_doubling_interval():
+    c = DraftLengthController(CPU, per_token_drafting=False, probe_every=4, max_probe_every=16)
+    choices = []
+    for _ in range(60):
+        k = c.choose(4)
+        choices.append(k)
+        c.observe(k, 0, 0.9)  # a draft that never lands
+    probes = [i for i, k in enumerate(choices) if k]
+    assert probes[0] == 0 and all(choices[i] == 4 for i in probes)
+    gaps = [b - a for a, b in itertools.pairwise(probes)]
+    # The measuring first round is the first probe that did not pay: a probe every 8th round, then 16th (the cap).
+    assert gaps[:4] == [8, 16, 16, 16] and set(gaps) == {8, 16}
+
+
+def test_a_probe_that_pays_brings_drafting_back():
+    c = DraftLengthController(FLAT, per_token_drafting=False, probe_every=2)
+    c.choose(4)
+    c.observe(4, 0, 5.0)  # a very slow, useless draft: plain steps until the next probe
+    plain = 0
+    while (k := c.choose(4)) == 0:
+        plain += 1
+        c.observe(0, 0, 0.0)
+    assert k == 4 and plain == 3 and c.probe_every == 4
+    for _ in range(40):  # from the probe on, the draft is fast and always right (e.g. a repetitive answer)
+        c.observe(k, k, 0.01)
+        k = c.choose(4)
+    assert k == 4 and c.plain_rounds == 0 and c.probe_every == 2
+
+
+def test_live_verify_times_rescale_the_profile():
+    """Profiled at 1 s per verify, the rounds now take 0.1 s (a quieter machine, a warmer cache): the draft's 0.3 s
+    per block now outweighs what 80% first-slot acceptance returns."""
+    c = controller_with(FLAT, [0.8, 0.5, 0.5], 0.3)
+    assert c.best(3) == 3  # 2.4 / 1.3 = 1.85 tokens/s against 1
+    for _ in range(200):
+        c.observe_verify(2, 0.1)
+    assert c.verify_seconds(4) == pytest.approx(0.1, rel=1e-3)
+    # k=0: 1/0.1 = 10; k=3: 2.4 / (0.3 + 0.1) = 6
+    assert c.best(3) == 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# In the engine
+# ------------------------------------------------------------------------------------------------------------
+
+
+def test_flat_verify_cost_and_a_good_draft_draft_full_blocks(qwen3_target):
+    """The injected flat curve (a GPU with a large target) and a scripted draft that is always right: every round
+    after the first drafts all it may."""
+    prompt = PROMPTS[0]
+    truth = reference_greedy(qwen3_target, prompt, 40)
+    controller = DraftLengthController(FLAT, per_token_drafting=False)
+    engine = Engine(FrozenTarget(qwen3_target, []), oracle(prompt, truth, 4), controller=controller)
+    tokens, stats = run(engine, prompt, max_new_tokens=36)
+    assert tokens == truth[:36]
+    assert [r.num_drafted for r in stats.verify_rounds] == [4] * 7  # 1 + 7 x 5 = 36 tokens
+
+
+def test_steep_cost_and_a_useless_draft_take_plain_steps(qwen3_target):
+    prompt = PROMPTS[0]
+    truth = reference_greedy(qwen3_target, prompt, 60)
+    wrong = ScriptedProposer(prompt, lambda done, limit: Proposal(torch.tensor([(truth[done] + 1) % 256] * limit)), 4)
+    steep = VerifyCostProfile(seconds=(0.001, 0.004, 0.006, 0.008, 0.010), context_length=64)
+    controller = DraftLengthController(steep, per_token_drafting=False, probe_every=8)
+    engine = Engine(FrozenTarget(qwen3_target, []), wrong, controller=controller)
+    tokens, stats = run(engine, prompt, max_new_tokens=60)
+    assert tokens == truth[:60]
+    drafted = [r.num_drafted for r in stats.verify_rounds]
+    assert drafted[0] == 4 and drafted.count(0) >= 45  # a measuring round, then mostly plain target steps
+    assert all(r.num_accepted == 0 for r in stats.verify_rounds)
+
+
+METHODS = {"eagle1": [3], "eagle3": [0, 1, 2], "dflash": [1, 2], "dspark": [0, 2, 3]}
+
+
+def auto_engine(method, target, config, profile, tree=None):
+    torch.manual_seed(1)
+    options = {"block_size": 4, "mask_token_id": 255} if method in ("dflash", "dspark") else {}
+    draft = build_draft(method, config, target_layer_ids=METHODS[method], **options).eval()
+    if method == "dspark":
+        draft.copy_target_weights(target)
+    if method == "eagle1":
+        draft.copy_target_embeddings(target)
+    proposer = make_proposer(method, draft, target, num_steps=3, tree=tree)
+    controller = DraftLengthController(
+        profile, per_token_drafting=proposer.per_token_drafting, tree=proposer.tree_size is not None, probe_every=3
+    )
+    return Engine(FrozenTarget(target, METHODS[method]), proposer, controller=controller)
+
+
+@pytest.mark.parametrize(("method", "tree"), [(m, None) for m in METHODS] + [("eagle3", (2, 3, 6))])
+@pytest.mark.parametrize("profile", [FLAT, CPU], ids=["flat", "steep"])
+def test_auto_is_lossless_greedy_for_every_method(method, tree, profile, qwen3_target, qwen3_config):
+    engine = auto_engine(method, qwen3_target, qwen3_config, profile, tree)
+    seen = set()
+    for prompt in PROMPTS:
+        tokens, stats = run(engine, prompt, max_new_tokens=24)
+        assert tokens == reference_greedy(qwen3_target, prompt, 24)
+        seen |= {r.num_drafted > 0 for r in stats.verify_rounds}
+    if profile is CPU:
+        assert seen == {True, False}  # random drafts on a steep curve: plain steps and probes both happen
+
+
+def test_auto_sampling_follows_the_target_distribution(qwen3_target, qwen3_config):
+    """The first two sampled tokens over many runs with `auto` in the loop (plain steps and probes mixed) follow
+    the target's exact joint distribution (top-k 3, so 9 outcomes)."""
+    sampling = SamplingParams(temperature=1.0, top_k=3)
+    prompt = PROMPTS[0]
+    with torch.no_grad():
+        first = probabilities(qwen3_target(torch.tensor([prompt])).logits[0, -1], sampling)
+        joint = {}
+        for a in first.nonzero().flatten().tolist():
+            second = probabilities(qwen3_target(torch.tensor([prompt + [a]])).logits[0, -1], sampling)
+            for b in second.nonzero().flatten().tolist():
+                joint[(a, b)] = float(first[a] * second[b])
+    outcomes = sorted(joint)
+    engine = auto_engine("dflash", qwen3_target, qwen3_config, VerifyCostProfile((1.0, 1.0, 1.0, 1.1), 64))
+    counts = torch.zeros(len(outcomes))
+    drafted = set()
+    for seed in range(900):
+        tokens, stats = run(engine, prompt, max_new_tokens=3, sampling=sampling, seed=seed)
+        counts[outcomes.index(tuple(tokens[:2]))] += 1  # the second comes from a round that may draft
+        drafted |= {r.num_drafted for r in stats.verify_rounds}
+    assert 0 in drafted and max(drafted) >= 1
+    assert chi_square(counts, torch.tensor([joint[o] for o in outcomes])) < CHI2_CRIT_001[8]
