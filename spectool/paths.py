@@ -18,10 +18,27 @@ from spectool.errors import SpectoolError, UsageError
 #: The files of a draft directory that spectool writes (`spectool.checkpoint.save_draft`).
 DRAFT_FILES = ("model.safetensors", "config.json", "spectool.json")
 #: What a training run adds beside its final draft (`spectool.training.trainer`).
-RUN_FILES = ("train_config.json", "metrics.jsonl", "checkpoints", ".final-draft")
+RUN_FILES = (
+    "train_config.json",
+    "metrics.jsonl",
+    "checkpoints",
+    ".final-draft",
+    "tensorboard",
+    "wandb",
+    "wandb_run_id",
+)
 #: Files whose presence says spectool wrote the directory.
 MARKER_FILES = ("spectool.json", "train_config.json")
 _OWN_NAMES = frozenset(DRAFT_FILES + RUN_FILES)
+
+
+def user_data_dir() -> Path:
+    """Where spectool keeps what it remembers for the user (chat history): ``$XDG_DATA_HOME/spectool``, else
+    ``~/.local/share/spectool`` (``%APPDATA%\\spectool`` on Windows)."""
+    if os.name == "nt" and os.environ.get("APPDATA"):
+        return Path(os.environ["APPDATA"]) / "spectool"
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "spectool"
 
 
 def quoted(path: str | os.PathLike[str]) -> str:

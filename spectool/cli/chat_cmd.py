@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,6 +16,7 @@ from rich.text import Text
 from spectool.cli import app
 from spectool.cli.render import console, error_console, handles_errors
 from spectool.errors import UsageError
+from spectool.paths import user_data_dir
 
 if TYPE_CHECKING:
     from spectool.decoding.accept import SamplingParams
@@ -28,7 +30,10 @@ HELP = """commands:
   /reset         forget the conversation
   /system TEXT   set the system prompt (and reset)
   /temp T        set the temperature (0 = greedy)
-  /quit          leave (Ctrl-D too); Ctrl-C stops the current answer"""
+  /quit          leave (Ctrl-D too); Ctrl-C stops the current answer
+keys (in a terminal): arrows and Emacs keys edit the line, Up/Down walk the history (kept across sessions in
+{history}), Ctrl-R searches it, Alt-Enter (or Esc then Enter) starts a new line within one message."""
+HISTORY_FILE = "chat_history"
 
 
 class AnswerPrinter:
@@ -159,6 +164,7 @@ class ChatSession:
         except KeyboardInterrupt:
             stopped = True
         stats = GenerationStats(rounds, time.perf_counter() - start)
+        finish = rounds[-1].finish_reason if rounds else None
         self.turns += 1
         self.session_rounds += rounds
         self.messages += [
@@ -167,8 +173,12 @@ class ChatSession:
         ]
         self.out.print()
         if stopped:
-            self.out.print(Text("[answer stopped]", style="yellow"))
-        self.out.print(Text(stats_line(stats), style="dim"), soft_wrap=True)
+            self.out.print(Text("[answer stopped by Ctrl-C]", style="yellow"))
+        elif finish == "length":
+            self.out.print(Text(f"[answer cut at {max_new_tokens} tokens: raise --max-new-tokens]", style="yellow"))
+        controller = getattr(runtime.engine, "controller", None)
+        line = stats_line(stats, auto=controller is not None, cap=self.max_drafts)
+        self.out.print(Text(line, style="dim"), soft_wrap=True)
 
     def histogram(self) -> str:
         from spectool.decoding.engine import GenerationStats
@@ -214,17 +224,30 @@ def read_lines_leniently() -> None:
         reconfigure(errors="surrogateescape")
 
 
-def stats_line(stats: GenerationStats) -> str:
+def stats_line(stats: GenerationStats, *, auto: bool = False, cap: int | None = None) -> str:
+    """One line after each answer: acceptance, per-position counts, how many tokens each round drafted and why
+    (``auto``: `--verify auto` chose; ``cap``: `--max-drafts`), and the speed."""
     accepted, drafted = stats.accepted_per_position()
     per_position = " ".join(f"{a}/{d}" for a, d in zip(accepted, drafted, strict=True)) or "-"
     tau = f"{stats.acceptance_length:.2f}" if stats.verify_rounds else "n/a"
     drafted_counts = Counter(r.num_drafted for r in stats.verify_rounds)
     drafted_per_round = ""
-    if len(drafted_counts) > 1 or 0 in drafted_counts:  # `--verify auto` (or the answer's end) varied the drafts
+    if auto or cap is not None or len(drafted_counts) > 1:
+        why = []
+        if auto:
+            plain = drafted_counts.get(0, 0)
+            rounds = sum(drafted_counts.values())
+            why.append(
+                "--verify auto drafted only where it paid; mostly plain target steps: on this machine drafting "
+                "costs more than it returns (`spectool bench --profile` shows the costs)"
+                if rounds and plain / rounds > 0.5
+                else "--verify auto chose each round's length from the measured costs and acceptance"
+            )
+        if cap is not None:
+            why.append(f"at most {cap} by --max-drafts")
+        histogram = " ".join(f"{k}:{v}" for k, v in sorted(drafted_counts.items())) or "-"
         drafted_per_round = (
-            "drafted per round "
-            + " ".join(f"{k}:{v}" for k, v in sorted(drafted_counts.items()))
-            + " (0: a plain target step) · "
+            f"drafted per round {histogram} (0: a plain target step; {'; '.join(why) or 'the answer ended'}) · "
         )
     return (
         f"acceptance length {tau} tokens/forward (incl. bonus) · "
@@ -233,10 +256,44 @@ def stats_line(stats: GenerationStats) -> str:
     )
 
 
+def line_reader(interactive: bool, history: Path | None) -> Callable[[str], str]:
+    """How chat reads a message: in a terminal, prompt_toolkit (line editing, history kept in ``history`` across
+    sessions, Ctrl-R search, Alt-Enter for a new line within a message); otherwise plain ``input()`` (pipes,
+    scripts), which reads undecodable bytes leniently so they can be reported."""
+    if not interactive:
+        read_lines_leniently()
+        return input
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.history import FileHistory, InMemoryHistory
+    from prompt_toolkit.key_binding import KeyBindings
+
+    bindings = KeyBindings()
+
+    @bindings.add("escape", "enter")
+    def _(event) -> None:  # Alt-Enter / Esc Enter: a new line inside the message
+        event.current_buffer.insert_text("\n")
+
+    stored = InMemoryHistory()
+    if history is not None:
+        try:
+            history.parent.mkdir(parents=True, exist_ok=True)
+            stored = FileHistory(str(history))
+        except OSError:
+            pass  # an unwritable data directory: history for this session only
+    session = PromptSession(history=stored, key_bindings=bindings, enable_history_search=False)
+    return session.prompt
+
+
 @app.command("chat")
 @handles_errors
 def chat_command(
-    draft: Path = typer.Option(..., "--draft", "-d", help="Draft checkpoint directory."),
+    draft: str = typer.Option(
+        "dspark",
+        "--draft",
+        "-d",
+        help="Draft checkpoint directory, or the name of a draft shipped with spectool for its embedded tiny target "
+        "(dspark, dflash, eagle3) \\[dspark].",
+    ),
     target: str = typer.Option(None, "--target", "-t", help="Target MODEL (default: the one the draft records)."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p"),
@@ -290,17 +347,12 @@ def chat_command(
     if prompt is not None:
         session.answer(prompt)
         return
-    legend = Text()
-    legend.append(f"{runtime.draft.method} draft on {runtime.info.ref}. ")
-    legend.append("accepted draft tokens", style=ROUND_STYLES[0])
-    legend.append(" ")
-    legend.append("(next round)", style=ROUND_STYLES[1])
-    legend.append(", target's own tokens plain. /help for commands.")
-    out.print(legend, soft_wrap=True)
-    read_lines_leniently()
+    out.print(legend_text(runtime.draft.method, runtime.info.ref), soft_wrap=True)
+    history = user_data_dir() / HISTORY_FILE
+    read_line = line_reader(sys.stdin.isatty() and sys.stdout.isatty(), history)
     while True:
         try:
-            line = input("you> ")
+            line = read_line("you> ")
         except EOFError:
             out.print()
             return
@@ -327,13 +379,24 @@ def chat_command(
             error_console().print(Text(f"error: {exc}", style="bold red"), soft_wrap=True)
 
 
+def legend_text(method: str, target: str) -> Text:
+    """What the colours mean, in plain words."""
+    legend = Text(f"{method} draft on {target}. ")
+    legend.append("Highlighted", style=ROUND_STYLES[0])
+    legend.append(": tokens the draft proposed and the target accepted; the colour changes ")
+    legend.append("with each round", style=ROUND_STYLES[1])
+    legend.append(" (one target forward). Plain: tokens the target produced itself. The text is exactly the ")
+    legend.append("target's own. /help for commands and keys.")
+    return legend
+
+
 def _command(session: ChatSession, text: str, out: Console) -> bool:
     """Run a slash command; False means leave."""
     name, _, arg = text.partition(" ")
     if name in ("/quit", "/exit"):
         return False
     if name == "/help":
-        out.print(HELP)
+        out.print(HELP.format(history=user_data_dir() / HISTORY_FILE), markup=False)
     elif name == "/stats":
         out.print(session.histogram())
     elif name == "/reset":

@@ -24,7 +24,7 @@ from spectool.runtime import load_runtime
 from spectool.training.data import ChatFormat, Message
 from tests.cli.conftest import invoke
 
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # styles, and the cursor moves prompt_toolkit draws with
 
 
 @pytest.fixture(scope="module")
@@ -118,18 +118,19 @@ def test_tty_colours_and_ctrl_c_stops_only_the_answer(draft_dir):
     """In a terminal, accepted tokens are styled; Ctrl-C during an answer stops it and the session goes on."""
     pid, fd = pty.fork()
     if pid == 0:  # child: the chat, in a real terminal
-        os.environ.update(OMP_NUM_THREADS="1", TERM="xterm-256color", COLUMNS="120")
+        # This pty answers no cursor-position requests (a real terminal does): tell prompt_toolkit not to wait.
+        os.environ.update(OMP_NUM_THREADS="1", TERM="xterm-256color", COLUMNS="120", PROMPT_TOOLKIT_NO_CPR="1")
         os.environ.pop("NO_COLOR", None)
         os.execv(sys.executable, [sys.executable, "-m", "spectool", "chat", "--draft", str(draft_dir), "-n", "100000"])
     try:
-        _read_until(fd, r"you> ", 60)
-        os.write(fd, b"hi there\n")
-        _read_until(fd, r"\S{3,}", 30)  # the answer has started streaming
+        _read_until(fd, r"you>", 60)  # prompt_toolkit draws the prompt with cursor moves, not a literal space
+        os.write(fd, b"hi there\r")  # Enter, as a terminal sends it
+        _read_until(fd, r"hi there\s*\n\s*\S{3,}", 30)  # the answer has started streaming after the line
         time.sleep(0.3)
         os.write(fd, b"\x03")  # Ctrl-C through the terminal driver: SIGINT to the chat
-        seen = _read_until(fd, r"answer stopped[\s\S]*acceptance length[\s\S]*you> ", 60)
+        seen = _read_until(fd, r"answer stopped by Ctrl-C[\s\S]*acceptance length[\s\S]*you>", 60)
         assert "\x1b[" in seen  # styled output in a terminal
-        os.write(fd, b"/quit\n")
+        os.write(fd, b"/quit\r")
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
     finally:
@@ -243,3 +244,51 @@ def test_fitting_never_exceeds_the_positions_and_a_refusal_keeps_the_history(sho
     assert budget == 8 and len(ids) + budget <= SHORT_POSITIONS
     assert 0 < len(session.messages) < len(history)  # only the oldest turns went
     assert session.messages == history[len(history) - len(session.messages) :]
+
+
+def test_an_answer_cut_by_the_token_cap_says_so_and_the_stats_say_why(draft_dir):
+    result = invoke("chat", "--draft", str(draft_dir), "--prompt", "hi there", "-n", "6", "--max-drafts", "2")
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.stdout.split())
+    assert "[answer cut at 6 tokens: raise --max-new-tokens]" in text
+    assert "drafted per round" in text and "(0: a plain target step;" in text  # auto, the default, says what it did
+    assert "--verify auto" in text and "at most 2 by --max-drafts" in text
+    full = invoke("chat", "--draft", str(draft_dir), "--prompt", "hi there", "-n", "6", "--verify", "full")
+    assert "--verify auto" not in " ".join(full.stdout.split())
+
+
+def test_legend_says_in_plain_words_what_the_colours_mean():
+    from spectool.cli.chat_cmd import legend_text
+
+    legend = legend_text("dspark", "tiny").plain
+    assert "tokens the draft proposed and the target accepted" in legend
+    assert "Plain: tokens the target produced itself" in legend and "with each round" in legend
+
+
+def test_draft_defaults_to_the_shipped_dspark():
+    result = invoke("chat", "--prompt", "What does the len() function return?", "-n", "8")
+    assert result.exit_code == 0, result.output
+    assert "8 tokens in" in result.stdout
+
+
+def test_terminal_input_edits_keeps_history_and_takes_multi_line_messages(tmp_path):
+    """The prompt_toolkit reader, fed keys through a pipe: Alt-Enter puts a new line inside one message, Enter
+    sends it, and the history file carries messages into the next session (Up recalls them)."""
+    from prompt_toolkit.application import create_app_session
+    from prompt_toolkit.input import create_pipe_input
+    from prompt_toolkit.output import DummyOutput
+
+    from spectool.cli.chat_cmd import line_reader
+
+    history = tmp_path / "data" / "chat_history"
+    with create_pipe_input() as keys, create_app_session(input=keys, output=DummyOutput()):
+        read = line_reader(True, history)
+        keys.send_text("first line\x1b\rsecond line\r")
+        assert read("you> ") == "first line\nsecond line"
+        keys.send_text("hello\x1b[D\x1b[DX\r")  # Left twice, then type: line editing, not "^[[D" in the text
+        assert read("you> ") == "helXlo"
+    assert history.is_file()
+    with create_pipe_input() as keys, create_app_session(input=keys, output=DummyOutput()):
+        read = line_reader(True, history)  # a new session
+        keys.send_text("\x1b[A\r")  # Up: the last message of the earlier session
+        assert read("you> ") == "helXlo"
