@@ -37,13 +37,18 @@ from spectool import __version__
 from spectool.arch import TargetArch
 from spectool.drafts import DRAFT_CLASSES, DRAFT_CONFIG_CLASSES, GptOssEagle3DraftModel
 from spectool.errors import SpectoolError, UsageError
-from spectool.hub import ASSETS_DIR, read_json
+from spectool.hub import read_json
 from spectool.layers import engine_default_eagle3_ids, engine_ids, from_engine_ids
-from spectool.paths import check_output_path, file_mode, fsync_dir, refuse_to_replace_input
+from spectool.paths import (
+    check_output_path,
+    file_mode,
+    fsync_dir,
+    refuse_to_replace_input,
+    resolve_draft_dir,
+)
 
 METADATA_FILE = "spectool.json"
 WEIGHTS_FILE = "model.safetensors"
-SHIPPED_DRAFTS_DIR = ASSETS_DIR / "drafts"
 
 ARCHITECTURES = {
     "eagle1": ("LlamaForCausalLMEagle", "LlamaEagleDraftModel"),
@@ -240,13 +245,6 @@ def _build_empty(method: str, config: dict[str, Any]) -> nn.Module:
     return cls(cfg)
 
 
-def shipped_drafts() -> list[str]:
-    """Names of the drafts shipped inside the package for the embedded tiny target (``--draft dspark``)."""
-    if not SHIPPED_DRAFTS_DIR.is_dir():
-        return []
-    return sorted(p.name for p in SHIPPED_DRAFTS_DIR.iterdir() if (p / "config.json").is_file())
-
-
 def load_draft(
     path: str | Path,
     *,
@@ -261,15 +259,7 @@ def load_draft(
     The weights keep their stored dtype unless `dtype` is given (float32 suits CPU decoding and training).
     `option` names the command-line argument that gave `path`, for error messages.
     """
-    directory = Path(path).expanduser()
-    if not directory.exists():
-        shipped = shipped_drafts()
-        if str(path) not in shipped:
-            listing = f" (drafts shipped with spectool: {', '.join(shipped)})" if shipped else ""
-            raise UsageError(f"no such draft directory: {path}{listing}")
-        directory = SHIPPED_DRAFTS_DIR / str(path)
-    if not (directory / "config.json").is_file():
-        raise UsageError(f"{directory} has no config.json; point {option} at a draft checkpoint directory")
+    directory = resolve_draft_dir(path, option)
     config = read_json(directory / "config.json")
     where = str(directory / "config.json")
     metadata = None

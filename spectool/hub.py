@@ -65,13 +65,19 @@ def default_model_ref() -> str:
     return str(DEFAULT_MODEL_DIR)
 
 
+def check_model_argument(ref: str) -> None:
+    """Refuse a MODEL that is neither an existing path nor a Hub id (exit 2), without the network or torch, so
+    commands answer a mistyped path at once."""
+    if not Path(ref).expanduser().exists() and (_looks_like_path(ref) or not _HUB_ID.match(ref)):
+        raise UsageError(f"no such file or directory: {ref} (give a model directory, a config.json, or a Hub id)")
+
+
 def resolve_model(ref: str, revision: str | None = None) -> TargetInfo:
     """Resolve a MODEL argument. Bad paths are usage errors (exit 2); unreadable configs fail (exit 1)."""
+    check_model_argument(ref)
     path = Path(ref).expanduser()
     if path.exists():
         return _resolve_local(ref, path)
-    if _looks_like_path(ref) or not _HUB_ID.match(ref):
-        raise UsageError(f"no such file or directory: {ref} (give a model directory, a config.json, or a Hub id)")
     return _resolve_hub(ref, revision)
 
 

@@ -32,6 +32,32 @@ MARKER_FILES = ("spectool.json", "train_config.json")
 _OWN_NAMES = frozenset(DRAFT_FILES + RUN_FILES)
 
 
+#: Drafts shipped inside the package for its embedded tiny target (``--draft dspark``).
+SHIPPED_DRAFTS_DIR = Path(__file__).resolve().parent / "assets" / "drafts"
+
+
+def shipped_drafts() -> list[str]:
+    """Names of the drafts shipped inside the package (``--draft dspark``)."""
+    if not SHIPPED_DRAFTS_DIR.is_dir():
+        return []
+    return sorted(p.name for p in SHIPPED_DRAFTS_DIR.iterdir() if (p / "config.json").is_file())
+
+
+def resolve_draft_dir(path: str | os.PathLike[str], option: str = "--draft") -> Path:
+    """The draft directory a command-line argument names: an existing path, or the name of a shipped draft that is
+    not one; refused in one line (exit 2) otherwise. Filesystem only, so commands check it before loading torch."""
+    directory = Path(path).expanduser()
+    if not directory.exists():
+        shipped = shipped_drafts()
+        if str(path) not in shipped:
+            listing = f" (drafts shipped with spectool: {', '.join(shipped)})" if shipped else ""
+            raise UsageError(f"no such draft directory: {path}{listing}")
+        directory = SHIPPED_DRAFTS_DIR / str(path)
+    if not (directory / "config.json").is_file():
+        raise UsageError(f"{directory} has no config.json; point {option} at a draft checkpoint directory")
+    return directory
+
+
 def user_data_dir() -> Path:
     """Where spectool keeps what it remembers for the user (chat history): ``$XDG_DATA_HOME/spectool``, else
     ``~/.local/share/spectool`` (``%APPDATA%\\spectool`` on Windows)."""

@@ -49,8 +49,9 @@ def test_shipped_weights_stay_within_budget():
 
 
 def test_a_shipped_draft_loads_by_name_from_any_directory(tmp_path, monkeypatch):
-    from spectool.checkpoint import load_draft, shipped_drafts
+    from spectool.checkpoint import load_draft
     from spectool.errors import UsageError
+    from spectool.paths import shipped_drafts
 
     monkeypatch.chdir(tmp_path)
     assert shipped_drafts() == sorted(MIN_ACCEPTANCE)

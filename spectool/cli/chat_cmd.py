@@ -16,7 +16,7 @@ from rich.text import Text
 from spectool.cli import app
 from spectool.cli.render import console, error_console, handles_errors
 from spectool.errors import UsageError
-from spectool.paths import user_data_dir
+from spectool.paths import resolve_draft_dir, user_data_dir
 
 if TYPE_CHECKING:
     from spectool.decoding.accept import SamplingParams
@@ -315,6 +315,7 @@ def chat_command(
 ) -> None:
     """Chat with the target through the draft: accepted draft tokens are highlighted inline, one colour per round;
     the target's own tokens (corrections and bonus tokens) are plain. The output is exactly the target's."""
+    resolve_draft_dir(draft)  # before torch loads: a wrong path answers at once
     from spectool.decoding.accept import SamplingParams
     from spectool.decoding.stops import StopStrings
     from spectool.runtime import load_runtime

@@ -153,8 +153,7 @@ def print_next_commands(screen: Console, draft: Path | None) -> None:
     """The commands the demo suggests last, paths quoted for the shell so they paste as printed (and printed
     without Rich markup or emoji codes, which would eat a path's `[...]` or `:x:`); `draft` is the kept draft
     (None: it was in a temporary directory, now removed)."""
-    from spectool.checkpoint import shipped_drafts
-    from spectool.paths import quoted
+    from spectool.paths import quoted, shipped_drafts
 
     shipped = shipped_drafts()
     hint = quoted(str(draft)) if draft is not None else "DIR (rerun with --out DIR to keep the draft)"

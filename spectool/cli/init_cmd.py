@@ -12,8 +12,9 @@ from rich.text import Text
 from spectool.cli import app
 from spectool.cli.render import console, handles_errors, human_bytes, human_count
 from spectool.errors import UsageError
+from spectool.hub import check_model_argument
 from spectool.layers import parse_layer_ids
-from spectool.paths import check_force_target, check_output_path, refuse_to_replace_input
+from spectool.paths import check_force_target, check_output_path, refuse_to_replace_input, resolve_draft_dir
 
 
 class InitMethod(str, Enum):
@@ -104,13 +105,14 @@ def init_command(
     DeepSpec's layout. Tensors the format stores from the target (EAGLE-1 embeddings, EAGLE-3 lm_head rows,
     DSpark embeddings and lm_head) are read from the target's safetensors files without building the target.
     """
-    from spectool.init import init_draft
-
+    check_model_argument(model)  # everything here is checked before torch loads
     refuse_to_overwrite(out, force, model, "MODEL")
     check_block_size(block_size)
     if markov_rank is not None and markov_rank < 1:
         raise UsageError(f"--markov-rank must be at least 1, got {markov_rank}")
     ids = parse_layer_ids(target_layer_ids) if target_layer_ids else None
+    from spectool.init import init_draft
+
     result = init_draft(
         model,
         method.value,
@@ -158,9 +160,10 @@ def convert_command(
 ) -> None:
     """Re-save a draft in the layout another tool loads (names, prefixes, architecture strings, d2t/t2d), then
     load the result to prove it."""
+    resolve_draft_dir(src, "SRC")  # before torch loads
+    refuse_to_overwrite(out, force, src, "SRC")
     from spectool.checkpoint import convert
 
-    refuse_to_overwrite(out, force, src, "SRC")
     loaded = convert(src, to.value, out)
     out_console = console()
     for note in loaded.notes:
