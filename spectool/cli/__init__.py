@@ -31,7 +31,17 @@ def _root(
 
 
 # Command modules register themselves on `app` when imported.
-from spectool.cli import bench_cmd, chat_cmd, data_cmd, demo_cmd, init_cmd, inspect_cmd, layers_cmd, train_cmd  # noqa: E402,F401
+from spectool.cli import (  # noqa: E402,F401
+    bench_cmd,
+    chat_cmd,
+    data_cmd,
+    demo_cmd,
+    init_cmd,
+    inspect_cmd,
+    layers_cmd,
+    report_cmd,
+    train_cmd,
+)
 
 
 def main() -> None:

@@ -54,6 +54,9 @@ def bench_command(
     ),
     device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... \\[cuda when available, in bf16]."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    plot: Path = typer.Option(
+        None, "--plot", help="Also draw the results into this .png or .html (as `spectool report` does; + .csv)."
+    ),
 ) -> None:
     """Run the prompts speculatively and with each baseline, interleaved in one run, and report acceptance length
     (tokens per target forward, the bonus/correction token included), tokens/s and speedups. At temperature 0 the
@@ -82,6 +85,11 @@ def bench_command(
     unknown = [b for b in chosen if b not in known]
     if unknown:
         raise UsageError(f"unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    if plot is not None:  # fail before anything loads
+        from spectool.plots import check_figure_path, require_matplotlib
+
+        check_figure_path(plot)
+        require_matplotlib()
     if prompts is None:
         if not DEFAULT_PROMPTS.is_file():
             raise UsageError("no --prompts given and no built-in prompt set is installed; pass --prompts FILE")
@@ -114,6 +122,11 @@ def bench_command(
         print_json(report.to_json())
     else:
         _render(report)
+    if plot is not None:
+        from spectool.plots import BenchSource, write_figure
+
+        figure, data = write_figure([BenchSource("bench", None, report.to_json())], plot)
+        (error_console() if as_json else console()).print(f"wrote {figure} (plotted data: {data})", markup=False)
     if not report.passed:
         raise typer.Exit(1)
 

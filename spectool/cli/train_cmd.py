@@ -30,9 +30,10 @@ _HELP = (
     "The draft's shape defaults to the method's, scaled to the target (as `spectool init` makes it); the learning "
     "rate defaults to 6e-4 for DFlash / DSpark and 1e-4 for EAGLE, with a linear warmup (>= 20 steps on long runs) "
     "and a cosine decay. --batch-size counts the sequences of a micro-batch over all processes together.\n\n"
-    "OUT receives train_config.json, metrics.jsonl, checkpoints/step-*/ (every --save-every steps, the last "
-    "--keep-last kept) and, at the end, the trained draft in the method's ecosystem format: `spectool chat --draft "
-    "OUT` runs it. Ctrl-C saves a checkpoint and stops; --resume continues exactly where it stopped.\n\n"
+    "OUT receives train_config.json, metrics.jsonl (also sent to OUT/tensorboard or W&B: --report-to), "
+    "checkpoints/step-*/ (every --save-every steps, the last --keep-last kept) and, at the end, the trained draft in "
+    "the method's ecosystem format: `spectool chat --draft OUT` runs it, `spectool report OUT` shows the run. Ctrl-C "
+    "saves a checkpoint and stops; --resume continues exactly where it stopped.\n\n"
     "Options can also come from --config FILE (TOML, YAML or JSON, keys named like the options: max_steps = 200; "
     "relative paths are read from the file's folder); options given on the command line win. Several processes: "
     "torchrun --nproc-per-node N -m spectool train ... (DDP; --fsdp shards the draft)."
@@ -92,6 +93,12 @@ def train_command(
     save_every: int = typer.Option(None, "--save-every", help="Steps between checkpoints, 0 = only on Ctrl-C [500]."),
     keep_last: int = typer.Option(None, "--keep-last", help="Checkpoints to keep [3]."),
     log_every: int = typer.Option(None, "--log-every", help="Steps between metrics.jsonl rows [10]."),
+    report_to: str = typer.Option(
+        None,
+        "--report-to",
+        help="Also send the metrics to: tensorboard (OUT/tensorboard), wandb, none; comma-separated "
+        "\\[tensorboard when installed].",
+    ),
     seed: int = typer.Option(None, "--seed", help="Seed of the draft, the data order and the objective [0]."),
     device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... \\[cuda when available]."),
     dtype: str = typer.Option(
@@ -143,6 +150,7 @@ def train_command(
         save_every=save_every,
         keep_last=keep_last,
         log_every=log_every,
+        report_to=report_to,
         seed=seed,
         device=device,
         dtype=dtype,
@@ -200,11 +208,13 @@ def _saved_config(out: Path) -> dict[str, Any]:
 
 
 def _run(config: Any, *, resume: bool, force: bool, as_json: bool) -> None:
+    from spectool.training.reporting import resolve_report_to
     from spectool.training.trainer import Trainer, TrainEvent, TrainingInterrupted
 
     main_process = os.environ.get("RANK", "0") == "0"
     out_console = console()
     show = out_console.is_terminal and not as_json and main_process
+    plain = not out_console.is_terminal and not as_json and main_process  # a log file: one line per logged row
     columns = (
         TextColumn("[bold]step"),
         MofNCompleteColumn(),
@@ -227,6 +237,10 @@ def _run(config: Any, *, resume: bool, force: bool, as_json: bool) -> None:
                 bar.update(task, completed=event.step, total=event.total_steps)
             elif event.kind == "log" and event.row is not None:
                 bar.update(task, stats=_stats_text(event.row))
+                if plain:
+                    total = event.total_steps if event.total_steps is not None else "?"
+                    line = f"step {event.step}/{total}  {_stats_text(event.row)}"
+                    out_console.print(line, soft_wrap=True, markup=False, highlight=False)
 
         try:
             result = Trainer(config, resume=resume, force=force, callback=on_event).run()
@@ -270,6 +284,10 @@ def _run(config: Any, *, resume: bool, force: bool, as_json: bool) -> None:
         soft_wrap=True,
         markup=False,
     )
+    see = f"see the run: spectool report {quoted(result.out)} (--out report.png draws it)"
+    if "tensorboard" in resolve_report_to(config.report_to):
+        see += f"; tensorboard --logdir {quoted(result.out / 'tensorboard')}"
+    out_console.print(see, soft_wrap=True, markup=False, highlight=False)
 
 
 def _print_warnings(out: Any, info: dict[str, Any]) -> None:

@@ -105,6 +105,7 @@ class TrainConfig:
     eval_every: int = 500  # steps between evaluations (and one at the end); 0: only at the end
     eval_batches: int | None = None  # at most this many held-out batches per evaluation
     log_every: int = 10
+    report_to: str | None = None  # trackers, comma-separated: tensorboard, wandb, none (spectool.training.reporting)
     seed: int = 0
     # hardware
     device: str | None = None  # cpu, cuda, cuda:1 ... (default cuda when available); torchrun picks cuda:LOCAL_RANK
@@ -181,6 +182,9 @@ class TrainConfig:
             raise UsageError("--weight-decay and --grad-clip must be 0 or more")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise UsageError(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
+        from spectool.training.reporting import resolve_report_to
+
+        resolve_report_to(self.report_to)
         if self.device is not None:
             from spectool.runtime import check_device
 

@@ -14,6 +14,7 @@ A run directory (``--out``)::
 
     train_config.json                 the resolved configuration (what `--resume` continues)
     metrics.jsonl                     one JSON object per logged step (eval rows add eval_*)
+    tensorboard/, wandb/              the same rows for TensorBoard / W&B (--report-to; spectool.training.reporting)
     checkpoints/step-0000500/         config.json + model.safetensors + spectool.json (the draft, ecosystem format,
                                       float32) and trainer_state.pt (optimizer, scheduler, RNG, data position, step)
     config.json, model.safetensors,   the final draft in the method's ecosystem format, loadable by
@@ -79,6 +80,7 @@ from spectool.training.features import (
     capture_batch,
     prepare_examples,
 )
+from spectool.training.reporting import Reporter, open_reporter, resolve_report_to
 
 CONFIG_FILE = "train_config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -368,7 +370,9 @@ class Trainer:
             mask_token_id=self.spec.mask_token_id,
             draft_vocab_size=self.spec.draft_vocab_size,
             markov_rank=self.spec.markov_rank,
+            report_to=",".join(resolve_report_to(config.report_to)) or "none",
         )
+        self.reporter: Reporter | None = None
         self.finish_only = False  # a resumed run whose steps are all done but whose final draft is not
         if resume_from is not None:
             self._load_trainer_state(resume_from)
@@ -575,6 +579,9 @@ class Trainer:
             clean = True  # every process stopped at the same step, after the same collectives
             raise
         finally:
+            if self.reporter is not None:
+                self.reporter.close()
+                self.reporter = None
             self.close(clean=clean)
 
     def close(self, *, clean: bool = True) -> None:
@@ -590,6 +597,9 @@ class Trainer:
     def _run(self) -> TrainResult:
         config = self.config
         resumed_from = self.step if self.resume_from is not None else None
+        if self.context.is_main:  # TensorBoard / W&B get the rows of metrics.jsonl (--report-to)
+            hparams = {**self.resolved_config.to_json(), "total_steps": self.total_steps}
+            self.reporter = open_reporter(self.resolved_config.report_to, self.out, hparams, start_step=self.step)
         self._emit("start", info=self.describe())
         window = _Window()
         last_row: dict[str, Any] = {}
@@ -886,6 +896,8 @@ class Trainer:
         if self.context.is_main:
             with open(self.out / METRICS_FILE, "a", encoding="utf-8") as handle:
                 handle.write(json.dumps(row) + "\n")
+            if self.reporter is not None:
+                self.reporter.log(row)
         self._emit("log", row=row)
 
     def _emit(self, kind: str, **fields: Any) -> None:

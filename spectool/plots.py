@@ -1,0 +1,349 @@
+"""What `spectool report` shows: training runs (their metrics.jsonl) and benchmarks (`spectool bench --json`).
+
+`load_sources` reads the paths; `summary_tables` gives Rich tables for the terminal (with sparklines);
+`write_figure` draws them with matplotlib (imported only there) into a PNG, or an HTML page embedding it, and writes
+the plotted numbers beside it as CSV (``source,panel,series,x,value``, one row per point) so they can be checked.
+
+Runs share their panels: loss and eval loss vs step, acceptance length vs step, tokens/s vs step, and a heat map of
+per-position acceptance (``acc@k``) over steps per run. A run keeps one colour in every panel (eval series dashed).
+Benchmarks add the histogram of tokens per verify round and tokens/s of the draft against each baseline.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from spectool.errors import UsageError
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_INSTALL = "pip install 'spectool[plot]'"
+_SPARKS = "▁▂▃▄▅▆▇█"
+_POSITION = re.compile(r"^acc@(\d+)$")
+
+
+@dataclass
+class RunSource:
+    """A training run: the rows of its metrics.jsonl."""
+
+    name: str
+    path: Path
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def series(self, key: str) -> list[tuple[int, float]]:
+        """(step, value) of every row holding a number under ``key``."""
+        return [
+            (row["step"], float(row[key]))
+            for row in self.rows
+            if isinstance(row.get(key), int | float) and not isinstance(row.get(key), bool)
+        ]
+
+    def last(self, key: str) -> float | None:
+        points = self.series(key)
+        return points[-1][1] if points else None
+
+    def positions(self) -> list[int]:
+        """The k of the acc@k fields, sorted."""
+        return sorted({int(m.group(1)) for row in self.rows for key in row if (m := _POSITION.match(key))})
+
+
+@dataclass
+class BenchSource:
+    """A benchmark: the object `spectool bench --json` printed."""
+
+    name: str
+    path: Path | None
+    data: dict[str, Any]
+
+    def decoders(self) -> list[tuple[str, float]]:
+        """(decoder, tokens/s): the speculative loop first, then each baseline."""
+        rows = [("speculative", float(self.data.get("tokens_per_second") or 0.0))]
+        for name, row in (self.data.get("baselines") or {}).items():
+            rows.append((name, float(row.get("tokens_per_second") or 0.0)))
+        return rows
+
+    def histogram(self) -> list[tuple[int, int]]:
+        """(tokens per verify round, rounds), sorted."""
+        return sorted((int(k), int(v)) for k, v in (self.data.get("acceptance_histogram") or {}).items())
+
+
+Source = RunSource | BenchSource
+
+
+def load_sources(paths: list[str | Path]) -> list[Source]:
+    """Read run directories (or their metrics.jsonl) and bench JSON files; a `UsageError` names a bad path."""
+    if not paths:
+        raise UsageError("give one or more run directories (with metrics.jsonl) or `spectool bench --json` files")
+    sources: list[Source] = []
+    for given in paths:
+        path = Path(given).expanduser()
+        if path.is_dir():
+            metrics = path / METRICS_FILE
+            if not metrics.is_file():
+                raise UsageError(f"{path} holds no {METRICS_FILE}: give a `spectool train` run directory")
+            sources.append(RunSource(path.name or str(path), path, _read_rows(metrics)))
+        elif path.is_file() and path.suffix == ".jsonl":
+            sources.append(RunSource(path.parent.name or path.stem, path, _read_rows(path)))
+        elif path.is_file():
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise UsageError(f"cannot read {path} as a bench JSON file: {exc}") from None
+            if not isinstance(data, dict) or "tokens_per_second" not in data or "baselines" not in data:
+                raise UsageError(f"{path} is not the output of `spectool bench --json`")
+            sources.append(BenchSource(path.stem, path, data))
+        else:
+            raise UsageError(f"{path} does not exist")
+    _unique_names(sources)
+    return sources
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"cannot read {path}: {exc}") from None
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut off by a kill
+        if isinstance(row, dict) and isinstance(row.get("step"), int):
+            rows.append(row)
+    return rows
+
+
+def _unique_names(sources: list[Source]) -> None:
+    """Sources with the same name are told apart by their path."""
+    seen: dict[str, int] = {}
+    for source in sources:
+        seen[source.name] = seen.get(source.name, 0) + 1
+    for source in sources:
+        if seen[source.name] > 1 and source.path is not None:
+            source.name = str(source.path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Terminal
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def sparkline(values: list[float], width: int = 30) -> str:
+    """``▁▃▅█``: the values (averaged into at most ``width`` buckets) scaled from their min to their max."""
+    if not values:
+        return ""
+    if len(values) > width:
+        size = len(values) / width
+        values = [
+            sum(chunk) / len(chunk)
+            for i in range(width)
+            if (chunk := values[int(i * size) : max(int((i + 1) * size), int(i * size) + 1)])
+        ]
+    low, high = min(values), max(values)
+    span = high - low
+    return "".join(_SPARKS[int((v - low) / span * (len(_SPARKS) - 1) + 0.5) if span else 0] for v in values)
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def summary_tables(sources: list[Source]) -> list[Any]:
+    """Rich renderables: one table per run and per benchmark."""
+    from rich.table import Table
+    from rich.text import Text
+
+    tables = []
+    for source in sources:
+        table = Table(title=Text(source.name, style="bold"), title_justify="left", show_edge=False, show_header=False)
+        table.add_column("what", style="bold")
+        table.add_column("value", justify="right")
+        table.add_column("trend")
+        if isinstance(source, RunSource):
+            steps = source.rows[-1]["step"] if source.rows else 0
+            loss = [v for _, v in source.series("loss")]
+            tau = [v for _, v in source.series("acceptance_length")]
+            table.add_row("steps", str(steps), "")
+            table.add_row("loss (last)", _number(source.last("loss"), ".4f"), sparkline(loss))
+            table.add_row("eval loss (last)", _number(source.last("eval_loss"), ".4f"), "")
+            table.add_row("acceptance length (last)", _number(source.last("acceptance_length"), ".3f"), sparkline(tau))
+            if source.last("eval_acceptance_length") is not None:
+                table.add_row(
+                    "eval acceptance length (last)", _number(source.last("eval_acceptance_length"), ".3f"), ""
+                )
+            speed = [v for _, v in source.series("tokens_per_second")]
+            table.add_row("tokens/s (mean)", _number(sum(speed) / len(speed) if speed else None, ",.0f"), "")
+        else:
+            data = source.data
+            histogram = source.histogram()
+            table.add_row("draft", f"{data.get('method')} {data.get('draft')}", "")
+            table.add_row(
+                "acceptance length", _number(data.get("acceptance_length"), ".3f"), sparkline([c for _, c in histogram])
+            )
+            for name, tps in source.decoders():
+                speedup = (data.get("baselines") or {}).get(name, {}).get("speedup")
+                note = f"draft {speedup:.2f}x faster" if isinstance(speedup, int | float) else ""
+                table.add_row(f"tokens/s {name}", f"{tps:,.1f}", note)
+        tables.append(table)
+    return tables
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Figure
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def require_matplotlib() -> None:
+    """A `UsageError` naming the extra to install when matplotlib is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UsageError(f"drawing needs matplotlib: {PLOT_INSTALL}") from None
+
+
+def check_figure_path(out: str | Path) -> Path:
+    out = Path(out).expanduser()
+    if out.suffix.lower() not in (".png", ".html"):
+        raise UsageError(f"{out}: the figure is written as .png or .html")
+    if out.is_dir():
+        raise UsageError(f"{out} is a directory; give a .png or .html file")
+    return out
+
+
+def write_figure(sources: list[Source], out: str | Path) -> tuple[Path, Path]:
+    """Draw ``sources`` into ``out`` (.png, or .html embedding the PNG) and the plotted data into a CSV beside
+    it (same name, .csv). Returns both paths."""
+    out = check_figure_path(out)
+    require_matplotlib()
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    from matplotlib import pyplot as plt
+
+    runs = [s for s in sources if isinstance(s, RunSource)]
+    benches = [s for s in sources if isinstance(s, BenchSource)]
+    panels: list[str] = []
+    if runs:
+        panels += ["loss", "acceptance_length", "tokens_per_second"]
+        panels += [f"positions:{i}" for i, run in enumerate(runs) if run.positions()]
+    if benches:
+        panels += ["histogram", "decoders"]
+    if not panels:
+        raise UsageError("nothing to draw")
+    columns = 2 if len(panels) > 1 else 1
+    rows_count = (len(panels) + columns - 1) // columns
+    fig, axes = plt.subplots(rows_count, columns, figsize=(6.0 * columns, 3.4 * rows_count), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[len(panels) :]:
+        ax.set_visible(False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour = {source.name: colours[i % len(colours)] for i, source in enumerate(sources)}
+    points: list[tuple[str, str, str, Any, float]] = []  # source, panel, series, x, value
+
+    def lines(ax: Any, panel: str, keys: tuple[str, ...], title: str, ylabel: str) -> None:
+        for run in runs:
+            for key in keys:
+                series = run.series(key)
+                if not series:
+                    continue
+                style = "--" if key.startswith("eval_") else "-"
+                xs, ys = zip(*series, strict=True)
+                ax.plot(xs, ys, style, color=colour[run.name], marker="." if len(xs) < 30 else None,
+                        label=f"{run.name} {key}")  # fmt: skip
+                points.extend((run.name, panel, key, x, y) for x, y in series)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        if ax.has_data():
+            ax.legend(fontsize="small")
+
+    for ax, panel in zip(flat, panels, strict=False):
+        if panel == "loss":
+            lines(ax, panel, ("loss", "eval_loss"), "loss", "loss")
+        elif panel == "acceptance_length":
+            keys = ("acceptance_length", "eval_acceptance_length")
+            lines(ax, panel, keys, "acceptance length (bonus token included)", "tokens per round")
+        elif panel == "tokens_per_second":
+            lines(ax, panel, ("tokens_per_second",), "training tokens/s", "tokens/s")
+        elif panel.startswith("positions:"):
+            run = runs[int(panel.split(":")[1])]
+            ks = run.positions()
+            steps = [row["step"] for row in run.rows if any(f"acc@{k}" in row for k in ks)]
+            grid = [[float("nan")] * len(steps) for _ in ks]
+            for j, row in enumerate(r for r in run.rows if any(f"acc@{k}" in r for k in ks)):
+                for i, k in enumerate(ks):
+                    value = row.get(f"acc@{k}")
+                    if isinstance(value, int | float):
+                        grid[i][j] = float(value)
+                        points.append((run.name, "positions", f"acc@{k}", row["step"], float(value)))
+            image = ax.imshow(grid, aspect="auto", origin="lower", vmin=0.0, vmax=1.0, cmap="viridis",
+                              interpolation="nearest")  # fmt: skip
+            ax.set_yticks(range(len(ks)), [str(k) for k in ks])
+            ticks = sorted({0, len(steps) - 1, *range(0, len(steps), max(1, len(steps) // 6))})
+            ax.set_xticks(ticks, [str(steps[t]) for t in ticks])
+            ax.set_title(f"{run.name}: acceptance by draft position (acc@k)")
+            ax.set_xlabel("step")
+            ax.set_ylabel("position k")
+            fig.colorbar(image, ax=ax)
+        elif panel == "histogram":
+            width = 0.8 / len(benches)
+            for b, bench in enumerate(benches):
+                histogram = bench.histogram()
+                total = sum(c for _, c in histogram) or 1
+                xs = [k + (b - (len(benches) - 1) / 2) * width for k, _ in histogram]
+                ax.bar(xs, [c / total for _, c in histogram], width=width, color=colour[bench.name], label=bench.name)
+                points.extend((bench.name, panel, "rounds", k, float(c)) for k, c in histogram)
+            ax.set_xticks(sorted({k for bench in benches for k, _ in bench.histogram()}))
+            ax.set_title("tokens per verify round (acceptance length)")
+            ax.set_xlabel("tokens per round")
+            ax.set_ylabel("share of rounds")
+            ax.legend(fontsize="small")
+        elif panel == "decoders":
+            names = list(dict.fromkeys(name for bench in benches for name, _ in bench.decoders()))
+            width = 0.8 / len(benches)
+            for b, bench in enumerate(benches):
+                speeds = dict(bench.decoders())
+                xs = [i + (b - (len(benches) - 1) / 2) * width for i, name in enumerate(names) if name in speeds]
+                ys = [speeds[name] for name in names if name in speeds]
+                ax.bar(xs, ys, width=width, color=colour[bench.name], label=bench.name)
+                points.extend((bench.name, panel, "tokens_per_second", name, speeds[name]) for name in speeds)
+            ax.set_xticks(range(len(names)), names, rotation=20, fontsize="small")
+            ax.set_title("decoding tokens/s: the draft against the baselines")
+            ax.set_ylabel("tokens/s")
+            ax.legend(fontsize="small")
+    fig.tight_layout()
+    image_bytes = io.BytesIO()
+    fig.savefig(image_bytes, format="png", dpi=80)
+    plt.close(fig)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".png":
+        out.write_bytes(image_bytes.getvalue())
+    else:
+        encoded = base64.b64encode(image_bytes.getvalue()).decode("ascii")
+        names = ", ".join(s.name for s in sources)
+        out.write_text(
+            '<!doctype html>\n<html><head><meta charset="utf-8"><title>spectool report</title></head><body>\n'
+            f"<h1>spectool report</h1>\n<p>{_escape(names)}</p>\n"
+            f'<img alt="spectool report" src="data:image/png;base64,{encoded}">\n</body></html>\n',
+            encoding="utf-8",
+        )
+    table = out.with_suffix(".csv")
+    with open(table, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["source", "panel", "series", "x", "value"])
+        writer.writerows(points)
+    return out, table
+
+
+def _escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+__all__ = ["BenchSource", "RunSource", "load_sources", "sparkline", "summary_tables", "write_figure"]
