@@ -533,12 +533,13 @@ def cost_profile(runtime: Runtime, rounds: Sequence[Any]) -> dict[str, Any]:
     in one forward), the draft's cost per round (measured in this run's drafting rounds), for each number of
     drafted tokens k the acceptance it needs to break even with plain target steps, and the speedup a full round
     would give at several acceptance lengths."""
-    from spectool.decoding.engine import target_session
     from spectool.decoding.schedule import profile_verify_cost
 
-    proposer = runtime.engine.proposer
+    engine = runtime.engine
+    proposer = engine.proposer
     width = (proposer.tree_size or proposer.max_drafts) + 1
-    profile = profile_verify_cost(target_session(runtime.engine.session.target), width)
+    # `--verify auto` profiled the same curve at start-up and decided by it; otherwise profile it now.
+    profile = engine.controller.profile if engine.controller is not None else profile_verify_cost(engine.session, width)
     step = profile.seconds[0]
     drafting = [r for r in rounds if r.num_drafted > 0]
     if proposer.per_token_drafting:

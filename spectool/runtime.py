@@ -90,9 +90,9 @@ def load_runtime(
     `verify="auto"` profiles the target's verify cost once and lets the engine choose, each round, how many
     tokens to draft (0: a plain target step) from that cost, the measured drafting time and the running
     acceptance; a DSpark draft with a confidence head also stops each block at its first unprofitable slot.
-    `"full"` drafts and verifies as much as the draft offers (or `--max-drafts`). `tree="TOP_K,DEPTH,TOTAL"` drafts an
-    EAGLE-2 dynamic tree with an EAGLE-1 / EAGLE-3 draft (greedy or sampled). `device` None picks CUDA when
-    available (the target then runs in bfloat16), else the CPU (float32).
+    `"full"` drafts and verifies as much as the draft offers (or `--max-drafts`). `tree="TOP_K,DEPTH,TOTAL"`
+    drafts an EAGLE-2 dynamic tree with an EAGLE-1 / EAGLE-3 draft (greedy or sampled). `device` None picks CUDA
+    when available (the target then runs in bfloat16), else the CPU (float32).
     """
     if verify not in ("full", "auto"):
         raise UsageError(f"--verify must be full or auto, got {verify!r}")

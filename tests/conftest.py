@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import GptOssConfig, LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
@@ -151,10 +153,15 @@ def chat_target_dir(tmp_path_factory):
         pad_token_id=tokenizer.pad_token_id,
     )
     torch.manual_seed(0)
-    model = Qwen3ForCausalLM(config)
+    return save_chat_target(Qwen3ForCausalLM(config), directory, tokenizer)
+
+
+def save_chat_target(model, directory: Path, tokenizer) -> Path:
+    """Save a random chat target with ``tokenizer``: decisive logits (greedy decoding far from ties) and an
+    end-of-turn row at zero, so answers run to max_new_tokens."""
     with torch.no_grad():
-        model.lm_head.weight.normal_(0.0, 0.5)  # decisive logits: greedy decoding far from ties
-        model.lm_head.weight[tokenizer.eos_token_id] = 0.0  # answers run to max_new_tokens
+        model.lm_head.weight.normal_(0.0, 0.5)
+        model.lm_head.weight[tokenizer.eos_token_id] = 0.0
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(directory)

@@ -21,7 +21,7 @@ from spectool.checkpoint import check_against_target, load_draft
 from spectool.errors import SpectoolError
 from spectool.hub import resolve_model
 from tests.cli.conftest import invoke
-from tests.conftest import tiny_llama_config, tiny_qwen3_config
+from tests.conftest import save_chat_target, tiny_llama_config, tiny_qwen3_config
 
 FIXTURES = Path(__file__).parent / "fixtures"
 H, V, N = 64, 128, 8  # the tiny targets every fixture is shrunk to
@@ -188,27 +188,14 @@ def write_published_draft(name: str, directory: Path) -> Path:
     return directory
 
 
-def _save_chat_target(model, directory: Path) -> Path:
-    from tests.chat_tokenizer import build_tokenizer
-
-    tokenizer = build_tokenizer()
-    with torch.no_grad():
-        model.lm_head.weight.normal_(0.0, 0.5)  # decisive logits: greedy decoding far from ties
-        model.lm_head.weight[tokenizer.eos_token_id] = 0.0  # answers run to max_new_tokens
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
 @pytest.fixture(scope="module")
 def targets(tmp_path_factory):
     """Tiny chat targets the fixtures are shrunk to: Qwen3 (8 layers, width 64, 4 heads x 32, 2 kv heads,
     vocabulary 128) and Llama (4 layers, width 64, rope theta 500000), both with the word-level ChatML tokenizer."""
     from tests.chat_tokenizer import build_tokenizer
 
-    eos, pad = build_tokenizer().eos_token_id, build_tokenizer().pad_token_id
+    tokenizer = build_tokenizer()
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     root = tmp_path_factory.mktemp("published-targets")
     torch.manual_seed(0)
     qwen3 = Qwen3ForCausalLM(
@@ -217,7 +204,10 @@ def targets(tmp_path_factory):
     llama = LlamaForCausalLM(
         tiny_llama_config(num_hidden_layers=4, vocab_size=V, intermediate_size=128, eos_token_id=eos, pad_token_id=pad)
     )
-    return {"qwen3": _save_chat_target(qwen3, root / "qwen3"), "llama": _save_chat_target(llama, root / "llama")}
+    return {
+        "qwen3": save_chat_target(qwen3, root / "qwen3", tokenizer),
+        "llama": save_chat_target(llama, root / "llama", tokenizer),
+    }
 
 
 @pytest.fixture(scope="module")

@@ -176,8 +176,7 @@ class ChatSession:
             self.out.print(Text("[answer stopped by Ctrl-C]", style="yellow"))
         elif finish == "length":
             self.out.print(Text(f"[answer cut at {max_new_tokens} tokens: raise --max-new-tokens]", style="yellow"))
-        controller = getattr(runtime.engine, "controller", None)
-        line = stats_line(stats, auto=controller is not None, cap=self.max_drafts)
+        line = stats_line(stats, auto=runtime.engine.controller is not None, cap=self.max_drafts)
         self.out.print(Text(line, style="dim"), soft_wrap=True)
 
     def histogram(self) -> str:

@@ -1078,7 +1078,6 @@ def regenerate(
     """
     config.validate()
     out = Path(out)
-    check_regen_output(out)  # refuses a file that is not a regeneration output before anything is written
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         done, dropped = read_finished_ids(out)

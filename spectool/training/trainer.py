@@ -199,9 +199,10 @@ def find_resume_point(out: Path) -> ResumePoint:
         try:
             state = read_trainer_state(path)
             try:
-                with safe_open(str(path / "model.safetensors"), framework="pt") as handle:
-                    for key in handle.keys():
-                        handle.get_tensor(key)
+                # Opening checks the header against the file's length (a lost tail is found); the tensors are read
+                # once, when the draft loads.
+                with safe_open(str(path / "model.safetensors"), framework="pt"):
+                    pass
                 json.loads((path / "config.json").read_text(encoding="utf-8"))
             except Exception as exc:  # truncated or garbled weights / config
                 raise SpectoolError(f"{path}: unreadable draft ({str(exc).splitlines()[0][:200]})") from None

@@ -2,6 +2,7 @@
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -44,6 +45,24 @@ def tiny_model_dir(tmp_path) -> Path:
     tokenizer = {"model": {"vocab": {f"t{i}": i for i in range(280)}}, "added_tokens": [{"id": 280}, {"id": 281}]}
     (directory / "tokenizer.json").write_text(json.dumps(tokenizer))
     return directory
+
+
+WORDS = "hi hello there how is it going fine thanks what the time now one two three four five six seven".split()
+
+
+@pytest.fixture
+def data_file(tmp_path) -> Path:
+    """8 random two-turn conversations of single-token words (seeded), for `train` runs through the CLI."""
+    rng = random.Random(0)
+    lines = []
+    for _ in range(8):
+        question = " ".join(rng.choice(WORDS) for _ in range(4))
+        answer = " ".join(rng.choice(WORDS) for _ in range(10))
+        row = {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
+        lines.append(json.dumps(row))
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def invoke(*args: str):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -13,22 +12,7 @@ import pytest
 from spectool.bench import BenchReport
 from tests.cli.conftest import invoke
 
-WORDS = "hi hello there how is it going fine thanks what the time now one two three four five six seven".split()
 FAST = ["--max-length", "48", "--batch-size", "2", "--num-anchors", "4", "--eval-fraction", "0.25"]
-
-
-@pytest.fixture
-def data_file(tmp_path) -> Path:
-    rng = random.Random(0)
-    lines = []
-    for _ in range(8):
-        question = " ".join(rng.choice(WORDS) for _ in range(4))
-        answer = " ".join(rng.choice(WORDS) for _ in range(10))
-        row = {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
-        lines.append(json.dumps(row))
-    path = tmp_path / "data.jsonl"
-    path.write_text("\n".join(lines) + "\n")
-    return path
 
 
 def train_args(target: Path, data: Path, out: Path) -> list[str]:
