@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -153,10 +154,17 @@ def test_wandb_offline_resumes_the_same_run(tiny_target_dir, data_file, tmp_path
     run_id = (out / "wandb_run_id").read_text().strip()
     train(config, resume=True)
     assert (out / "wandb_run_id").read_text().strip() == run_id
-    runs = sorted((out / "wandb" / "wandb").glob(f"offline-run-*-{run_id}"))
+    # W&B's writer is a separate process: give the resumed session's file a few seconds to be complete on disk
+    # (a read right after finish() once saw only the first session's steps, in CI).
+    deadline = time.monotonic() + 10
+    while True:
+        runs = sorted((out / "wandb" / "wandb").glob(f"offline-run-*-{run_id}"))
+        history = [row for run in runs for row in wandb_history(run)]
+        by_step = {row["_step"]: row for row in history}
+        if sorted(by_step) == [1, 2, 3] or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
     assert runs, list((out / "wandb").rglob("*"))
-    history = [row for run in runs for row in wandb_history(run)]
-    by_step = {row["_step"]: row for row in history}
     assert sorted(by_step) == [1, 2, 3]
     for row in rows(out):
         for key, value in scalars(row).items():
