@@ -25,7 +25,7 @@ from spectool.decoding.engine import Engine, GenerationStats
 from spectool.decoding.stops import StopStrings
 from spectool.errors import SpectoolError, UsageError
 from spectool.runtime import Runtime
-from spectool.training.data import read_utf8
+from spectool.training.conversations import read_utf8
 
 BASELINES = ("target", "hf", "prompt-lookup")
 #: Opt-in: the z-lab `dflash` package's own loop on the same DFlash checkpoint (engine-overhead comparison).

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from spectool.chat_format import ChatFormat, Message
 from spectool.checkpoint import LoadedDraft, check_against_target, load_draft
 from spectool.decoding.engine import Engine, target_session
 from spectool.decoding.proposers import make_proposer
@@ -19,7 +20,6 @@ from spectool.decoding.schedule import DraftLengthController, PrefixScheduler, p
 from spectool.errors import SpectoolError, UsageError
 from spectool.hub import TargetInfo, load_model_and_tokenizer, resolve_model
 from spectool.target import FrozenTarget
-from spectool.training.data import ChatFormat, Message
 
 #: Tokens drafted per round by the EAGLE chains (DFlash / DSpark draft a whole block).
 DEFAULT_CHAIN_LENGTH = 6

@@ -60,7 +60,7 @@ def regen_command(
     dtype: str = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: bf16 on CUDA, else fp32)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
 ) -> None:
-    """Regenerate assistant turns with the target (help text: `_REGEN_HELP`); the work is in `training.data`."""
+    """Regenerate assistant turns with the target (help text: `_REGEN_HELP`); the work is in `training.regen`."""
     if limit is not None and limit < 1:
         raise UsageError(f"--limit must be at least 1, got {limit}")
     if dtype is not None and dtype not in _DTYPES:
@@ -71,15 +71,10 @@ def regen_command(
             raise UsageError(f"no such chat template file: {chat_template}")
         template_text = chat_template.read_text(encoding="utf-8")
 
+    from spectool.chat_format import ChatFormat
     from spectool.hub import load_model_and_tokenizer, resolve_model
-    from spectool.training.data import (
-        ChatFormat,
-        RegenConfig,
-        RegenProgress,
-        check_regen_output,
-        load_conversations,
-        regenerate,
-    )
+    from spectool.training.conversations import load_conversations
+    from spectool.training.regen import RegenConfig, RegenProgress, check_regen_output, regenerate
 
     config = RegenConfig(
         max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed, system=system

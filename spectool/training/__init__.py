@@ -1,1 +1,2 @@
-"""Training drafts: conversations to token ids and assistant loss masks (`data`), regeneration with the target."""
+"""Training drafts: conversation readers (`conversations`), examples into batches (`batches`), regeneration with
+the target (`regen`), features, the trainer; the chat format and loss masks are `spectool.chat_format`."""

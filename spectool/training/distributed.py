@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from spectool.errors import SpectoolError, UsageError
-from spectool.training.data import Batch
+from spectool.training.batches import Batch
 
 #: How long a process waits for the others at a collective before giving up (a crashed peer otherwise hangs it).
 TIMEOUT = timedelta(minutes=30)

@@ -33,22 +33,13 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from spectool.chat_format import AssistantTurns, ChatFormat, TokenizedExample
 from spectool.checkpoint import chat_template_sha256
 from spectool.errors import SpectoolError, UsageError
 from spectool.paths import file_mode, fsync_dir
 from spectool.target import FrozenTarget, TargetBatch
-from spectool.training.data import (
-    AssistantTurns,
-    Batch,
-    ChatFormat,
-    LoadReport,
-    ShuffledBatches,
-    TokenizedExample,
-    TokenizeReport,
-    collate,
-    load_conversations,
-    tokenize_conversations,
-)
+from spectool.training.batches import Batch, ShuffledBatches, TokenizeReport, collate, tokenize_conversations
+from spectool.training.conversations import LoadReport, load_conversations
 
 MANIFEST = "features.json"
 FORMAT = "spectool-features"
@@ -357,7 +348,7 @@ def extract_features(
     from spectool.init import target_metadata
     from spectool.layers import LayerIdWarning
     from spectool.registry import resolve
-    from spectool.training.data import pad_token_id
+    from spectool.training.batches import pad_token_id
     from spectool.training.distributed import init_distributed, shutdown
     from spectool.training.precision import target_dtype
 

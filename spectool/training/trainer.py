@@ -58,8 +58,8 @@ from spectool.paths import (
     remove_entries,
 )
 from spectool.training import precision
+from spectool.training.batches import Batch, collate, pad_token_id, split_heldout
 from spectool.training.config import RESUME_LOCKED, TrainConfig, default_warmup_steps
-from spectool.training.data import Batch, collate, pad_token_id, split_heldout
 from spectool.training.distributed import (
     DistributedContext,
     DraftWithObjective,

@@ -16,12 +16,12 @@ import pytest
 from rich.console import Console
 from transformers import AutoTokenizer
 
+from spectool.chat_format import ChatFormat, Message
 from spectool.cli.chat_cmd import ChatSession
 from spectool.decoding.accept import SamplingParams
 from spectool.errors import UsageError
 from spectool.init import init_draft
 from spectool.runtime import load_runtime
-from spectool.training.data import ChatFormat, Message
 from tests.cli.conftest import invoke
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")  # styles, and the cursor moves prompt_toolkit draws with

@@ -5,13 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from spectool.chat_format import ChatFormat, Message, TokenizedExample
 from spectool.errors import SpectoolError, UsageError
-from spectool.training.data import (
-    ChatFormat,
-    Conversation,
-    Message,
+from spectool.training.batches import (
     ShuffledBatches,
-    TokenizedExample,
     collate,
     length_grouped,
     pack_examples,
@@ -19,6 +16,7 @@ from spectool.training.data import (
     split_heldout,
     tokenize_conversations,
 )
+from spectool.training.conversations import Conversation
 
 
 def example(ids: list[int], mask: list[int] | None = None) -> TokenizedExample:
@@ -31,7 +29,7 @@ def test_truncation_and_dropping_unsupervised(chatml_tokenizer):
     long_prompt = Conversation(
         [Message("user", " ".join(["one two three"] * 10)), Message("assistant", "yes")], "d.jsonl", 2
     )
-    full = chat_format.tokenize(long_prompt)
+    full = chat_format.tokenize(long_prompt.messages)
     examples, report = tokenize_conversations([short, long_prompt], chat_format, max_length=12)
     # <|im_start|> user \n hi <|im_end|> \n <|im_start|> assistant \n hello <|im_end|> \n: 12 tokens, fits.
     assert len(examples) == 1 and len(examples[0]) == 12 and examples[0].num_supervised == 2

@@ -12,9 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from spectool.chat_format import TokenizedExample
 from spectool.checkpoint import load_draft
 from spectool.errors import UsageError
-from spectool.training.data import TokenizedExample, collate
+from spectool.training.batches import collate
 from spectool.training.distributed import DistributedContext, DraftWithObjective, shard_batch, wrap_model
 from spectool.training.trainer import train
 from tests.training.conftest import write_jsonl

@@ -8,9 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from spectool.chat_format import TokenizedExample
 from spectool.errors import UsageError
 from spectool.target import FrozenTarget
-from spectool.training.data import ShuffledBatches, TokenizedExample, collate, pack_examples
+from spectool.training.batches import ShuffledBatches, collate, pack_examples
 from spectool.training.features import (
     FeaturesConfig,
     FeatureStore,

@@ -9,9 +9,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from spectool.chat_format import ChatFormat, Message
 from spectool.cli import app
 from spectool.hub import load_model_and_tokenizer, resolve_model
-from spectool.training.data import ChatFormat, Message, cut_at_stop, load_conversations, read_finished_ids
+from spectool.training.conversations import load_conversations
+from spectool.training.regen import cut_at_stop, read_finished_ids
 from tests.training.conftest import write_jsonl
 
 ROWS = [

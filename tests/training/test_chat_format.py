@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from spectool.chat_format import ChatFormat, ChatTemplateError, Message
 from spectool.errors import SpectoolError
-from spectool.training.data import ChatFormat, ChatTemplateError, Conversation, Message, tokenize_conversations
+from spectool.training.batches import tokenize_conversations
+from spectool.training.conversations import Conversation
 from tests.training.conftest import CHATML_TEMPLATE, QWEN3_LIKE_TEMPLATE, build_tokenizer
 
 CONVERSATION = Conversation(
@@ -39,7 +41,7 @@ THINK = [("<think>", 0), ("\n\n", 0), ("</think>", 0), ("\n\n", 0)]
 
 
 def tokens_and_mask(chat_format: ChatFormat, conversation=CONVERSATION, turns="all") -> list[tuple[str, int]]:
-    example = chat_format.tokenize(conversation, turns)
+    example = chat_format.tokenize(conversation.messages, turns)
     tokens = chat_format.tokenizer.convert_ids_to_tokens(example.input_ids)
     return list(zip(tokens, example.loss_mask, strict=True))
 

@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
+from spectool.chat_format import Message
 from spectool.errors import SpectoolError, UsageError
-from spectool.training.data import Message, load_conversations
+from spectool.training.conversations import load_conversations
 from tests.training.conftest import write_jsonl
 
 OPENAI_ROW = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
