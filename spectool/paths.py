@@ -17,7 +17,7 @@ from spectool.errors import SpectoolError, UsageError
 
 #: The files of a draft directory that spectool writes (`spectool.checkpoint.save_draft`).
 DRAFT_FILES = ("model.safetensors", "config.json", "spectool.json")
-#: What a training run adds beside its final draft (`spectool.training.trainer`).
+#: What a training run adds beside its final draft (`spectool.training.rundir`).
 RUN_FILES = (
     "train_config.json",
     "metrics.jsonl",

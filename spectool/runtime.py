@@ -17,6 +17,7 @@ from spectool.checkpoint import LoadedDraft, check_against_target, load_draft
 from spectool.decoding.engine import Engine, target_session
 from spectool.decoding.proposers import make_proposer
 from spectool.decoding.schedule import DraftLengthController, PrefixScheduler, profile_verify_cost
+from spectool.device import check_device
 from spectool.errors import SpectoolError, UsageError
 from spectool.hub import TargetInfo, load_model_and_tokenizer, resolve_model
 from spectool.target import FrozenTarget
@@ -136,24 +137,6 @@ def load_runtime(
     chat = ChatFormat(tokenizer) if getattr(tokenizer, "chat_template", None) else None
     stops = stop_token_ids(model, chat, tokenizer)
     return Runtime(info, model, tokenizer, draft, engine, target_engine, stops, warnings, chat)
-
-
-def check_device(device: str | None) -> str:
-    """`--device` as given (None: cuda when available, else cpu), refused with the fix when unusable here."""
-    if device is None:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise UsageError(f"--device {device!r} is not a torch device; use cpu, cuda or cuda:N") from None
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UsageError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    elif parsed.type != "cpu":
-        raise UsageError(f"--device {device}: only cpu and cuda are supported")
-    return device
 
 
 def parse_tree(text: str) -> tuple[int, int, int]:

@@ -260,6 +260,6 @@ def features_command(
 
 
 def _check_device(device: str | None) -> str:
-    from spectool.runtime import check_device  # torch and the decoding engine: loaded only when a command runs
+    from spectool.device import check_device  # torch: loaded only when a command runs
 
     return check_device(device)

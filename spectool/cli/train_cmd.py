@@ -196,7 +196,7 @@ def _features_method(features: Path) -> str | None:
 
 
 def _saved_config(out: Path) -> dict[str, Any]:
-    from spectool.training.trainer import CONFIG_FILE, latest_checkpoint
+    from spectool.training.rundir import CONFIG_FILE, latest_checkpoint
 
     if latest_checkpoint(out) is None:
         raise UsageError(f"nothing to resume in {out}: no complete checkpoint under {out / 'checkpoints'}")
@@ -208,8 +208,9 @@ def _saved_config(out: Path) -> dict[str, Any]:
 
 
 def _run(config: Any, *, resume: bool, force: bool, as_json: bool) -> None:
+    from spectool.training.progress import TrainEvent, TrainingInterrupted
     from spectool.training.reporting import resolve_report_to
-    from spectool.training.trainer import Trainer, TrainEvent, TrainingInterrupted
+    from spectool.training.trainer import Trainer
 
     main_process = os.environ.get("RANK", "0") == "0"
     out_console = console()

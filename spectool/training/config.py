@@ -110,7 +110,7 @@ class TrainConfig:
     # hardware
     device: str | None = None  # cpu, cuda, cuda:1 ... (default cuda when available); torchrun picks cuda:LOCAL_RANK
     # auto: on CUDA the target in bf16 and the draft under bf16 autocast; on CPU the target in bf16 where the CPU
-    # multiplies bf16 natively (AMX), else fp32, and the draft in fp32 (spectool.training.precision)
+    # multiplies bf16 natively (AMX), else fp32, and the draft in fp32 (spectool.device)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     save_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # dtype of the final draft's weights
     fsdp: bool = False  # shard the draft with FSDP2 (fully_shard) instead of replicating it (DDP)
@@ -186,7 +186,7 @@ class TrainConfig:
 
         resolve_report_to(self.report_to)
         if self.device is not None:
-            from spectool.runtime import check_device
+            from spectool.device import check_device
 
             check_device(self.device)
 
@@ -215,11 +215,6 @@ class TrainConfig:
         if "method" not in checked:
             raise UsageError("give --method (eagle1, eagle3, dflash or dspark)")
         return cls(**checked)
-
-
-def default_warmup_steps(total_steps: int) -> int:
-    """At least the 20 steps upstream asks for, at most a tenth of the run."""
-    return max(0, min(max(20, total_steps // 50), total_steps // 10))
 
 
 def _flag(name: str) -> str:
@@ -395,7 +390,6 @@ __all__ = [
     "RESUME_LOCKED",
     "TrainConfig",
     "check_values",
-    "default_warmup_steps",
     "read_config_file",
     "resolve_config",
 ]

@@ -18,7 +18,7 @@ import contextlib
 import gc
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from spectool.device import auto_device
 from spectool.errors import SpectoolError, UsageError
 from spectool.training.batches import Batch
 
@@ -77,14 +78,32 @@ class DistributedContext:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def decide_on_main(self, action: Callable[[], Any]) -> Any:
+        """Run ``action`` on rank 0 and share its result, or its `SpectoolError`, with every process."""
+        outcome: tuple[Any, BaseException | None] = (None, None)
+        if self.is_main:
+            try:
+                outcome = (action(), None)
+            except SpectoolError as exc:
+                outcome = (None, exc)
+        result, error = self.broadcast_object(outcome)
+        if error is not None:
+            raise error
+        return result
+
+    def sum_over_processes(self, values: dict[str, float]) -> dict[str, float]:
+        """Each value summed over all processes (one all-reduce); the keys must be the same everywhere."""
+        if not self.enabled:
+            return dict(values)
+        keys = sorted(values)
+        tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
+        self.all_reduce_sum(tensor)
+        return dict(zip(keys, tensor.tolist(), strict=True))
+
     def rows(self, global_rows: int) -> slice:
         """This process's contiguous slice of a global batch of ``global_rows`` rows (a multiple of the world)."""
         per = global_rows // self.world_size
         return slice(self.rank * per, (self.rank + 1) * per)
-
-
-def auto_device(device: str | None) -> str:
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def init_distributed(device: str | None = None) -> DistributedContext:
@@ -248,6 +267,28 @@ def gradient_sync(model: nn.Module, enabled: bool) -> Iterator[None]:
             yield
     else:
         yield
+
+
+def trainable_weights_finite(model: nn.Module, context: DistributedContext) -> bool:
+    """Whether every trainable weight is finite on every process (each checks its own shards under FSDP)."""
+    broken = 0.0
+    for param in model.parameters():
+        if param.requires_grad:
+            local = param.to_local() if hasattr(param, "to_local") else param
+            if not bool(torch.isfinite(local.detach()).all()):
+                broken = 1.0
+                break
+    return not context.sum_over_processes({"broken": broken})["broken"]
+
+
+def exportable_draft(model: nn.Module, draft: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """The draft to save: under FSDP (each process holds only shards) a CPU replica holding ``state``, the
+    `full_model_state` every process gathered; else ``draft`` itself."""
+    if not is_fsdp(model):
+        return draft
+    replica = type(draft)(draft.config)
+    replica.load_state_dict(state, strict=True)
+    return replica
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""The training target's dtype: bf16 where the hardware multiplies bf16 natively, fp32 elsewhere, asked-for wins."""
+"""Training runs the target in the dtype `spectool.device` chooses and keeps the draft's weights in fp32."""
 
 from __future__ import annotations
 
@@ -7,33 +7,11 @@ import math
 import pytest
 import torch
 
+from spectool import device
 from spectool.checkpoint import load_draft
-from spectool.training import precision
 from spectool.training.trainer import Trainer
 from tests.training.conftest import write_jsonl
 from tests.training.test_trainer import METHOD_OPTIONS, conversations, make_config, rows
-
-CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
-
-
-@pytest.mark.parametrize("amx", [True, False])
-def test_target_dtype_rules(amx, monkeypatch):
-    monkeypatch.setattr(precision, "cpu_multiplies_bf16", lambda: amx)
-    assert precision.target_dtype(CPU, "auto") == ("bfloat16" if amx else "float32")
-    assert precision.target_dtype(CPU, None) == precision.target_dtype(CPU, "auto")
-    assert precision.target_dtype(CUDA, "auto") == "bfloat16"
-    for asked in ("float32", "bfloat16", "float16"):
-        assert precision.target_dtype(CPU, asked) == asked
-        assert precision.target_dtype(CUDA, asked) == asked
-    # The trainable draft runs under autocast on CUDA only, unless bf16 is asked for.
-    assert precision.draft_autocast_dtype(CPU, "auto") is None
-    assert precision.draft_autocast_dtype(CUDA, "auto") == torch.bfloat16
-    assert precision.draft_autocast_dtype(CPU, "bfloat16") == torch.bfloat16
-    assert precision.draft_autocast_dtype(CUDA, "float32") is None
-
-
-def test_cpu_probe_answers_a_bool():
-    assert isinstance(precision.cpu_multiplies_bf16(), bool)
 
 
 @pytest.mark.parametrize("method", sorted(METHOD_OPTIONS))
@@ -41,7 +19,7 @@ def test_cpu_probe_answers_a_bool():
 def test_an_fp32_draft_trains_against_the_target_in_the_chosen_dtype(
     method, amx, tiny_target_dir, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(precision, "cpu_multiplies_bf16", lambda: amx)
+    monkeypatch.setattr(device, "cpu_multiplies_bf16", lambda: amx)
     data_file = write_jsonl(tmp_path / "data.jsonl", conversations(16))
     trainer = Trainer(make_config(tiny_target_dir, data_file, tmp_path / "out", max_steps=3, **METHOD_OPTIONS[method]))
     trainer.run()

@@ -17,7 +17,8 @@ import torch
 
 from spectool.checkpoint import load_draft, save_draft
 from spectool.errors import SpectoolError
-from spectool.training.trainer import STATE_FILE, Trainer, final_draft_steps, latest_checkpoint
+from spectool.training.rundir import STATE_FILE, final_draft_steps, latest_checkpoint
+from spectool.training.trainer import Trainer
 from tests.training.conftest import write_jsonl
 from tests.training.test_trainer import METHOD_OPTIONS, conversations, data_file, draft_state, make_config  # noqa: F401
 

@@ -13,8 +13,9 @@ import pytest
 
 from spectool.errors import UsageError
 from spectool.training import reporting
+from spectool.training.progress import TrainingInterrupted
 from spectool.training.reporting import resolve_report_to, scalars
-from spectool.training.trainer import Trainer, TrainingInterrupted, train
+from spectool.training.trainer import Trainer, train
 from tests.training.test_trainer import data_file, make_config, rows  # noqa: F401
 
 

@@ -16,15 +16,10 @@ import spectool.checkpoint as checkpoint_module
 import spectool.training.objectives as objectives_module
 from spectool.checkpoint import load_draft
 from spectool.training.config import TrainConfig
-from spectool.training.trainer import (
-    STATE_FILE,
-    Trainer,
-    TrainingDiverged,
-    TrainingInterrupted,
-    latest_checkpoint,
-    planned_steps,
-    train,
-)
+from spectool.training.progress import TrainingDiverged, TrainingInterrupted
+from spectool.training.rundir import STATE_FILE, latest_checkpoint
+from spectool.training.schedule import planned_steps
+from spectool.training.trainer import Trainer, train
 from tests.training.conftest import write_jsonl
 
 WORDS = "hi hello there how is it going fine thanks what the time now one two three four five six seven".split()

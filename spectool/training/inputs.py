@@ -1,0 +1,142 @@
+"""What a training run reads before it trains: the frozen target (the whole model online; with stored features
+only its lm_head and input embedding) and the tokenized examples, split into training and held-out rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from spectool import device as precision
+from spectool.errors import SpectoolError, UsageError
+from spectool.hub import TargetInfo
+from spectool.training.batches import pad_token_id, split_heldout
+from spectool.training.config import TrainConfig
+from spectool.training.features import FeatureStore, prepare_examples
+
+
+@dataclass
+class TrainingInputs:
+    """The target and the examples of a run.
+
+    ``config`` is the run's configuration with --max-length capped to the target's positions; ``target_model`` is
+    None when training from stored features (``store``); ``data_report`` says what reading the data found.
+    """
+
+    config: TrainConfig
+    info: TargetInfo
+    store: FeatureStore | None
+    target_dtype: str
+    target_model: Any
+    target_lm_head: nn.Module
+    target_embed: nn.Module
+    examples: list[Any]
+    pad_id: int
+    data_report: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+
+def load_inputs(config: TrainConfig, device: torch.device) -> TrainingInputs:
+    """Resolve and load the target (or open the feature store) and tokenize the data for ``config``."""
+    from spectool.hub import load_model_and_tokenizer, resolve_model
+
+    store = FeatureStore(config.features) if config.features else None
+    info = resolve_model(config.target or (store.manifest["target"] if store else None))
+    target_dtype = precision.target_dtype(device, config.dtype)
+    notes: list[str] = []
+    limit = info.arch.max_position_embeddings
+    if store is None and limit and config.max_length > limit:
+        notes.append(
+            f"--max-length {config.max_length} is more than the target's {limit} positions "
+            f"(max_position_embeddings): examples are cut at {limit} tokens"
+        )
+        config = replace(config, max_length=limit)
+    if store is not None:
+        lm_head, embed = _target_heads(info, target_dtype, device)
+        return TrainingInputs(
+            config,
+            info,
+            store,
+            target_dtype,
+            None,
+            lm_head,
+            embed,
+            store.examples,
+            int(store.manifest["pad_token_id"]),
+            {"features": str(store.directory)},
+            notes,
+        )
+    model, tokenizer = load_model_and_tokenizer(info, dtype=target_dtype, device=str(device))
+    prepared = prepare_examples(config, tokenizer)
+    data_report = {
+        "rows_read": prepared.load_report.rows_read,
+        "rows_skipped": prepared.load_report.rows_skipped + prepared.tokenize_report.rows_skipped,
+        "skip_reasons": prepared.load_report.reasons + prepared.tokenize_report.reasons,
+        "truncated": prepared.tokenize_report.truncated,
+        "dropped_unsupervised": prepared.tokenize_report.dropped_unsupervised,
+    }
+    return TrainingInputs(
+        config,
+        info,
+        None,
+        target_dtype,
+        model,
+        model.get_output_embeddings(),
+        model.get_input_embeddings(),
+        prepared.examples,
+        pad_token_id(tokenizer),
+        data_report,
+        notes,
+    )
+
+
+def _target_heads(info: TargetInfo, dtype: str, device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """The target's lm_head and input embedding alone, read from its weights (training from features)."""
+    from spectool.hub import read_target_weights
+
+    weights = read_target_weights(info)
+    embed = nn.Embedding.from_pretrained(weights["embed_tokens"].to(getattr(torch, dtype)), freeze=True)
+    head_weight = weights["lm_head"].to(getattr(torch, dtype))
+    head = nn.Linear(head_weight.shape[1], head_weight.shape[0], bias=False)
+    head.weight = nn.Parameter(head_weight, requires_grad=False)
+    return head.to(device), embed.to(device)
+
+
+@dataclass
+class ExampleSplit:
+    """The training and held-out examples, with their positions among all examples (the feature store's
+    indices)."""
+
+    train: list[Any]
+    held_out: list[Any]
+    train_index: list[int]
+    held_out_index: list[int]
+
+
+def split_examples(examples: list[Any], eval_fraction: float, *, seed: int) -> ExampleSplit:
+    """Hold out ``eval_fraction`` of the examples (`split_heldout`); refused when no training example is left."""
+    train, held_out = split_heldout(examples, eval_fraction, seed=seed)
+    if not train:
+        raise SpectoolError("no training examples left after holding out --eval-fraction; lower it")
+    index_of = {id(example): index for index, example in enumerate(examples)}
+    return ExampleSplit(
+        train, held_out, [index_of[id(example)] for example in train], [index_of[id(example)] for example in held_out]
+    )
+
+
+def frozen_target(inputs: TrainingInputs, layer_ids: list[int]) -> Any:
+    """The target wrapped to return the hidden states of ``layer_ids`` (None with stored features, which must hold
+    those layers)."""
+    store = inputs.store
+    if store is None:
+        from spectool.target import FrozenTarget
+
+        return FrozenTarget(inputs.target_model, layer_ids)
+    if store.target_layer_ids != layer_ids:
+        raise UsageError(
+            f"{store.directory} holds features of layers {store.target_layer_ids}, the draft reads "
+            f"{layer_ids}; train with --target-layer-ids matching the features"
+        )
+    return None
