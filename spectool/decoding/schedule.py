@@ -32,38 +32,79 @@ class VerifyCostProfile:
         return 1.0 / self.seconds[index]
 
 
+#: Seconds the verify-cost profile (the start-up of ``--verify auto``) aims to spend timing forwards.
+PROFILE_BUDGET_SECONDS = 6.0
+
+
+def profiled_sizes(max_tokens: int, count: int) -> list[int]:
+    """``count`` sizes (at least 2) from 1 to ``max_tokens``, spaced geometrically so small sizes, where the
+    verify cost bends, are dense; every size when ``count >= max_tokens``."""
+    if count >= max_tokens or max_tokens <= 2:
+        return list(range(1, max_tokens + 1))
+    count = max(2, count)
+    return sorted({round(max_tokens ** (i / (count - 1))) for i in range(count)} | {1, max_tokens})
+
+
 @torch.no_grad()
 def profile_verify_cost(
-    session, max_tokens: int, *, context_length: int = 64, repeats: int = 7, seed: int = 0
+    session,
+    max_tokens: int,
+    *,
+    context_length: int = 64,
+    repeats: int = 7,
+    budget_seconds: float = PROFILE_BUDGET_SECONDS,
+    seed: int = 0,
 ) -> VerifyCostProfile:
     """Time `session` (the engine's target session: `forward` / `crop` / `reset`) verifying 1..max_tokens tokens
-    after `context_length` cached tokens: the median of `repeats` sweeps over 1..max_tokens (interleaved, so a
+    after `context_length` cached tokens: the median of up to `repeats` sweeps over the sizes (interleaved, so a
     drift of the machine's speed touches every size alike), made non-decreasing (a forward over more tokens never
-    costs less; a dip is noise); the session is reset afterwards."""
+    costs less; a dip is noise); the session is reset afterwards.
+
+    The sweeps stop once `budget_seconds` is spent (always one at least). When the warm-up forwards (1 and
+    max_tokens tokens) say a sweep over every size would not fit the budget, e.g. a large target on a CPU, only
+    a geometric selection of sizes is timed (1 and max_tokens included) and the sizes between are interpolated
+    linearly."""
     device = next(session.model.parameters()).device
     vocab = session.model.get_input_embeddings().weight.shape[0]
     generator = torch.Generator().manual_seed(seed)
     context = torch.randint(0, vocab, (1, context_length), generator=generator).to(device)
     block = torch.randint(0, vocab, (1, max_tokens), generator=generator).to(device)
+
+    def timed(n: int) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        session.forward(block[:, :n])
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+        session.crop(context_length)
+        return seconds
+
     session.reset()
     session.forward(context)
-    session.forward(block[:, :1])  # warm-up
-    session.crop(context_length)
-    samples: list[list[float]] = [[] for _ in range(max_tokens)]
-    for _ in range(repeats):
-        for n in range(1, max_tokens + 1):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            session.forward(block[:, :n])
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            samples[n - 1].append(time.perf_counter() - start)
-            session.crop(context_length)
+    timed(1)  # warm-up
+    smallest, largest = timed(1), timed(max_tokens)
+    mean_cost = max((smallest + largest) / 2, 1e-9)  # a forward's cost grows about linearly with its tokens
+    sizes = profiled_sizes(max_tokens, int(budget_seconds / mean_cost))
+    samples: dict[int, list[float]] = {n: [] for n in sizes}
+    began = time.perf_counter()
+    for sweep in range(max(1, repeats)):
+        for n in sizes:
+            samples[n].append(timed(n))
+        spent = time.perf_counter() - began
+        if spent * (sweep + 2) / (sweep + 1) > budget_seconds:  # the next sweep would overrun
+            break
     session.reset()
+    measured = {n: statistics.median(timings) for n, timings in samples.items()}
     seconds, highest = [], 0.0
-    for timings in samples:
-        highest = max(highest, statistics.median(timings))
+    for n in range(1, max_tokens + 1):
+        if n not in measured:
+            below = max(m for m in measured if m < n)
+            above = min(m for m in measured if m > n)
+            share = (n - below) / (above - below)
+            measured[n] = measured[below] + share * (measured[above] - measured[below])
+        highest = max(highest, measured[n])
         seconds.append(highest)
     return VerifyCostProfile(tuple(seconds), context_length)
 

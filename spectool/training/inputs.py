@@ -93,15 +93,44 @@ def load_inputs(config: TrainConfig, device: torch.device) -> TrainingInputs:
 
 
 def _target_heads(info: TargetInfo, dtype: str, device: torch.device) -> tuple[nn.Module, nn.Module]:
-    """The target's lm_head and input embedding alone, read from its weights (training from features)."""
+    """The target's lm_head and input embedding alone, read from its weights (training from features). A tied
+    lm_head is the embedding: one tensor, cast once, serves both."""
     from spectool.hub import read_target_weights
 
     weights = read_target_weights(info)
-    embed = nn.Embedding.from_pretrained(weights["embed_tokens"].to(getattr(torch, dtype)), freeze=True)
-    head_weight = weights["lm_head"].to(getattr(torch, dtype))
-    head = nn.Linear(head_weight.shape[1], head_weight.shape[0], bias=False)
+    embed_weight = weights["embed_tokens"].to(device=device, dtype=getattr(torch, dtype))
+    if weights["lm_head"] is weights["embed_tokens"]:
+        head_weight = embed_weight
+    else:
+        head_weight = weights["lm_head"].to(device=device, dtype=getattr(torch, dtype))
+    del weights
+    embed = nn.Embedding.from_pretrained(embed_weight, freeze=True)
+    head = nn.Linear(head_weight.shape[1], head_weight.shape[0], bias=False, device="meta")  # no random init
     head.weight = nn.Parameter(head_weight, requires_grad=False)
-    return head.to(device), embed.to(device)
+    return head, embed
+
+
+def share_target_copies(draft: nn.Module, lm_head: nn.Module, embed: nn.Module) -> int:
+    """Point the draft's frozen copies of the target's lm_head / input embedding (DSpark keeps both, EAGLE-1 the
+    embedding) at the target's own tensors where they hold the same values, so a run keeps one copy instead of
+    two; returns the bytes freed. A copy is left alone when another of the draft's tensors already shares the
+    target's (a tied target: the checkpoint must not hold two names for one tensor). Not for FSDP, which shards
+    the draft's parameters in place."""
+    theirs = {"embed_tokens.weight": embed.weight, "lm_head.weight": lm_head.weight}
+    frozen = set(draft.frozen_parameter_names()) if hasattr(draft, "frozen_parameter_names") else set()
+    shared: set[int] = set()
+    freed = 0
+    for name in sorted(frozen & set(theirs)):
+        module_name, _, attribute = name.rpartition(".")
+        module = draft.get_submodule(module_name)
+        own, target = getattr(module, attribute), theirs[name].detach()
+        same = own.shape == target.shape and own.dtype == target.dtype and own.device == target.device
+        if not same or target.data_ptr() in shared or not torch.equal(own, target):
+            continue
+        setattr(module, attribute, nn.Parameter(target, requires_grad=False))
+        shared.add(target.data_ptr())
+        freed += own.numel() * own.element_size()
+    return freed
 
 
 @dataclass

@@ -56,7 +56,7 @@ from spectool.training.draft_setup import resolved_config, setup_draft
 from spectool.training.evaluation import calibrate_confidence, evaluate
 from spectool.training.features import IndexedBatches
 from spectool.training.feed import TrainingFeed
-from spectool.training.inputs import frozen_target, load_inputs, split_examples
+from spectool.training.inputs import frozen_target, load_inputs, share_target_copies, split_examples
 from spectool.training.progress import MetricsWindow, TrainEvent, TrainingDiverged, TrainingInterrupted, TrainResult
 from spectool.training.reporting import Reporter, open_reporter
 from spectool.training.schedule import (
@@ -165,6 +165,8 @@ class Trainer:
         )
         self.draft, self.spec = prepared.draft, prepared.spec
         self.notes.extend(prepared.notes)
+        if not config.fsdp:  # one copy of the target's embedding / lm_head, not one per holder
+            share_target_copies(self.draft, self.target_lm_head, self.inputs.target_embed)
         self.objective = self._make_objective()
         self.target = frozen_target(self.inputs, self.objective.target_layer_ids)
         self.model = wrap_model(DraftWithObjective(self.draft, self.objective), self.context, fsdp=config.fsdp)

@@ -8,9 +8,10 @@ Conventions of all objectives:
   ``position_ids`` that restart at 0 per document; without them a row is one document padded per
   ``attention_mask``. No label, teacher position, shift or block ever leaves the contiguous run of its document.
 * The loss math (softmax, cross entropy, L1, BCE) runs in float32 whatever the model dtype or autocast.
-* Vocabulary-sized work (logits, softmaxes, their gradients) goes through `map_row_chunks`: at most
-  ``VOCAB_CHUNK_ELEMENTS`` rows x vocabulary floats at a time, recomputed in the backward pass, so a 150k-token
-  vocabulary over tens of thousands of supervised positions never sits in memory whole.
+* Vocabulary-sized work (logits, softmaxes, their gradients) goes through `map_row_chunks` (recomputed in the
+  backward pass) or `weighted_row_chunks` (the gradient taken chunk by chunk in the forward pass, for losses that
+  are fixed weighted means of per-row terms): at most ``VOCAB_CHUNK_ELEMENTS`` rows x vocabulary floats at a time,
+  so a 150k-token vocabulary over tens of thousands of supervised positions never sits in memory whole.
 * ``acceptance_length`` counts the bonus token: it estimates the tokens emitted per target verify forward
   (SPEC §6), 1 for a useless draft.
 """
@@ -194,6 +195,93 @@ def map_row_chunks(
         piece = [row[start : start + chunk] for row in rows]
         parts.append(checkpoint(fn, *piece, use_reentrant=False) if torch.is_grad_enabled() else fn(*piece))
     return tuple(torch.cat(outputs) for outputs in zip(*parts, strict=True))
+
+
+class _GradientInForward(torch.autograd.Function):
+    """``sum_j scales[j] * weighted_mean(fn(*rows)[j], weights)`` whose gradients (to the rows and ``params``) are
+    taken chunk by chunk during the forward pass; backward only scales them by the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, fn, weights, scales, num_rows, width, *inputs):  # type: ignore[override]
+        rows, params = inputs[:num_rows], inputs[num_rows:]
+        needs = ctx.needs_input_grad[5:]
+        coefficient = weights.detach().float() / weights.detach().float().sum().clamp_min(
+            torch.finfo(torch.float32).tiny
+        )
+        total = rows[0].shape[0]
+        chunk = max(1, VOCAB_CHUNK_ELEMENTS // max(1, width))
+        row_grads = [torch.zeros_like(row) if need else None for row, need in zip(rows, needs, strict=False)]
+        param_grads: list[torch.Tensor | None] = [None] * len(params)
+        loss = torch.zeros((), dtype=torch.float32, device=coefficient.device)
+        parts = []
+        for start in range(0, total, chunk):
+            stop = min(total, start + chunk)
+            with torch.enable_grad():
+                piece = [
+                    row[start:stop].detach().requires_grad_(bool(need)) for row, need in zip(rows, needs, strict=False)
+                ]
+                outputs = fn(*piece)
+                weight = coefficient[start:stop]
+                chunk_loss = sum(
+                    scale * (weight * term.float()).sum() for scale, term in zip(scales, outputs, strict=False)
+                )
+                wanted = [p for p, need in zip(piece, needs, strict=False) if need]
+                wanted += [p for p, need in zip(params, needs[num_rows:], strict=True) if need]
+                if wanted and chunk_loss.requires_grad:
+                    grads = iter(torch.autograd.grad(chunk_loss, wanted, allow_unused=True))
+                    for index, need in enumerate(needs[:num_rows]):
+                        if need and (grad := next(grads)) is not None:
+                            row_grads[index][start:stop] = grad
+                    for index, need in enumerate(needs[num_rows:]):
+                        if need and (grad := next(grads)) is not None:
+                            previous = param_grads[index]
+                            param_grads[index] = grad if previous is None else previous + grad
+            loss = loss + chunk_loss.detach()
+            parts.append(tuple(output.detach() for output in outputs))
+        ctx.grads = (
+            row_grads
+            + [
+                (torch.zeros_like(p) if grad is None else grad) if need else None  # every parameter gets a gradient
+                for p, grad, need in zip(params, param_grads, needs[num_rows:], strict=True)
+            ]
+        )
+        if parts:
+            stitched = tuple(torch.cat(outputs) for outputs in zip(*parts, strict=True))
+        else:
+            stitched = tuple(fn(*(row[:0] for row in rows)))
+            stitched = tuple(output.detach() for output in stitched)
+        ctx.mark_non_differentiable(*stitched)
+        return (loss, *stitched)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_):  # type: ignore[override]
+        grads = [None if grad is None else grad * grad_loss.to(grad.dtype) for grad in ctx.grads]
+        ctx.grads = None
+        return (None, None, None, None, None, *grads)
+
+
+def weighted_row_chunks(
+    fn: Callable[..., tuple[torch.Tensor, ...]],
+    *rows: torch.Tensor,
+    weights: torch.Tensor,
+    scales: tuple[float, ...],
+    params: tuple[torch.Tensor, ...] = (),
+    width: int,
+) -> tuple[torch.Tensor, ...]:
+    """``(loss, *outputs)``: ``fn(*rows)`` over chunks of at most ``VOCAB_CHUNK_ELEMENTS // width`` rows, as
+    `map_row_chunks`, for a loss that is a fixed weighted mean of its first outputs:
+    ``loss = sum_j scales[j] * weighted_mean(outputs[j], weights)`` (``weights`` [n], no gradient).
+
+    With gradients on, each chunk's gradient (to the rows that require one and to ``params``, the parameters
+    ``fn`` reads that require one) is taken right after the chunk's forward and its vocabulary-sized
+    intermediates are freed: one forward and one backward of the vocabulary work per row, no recomputation.
+    The backward pass only scales the stored gradients. ``outputs`` come back detached. Values and gradients
+    equal those of ``weighted_mean`` on one ``fn`` call (up to float summation order)."""
+    if not torch.is_grad_enabled():
+        outputs = map_row_chunks(fn, *rows, width=width)
+        loss = sum(scale * weighted_mean(term, weights) for scale, term in zip(scales, outputs, strict=False))
+        return (loss, *outputs)
+    return _GradientInForward.apply(fn, weights, scales, len(rows), width, *rows, *params)
 
 
 def weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -32,10 +32,9 @@ from .base import (
     chain_statistics,
     check_positive,
     finish,
-    map_row_chunks,
     project,
     rate_metrics,
-    weighted_mean,
+    weighted_row_chunks,
 )
 from .blocks import BlockObjective, block_layout, default_gamma, slot_labels
 
@@ -85,10 +84,17 @@ class DFlashObjective(BlockObjective):
             return F.cross_entropy(logits, tokens, reduction="none"), logits.detach().argmax(-1)
 
         width = int(self.draft.config.vocab_size)
-        ce, top = map_row_chunks(slot_terms, hidden[valid], labels[valid], width=width)
         slot_weights = torch.exp(-(offsets - 1).float() / self.gamma)
         weights = slot_weights.expand(valid.shape)[valid]
-        loss = weighted_mean(ce, weights)
+        loss, _, top = weighted_row_chunks(
+            slot_terms,
+            hidden[valid],
+            labels[valid],
+            weights=weights,
+            scales=(1.0,),
+            params=tuple(p for p in target_lm_head.parameters() if p.requires_grad),
+            width=width,
+        )
 
         with torch.no_grad():
             hits = torch.zeros_like(valid)

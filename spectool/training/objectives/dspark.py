@@ -40,10 +40,10 @@ from .base import (
     check_positive,
     expected_prefix_survival,
     finish,
-    map_row_chunks,
     project,
     rate_metrics,
     weighted_mean,
+    weighted_row_chunks,
 )
 from .blocks import BlockObjective, block_layout, default_gamma, slot_labels
 
@@ -119,12 +119,21 @@ class DSparkObjective(BlockObjective):
             return ce, l1, log_q.detach().argmax(-1)
 
         width = int(draft.config.vocab_size)
-        ce, l1, top = map_row_chunks(slot_terms, slot_hidden, prev, target_tokens, teacher_hidden, width=width)
-        accept = (1 - l1 / 2).clamp(0, 1)
         weights = torch.exp(-offsets.float() / self.gamma).expand(eval_mask.shape)[eval_mask]
-        ce_mean, l1_mean = weighted_mean(ce, weights), weighted_mean(l1, weights)
-        loss = self.ce_weight * ce_mean + self.l1_weight * l1_mean
-        metrics = {"ce": ce_mean, "l1": l1_mean}
+        heads = (*draft.lm_head.parameters(), *draft.markov_head.parameters())
+        loss, ce, l1, top = weighted_row_chunks(
+            slot_terms,
+            slot_hidden,
+            prev,
+            target_tokens,
+            teacher_hidden,
+            weights=weights,
+            scales=(self.ce_weight, self.l1_weight),
+            params=tuple(p for p in heads if p.requires_grad),
+            width=width,
+        )
+        accept = (1 - l1 / 2).clamp(0, 1)
+        metrics = {"ce": weighted_mean(ce, weights), "l1": weighted_mean(l1, weights)}
         if draft.config.enable_confidence_head:
             confidence = draft.confidence_logits(slot_hidden, prev).float()
             bce = F.binary_cross_entropy_with_logits(confidence, accept.detach(), reduction="none")
