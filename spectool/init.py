@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,9 +10,9 @@ import torch
 from spectool.checkpoint import save_draft
 from spectool.drafts.from_target import new_draft, target_metadata
 from spectool.hub import resolve_model
-from spectool.layers import LayerIdWarning, serving, unportable_ids
+from spectool.layers import unportable_ids
 from spectool.paths import refuse_to_replace_input
-from spectool.registry import DraftSpec, resolve
+from spectool.registry import DraftSpec, get, resolve_quietly, serving
 
 
 @dataclass
@@ -42,18 +41,13 @@ def init_draft(
     info = resolve_model(model, revision=revision)
     if info.directory is not None:
         refuse_to_replace_input(out, info.directory, "MODEL")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", LayerIdWarning)  # said once, as a note below
-        spec = resolve(method, info.arch, tokenizer_length=info.tokenizer_length, **options)
+    # The layer-id warning is said once, as a note below.
+    spec = resolve_quietly(method, info.arch, tokenizer_length=info.tokenizer_length, **options)
     draft = new_draft(info, spec, seed=seed)
     notes = list(info.notes)
-    if spec.method != "eagle1" and unportable_ids(spec.target_layer_ids, spec.num_target_layers):
+    if get(method).reads_feature_layers and unportable_ids(spec.target_layer_ids, spec.num_target_layers):
         notes.append(serving(spec.method, spec.target_layer_ids, spec.num_target_layers).message())
-    if spec.method == "eagle3" and spec.draft_vocab_size:
-        notes.append(
-            f"draft vocabulary = target ids 0..{spec.draft_vocab_size - 1} for now; `spectool train` rebuilds it "
-            "from the most frequent supervised tokens of your data"
-        )
+    notes += get(method).notes(spec, initialised=True)
     path = save_draft(draft, out, method=spec.method, metadata=target_metadata(info, spec), dtype=getattr(torch, dtype))
     frozen = set(draft.frozen_parameter_names())
     counts = {True: 0, False: 0}

@@ -25,17 +25,12 @@ from dataclasses import dataclass
 
 from spectool.errors import UsageError
 
-#: Methods that take feature layers from the target, in display order.
-LAYER_METHODS = ("dspark", "dflash", "eagle3")
-
-EAGLE3_NUM_FEATURE_LAYERS = 3
-
 
 class LayerIdWarning(UserWarning):
     """Valid ids that vLLM / SGLang cannot capture (-1, N-1); spectool serves them."""
 
 
-def _check_depth(num_target_layers: int) -> None:
+def check_depth(num_target_layers: int) -> None:
     if not isinstance(num_target_layers, int) or isinstance(num_target_layers, bool) or num_target_layers < 1:
         raise UsageError(f"the target must have at least 1 layer, got num_target_layers={num_target_layers!r}")
 
@@ -50,7 +45,7 @@ def _check_count(num_feature_layers: int, num_target_layers: int, maximum: int) 
 
 def eagle3_layer_ids(num_target_layers: int) -> list[int]:
     """EAGLE-3's low / mid / high layers: `[1, N//2 - 1, N - 4]`."""
-    _check_depth(num_target_layers)
+    check_depth(num_target_layers)
     n = num_target_layers
     ids = [1, n // 2 - 1, n - 4]
     if not all(a < b for a, b in zip(ids, ids[1:], strict=False)):
@@ -63,7 +58,7 @@ def eagle3_layer_ids(num_target_layers: int) -> list[int]:
 
 def dflash_layer_ids(num_target_layers: int, num_feature_layers: int) -> list[int]:
     """DFlash: K == 1 -> `[N//2]`; else `round(1 + i*(N-4)/(K-1))` for i = 0..K-1 (Python's round)."""
-    _check_depth(num_target_layers)
+    check_depth(num_target_layers)
     n, k = num_target_layers, num_feature_layers
     _check_count(k, n, max(1, n - 3))
     if k == 1:
@@ -78,33 +73,12 @@ def dspark_layer_ids(num_target_layers: int, num_feature_layers: int) -> list[in
     The set may hold fewer than K ids when K is close to N (nearby values round together); the reference
     registry accepts that, and so does spectool, but it must not exceed the N-1 layers available.
     """
-    _check_depth(num_target_layers)
+    check_depth(num_target_layers)
     n, k = num_target_layers, num_feature_layers
     _check_count(k, n, max(1, n - 1))
     if k == 1:
         return [n - 1]
     return sorted({round(1 + i * (n - 2) / (k - 1)) for i in range(k)})
-
-
-def build_target_layer_ids(method: str, num_target_layers: int, num_feature_layers: int | None = None) -> list[int]:
-    """Default feature-layer ids of `method` (eagle1 / eagle3 / dflash / dspark) for an N-layer target.
-
-    EAGLE-1/2 reads only the post-norm last hidden state, id N-1. EAGLE-3 always uses three layers.
-    DFlash and DSpark spread `num_feature_layers` ids (default 5) across the depth.
-    """
-    if method == "eagle1":
-        _check_depth(num_target_layers)
-        return [num_target_layers - 1]
-    if method == "eagle3":
-        if num_feature_layers not in (None, EAGLE3_NUM_FEATURE_LAYERS):
-            raise UsageError(f"EAGLE-3 fuses exactly 3 feature layers (low, mid, high), got {num_feature_layers}")
-        return eagle3_layer_ids(num_target_layers)
-    k = 5 if num_feature_layers is None else num_feature_layers
-    if method == "dflash":
-        return dflash_layer_ids(num_target_layers, k)
-    if method == "dspark":
-        return dspark_layer_ids(num_target_layers, k)
-    raise UsageError(f"unknown method {method!r}; choose one of eagle1, eagle3, dflash, dspark")
 
 
 def parse_layer_ids(text: str) -> list[int]:
@@ -117,13 +91,18 @@ def parse_layer_ids(text: str) -> list[int]:
 
 
 def validate_layer_ids(
-    ids: Sequence[int], num_target_layers: int, *, expected_count: int | None = None, method: str | None = None
+    ids: Sequence[int],
+    num_target_layers: int,
+    *,
+    expected_count: int | None = None,
+    method: str | None = None,
+    readers: Sequence[str] = ("spectool",),
 ) -> list[int]:
     """Check user-given ids: integers, strictly increasing, in [-1, N-1], and as many as the method needs.
 
     Returns them as a list. Warns (LayerIdWarning) for -1 or N-1, which SGLang's capture cannot produce.
     """
-    _check_depth(num_target_layers)
+    check_depth(num_target_layers)
     n = num_target_layers
     label = f"{method} " if method else ""
     if not ids:
@@ -138,7 +117,7 @@ def validate_layer_ids(
     if expected_count is not None and len(ids) != expected_count:
         raise UsageError(f"{label}needs exactly {expected_count} target layer ids, got {len(ids)}: {list(ids)}")
     if unportable_ids(ids, n):
-        warnings.warn(serving(method or "", ids, n).message(), LayerIdWarning, stacklevel=2)
+        warnings.warn(serving(readers, ids, n).message(), LayerIdWarning, stacklevel=2)
     return list(ids)
 
 
@@ -187,20 +166,10 @@ def portable_layer_ids(ids: Sequence[int], num_target_layers: int) -> list[int] 
     return out
 
 
-#: Who reads each method's checkpoints, and which of them read Hugging Face `hidden_states` (every id) rather than
-#: capturing the input of a decoder layer (ids 0..N-2 only).
-_HF_READERS = {
-    "eagle3": ("spectool",),
-    "dflash": ("spectool", "the z-lab dflash package"),
-    "dspark": ("spectool", "DeepSpec"),
-}
-
-
 @dataclass(frozen=True)
 class Serving:
     """Which engines can serve a draft reading `ids` of an N-layer target."""
 
-    method: str
     ids: tuple[int, ...]
     num_target_layers: int
     served_by: tuple[str, ...]
@@ -249,13 +218,13 @@ def _join(names: Sequence[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def serving(method: str, ids: Sequence[int], num_target_layers: int) -> Serving:
-    """Which engines can serve a `method` draft reading `ids` (spectool's numbering) of an N-layer target."""
-    hf_readers = _HF_READERS.get(method.lower().replace("-", ""), ("spectool",))
+def serving(hf_readers: Sequence[str], ids: Sequence[int], num_target_layers: int) -> Serving:
+    """Which engines can serve a draft reading `ids` (spectool's numbering) of an N-layer target, given who reads
+    Hugging Face `hidden_states` for that method (`DraftMethod.hf_readers`; vLLM and SGLang capture layer inputs)."""
+    hf_readers = tuple(hf_readers)
     engines = ("vLLM", "SGLang")
     bad = unportable_ids(ids, num_target_layers)
     return Serving(
-        method=method,
         ids=tuple(int(i) for i in ids),
         num_target_layers=num_target_layers,
         served_by=hf_readers if bad else (*hf_readers, *engines),

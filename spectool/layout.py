@@ -1,8 +1,9 @@
-"""The parameter layout of a draft, computed from a `DraftSpec` and the target's architecture alone.
+"""The parameter layout of a draft: `Tensor` and `DraftLayout`, and the tensor lists of the building blocks
+(attention, MLP, norms, Qwen3 decoder layers) that each method's `layout` puts together.
 
 `spectool inspect` uses this to show what `init` will build without importing torch or building a model
 (it answers in a fraction of a second); a test checks it against the real draft modules, tensor by tensor.
-Names are the keys of the method's on-disk format (SPEC §5).
+Names are the keys of the method's on-disk format (SPEC §5); `spectool.registry.draft_layout` builds one.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from math import prod
 from typing import Literal
 
 from spectool.arch import TargetArch
-from spectool.registry import DraftSpec
 
 #: trainable: learnt and stored; frozen: a stored copy of a target tensor; buffer: stored, not learnt;
 #: borrowed: the target's own tensor, used at run time and not stored in the checkpoint.
@@ -21,6 +21,8 @@ Role = Literal["trainable", "frozen", "buffer", "borrowed"]
 
 @dataclass(frozen=True)
 class Tensor:
+    """One tensor of a draft: its checkpoint key, shape, role and stored dtype."""
+
     name: str
     shape: tuple[int, ...]
     role: Role
@@ -33,6 +35,8 @@ class Tensor:
 
 @dataclass(frozen=True)
 class DraftLayout:
+    """Every tensor a method's draft holds or borrows, with counts by role."""
+
     method: str
     tensors: tuple[Tensor, ...]
 
@@ -55,7 +59,7 @@ class DraftLayout:
         return sum(t.numel * sizes[t.dtype] for t in self.tensors if t.role != "borrowed")
 
 
-def _attention(prefix: str, arch: TargetArch, in_features: int, qk_norm: bool) -> list[Tensor]:
+def attention_tensors(prefix: str, arch: TargetArch, in_features: int, qk_norm: bool) -> list[Tensor]:
     h, hd = arch.hidden_size, arch.head_dim
     q, kv = arch.num_attention_heads * hd, arch.num_key_value_heads * hd
     out = [
@@ -79,7 +83,7 @@ def _attention(prefix: str, arch: TargetArch, in_features: int, qk_norm: bool) -
     return out
 
 
-def _mlp(prefix: str, arch: TargetArch) -> list[Tensor]:
+def mlp_tensors(prefix: str, arch: TargetArch) -> list[Tensor]:
     h = arch.hidden_size
     inner = arch.intermediate_size or 4 * h
     out = [
@@ -96,69 +100,15 @@ def _mlp(prefix: str, arch: TargetArch) -> list[Tensor]:
     return out
 
 
-def _norm(name: str, arch: TargetArch) -> Tensor:
+def norm_tensor(name: str, arch: TargetArch) -> Tensor:
     return Tensor(f"{name}.weight", (arch.hidden_size,), "trainable")
 
 
-def _qwen3_layers(arch: TargetArch, count: int) -> list[Tensor]:
+def qwen3_layer_tensors(arch: TargetArch, count: int) -> list[Tensor]:
     out: list[Tensor] = []
     for i in range(count):
         p = f"layers.{i}"
-        out += _attention(f"{p}.self_attn", arch, arch.hidden_size, qk_norm=True)
-        out += _mlp(f"{p}.mlp", arch)
-        out += [_norm(f"{p}.input_layernorm", arch), _norm(f"{p}.post_attention_layernorm", arch)]
+        out += attention_tensors(f"{p}.self_attn", arch, arch.hidden_size, qk_norm=True)
+        out += mlp_tensors(f"{p}.mlp", arch)
+        out += [norm_tensor(f"{p}.input_layernorm", arch), norm_tensor(f"{p}.post_attention_layernorm", arch)]
     return out
-
-
-def draft_layout(spec: DraftSpec, arch: TargetArch) -> DraftLayout:
-    """Every tensor the draft of `spec` holds or borrows, with its shape and role."""
-    h, v = arch.hidden_size, arch.vocab_size
-    k = len(spec.target_layer_ids)
-    tensors: list[Tensor] = []
-    if spec.method == "eagle1":
-        tensors.append(Tensor("embed_tokens.weight", (v, h), "frozen"))
-        tensors.append(Tensor("fc.weight", (h, 2 * h), "trainable"))
-        tensors.append(Tensor("fc.bias", (h,), "trainable"))
-        for i in range(spec.num_draft_layers):
-            p = f"layers.{i}"
-            tensors += _attention(f"{p}.self_attn", arch, h, qk_norm=False)
-            tensors += _mlp(f"{p}.mlp", arch)
-            if i > 0:  # SafeAILab's EAGLE: the first layer's input is fc's output, not normed again
-                tensors.append(_norm(f"{p}.input_layernorm", arch))
-            tensors.append(_norm(f"{p}.post_attention_layernorm", arch))
-        tensors.append(_norm("norm", arch))
-        tensors.append(Tensor("lm_head.weight", (v, h), "borrowed"))
-    elif spec.method == "eagle3":
-        vd = spec.draft_vocab_size or v
-        tensors.append(Tensor("embed_tokens.weight", (v, h), "borrowed"))
-        tensors += _attention("midlayer.self_attn", arch, 2 * h, qk_norm=False)
-        tensors += _mlp("midlayer.mlp", arch)
-        tensors += [
-            _norm("midlayer.input_layernorm", arch),
-            _norm("midlayer.hidden_norm", arch),
-            _norm("midlayer.post_attention_layernorm", arch),
-            Tensor("fc.weight", (h, k * h), "trainable"),
-            _norm("norm", arch),
-            Tensor("lm_head.weight", (vd, h), "trainable"),
-        ]
-        if spec.draft_vocab_size:
-            tensors += [Tensor("d2t", (vd,), "buffer", "int64"), Tensor("t2d", (v,), "buffer", "bool")]
-    else:  # dflash, dspark: the same backbone
-        tensors += _qwen3_layers(arch, spec.num_draft_layers)
-        tensors += [Tensor("fc.weight", (h, k * h), "trainable"), _norm("hidden_norm", arch), _norm("norm", arch)]
-        if spec.method == "dflash":
-            tensors += [
-                Tensor("embed_tokens.weight", (v, h), "borrowed"),
-                Tensor("lm_head.weight", (v, h), "borrowed"),
-            ]
-        else:
-            r = spec.markov_rank or 0
-            tensors += [
-                Tensor("embed_tokens.weight", (v, h), "frozen"),
-                Tensor("lm_head.weight", (v, h), "frozen"),
-                Tensor("markov_head.markov_w1.weight", (v, r), "trainable"),
-                Tensor("markov_head.markov_w2.weight", (v, r), "trainable"),
-                Tensor("confidence_head.proj.weight", (1, h + r), "trainable"),
-                Tensor("confidence_head.proj.bias", (1,), "trainable"),
-            ]
-    return DraftLayout(spec.method, tuple(tensors))

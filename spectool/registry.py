@@ -1,106 +1,94 @@
-"""Draft registries: which targets each method supports, and the resolved shape of a draft (`DraftSpec`).
+"""The draft methods spectool knows, and what is computed from them: a draft resolved against a target
+(`resolve` -> `DraftSpec`), its parameter layout, and which method a checkpoint holds.
 
-Dispatch is on the target config's `architectures` strings (SPEC §1): the first string of
-`config.architectures` that the method's registry knows wins. Adding a target family whose draft fits the
-config-driven shape is a one-line append, e.g. ``DFLASH_REGISTRY["Qwen3NextForCausalLM"] = "Qwen3DFlashDraftModel"``.
+Each method is declared once, in `spectool/methods/<name>.py` (see `spectool.methods.base.DraftMethod`); this module
+collects them. Every table, `--method` choice, help list, layer report and JSON key is built from `methods()`.
+Dispatch on a target is on its config's `architectures` (SPEC §1): the first string the method knows wins.
+Adding a target family whose draft fits the config-driven shape is a one-line append, e.g.
+``get("dflash").architectures["Qwen3NextForCausalLM"] = "Qwen3DFlashDraftModel"``; adding a method is
+``register(MyMethod())`` (ARCHITECTURE.md, "Adding a method").
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from spectool.arch import TargetArch
 from spectool.errors import SpectoolError, UsageError
-from spectool.layers import EAGLE3_NUM_FEATURE_LAYERS, build_target_layer_ids, validate_layer_ids
+from spectool.layers import LayerIdWarning, Serving, validate_layer_ids
+from spectool.layers import serving as engine_serving
+from spectool.layout import DraftLayout
+from spectool.methods.base import DraftMethod, DraftSpec
+from spectool.methods.dflash import DFlash
+from spectool.methods.dspark import DSpark
+from spectool.methods.eagle1 import Eagle1
+from spectool.methods.eagle3 import Eagle3
 
-METHODS = ("eagle1", "eagle3", "dflash", "dspark")
-METHOD_TITLES = {"eagle1": "EAGLE-1/2", "eagle3": "EAGLE-3", "dflash": "DFlash", "dspark": "DSpark"}
+_METHODS: dict[str, DraftMethod] = {}
 
-_DENSE = ("LlamaForCausalLM", "Phi3ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+#: The method the demo trains and `spectool chat` drafts with when no --draft is given.
+DEFAULT_METHOD = "dspark"
 
-EAGLE1_REGISTRY: dict[str, str] = {arch: "LlamaEagleDraftModel" for arch in _DENSE}
-EAGLE3_REGISTRY: dict[str, str] = {arch: "LlamaEagle3DraftModel" for arch in _DENSE}
-EAGLE3_REGISTRY["GptOssForCausalLM"] = "GptOssEagle3DraftModel"  # same draft, YaRN rotary from the target
-DFLASH_REGISTRY: dict[str, str] = {
-    "Qwen3ForCausalLM": "Qwen3DFlashDraftModel",
-    "Qwen3MoeForCausalLM": "Qwen3DFlashDraftModel",
-}
-DSPARK_REGISTRY: dict[str, str] = {
-    "Qwen3ForCausalLM": "Qwen3DSparkModel",
-    "Qwen3MoeForCausalLM": "Qwen3DSparkModel",
-}
-REGISTRIES: dict[str, dict[str, str]] = {
-    "eagle1": EAGLE1_REGISTRY,
-    "eagle3": EAGLE3_REGISTRY,
-    "dflash": DFLASH_REGISTRY,
-    "dspark": DSPARK_REGISTRY,
-}
-
-#: The on-disk layout `spectool init` writes for each method (SPEC §5).
-CHECKPOINT_FORMATS = {
-    "eagle1": "EAGLE-1/2 (LlamaForCausalLMEagle: SafeAILab EAGLE keys embed_tokens, fc, layers.*, plus norm)",
-    "eagle3": "EAGLE-3 for SGLang / vLLM (LlamaForCausalLMEagle3: midlayer.*, fc, norm, lm_head, d2t, t2d)",
-    "dflash": "z-lab DFlash (DFlashDraftModel: layers.*, fc, hidden_norm, norm) for the dflash package and vLLM",
-    "dspark": "DeepSpec DSpark (Qwen3DSparkModel: DFlash keys + embed_tokens, lm_head, markov/confidence heads)",
-}
-
-#: EAGLE-3 prunes the draft vocabulary to this many of the most frequent supervised tokens by default.
-EAGLE3_DRAFT_VOCAB_SIZE = 32000
+#: `spectool inspect` and `layers` list methods in this order; methods registered later follow.
+_SHIPPED = (Eagle1(), Eagle3(), DFlash(), DSpark())
 
 
 class UnsupportedArchitecture(SpectoolError):
     """The target's architectures are not in the method's registry (exit code 1)."""
 
 
-@dataclass(frozen=True)
-class DraftSpec:
-    """A draft resolved against one target: its class, feature layers and shape options."""
-
-    method: str
-    architecture: str  # the target architecture string that matched the registry
-    draft_class: str
-    checkpoint_format: str
-    num_target_layers: int
-    target_layer_ids: tuple[int, ...]
-    num_draft_layers: int
-    block_size: int | None = None  # DFlash / DSpark
-    mask_token_id: int | None = None  # DFlash / DSpark; None = unknown, must be given
-    draft_vocab_size: int | None = None  # EAGLE-3; None = the full target vocabulary
-    markov_rank: int | None = None  # DSpark
-
-
-def check_method(method: str) -> str:
-    if method not in METHODS:
-        raise UsageError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+def register(method: DraftMethod) -> DraftMethod:
+    """Add a method (its name must be new); returns it."""
+    if method.name in _METHODS:
+        raise ValueError(f"a draft method named {method.name!r} is already registered")
+    _METHODS[method.name] = method
     return method
+
+
+def unregister(name: str) -> None:
+    """Remove a registered method (tests that register one of their own)."""
+    _METHODS.pop(name, None)
+
+
+for _method in _SHIPPED:
+    register(_method)
+
+
+def methods() -> list[DraftMethod]:
+    """Every registered method, shipped ones first."""
+    return list(_METHODS.values())
+
+
+def method_names() -> list[str]:
+    """The `--method` choices."""
+    return list(_METHODS)
+
+
+def get(name: str) -> DraftMethod:
+    """The method called `name`; a usage error listing the choices otherwise."""
+    try:
+        return _METHODS[name]
+    except (KeyError, TypeError):
+        raise UsageError(f"unknown method {name!r}; choose one of {', '.join(_METHODS)}") from None
+
+
+def layer_methods() -> list[DraftMethod]:
+    """Methods that read chosen target layers, in the order `spectool layers` shows them (DSpark first)."""
+    return [m for m in reversed(methods()) if m.reads_feature_layers]
 
 
 def match_architecture(method: str, architectures: Sequence[str]) -> tuple[str, str]:
     """(architecture, draft class) for the first of `architectures` the method's registry knows."""
-    registry = REGISTRIES[check_method(method)]
+    found = get(method)
     for arch in architectures:
-        if arch in registry:
-            return arch, registry[arch]
+        if arch in found.architectures:
+            return arch, found.architectures[arch]
     given = ", ".join(architectures) if architectures else "none listed in config.json"
     raise UnsupportedArchitecture(
-        f"{METHOD_TITLES[method]} has no draft for architectures [{given}]; supported: {', '.join(registry)}"
+        f"{found.title} has no draft for architectures [{given}]; supported: {', '.join(found.architectures)}"
     )
-
-
-def default_num_draft_layers(method: str, num_target_layers: int) -> int:
-    """Draft depth: EAGLE uses one layer; DFlash / DSpark use 5 upstream, fewer on shallow targets."""
-    if method in ("eagle1", "eagle3"):
-        return 1
-    return 5 if num_target_layers >= 24 else max(1, min(5, num_target_layers // 4))
-
-
-def default_mask_token_id(vocab_size: int, tokenizer_length: int | None) -> int | None:
-    """The first unused embedding row (`len(tokenizer)`), when the embedding has spare rows."""
-    if tokenizer_length is not None and vocab_size > tokenizer_length:
-        return tokenizer_length
-    return None
 
 
 def resolve(
@@ -111,81 +99,85 @@ def resolve(
     num_feature_layers: int | None = None,
     num_draft_layers: int | None = None,
     target_layer_ids: Sequence[int] | None = None,
-    block_size: int | None = None,
-    mask_token_id: int | None = None,
-    draft_vocab_size: int | None = None,
-    markov_rank: int | None = None,
+    **shape_options: Any,
 ) -> DraftSpec:
     """Resolve `method` against a target: registry match, default or validated layer ids, draft shape.
 
-    Every option left as None takes the method's default scaled to the target: DFlash / DSpark use fewer
-    layers (depth // 4, at most 5) and DFlash a block of 8 instead of 16 on targets under 24 layers; DSpark
-    keeps its block of 7 and uses a Markov rank of 64 below hidden size 1024 (256 upstream).
+    Every option left as None takes the method's default scaled to the target (`spectool.methods.*`: e.g. DFlash /
+    DSpark use fewer layers (depth // 4, at most 5) and DFlash a block of 8 instead of 16 on targets under 24
+    layers; DSpark uses a Markov rank of 64 below hidden size 1024). `shape_options` are the method's own
+    (`DraftMethod.shape_options`: block_size, mask_token_id, draft_vocab_size, markov_rank).
     """
+    found = get(method)
     arch = target if isinstance(target, TargetArch) else TargetArch.from_config(target)
     architecture, draft_class = match_architecture(method, arch.architectures)
+    for option, value in shape_options.items():
+        found.check_option(option, value)
     n = arch.num_hidden_layers
-
     if num_draft_layers is None:
-        num_draft_layers = default_num_draft_layers(method, n)
+        num_draft_layers = found.default_num_draft_layers(n)
     elif num_draft_layers < 1:
         raise UsageError(f"--num-draft-layers must be at least 1, got {num_draft_layers}")
-
     if target_layer_ids is not None:
-        expected = {"eagle1": 1, "eagle3": EAGLE3_NUM_FEATURE_LAYERS}.get(method, num_feature_layers)
-        ids = validate_layer_ids(list(target_layer_ids), n, expected_count=expected, method=METHOD_TITLES[method])
+        expected = found.fixed_feature_count or num_feature_layers
+        ids = validate_layer_ids(
+            list(target_layer_ids), n, expected_count=expected, method=found.title, readers=found.hf_readers
+        )
     else:
-        if num_feature_layers is None and method == "dflash":
-            num_feature_layers = min(num_draft_layers, max(1, n - 3))
-        elif num_feature_layers is None and method == "dspark":
-            num_feature_layers = min(5, max(1, n - 1))
-        ids = build_target_layer_ids(method, n, num_feature_layers)
-
-    spec: dict[str, Any] = {}
-    if method in ("dflash", "dspark"):
-        default_block = 7 if method == "dspark" else (16 if n >= 24 else 8)
-        spec["block_size"] = default_block if block_size is None else block_size
-        if spec["block_size"] < 2:
-            raise UsageError(f"--block-size must be at least 2, got {spec['block_size']}")
-        if mask_token_id is None:
-            mask_token_id = default_mask_token_id(arch.vocab_size, tokenizer_length)
-        elif not 0 <= mask_token_id < arch.vocab_size:
-            raise UsageError(
-                f"--mask-token-id {mask_token_id} is outside the target's embedding [0, {arch.vocab_size - 1}]"
-            )
-        spec["mask_token_id"] = mask_token_id
-    if method == "dspark":
-        spec["markov_rank"] = markov_rank or (256 if arch.hidden_size >= 1024 else 64)
-    if method == "eagle3":
-        if draft_vocab_size is None:
-            draft_vocab_size = EAGLE3_DRAFT_VOCAB_SIZE if arch.vocab_size > EAGLE3_DRAFT_VOCAB_SIZE else None
-        elif not 1 <= draft_vocab_size <= arch.vocab_size:
-            raise UsageError(f"--draft-vocab-size must be in [1, {arch.vocab_size}], got {draft_vocab_size}")
-        spec["draft_vocab_size"] = None if draft_vocab_size == arch.vocab_size else draft_vocab_size
-
+        if num_feature_layers is None:
+            num_feature_layers = found.default_feature_count(n, num_draft_layers)
+        ids = found.default_layer_ids(n, num_feature_layers)
     return DraftSpec(
         method=method,
         architecture=architecture,
         draft_class=draft_class,
-        checkpoint_format=CHECKPOINT_FORMATS[method],
+        checkpoint_format=found.checkpoint_format,
         num_target_layers=n,
         target_layer_ids=tuple(ids),
         num_draft_layers=num_draft_layers,
-        **spec,
+        **found.resolve_options(arch, tokenizer_length, shape_options),
     )
 
 
-def resolve_eagle1(target: TargetArch | dict[str, Any], **options: Any) -> DraftSpec:
-    return resolve("eagle1", target, **options)
+def resolve_quietly(method: str, target: TargetArch | dict[str, Any], **options: Any) -> DraftSpec:
+    """`resolve` without the layer-id warning (callers that say it once themselves)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", LayerIdWarning)
+        return resolve(method, target, **options)
 
 
-def resolve_eagle3(target: TargetArch | dict[str, Any], **options: Any) -> DraftSpec:
-    return resolve("eagle3", target, **options)
+def default_layer_ids(method: str, num_target_layers: int, num_feature_layers: int | None = None) -> list[int]:
+    """The feature-layer ids `method` picks for an N-layer target (its formula, SPEC §2)."""
+    return get(method).default_layer_ids(num_target_layers, num_feature_layers)
 
 
-def resolve_dflash(target: TargetArch | dict[str, Any], **options: Any) -> DraftSpec:
-    return resolve("dflash", target, **options)
+def serving(method: str, ids: Sequence[int], num_target_layers: int) -> Serving:
+    """Which engines can serve a `method` draft reading `ids` (spectool's numbering) of an N-layer target."""
+    return engine_serving(get(method).hf_readers, ids, num_target_layers)
 
 
-def resolve_dspark(target: TargetArch | dict[str, Any], **options: Any) -> DraftSpec:
-    return resolve("dspark", target, **options)
+def draft_layout(spec: DraftSpec, arch: TargetArch) -> DraftLayout:
+    """Every tensor the draft of `spec` holds or borrows, with its shape and role."""
+    return DraftLayout(spec.method, tuple(get(spec.method).layout(spec, arch)))
+
+
+def detect_method(config: Mapping[str, Any], where: str = "config.json") -> DraftMethod:
+    """The draft method of a config.json, from its architectures (or a method's own config blocks)."""
+    archs = config.get("architectures") or []
+    for method in methods():
+        if any(a in method.checkpoint_architectures for a in archs):
+            return method
+    for method in methods():
+        if method.claims(config):
+            return method
+    known = ", ".join(name for method in methods() for name in method.checkpoint_architectures)
+    raise SpectoolError(f"{where}: architectures {archs} are not a draft format spectool knows ({known})")
+
+
+def conversions() -> dict[str, list[str]]:
+    """`spectool convert --to X`: which methods each destination layout holds."""
+    out: dict[str, list[str]] = {}
+    for method in methods():
+        for destination in method.conversions:
+            out.setdefault(destination, []).append(method.name)
+    return out

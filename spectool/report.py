@@ -10,13 +10,15 @@ from typing import Any
 
 from spectool.errors import UsageError
 from spectool.hub import TargetInfo
-from spectool.layers import serving, unportable_ids
-from spectool.layout import DraftLayout, draft_layout
-from spectool.registry import METHOD_TITLES, METHODS, DraftSpec, UnsupportedArchitecture, resolve
+from spectool.layers import unportable_ids
+from spectool.layout import DraftLayout
+from spectool.registry import DraftSpec, UnsupportedArchitecture, draft_layout, get, method_names, resolve, serving
 
 
 @dataclass
 class MethodReport:
+    """One method resolved against the target: supported or why not, its draft spec, layout and notes."""
+
     method: str
     supported: bool
     spec: DraftSpec | None = None
@@ -26,7 +28,7 @@ class MethodReport:
 
     @property
     def title(self) -> str:
-        return METHOD_TITLES[self.method]
+        return get(self.method).title
 
     def to_json(self) -> dict[str, Any]:
         spec, layout = self.spec, self.layout
@@ -38,7 +40,7 @@ class MethodReport:
             "target_layer_ids": list(spec.target_layer_ids) if spec else None,
             "serving": (
                 serving(self.method, spec.target_layer_ids, spec.num_target_layers).to_json()
-                if spec and self.method != "eagle1"
+                if spec and get(self.method).reads_feature_layers
                 else None
             ),
             "num_draft_layers": spec.num_draft_layers if spec else None,
@@ -94,11 +96,8 @@ def method_report(info: TargetInfo, method: str, **options: Any) -> MethodReport
     """Resolve one method against the target. Options the user gave that are invalid raise UsageError;
     a method that cannot serve this target (architecture, or defaults that do not fit) is reported, not raised.
     """
-    given = {k: v for k, v in options.items() if v is not None}
-    if method == "eagle3":
-        given.pop("num_feature_layers", None)  # EAGLE-3 always fuses three layers
-    if method in ("eagle1", "eagle3"):
-        given.pop("block_size", None)
+    found = get(method)
+    given = {k: v for k, v in options.items() if v is not None and _applies(found, k)}
     try:
         spec = resolve(method, info.arch, tokenizer_length=info.tokenizer_length, **given)
     except UnsupportedArchitecture as exc:
@@ -109,14 +108,20 @@ def method_report(info: TargetInfo, method: str, **options: Any) -> MethodReport
         return MethodReport(method, supported=False, reason=str(exc))
     report = MethodReport(method, supported=True, spec=spec, layout=draft_layout(spec, info.arch))
     n = info.arch.num_hidden_layers
-    if method != "eagle1" and unportable_ids(spec.target_layer_ids, n):
+    if found.reads_feature_layers and unportable_ids(spec.target_layer_ids, n):
         report.notes.append(serving(method, spec.target_layer_ids, n).message())
-    if method in ("dflash", "dspark") and spec.mask_token_id is None:
-        report.notes.append("no spare embedding row is known: pass --mask-token-id to init / train")
-    if method == "eagle3" and spec.draft_vocab_size is None:
-        report.notes.append("draft vocabulary = the full target vocabulary (no pruning, no d2t / t2d)")
+    report.notes += found.notes(spec, initialised=False)
     return report
 
 
+def _applies(method: Any, option: str) -> bool:
+    """Whether an inspect option (given for every method at once) is one `method` takes."""
+    if option == "num_feature_layers":
+        return method.fixed_feature_count is None
+    if option in ("num_draft_layers", "target_layer_ids"):
+        return True
+    return option in method.shape_options
+
+
 def inspect_report(info: TargetInfo, methods: list[str] | None = None, **options: Any) -> dict[str, MethodReport]:
-    return {m: method_report(info, m, **options) for m in (methods or list(METHODS))}
+    return {m: method_report(info, m, **options) for m in (methods or method_names())}

@@ -343,7 +343,7 @@ def test_eagle3_without_known_ids_writes_none(drafts, tmp_path):
     (source / "spectool.json").unlink()
     loaded = convert(source, "sglang", tmp_path / "out")
     config = json.loads((tmp_path / "out" / "config.json").read_text())
-    assert loaded.layer_ids_unknown  # the engines' defaults still apply: nothing invented, nothing empty written
+    assert not loaded.target_layer_ids  # the engines' defaults still apply: nothing invented, nothing empty written
     assert config["eagle_config"] == {"use_aux_hidden_state": True} and "eagle_aux_hidden_state_layer_ids" not in config
 
 

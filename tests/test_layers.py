@@ -7,7 +7,6 @@ import pytest
 from spectool.errors import UsageError
 from spectool.layers import (
     LayerIdWarning,
-    build_target_layer_ids,
     dflash_layer_ids,
     dspark_layer_ids,
     eagle3_layer_ids,
@@ -16,9 +15,9 @@ from spectool.layers import (
     from_engine_ids,
     parse_layer_ids,
     portable_layer_ids,
-    serving,
     validate_layer_ids,
 )
+from spectool.registry import default_layer_ids, serving
 
 # The table of SPEC §2, written out by hand: (N, method, K) -> ids.
 SPEC_TABLE = [
@@ -36,7 +35,7 @@ SPEC_TABLE = [
 
 @pytest.mark.parametrize(("n", "method", "k", "expected"), SPEC_TABLE)
 def test_spec_table(n, method, k, expected):
-    assert build_target_layer_ids(method, n, k) == expected
+    assert default_layer_ids(method, n, k) == expected
 
 
 def test_round_is_ties_to_even():
@@ -80,7 +79,7 @@ def test_small_targets():
 
 
 def test_eagle1_uses_the_last_hidden_state():
-    assert build_target_layer_ids("eagle1", 36) == [35]
+    assert default_layer_ids("eagle1", 36) == [35]
 
 
 @pytest.mark.parametrize(
@@ -90,8 +89,8 @@ def test_eagle1_uses_the_last_hidden_state():
         (lambda: dflash_layer_ids(36, 34), "between 1 and 33"),
         (lambda: dspark_layer_ids(36, 36), "between 1 and 35"),
         (lambda: dspark_layer_ids(0, 1), "at least 1 layer"),
-        (lambda: build_target_layer_ids("eagle3", 36, 4), "exactly 3"),
-        (lambda: build_target_layer_ids("medusa", 36, 4), "unknown method"),
+        (lambda: default_layer_ids("eagle3", 36, 4), "exactly 3"),
+        (lambda: default_layer_ids("medusa", 36, 4), "unknown method"),
     ],
 )
 def test_bad_counts(call, message):
@@ -167,6 +166,6 @@ def test_serving_names_who_can_and_cannot():
     dflash = serving("dflash", [1, 9, 17, 25, 35], 36)
     assert dflash.served_by == ("spectool", "the z-lab dflash package")
     assert serving("dflash", [1, 9, 17, 25, 33], 36).not_served_by == ()
-    eagle3 = serving("EAGLE-3", [-1, 17, 32], 36)
+    eagle3 = serving("eagle3", [-1, 17, 32], 36)
     assert eagle3.served_by == ("spectool",) and "layer id -1 (the embedding output)" in eagle3.message()
     assert "the embedding output only on some SGLang models" in eagle3.message()

@@ -6,15 +6,14 @@ from spectool import catalog
 from spectool.arch import TargetArch
 from spectool.drafts import build_draft
 from spectool.hub import TargetInfo, transformers_config
-from spectool.layout import draft_layout
-from spectool.registry import METHODS, REGISTRIES, resolve
+from spectool.registry import draft_layout, get, method_names, resolve
 
 TARGETS = ["Qwen/Qwen3-8B", "Qwen/Qwen3-30B-A3B", "meta-llama/Llama-3.2-1B-Instruct", "openai/gpt-oss-20b"]
 CASES = [
     (hub_id, method)
     for hub_id in TARGETS
-    for method in METHODS
-    if any(a in REGISTRIES[method] for a in catalog.lookup(hub_id).config["architectures"])
+    for method in method_names()
+    if any(a in get(method).architectures for a in catalog.lookup(hub_id).config["architectures"])
 ]
 
 
@@ -31,16 +30,16 @@ def test_layout_matches_built_draft(hub_id, method):
     arch = TargetArch.from_config(entry.config)
     spec = resolve(method, arch, tokenizer_length=entry.tokenizer_length, mask_token_id=None)
     info = TargetInfo(ref=hub_id, source="catalog", config=entry.config, arch=arch)
+    shape = {"block_size": spec.block_size, "draft_vocab_size": spec.draft_vocab_size, "markov_rank": spec.markov_rank}
+    if get(method).needs_mask_token:
+        shape["mask_token_id"] = spec.mask_token_id if spec.mask_token_id is not None else arch.vocab_size - 1
     draft = build_draft(
         method,
         transformers_config(info),
         target_layer_ids=list(spec.target_layer_ids),
-        num_draft_layers=spec.num_draft_layers if method != "eagle3" else None,
-        block_size=spec.block_size,
-        mask_token_id=spec.mask_token_id if spec.mask_token_id is not None else arch.vocab_size - 1,
-        draft_vocab_size=spec.draft_vocab_size,
-        markov_rank=spec.markov_rank or 256,
+        num_draft_layers=spec.num_draft_layers,
         device="meta",
+        **shape,
     )
     layout = draft_layout(spec, arch)
     expected = {t.name: (t.shape, t.role) for t in layout.tensors if t.role != "borrowed"}

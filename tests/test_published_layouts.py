@@ -246,7 +246,7 @@ def test_specforge_config_without_layer_ids_uses_the_engine_default(targets, tmp
     and vLLM capture by default, three of them (fc takes 3H), never the single last layer."""
     draft = write_published_draft("specforge_eagle3", tmp_path / "sf")
     loaded = load_draft(draft)
-    assert loaded.layer_ids_unknown and loaded.model.fc.in_features == 3 * H
+    assert not loaded.target_layer_ids and loaded.model.fc.in_features == 3 * H
     warnings = check_against_target(loaded, resolve_model(str(targets["qwen3"])).arch)
     assert loaded.target_layer_ids == [1, 3, 4]
     assert any("[1, 3, 4] (engine ids [2, 4, 5])" in w for w in warnings)

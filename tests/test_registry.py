@@ -4,16 +4,7 @@ import pytest
 
 from spectool import catalog, registry
 from spectool.errors import UsageError
-from spectool.registry import (
-    DFLASH_REGISTRY,
-    UnsupportedArchitecture,
-    match_architecture,
-    resolve,
-    resolve_dflash,
-    resolve_dspark,
-    resolve_eagle1,
-    resolve_eagle3,
-)
+from spectool.registry import UnsupportedArchitecture, match_architecture, resolve
 
 
 def config(archs, layers=36, vocab=151936, hidden=4096):
@@ -35,13 +26,13 @@ DENSE = ["LlamaForCausalLM", "Phi3ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeFor
 
 @pytest.mark.parametrize("arch", DENSE)
 def test_eagle_registries_cover_the_four_dense_strings(arch):
-    assert resolve_eagle1(config([arch])).draft_class == "LlamaEagleDraftModel"
-    assert resolve_eagle3(config([arch])).draft_class == "LlamaEagle3DraftModel"
+    assert resolve("eagle1", config([arch])).draft_class == "LlamaEagleDraftModel"
+    assert resolve("eagle3", config([arch])).draft_class == "LlamaEagle3DraftModel"
 
 
 def test_gpt_oss_gets_the_yarn_eagle3_draft_only():
     cfg = catalog.lookup("openai/gpt-oss-20b").config
-    assert resolve_eagle3(cfg).draft_class == "GptOssEagle3DraftModel"
+    assert resolve("eagle3", cfg).draft_class == "GptOssEagle3DraftModel"
     for method in ("eagle1", "dflash", "dspark"):
         with pytest.raises(UnsupportedArchitecture):
             resolve(method, cfg)
@@ -49,19 +40,19 @@ def test_gpt_oss_gets_the_yarn_eagle3_draft_only():
 
 @pytest.mark.parametrize("arch", ["Qwen3ForCausalLM", "Qwen3MoeForCausalLM"])
 def test_dflash_and_dspark_take_qwen3(arch):
-    assert resolve_dflash(config([arch]), tokenizer_length=151669).draft_class == "Qwen3DFlashDraftModel"
-    assert resolve_dspark(config([arch]), tokenizer_length=151669).draft_class == "Qwen3DSparkModel"
+    assert resolve("dflash", config([arch]), tokenizer_length=151669).draft_class == "Qwen3DFlashDraftModel"
+    assert resolve("dspark", config([arch]), tokenizer_length=151669).draft_class == "Qwen3DSparkModel"
 
 
 def test_unsupported_names_method_and_lists_supported():
     with pytest.raises(UnsupportedArchitecture) as info:
-        resolve_dflash(config(["LlamaForCausalLM"]))
+        resolve("dflash", config(["LlamaForCausalLM"]))
     message = str(info.value)
     assert message.startswith("DFlash has no draft for architectures [LlamaForCausalLM]")
     assert "supported: Qwen3ForCausalLM, Qwen3MoeForCausalLM" in message
     assert info.value.exit_code == 1
     with pytest.raises(UnsupportedArchitecture, match="none listed"):
-        resolve_eagle3(config([]))
+        resolve("eagle3", config([]))
 
 
 def test_first_registered_string_in_config_wins():
@@ -71,14 +62,14 @@ def test_first_registered_string_in_config_wins():
 
 def test_multimodal_text_stack():
     cfg = {"architectures": ["Qwen3VLForConditionalGeneration"], "text_config": config(["Qwen3ForCausalLM"], 28)}
-    spec = resolve_dspark(cfg, tokenizer_length=151669)
+    spec = resolve("dspark", cfg, tokenizer_length=151669)
     assert spec.architecture == "Qwen3ForCausalLM"
     assert spec.target_layer_ids == (1, 8, 14, 20, 27)
 
 
 def test_adding_a_family_is_one_line(monkeypatch):
-    monkeypatch.setitem(DFLASH_REGISTRY, "Qwen3NextForCausalLM", "Qwen3DFlashDraftModel")
-    assert resolve_dflash(config(["Qwen3NextForCausalLM"]), mask_token_id=5).draft_class == "Qwen3DFlashDraftModel"
+    monkeypatch.setitem(registry.get("dflash").architectures, "Qwen3NextForCausalLM", "Qwen3DFlashDraftModel")
+    assert resolve("dflash", config(["Qwen3NextForCausalLM"]), mask_token_id=5).draft_class == "Qwen3DFlashDraftModel"
 
 
 def test_defaults_on_qwen3_8b():
@@ -139,5 +130,18 @@ def test_bad_options_are_usage_errors(method, options, message):
     assert info.value.exit_code == 2
 
 
-def test_every_method_has_a_format_and_title():
-    assert set(registry.CHECKPOINT_FORMATS) == set(registry.METHODS) == set(registry.METHOD_TITLES)
+def test_the_four_methods_are_registered_with_their_facts():
+    assert registry.method_names() == ["eagle1", "eagle3", "dflash", "dspark"]
+    for method in registry.methods():
+        assert method.title and method.checkpoint_format and method.required_keys and method.architectures
+        assert method.checkpoint_architectures and method.default_lr > 0
+
+
+def test_an_option_the_method_does_not_take_is_refused():
+    with pytest.raises(UsageError, match="--block-size does not apply to EAGLE-3 drafts"):
+        resolve("eagle3", config(["Qwen3ForCausalLM"]), block_size=8)
+
+
+def test_registering_a_taken_name_is_refused():
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register(registry.get("dflash"))

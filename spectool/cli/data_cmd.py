@@ -187,7 +187,7 @@ def features_command(
 
     from spectool.cli.render import human_bytes
     from spectool.layers import parse_layer_ids
-    from spectool.registry import check_method
+    from spectool.registry import get
     from spectool.training.features import FeaturesConfig, FeaturesProgress, extract_features
 
     if dtype is not None and dtype not in _DTYPES:
@@ -198,7 +198,7 @@ def features_command(
     refuse_inputs_inside(out, {"--target": target, "--data": data, "--chat-template": chat_template})
     config = FeaturesConfig(
         target=target,
-        method=check_method(method),
+        method=get(method).name,
         data=data,
         out=str(out),
         target_layer_ids=parse_layer_ids(target_layer_ids) if target_layer_ids else None,

@@ -40,7 +40,7 @@ LOADERS = {
 
 def loaders_for(method: str, ids: list[int], num_target_layers: int) -> str:
     """Who loads a draft of `method` reading `ids`: `LOADERS`, less vLLM and SGLang for ids they cannot capture."""
-    from spectool.layers import serving
+    from spectool.registry import serving
 
     if method == "eagle1":
         return LOADERS[method]

@@ -13,7 +13,7 @@ from rich.text import Text
 from spectool.cli import app
 from spectool.cli.render import console, depth_bar, handles_errors, human_bytes, human_count, print_json, shape_text
 from spectool.hub import TargetInfo, default_model_ref, resolve_model
-from spectool.registry import METHOD_TITLES, METHODS, REGISTRIES, UnsupportedArchitecture
+from spectool.registry import UnsupportedArchitecture, get, method_names
 from spectool.report import MethodReport, inspect_report, target_json
 
 ROLE_STYLE = {"trainable": "green", "frozen": "yellow", "buffer": "magenta", "borrowed": "dim"}
@@ -55,7 +55,7 @@ def inspect_command(
     hidden state.
     """
     info = resolve_model(model or default_model_ref(), revision=revision)
-    methods = list(METHODS) if method is MethodChoice.all else [method.value]
+    methods = method_names() if method is MethodChoice.all else [method.value]
     reports = inspect_report(
         info,
         methods,
@@ -82,9 +82,9 @@ def inspect_command(
     if not any(r.supported for r in reports.values()) and any(
         r.spec is None and "has no draft" in (r.reason or "") for r in reports.values()
     ):
-        supported = sorted({a for m in methods for a in REGISTRIES[m]})
+        supported = sorted({a for m in methods for a in get(m).architectures})
         raise UnsupportedArchitecture(
-            f"no {'/'.join(METHOD_TITLES[m] for m in methods)} draft for {', '.join(info.arch.architectures) or 'this target'}; "
+            f"no {'/'.join(get(m).title for m in methods)} draft for {', '.join(info.arch.architectures) or 'this target'}; "
             f"supported architectures: {', '.join(supported)}"
         )
 

@@ -12,8 +12,7 @@ from spectool.cli import app
 from spectool.cli.render import console, depth_bar, handles_errors, print_json
 from spectool.errors import UsageError
 from spectool.hub import default_model_ref, resolve_model
-from spectool.layers import EAGLE3_NUM_FEATURE_LAYERS, LAYER_METHODS, build_target_layer_ids, serving
-from spectool.registry import METHOD_TITLES
+from spectool.registry import default_layer_ids, get, layer_methods, serving
 
 
 class LayerMethod(str, Enum):
@@ -60,13 +59,13 @@ def layers_command(
             f"got {num_feature_layers}"
         )
 
-    methods = list(LAYER_METHODS) if method is LayerMethod.all else [method.value]
+    methods = [m.name for m in layer_methods()] if method is LayerMethod.all else [method.value]
     chosen: dict[str, list[int] | None] = {}
     problems: dict[str, str] = {}
     for m in methods:
-        k = EAGLE3_NUM_FEATURE_LAYERS if m == "eagle3" else num_feature_layers
+        k = get(m).fixed_feature_count or num_feature_layers
         try:
-            chosen[m] = build_target_layer_ids(m, n, k)
+            chosen[m] = default_layer_ids(m, n, k)
         except UsageError as exc:
             if len(methods) == 1:
                 raise
@@ -89,7 +88,8 @@ def layers_command(
     table.add_column(no_wrap=True)
     for m in methods:
         ids = chosen[m]
-        title = METHOD_TITLES[m] + (" (3)" if m == "eagle3" and num_feature_layers != 3 else "")
+        fixed = get(m).fixed_feature_count
+        title = get(m).title + (f" ({fixed})" if fixed and num_feature_layers != fixed else "")
         if ids is None:
             table.add_row(title, Text(problems[m], style="red"))
             continue
@@ -100,7 +100,7 @@ def layers_command(
     out.print(table)
     for m, served_m in served.items():
         if not served_m.portable:
-            out.print(Text(f"note: {METHOD_TITLES[m]}: {served_m.message()}", style="yellow"), soft_wrap=True)
+            out.print(Text(f"note: {get(m).title}: {served_m.message()}", style="yellow"), soft_wrap=True)
     out.print(
         Text(
             "Layer id i = output of decoder layer i (HF hidden_states[i+1]); engines (SGLang / vLLM) capture the "

@@ -1,4 +1,4 @@
-"""The four draft families as transformers models, and ``build_draft`` to make one for a target.
+"""The draft families as transformers models, and ``build_draft`` to make one of a registered method for a target.
 
 | method | class | config | width (hidden_size) | heads / kv heads / head_dim / intermediate |
 |---|---|---|---|---|
@@ -43,39 +43,6 @@ from .eagle3 import (
     LlamaEagle3DraftModel,
 )
 
-METHODS = ("eagle1", "eagle3", "dflash", "dspark")
-
-DRAFT_CLASSES: dict[str, type[PreTrainedModel]] = {
-    "eagle1": LlamaEagleDraftModel,
-    "eagle3": LlamaEagle3DraftModel,
-    "dflash": Qwen3DFlashDraftModel,
-    "dspark": Qwen3DSparkModel,
-}
-
-DRAFT_CONFIG_CLASSES = {
-    "eagle1": EagleDraftConfig,
-    "eagle3": Eagle3DraftConfig,
-    "dflash": DFlashDraftConfig,
-    "dspark": DSparkDraftConfig,
-}
-
-UPSTREAM_BLOCK_SIZE = {"dflash": 16, "dspark": 7}
-
-
-def is_gpt_oss(target_config: Any) -> bool:
-    cfg = text_config(target_config)
-    architectures = getattr(target_config, "architectures", None) or getattr(cfg, "architectures", None) or []
-    return getattr(cfg, "model_type", None) == "gpt_oss" or "GptOssForCausalLM" in architectures
-
-
-def draft_class_for(method: str, target_config: Any) -> type[PreTrainedModel]:
-    """The draft class of ``method`` for this target (gpt-oss targets get the YaRN EAGLE-3 variant)."""
-    if method not in DRAFT_CLASSES:
-        raise UsageError(f"unknown draft method {method!r}; choose one of {', '.join(METHODS)}")
-    if method == "eagle3" and is_gpt_oss(target_config):
-        return GptOssEagle3DraftModel
-    return DRAFT_CLASSES[method]
-
 
 def build_draft(
     method: str,
@@ -86,66 +53,45 @@ def build_draft(
     block_size: int | None = None,
     mask_token_id: int | None = None,
     draft_vocab_size: int | None = None,
-    markov_rank: int = 256,
+    markov_rank: int | None = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
     **config_overrides: Any,
 ) -> PreTrainedModel:
-    """A freshly initialised draft of ``method`` ("eagle1", "eagle3", "dflash", "dspark") for a target config.
+    """A freshly initialised draft of ``method`` (a registered method's name) for a target config.
 
     Defaults: one layer for eagle1/eagle3 (the EAGLE-3 format allows only one); dflash/dspark one layer per
     feature layer (5 with the upstream ids); block size 16 (dflash) / 7 (dspark); the mask token is the target's
     first unused embedding row when known (Qwen3), otherwise a ``SpectoolError`` asks for --mask-token-id.
     ``target_layer_ids`` are output-of-layer ids (eagle1 uses the last hidden state: pass None or [N-1]).
     ``config_overrides`` change the draft's own shape (e.g. ``num_attention_heads``, ``intermediate_size``, or
-    ``hidden_size`` for eagle3) where the method allows. ``device="meta"`` builds without allocating (for
+    ``hidden_size`` for eagle3) where the method allows; a shape option the method does not take is refused.
+    ``device="meta"`` builds without allocating (for
     counting parameters). Weights copied from the target (EAGLE-1 embeddings, DSpark embeddings and lm_head)
-    are left to ``copy_target_embeddings`` / ``copy_target_weights``.
+    are left to the method's ``copy_target_tensors``.
     """
-    cls = draft_class_for(method, target_config)
-    num_target_layers = int(text_config(target_config).num_hidden_layers)
-    if draft_vocab_size is not None and method != "eagle3":
-        raise UsageError("draft_vocab_size (vocabulary pruning) applies to eagle3 only")
+    from spectool.registry import get
+
+    found = get(method)
+    shape = {"block_size": block_size, "mask_token_id": mask_token_id, "draft_vocab_size": draft_vocab_size}
+    shape["markov_rank"] = markov_rank
+    for option, value in shape.items():
+        found.check_option(option, value)
     if num_draft_layers is not None and num_draft_layers < 1:
         raise UsageError(f"num_draft_layers must be at least 1, got {num_draft_layers}")
-    if method == "eagle1":
-        if target_layer_ids not in (None, [num_target_layers - 1], (num_target_layers - 1,)):
-            raise UsageError(
-                f"eagle1 reads only the target's last hidden state (id {num_target_layers - 1}); got {target_layer_ids}"
-            )
-        config = EagleDraftConfig.from_target(target_config, num_draft_layers=num_draft_layers or 1, **config_overrides)
-    else:
-        if target_layer_ids is None:
-            raise UsageError(f"{method} needs target_layer_ids")
+    n = int(text_config(target_config).num_hidden_layers)
+    ids = None if target_layer_ids is None else list(target_layer_ids)
+    if not found.reads_feature_layers and ids not in (None, [n - 1]):
+        raise UsageError(f"{method} reads only the target's last hidden state (id {n - 1}); got {target_layer_ids}")
+    if found.reads_feature_layers and ids is not None:
         with warnings.catch_warnings():
             # Ids an engine cannot capture are legal here; warning about them is the caller's (registry's) job.
             warnings.simplefilter("ignore", LayerIdWarning)
-            ids = validate_layer_ids(
-                list(target_layer_ids),
-                num_target_layers,
-                expected_count=3 if method == "eagle3" else None,
-                method=method,
-            )
-        if method == "eagle3":
-            if num_draft_layers not in (None, 1):
-                raise UsageError("the EAGLE-3 format holds exactly one decoder layer; drop --num-draft-layers")
-            config = Eagle3DraftConfig.from_target(
-                target_config, target_layer_ids=ids, draft_vocab_size=draft_vocab_size, **config_overrides
-            )
-        else:
-            config_cls = DFlashDraftConfig if method == "dflash" else DSparkDraftConfig
-            extra = {"markov_rank": markov_rank} if method == "dspark" else {}
-            config = config_cls.from_target(
-                target_config,
-                target_layer_ids=ids,
-                num_draft_layers=num_draft_layers,
-                block_size=block_size or UPSTREAM_BLOCK_SIZE[method],
-                mask_token_id=mask_token_id,
-                **extra,
-                **config_overrides,
-            )
+            ids = validate_layer_ids(ids, n, expected_count=found.fixed_feature_count, method=method)
+    options = {**shape, "num_draft_layers": num_draft_layers, "overrides": config_overrides}
+    config = found.build_config(target_config, ids, options)
     with torch.device(device) if device is not None else contextlib.nullcontext():
-        model = cls(config)
+        model = found.model_class(config)(config)
     if dtype is not None:
         model = model.to(dtype)
     model.freeze_target_copies()
@@ -153,9 +99,6 @@ def build_draft(
 
 
 __all__ = [
-    "DRAFT_CLASSES",
-    "DRAFT_CONFIG_CLASSES",
-    "METHODS",
     "DFlashDraftConfig",
     "DSparkBlockDraft",
     "DSparkDraftConfig",
@@ -174,6 +117,5 @@ __all__ = [
     "build_block_attention_mask",
     "build_draft",
     "default_mask_token_id",
-    "draft_class_for",
     "teacher_forced_prev_tokens",
 ]

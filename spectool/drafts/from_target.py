@@ -10,7 +10,7 @@ from spectool.checkpoint import DraftMetadata, chat_template_sha256
 from spectool.drafts import build_draft
 from spectool.errors import UsageError
 from spectool.hub import TargetInfo, read_target_weights, transformers_config
-from spectool.registry import DraftSpec
+from spectool.registry import DraftSpec, get, methods
 
 
 def target_metadata(info: TargetInfo, spec: DraftSpec) -> DraftMetadata:
@@ -35,7 +35,8 @@ def target_metadata(info: TargetInfo, spec: DraftSpec) -> DraftMetadata:
 
 def new_draft(info: TargetInfo, spec: DraftSpec, *, seed: int = 0) -> torch.nn.Module:
     """A draft for `spec` with random weights (seeded) and the target tensors its format stores copied in."""
-    if spec.method in ("dflash", "dspark") and spec.mask_token_id is None:
+    method = get(spec.method)
+    if method.needs_mask_token and spec.mask_token_id is None:
         raise UsageError(
             f"{info.ref}: no spare embedding row is known for the {spec.method} mask token; pass --mask-token-id "
             "(an id of the embedding that the tokenizer never produces)"
@@ -45,26 +46,17 @@ def new_draft(info: TargetInfo, spec: DraftSpec, *, seed: int = 0) -> torch.nn.M
         spec.method,
         transformers_config(info),
         target_layer_ids=list(spec.target_layer_ids),
-        num_draft_layers=spec.num_draft_layers if spec.method != "eagle3" else None,
+        num_draft_layers=spec.num_draft_layers,
         block_size=spec.block_size,
         mask_token_id=spec.mask_token_id,
         draft_vocab_size=spec.draft_vocab_size,
-        markov_rank=spec.markov_rank or 256,
+        markov_rank=spec.markov_rank,
         dtype=torch.float32,
     )
-    if spec.method != "dflash":  # DFlash stores nothing of the target's
+    if method.stores_target_tensors:
         weights = _target_weights(info, spec.method)
         with torch.no_grad():
-            if spec.method == "eagle1":
-                draft.embed_tokens.weight.copy_(weights["embed_tokens"])
-            elif spec.method == "dspark":
-                draft.embed_tokens.weight.copy_(weights["embed_tokens"])
-                draft.lm_head.weight.copy_(weights["lm_head"])
-            else:  # eagle3: the lm_head rows of the draft vocabulary
-                head = weights["lm_head"]
-                if spec.draft_vocab_size:
-                    head = head[draft.draft_to_target(torch.arange(spec.draft_vocab_size))]
-                draft.lm_head.weight.copy_(head)
+            method.copy_target_tensors(draft, weights, spec)
         draft.freeze_target_copies()
     return draft
 
@@ -80,5 +72,5 @@ def _target_weights(info: TargetInfo, method: str) -> dict[str, torch.Tensor]:
         raise UsageError(
             f"{where}: the target's weights are missing (no model.safetensors or model.safetensors.index.json); "
             f"{method} init copies the target's embedding / lm_head from them, so point MODEL at the complete model "
-            "(or use --method dflash, which needs none)"
+            f"(or use {' or '.join(f'--method {m.name}' for m in methods() if not m.stores_target_tensors)}, which needs none)"
         ) from None

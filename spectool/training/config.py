@@ -4,16 +4,9 @@ Precedence: the dataclass defaults, then a config file, then the options given o
 run starts from the run's own ``train_config.json``; options that would change what the saved state means
 (data, model shape, batch, seed...) may not change on resume.
 
-Per-method defaults (options left unset; the draft's shape comes from `spectool.registry.resolve`, scaled to the
-target: DFlash block 16 on targets of 24+ layers else 8, DSpark block 7, DFlash/DSpark depth = target depth // 4,
-at most 5):
-
-| method | lr | notes |
-|---|---|---|
-| eagle1 | 1e-4 | SafeAILab EAGLE trains at 3e-5 with large batches; small batches and targets like more |
-| eagle3 | 1e-4 | SpecForge's default |
-| dflash | 6e-4 | upstream (z-lab, NeMo); the loss decay gamma defaults to the objective's, from the block size |
-| dspark | 6e-4 | upstream (DeepSpec); gamma 4 for block 7; loss 0.1 CE + 0.9 L1 (--ce-weight / --l1-weight) |
+Options left unset take the method's defaults, declared with the method (`spectool/methods/<name>.py`: its
+`default_lr`, and the draft shape `spectool.registry.resolve` scales to the target). Small targets often want a
+higher lr (1e-3 .. 3e-3 for a 64-wide toy).
 
 Warmup defaults to ``min(max(20, steps // 50), steps // 10)`` steps: at least the 20 upstream asks for, at most a
 tenth of a short run. Small targets often want a higher lr (1e-3 .. 3e-3 for a 64-wide toy).
@@ -31,11 +24,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from spectool.errors import SpectoolError, UsageError
-
-Method = Literal["eagle1", "eagle3", "dflash", "dspark"]
-
-#: Peak learning rate per method when --lr is not given.
-DEFAULT_LR: dict[str, float] = {"eagle1": 1e-4, "eagle3": 1e-4, "dflash": 6e-4, "dspark": 6e-4}
+from spectool.registry import get as get_method
+from spectool.registry import method_names
 
 #: Fields that fix what a checkpoint's state means: a resumed run may not change them.
 RESUME_LOCKED = (
@@ -74,7 +64,7 @@ class TrainConfig:
     """One training run. ``None`` means "the method's default, scaled to the target" (resolved at start)."""
 
     # what to train
-    method: Method
+    method: str  # a registered method's name (`spectool.registry.method_names()`)
     target: str | None = None  # MODEL reference (with --features, defaults to the one the features came from)
     data: str | None = None  # conversations (file, directory or Hub dataset); not needed with features
     out: str = "draft"
@@ -87,7 +77,7 @@ class TrainConfig:
     # batches and optimisation
     batch_size: int = 8  # sequences per micro-batch, over all processes together (the global micro-batch)
     grad_accum: int = 1  # micro-batches per optimizer step
-    lr: float | None = None  # peak learning rate (DEFAULT_LR)
+    lr: float | None = None  # peak learning rate (None: the method's `default_lr`)
     warmup_steps: int | None = None
     min_lr_ratio: float = 0.1  # the cosine ends at lr * min_lr_ratio
     weight_decay: float = 0.0  # on matrices only (never norms or biases)
@@ -131,8 +121,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise a `UsageError` naming the option for any value out of range."""
-        if self.method not in DEFAULT_LR:
-            raise UsageError(f"unknown method {self.method!r}; choose one of {', '.join(DEFAULT_LR)}")
+        get_method(self.method)  # a usage error listing the methods
         if self.features is None and self.data is None:
             raise UsageError("give --data FILE (conversations) or --features DIR (from `spectool data features`)")
         if self.features is None and self.target is None:
@@ -192,7 +181,7 @@ class TrainConfig:
 
     @property
     def peak_lr(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR[self.method]
+        return self.lr if self.lr is not None else get_method(self.method).default_lr
 
     def objective_hparams(self) -> dict[str, Any]:
         """The objective options that were set (the objective supplies its own defaults for the rest)."""
@@ -213,7 +202,7 @@ class TrainConfig:
         """Build from a mapping of field names (dashes or underscores), checking names and value types."""
         checked = check_values(values, where=where)
         if "method" not in checked:
-            raise UsageError("give --method (eagle1, eagle3, dflash or dspark)")
+            raise UsageError(f"give --method ({', '.join(method_names())})")
         return cls(**checked)
 
 
@@ -386,7 +375,6 @@ def _absolute_paths(values: dict[str, Any]) -> dict[str, Any]:
 
 
 __all__ = [
-    "DEFAULT_LR",
     "RESUME_LOCKED",
     "TrainConfig",
     "check_values",

@@ -1,6 +1,6 @@
 """The draft a run trains: a fresh one (`spectool.drafts.from_target.new_draft`), the one ``--init`` names, or
-the checkpoint a resumed run continues from, with its spec resolved for the target and, for an EAGLE-3 draft with
-a pruned vocabulary, that vocabulary built from the training data."""
+the checkpoint a resumed run continues from, with its spec resolved for the target and the data-dependent setup its
+objective asks for (`Objective.prepare_draft`: e.g. EAGLE-3's pruned vocabulary built from the training data)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from spectool.drafts.from_target import new_draft
 from spectool.errors import UsageError
 from spectool.hub import TargetInfo
 from spectool.layers import LayerIdWarning
-from spectool.registry import DraftSpec, resolve
+from spectool.registry import DraftSpec, get, resolve
 from spectool.training.config import TrainConfig
 
 
@@ -47,6 +47,7 @@ def setup_draft(
     if ids is None and stored_layer_ids:
         ids = stored_layer_ids
     source = resume_from or (Path(config.init).expanduser() if config.init else None)
+    method = get(config.method)
     notes: list[str] = []
     if source is not None:
         draft, spec = _load(config, info, source, resumed=resume_from is not None, notes=notes)
@@ -57,16 +58,15 @@ def setup_draft(
             notes if config.target_layer_ids is not None else None,
             num_feature_layers=config.num_feature_layers,
             num_draft_layers=config.num_draft_layers,
-            target_layer_ids=ids if config.method != "eagle1" else None,
+            target_layer_ids=ids if method.reads_feature_layers else None,
             block_size=config.block_size,
             mask_token_id=config.mask_token_id,
             draft_vocab_size=config.draft_vocab_size,
             markov_rank=config.markov_rank,
         )
         draft = new_draft(info, spec, seed=config.seed)
-    if resume_from is None and getattr(draft, "pruned_vocab", False):
-        if source is None or not bool(draft.d2t.any()):  # d2t all zero: the placeholder `spectool init` writes
-            notes.append(_prune_vocab(draft, train_examples, target_lm_head))
+    if resume_from is None:
+        notes += method.objective_class().prepare_draft(draft, train_examples, target_lm_head, source is None)
     draft.to(device)
     draft.freeze_target_copies()
     draft.train()
@@ -84,7 +84,7 @@ def resolved_config(config: TrainConfig, spec: DraftSpec, *, target: str, warmup
         lr=config.peak_lr,
         warmup_steps=warmup_steps,
         target_layer_ids=list(spec.target_layer_ids),
-        num_draft_layers=spec.num_draft_layers if config.method != "eagle3" else None,
+        num_draft_layers=None if get(config.method).fixed_draft_layers else spec.num_draft_layers,
         block_size=spec.block_size,
         mask_token_id=spec.mask_token_id,
         draft_vocab_size=spec.draft_vocab_size,
@@ -105,17 +105,15 @@ def _load(
         notes.extend(fit_warnings + loaded.notes)
     cfg = loaded.model.config
     ids = loaded.target_layer_ids or None
+    method = get(config.method)
     spec = _resolve(
         config,
         info,
         notes if config.target_layer_ids is not None and not resumed else None,
-        target_layer_ids=ids if config.method != "eagle1" else None,
-        num_feature_layers=len(ids) if ids and config.method in ("dflash", "dspark") else None,
+        target_layer_ids=ids if method.reads_feature_layers else None,
+        num_feature_layers=len(ids) if ids and method.fixed_feature_count is None else None,
         num_draft_layers=cfg.num_hidden_layers,
-        block_size=getattr(cfg, "block_size", None),
-        mask_token_id=getattr(cfg, "mask_token_id", None),
-        draft_vocab_size=getattr(cfg, "draft_vocab_size", None),
-        markov_rank=getattr(cfg, "markov_rank", None),
+        **{option: getattr(cfg, option, None) for option in method.shape_options},
     )
     return loaded.model, spec
 
@@ -131,20 +129,3 @@ def _resolve(config: TrainConfig, info: TargetInfo, notes: list[str] | None, **o
         elif notes is not None:
             notes.append(str(warning.message))
     return spec
-
-
-def _prune_vocab(draft: nn.Module, train_examples: list[Any], target_lm_head: nn.Module) -> str:
-    """EAGLE-3 with a pruned vocabulary: keep the most frequent supervised tokens of the training split; returns
-    the note saying how much of the supervision they cover."""
-    from spectool.training.objectives.eagle3 import build_draft_vocab, count_supervised_tokens
-
-    counts = count_supervised_tokens(train_examples, draft.config.vocab_size)
-    draft.set_vocab_mapping(build_draft_vocab(counts, draft.config.draft_vocab_size))
-    if not draft.owns_embeddings:
-        draft.init_lm_head_from_target(target_lm_head.weight.detach().float().cpu())
-    kept = int(counts[draft.draft_to_target(torch.arange(draft.config.draft_vocab_size))].sum())
-    share = kept / max(1, int(counts.sum()))
-    return (
-        f"draft vocabulary: the {draft.config.draft_vocab_size} most frequent supervised tokens "
-        f"({share:.1%} of the supervised tokens)"
-    )

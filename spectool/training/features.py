@@ -333,8 +333,11 @@ class FeaturesConfig:
 
 
 def feature_layer_ids(method: str, spec_ids: Sequence[int]) -> list[int]:
-    """The ids whose features a method's draft reads: EAGLE-1 reads only the last hidden state (stored anyway)."""
-    return [] if method == "eagle1" else list(spec_ids)
+    """The ids whose features a method's draft reads (none for a draft that reads only the last hidden state,
+    which is stored anyway)."""
+    from spectool.registry import get
+
+    return list(spec_ids) if get(method).reads_feature_layers else []
 
 
 def extract_features(

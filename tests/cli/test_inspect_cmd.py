@@ -4,8 +4,7 @@ import json
 
 from spectool import catalog
 from spectool.arch import TargetArch
-from spectool.layout import draft_layout
-from spectool.registry import resolve
+from spectool.registry import draft_layout, resolve
 from tests.cli.conftest import TINY_QWEN3, invoke, run_script
 
 

@@ -3,8 +3,9 @@
 import pytest
 import torch
 
-from spectool.drafts import DRAFT_CLASSES, GptOssEagle3DraftModel, build_draft, default_mask_token_id
+from spectool.drafts import GptOssEagle3DraftModel, build_draft, default_mask_token_id
 from spectool.errors import SpectoolError, UsageError
+from spectool.registry import get
 from tests.conftest import tiny_qwen3_config
 
 CASES = [
@@ -19,7 +20,7 @@ CASES = [
 def test_meta_build_counts_the_same_parameters_without_allocating(method, kwargs, qwen3_config):
     real = build_draft(method, qwen3_config, **kwargs)
     meta = build_draft(method, qwen3_config, device="meta", **kwargs)
-    assert isinstance(real, DRAFT_CLASSES[method])
+    assert isinstance(real, get(method).model_class(real.config))
     assert all(p.device.type == "meta" for p in meta.parameters())
     assert sum(p.numel() for p in meta.parameters()) == sum(p.numel() for p in real.parameters())
     assert sorted(meta.trainable_parameter_names() + meta.frozen_parameter_names()) == sorted(
@@ -57,13 +58,13 @@ def test_gpt_oss_dispatch(gpt_oss_config):
 @pytest.mark.parametrize(
     ("method", "kwargs", "error", "match"),
     [
-        ("medusa", dict(target_layer_ids=[0]), UsageError, "unknown draft method"),
+        ("medusa", dict(target_layer_ids=[0]), UsageError, "unknown method"),
         ("eagle3", dict(target_layer_ids=[0, 1]), UsageError, "exactly 3"),
         ("eagle3", dict(target_layer_ids=[2, 1, 3]), UsageError, "strictly increasing"),
         ("dflash", dict(target_layer_ids=[0, 4], mask_token_id=1), UsageError, "outside"),
         ("eagle3", dict(target_layer_ids=[0, 1, 2], num_draft_layers=2), UsageError, "one decoder layer"),
         ("eagle1", dict(target_layer_ids=[1]), UsageError, "last hidden state"),
-        ("dflash", dict(target_layer_ids=[0, 2], draft_vocab_size=10), UsageError, "eagle3 only"),
+        ("dflash", dict(target_layer_ids=[0, 2], draft_vocab_size=10), UsageError, "does not apply to DFlash"),
         ("dflash", dict(target_layer_ids=[0, 2]), SpectoolError, "--mask-token-id"),
         ("dspark", dict(target_layer_ids=[0, 2], mask_token_id=999), SpectoolError, "outside the target vocabulary"),
         ("eagle3", dict(target_layer_ids=[0, 1, 2], draft_vocab_size=1000), SpectoolError, "draft_vocab_size"),

@@ -30,6 +30,7 @@ from typing import Any
 from torch import nn
 
 from spectool.errors import UsageError
+from spectool.registry import get
 
 from .base import Documents, Objective, ObjectiveOutput
 from .blocks import default_gamma, sample_anchors
@@ -38,19 +39,11 @@ from .dspark import DSparkObjective
 from .eagle1 import Eagle1Objective
 from .eagle3 import Eagle3Objective, build_draft_vocab, count_supervised_tokens
 
-OBJECTIVES: dict[str, type[Objective]] = {
-    "eagle1": Eagle1Objective,
-    "eagle3": Eagle3Objective,
-    "dflash": DFlashObjective,
-    "dspark": DSparkObjective,
-}
-
 
 def make_objective(method: str, draft: nn.Module, **hparams: Any) -> Objective:
-    """The objective of ``method`` for ``draft``; unknown methods or hyper-parameters are usage errors."""
-    if method not in OBJECTIVES:
-        raise UsageError(f"no training objective for {method!r}; choose one of {', '.join(OBJECTIVES)}")
-    cls = OBJECTIVES[method]
+    """The objective of ``method`` (a registered method's name) for ``draft``; unknown methods or
+    hyper-parameters are usage errors."""
+    cls = get(method).objective_class()
     accepted = [name for name in inspect.signature(cls.__init__).parameters if name not in ("self", "draft")]
     unknown = sorted(set(hparams) - set(accepted))
     if unknown:
@@ -59,7 +52,6 @@ def make_objective(method: str, draft: nn.Module, **hparams: Any) -> Objective:
 
 
 __all__ = [
-    "OBJECTIVES",
     "DFlashObjective",
     "DSparkObjective",
     "Documents",

@@ -19,9 +19,9 @@ Conventions of all objectives:
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -68,6 +68,14 @@ class Objective(ABC):
     def target_layer_ids(self) -> list[int]:
         """The target layers whose outputs the draft reads (empty: only the post-norm last hidden state)."""
         return list(getattr(self.draft.config, "target_layer_ids", None) or [])
+
+    @classmethod
+    def prepare_draft(
+        cls, draft: nn.Module, examples: Sequence[Any], target_lm_head: nn.Module, fresh: bool
+    ) -> list[str]:
+        """Data-dependent setup of a draft before its first training step (``fresh``: a new draft, not one from
+        --init); returns notes to show. Nothing by default."""
+        return []
 
     @abstractmethod
     def __call__(

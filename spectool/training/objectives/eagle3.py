@@ -23,7 +23,7 @@ target (``draft.init_lm_head_from_target``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -74,6 +74,25 @@ class Eagle3Objective(Objective):
     method = "eagle3"
     draft_class = LlamaEagle3DraftModel
     needs_target_logits = True
+
+    @classmethod
+    def prepare_draft(
+        cls, draft: LlamaEagle3DraftModel, examples: Sequence[Any], target_lm_head: nn.Module, fresh: bool
+    ) -> list[str]:
+        """A pruned draft vocabulary: keep the most frequent supervised tokens of the training split (a draft from
+        --init keeps its mapping unless it is still the placeholder `spectool init` writes, d2t all zero)."""
+        if not draft.pruned_vocab or not (fresh or not bool(draft.d2t.any())):
+            return []
+        counts = count_supervised_tokens(examples, draft.config.vocab_size)
+        draft.set_vocab_mapping(build_draft_vocab(counts, draft.config.draft_vocab_size))
+        if not draft.owns_embeddings:
+            draft.init_lm_head_from_target(target_lm_head.weight.detach().float().cpu())
+        kept = int(counts[draft.draft_to_target(torch.arange(draft.config.draft_vocab_size))].sum())
+        share = kept / max(1, int(counts.sum()))
+        return [
+            f"draft vocabulary: the {draft.config.draft_vocab_size} most frequent supervised tokens "
+            f"({share:.1%} of the supervised tokens)"
+        ]
 
     def __init__(self, draft: LlamaEagle3DraftModel, *, ttt_steps: int = 7, step_decay: float = 0.8) -> None:
         super().__init__(draft)

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from spectool.training.objectives import OBJECTIVES
+from spectool.registry import method_names
 from tests.training.objectives.conftest import capture, run
 
-METHODS = list(OBJECTIVES)
+METHODS = method_names()
 HPARAMS = {"eagle1": {"chain_steps": 3}, "eagle3": {"ttt_steps": 3}, "dflash": {}, "dspark": {}}
 
 

@@ -1,0 +1,284 @@
+"""What a draft method is: `DraftMethod`, the one place a method's facts and its method-specific steps live, and
+`DraftSpec`, a draft resolved against one target.
+
+A method subclasses `DraftMethod` in its own module (`spectool/methods/<name>.py`) and sets the class facts
+(name, title, supported target architectures, on-disk names and keys, defaults) and the references to its
+heavier parts (draft model, config, objective, proposer), which are imported only when used, so that the command
+line and `spectool inspect` answer without importing torch. The hooks below each hold one method-specific rule;
+the defaults are what most methods want. `spectool.registry` collects the methods; nothing outside a method's
+own modules asks which method it has.
+
+References are `"module:attribute"` strings or the objects themselves (a method defined in a test passes its
+classes directly).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from spectool.errors import SpectoolError, UsageError
+from spectool.layers import check_depth
+
+if TYPE_CHECKING:
+    from spectool.arch import TargetArch
+    from spectool.layout import Tensor
+
+
+@dataclass(frozen=True)
+class DraftSpec:
+    """A draft resolved against one target: its class, feature layers and shape options."""
+
+    method: str
+    architecture: str  # the target architecture string that matched the registry
+    draft_class: str
+    checkpoint_format: str
+    num_target_layers: int
+    target_layer_ids: tuple[int, ...]
+    num_draft_layers: int
+    block_size: int | None = None  # block drafts (DFlash / DSpark)
+    mask_token_id: int | None = None  # block drafts; None = unknown, must be given
+    draft_vocab_size: int | None = None  # EAGLE-3; None = the full target vocabulary
+    markov_rank: int | None = None  # DSpark
+
+
+def load_reference(reference: Any) -> Any:
+    """The object a `"module:attribute"` reference names (anything else is returned as it is)."""
+    if not isinstance(reference, str):
+        return reference
+    module, _, attribute = reference.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+#: Prefixes published checkpoints put before spectool's module names (DDP `module.`, NeMo AutoModel `model.`).
+MODEL_PREFIXES = ("module.", "model.", "draft_model.")
+
+
+def strip_prefixes(name: str) -> str:
+    """A checkpoint key without the wrapper prefixes of `MODEL_PREFIXES`."""
+    while name.startswith(MODEL_PREFIXES):
+        name = name.split(".", 1)[1]
+    return name
+
+
+def int_list(value: Any, what: str, where: str) -> list[int] | None:
+    """A config field that must hold a list of integers (None or empty: None); a one-line error otherwise."""
+    if value is None:
+        return None
+    if not isinstance(value, list | tuple) or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+        raise SpectoolError(f"{where}: {what} must be a list of integers, got {value!r}")
+    return list(value) or None
+
+
+def feature_count(config: Mapping[str, Any], shapes: Mapping[str, Sequence[int]]) -> float | None:
+    """How many feature layers `fc.weight` takes: its input width over the target's hidden size (None: unknown)."""
+    fc = shapes.get("fc.weight")
+    width = config.get("target_hidden_size") or config.get("hidden_size")
+    if fc is None or len(fc) != 2 or not isinstance(width, int) or width < 1:
+        return None
+    return fc[1] / width
+
+
+class DraftMethod:
+    """One speculative-decoding draft method, declared once: facts, defaults and the method-specific steps.
+
+    Subclasses set the class attributes; `architectures` is copied per instance so that adding a target family is
+    a one-line append on the registered method (``registry.get("dflash").architectures["MyForCausalLM"] = ...``).
+    """
+
+    #: Short name used on the command line, in spectool.json and in every JSON key (`--method NAME`).
+    name: ClassVar[str]
+    #: How people write it ("EAGLE-3").
+    title: ClassVar[str]
+    #: Target `architectures` string -> the draft class built for it.
+    supported: ClassVar[Mapping[str, str]]
+    #: config.json `architectures` of this method's checkpoints: the first is written, all are read.
+    checkpoint_architectures: ClassVar[tuple[str, ...]]
+    #: One line on the on-disk layout `init` / `train` write (SPEC §5).
+    checkpoint_format: ClassVar[str]
+    #: Keys a loader needs and silently misses otherwise; writing a checkpoint without them is refused.
+    required_keys: ClassVar[tuple[str, ...]]
+    #: Who loads what `init` / `train` write.
+    loaders: ClassVar[str]
+    #: `spectool convert --to X` destinations whose layout holds this method's drafts.
+    conversions: ClassVar[tuple[str, ...]] = ()
+    #: Engines that read Hugging Face `hidden_states` and so serve every feature-layer id (`layers.serving`).
+    hf_readers: ClassVar[tuple[str, ...]] = ("spectool",)
+    #: Peak learning rate when --lr is not given.
+    default_lr: ClassVar[float]
+    #: Whether the draft reads chosen target layers (False: the post-norm last hidden state only).
+    reads_feature_layers: ClassVar[bool] = True
+    #: The number of feature layers the format fixes (None: the user chooses).
+    fixed_feature_count: ClassVar[int | None] = None
+    #: The number of decoder layers the format fixes (None: --num-draft-layers chooses).
+    fixed_draft_layers: ClassVar[int | None] = None
+    #: Whether the checkpoint stores copies of target tensors (so `init` must read the target's weights).
+    stores_target_tensors: ClassVar[bool] = False
+    #: Whether the draft needs a mask token (a spare embedding row).
+    needs_mask_token: ClassVar[bool] = False
+    #: Whether EAGLE-2's dynamic tree can draft with it (`--tree`).
+    supports_tree: ClassVar[bool] = False
+    #: `resolve` options this method takes besides target_layer_ids and num_draft_layers; others are ignored by
+    #: `spectool inspect` (which passes every option to every method) and refused elsewhere.
+    shape_options: ClassVar[tuple[str, ...]] = ()
+    #: References to the heavier parts, imported on first use.
+    draft_model: ClassVar[Any]
+    draft_config: ClassVar[Any]
+    objective: ClassVar[Any]
+    proposer: ClassVar[Any]
+
+    def __init__(self) -> None:
+        self.architectures: dict[str, str] = dict(self.supported)
+
+    def __repr__(self) -> str:
+        return f"<draft method {self.name}>"
+
+    # -- the draft's shape ----------------------------------------------------------------------------------------
+
+    def default_num_draft_layers(self, num_target_layers: int) -> int:
+        """Draft depth when --num-draft-layers is not given."""
+        return 1
+
+    def default_layer_ids(self, num_target_layers: int, num_feature_layers: int | None) -> list[int]:
+        """The feature-layer ids this method picks for an N-layer target (spectool's numbering)."""
+        check_depth(num_target_layers)
+        return [num_target_layers - 1]
+
+    def default_feature_count(self, num_target_layers: int, num_draft_layers: int) -> int | None:
+        """How many feature layers to pick when --num-feature-layers is not given (None: the rule's default)."""
+        return None
+
+    def resolve_options(self, arch: TargetArch, tokenizer_length: int | None, options: dict[str, Any]) -> dict:
+        """The method's `DraftSpec` shape fields (block size, mask token, ...) from the options given (None =
+        default), checked against the target; usage errors for values that cannot work."""
+        return {}
+
+    def layout(self, spec: DraftSpec, arch: TargetArch) -> list[Tensor]:
+        """Every tensor the draft holds or borrows, with its shape and role (`spectool.layout`)."""
+        raise NotImplementedError(f"{self.name} declares no parameter layout")
+
+    def notes(self, spec: DraftSpec, *, initialised: bool) -> list[str]:
+        """What `inspect` (`initialised` False) and `init` (True) say about a resolved draft beyond its shape."""
+        return []
+
+    def shape_phrases(self, spec: DraftSpec, arch: TargetArch) -> list[str]:
+        """Method-specific parts of the one-line draft shape `spectool inspect` shows (e.g. "mask token 151669")."""
+        return []
+
+    # -- building a draft -----------------------------------------------------------------------------------------
+
+    def model_class(self, config: Mapping[str, Any] | Any) -> type:
+        """The draft model class for a draft config (a dict read from config.json, or a config object)."""
+        return load_reference(self.draft_model)
+
+    def config_class(self) -> type:
+        """The draft's transformers config class."""
+        return load_reference(self.draft_config)
+
+    def build_config(self, target_config: Any, ids: list[int] | None, options: dict[str, Any]) -> Any:
+        """A draft config on a target whose transformers config is `target_config`: feature layers `ids` (checked),
+        `options` = num_draft_layers, the method's `shape_options` (None = default) and config overrides."""
+        raise NotImplementedError(f"{self.name} declares no way to build its draft config")
+
+    def copy_target_tensors(self, draft: Any, weights: Mapping[str, Any], spec: DraftSpec) -> None:
+        """Copy the target tensors the format stores (`weights`: `embed_tokens`, `lm_head`) into a new draft."""
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+
+    def claims(self, config: Mapping[str, Any]) -> bool:
+        """Whether a config.json is this method's draft (beyond its `architectures`)."""
+        return False
+
+    def claims_by_weights(self, config: Mapping[str, Any], shapes: Mapping[str, Sequence[int]]) -> bool:
+        """Whether a checkpoint that names no draft architecture is this method's, told by its weights' shapes."""
+        return False
+
+    #: How `checkpoint_key` renames published keys, for the note a load shows ("" when it renames none).
+    key_renaming: ClassVar[str] = ""
+
+    def checkpoint_key(self, name: str) -> str:
+        """A published checkpoint key (prefixes already removed) as spectool's module names it."""
+        return name
+
+    def normalise_config(
+        self,
+        config: dict[str, Any],
+        shapes: Mapping[str, Sequence[int]],
+        notes: list[str],
+        *,
+        where: str,
+        depth: int | None,
+    ) -> dict[str, Any]:
+        """A published config.json as this method's config class reads it (facts kept elsewhere moved where
+        spectool expects them, with a note). `depth`: the target's layer count when spectool.json records it."""
+        return dict(config)
+
+    def config_layer_ids(self, config: Mapping[str, Any]) -> list[int] | None:
+        """The feature-layer ids a (normalised) config.json names, or None."""
+        return config.get("target_layer_ids") or None
+
+    def check_feature_layers(self, config: Mapping[str, Any], shapes: Mapping[str, Sequence[int]], where: str) -> None:
+        """The feature layers config.json names x their width must be what `fc.weight` takes (one-line error)."""
+        if not self.reads_feature_layers:
+            return
+        k = feature_count(config, shapes)
+        if k is None:
+            return  # no fc.weight (reported as missing) or no width (reported by the config check)
+        width = config.get("target_hidden_size") or config.get("hidden_size")
+        fc_in = shapes["fc.weight"][1]
+        ids = self.config_layer_ids(config)
+        if ids:
+            if len(ids) * width != fc_in:
+                raise SpectoolError(
+                    f"{where}: names {len(ids)} feature layers {list(ids)} of width {width} ({len(ids) * width} "
+                    f"inputs) but fc.weight takes {fc_in} inputs ({k:g} layers); the layer ids and the weights disagree"
+                )
+            return
+        self.missing_feature_layers(k, fc_in, width, where)
+
+    def missing_feature_layers(self, count: float, fc_in: int, width: int, where: str) -> None:
+        """A config.json that names no feature layers: an error unless the method has a rule for it."""
+        raise SpectoolError(f"{where}: names no feature layers; a {self.title} config needs target_layer_ids")
+
+    def check_config(self, config: Any) -> None:
+        """Reject values of a loaded draft config the draft would only trip over later (a ValueError naming the
+        field): by default the sizes and rotary base every transformer draft has."""
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size"):
+            value = getattr(config, name, None)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        rope = config.rope_parameters
+        theta = rope.get("rope_theta") if isinstance(rope, dict) else None
+        if not isinstance(theta, (int, float)) or isinstance(theta, bool) or theta <= 0:
+            raise ValueError(f"rope_theta (or rope_parameters.rope_theta) must be a positive number, got {theta!r}")
+
+    def adapt_loaded_weights(self, model: Any, tensors: dict[str, Any], notes: list[str]) -> None:
+        """Reconcile a checkpoint's tensors with the built model before the strict load (in place)."""
+
+    def layer_ids_for_target(self, loaded_ids: list[int], num_target_layers: int) -> tuple[list[int], str] | None:
+        """Feature layers for a draft whose config names none (engines' defaults), with the note to show; None
+        when the draft's ids are known or the method has no default."""
+        return None
+
+    def export_weights(self, model: Any, tensors: dict[str, Any]) -> None:
+        """Tensors every loader of the format expects beyond the model's own state (added in place)."""
+
+    def export_config(self, config: dict[str, Any], model: Any) -> None:
+        """Fields of config.json the engines read beyond the config class's own (set in place)."""
+
+    # -- training and decoding -----------------------------------------------------------------------------------
+
+    def objective_class(self) -> type:
+        """The training objective's class."""
+        return load_reference(self.objective)
+
+    def proposer_class(self) -> type:
+        """The decoding proposer's class."""
+        return load_reference(self.proposer)
+
+    def check_option(self, option: str, value: Any) -> None:
+        """Refuse a `resolve` option this method does not take (a usage error naming the method)."""
+        if value is not None and option not in self.shape_options:
+            raise UsageError(f"--{option.replace('_', '-')} does not apply to {self.title} drafts")

@@ -1,0 +1,78 @@
+"""DSpark (DeepSpec): DFlash's block draft plus a low-rank Markov head (the previous draft token biases the next
+logits) and a confidence head that tells the decoder where to cut a block; it keeps frozen copies of the target's
+embedding and lm_head, and reads feature layers up to the post-final-norm state N-1.
+
+Checkpoints: `Qwen3DSparkModel` in DeepSpec's layout (DFlash keys + `embed_tokens`, `lm_head`, `markov_head.*`,
+`confidence_head.*`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from spectool.layers import dspark_layer_ids
+from spectool.layout import Tensor
+from spectool.methods.base import DraftMethod, DraftSpec
+from spectool.methods.dflash import QWEN3_TARGETS, DFlash
+
+
+class DSpark(DFlash):
+    """DSpark: DFlash with Markov and confidence heads and the target's embedding / lm_head stored."""
+
+    name = "dspark"
+    title = "DSpark"
+    supported = dict.fromkeys(QWEN3_TARGETS, "Qwen3DSparkModel")
+    checkpoint_architectures = ("Qwen3DSparkModel",)
+    checkpoint_format = (
+        "DeepSpec DSpark (Qwen3DSparkModel: DFlash keys + embed_tokens, lm_head, markov/confidence heads)"
+    )
+    required_keys = ("fc.weight", "hidden_norm.weight", "norm.weight", "embed_tokens.weight", "lm_head.weight")
+    loaders = "DeepSpec, spectool"
+    conversions = ("deepspec",)
+    hf_readers = ("spectool", "DeepSpec")
+    default_lr = 6e-4
+    stores_target_tensors = True
+    shape_options = ("block_size", "mask_token_id", "markov_rank")
+    upstream_block_size = 7
+    draft_model = "spectool.drafts.dspark:Qwen3DSparkModel"
+    draft_config = "spectool.drafts.dspark:DSparkDraftConfig"
+    objective = "spectool.training.objectives.dspark:DSparkObjective"
+    proposer = "spectool.decoding.proposers:DSparkProposer"
+
+    def default_feature_count(self, num_target_layers: int, num_draft_layers: int) -> int | None:
+        return min(5, max(1, num_target_layers - 1))
+
+    def default_layer_ids(self, num_target_layers: int, num_feature_layers: int | None) -> list[int]:
+        return dspark_layer_ids(num_target_layers, 5 if num_feature_layers is None else num_feature_layers)
+
+    def default_block_size(self, num_target_layers: int) -> int:
+        return self.upstream_block_size
+
+    def resolve_options(self, arch: Any, tokenizer_length: int | None, options: dict[str, Any]) -> dict:
+        rank = options.get("markov_rank") or (256 if arch.hidden_size >= 1024 else 64)
+        return {**super().resolve_options(arch, tokenizer_length, options), "markov_rank": rank}
+
+    def head_tensors(self, spec: DraftSpec, arch: Any) -> list[Tensor]:
+        h, v, r = arch.hidden_size, arch.vocab_size, spec.markov_rank or 0
+        return [
+            Tensor("embed_tokens.weight", (v, h), "frozen"),
+            Tensor("lm_head.weight", (v, h), "frozen"),
+            Tensor("markov_head.markov_w1.weight", (v, r), "trainable"),
+            Tensor("markov_head.markov_w2.weight", (v, r), "trainable"),
+            Tensor("confidence_head.proj.weight", (1, h + r), "trainable"),
+            Tensor("confidence_head.proj.bias", (1,), "trainable"),
+        ]
+
+    def extra_config_fields(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        return {"markov_rank": options.get("markov_rank") or 256}
+
+    def copy_target_tensors(self, draft: Any, weights: Mapping[str, Any], spec: DraftSpec) -> None:
+        draft.embed_tokens.weight.data.copy_(weights["embed_tokens"])
+        draft.lm_head.weight.data.copy_(weights["lm_head"])
+
+    # DeepSpec configs name their layers plainly (`target_layer_ids`) and claim nothing beyond their architecture.
+    claims = DraftMethod.claims
+    normalise_config = DraftMethod.normalise_config
+    config_layer_ids = DraftMethod.config_layer_ids
+    missing_feature_layers = DraftMethod.missing_feature_layers
