@@ -227,106 +227,13 @@ def write_figure(sources: list[Source], out: str | Path) -> tuple[Path, Path]:
     matplotlib.use("Agg", force=True)
     from matplotlib import pyplot as plt
 
-    runs = [s for s in sources if isinstance(s, RunSource)]
-    benches = [s for s in sources if isinstance(s, BenchSource)]
-    panels: list[str] = []
-    if runs:
-        panels += ["loss", "acceptance_length", "tokens_per_second"]
-        panels += [f"positions:{i}" for i, run in enumerate(runs) if run.positions()]
-    if benches:
-        panels += ["histogram", "decoders"]
-    if not panels:
-        raise UsageError("nothing to draw")
-    columns = 2 if len(panels) > 1 else 1
-    rows_count = (len(panels) + columns - 1) // columns
-    fig, axes = plt.subplots(rows_count, columns, figsize=(6.0 * columns, 3.4 * rows_count), squeeze=False)
-    flat = list(axes.flat)
-    for ax in flat[len(panels) :]:
-        ax.set_visible(False)
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    colour = {source.name: colours[i % len(colours)] for i, source in enumerate(sources)}
-    points: list[tuple[str, str, str, Any, float]] = []  # source, panel, series, x, value
-
-    def lines(ax: Any, panel: str, keys: tuple[str, ...], title: str, ylabel: str) -> None:
-        for run in runs:
-            for key in keys:
-                series = run.series(key)
-                if not series:
-                    continue
-                style = "--" if key.startswith("eval_") else "-"
-                xs, ys = zip(*series, strict=True)
-                ax.plot(xs, ys, style, color=colour[run.name], marker="." if len(xs) < 30 else None,
-                        label=f"{run.name} {key}")  # fmt: skip
-                points.extend((run.name, panel, key, x, y) for x, y in series)
-        ax.set_title(title)
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        if ax.has_data():
-            ax.legend(fontsize="small")
-
-    for ax, panel in zip(flat, panels, strict=False):
-        if panel == "loss":
-            lines(ax, panel, ("loss", "eval_loss"), "loss", "loss")
-        elif panel == "acceptance_length":
-            keys = ("acceptance_length", "eval_acceptance_length")
-            lines(ax, panel, keys, "acceptance length (bonus token included)", "tokens per round")
-        elif panel == "tokens_per_second":
-            lines(ax, panel, ("tokens_per_second",), "training tokens/s", "tokens/s")
-        elif panel.startswith("positions:"):
-            run = runs[int(panel.split(":")[1])]
-            ks = run.positions()
-            steps = [row["step"] for row in run.rows if any(f"acc@{k}" in row for k in ks)]
-            grid = [[float("nan")] * len(steps) for _ in ks]
-            for j, row in enumerate(r for r in run.rows if any(f"acc@{k}" in r for k in ks)):
-                for i, k in enumerate(ks):
-                    value = row.get(f"acc@{k}")
-                    if isinstance(value, int | float):
-                        grid[i][j] = float(value)
-                        points.append((run.name, "positions", f"acc@{k}", row["step"], float(value)))
-            image = ax.imshow(grid, aspect="auto", origin="lower", vmin=0.0, vmax=1.0, cmap="viridis",
-                              interpolation="nearest")  # fmt: skip
-            ax.set_yticks(range(len(ks)), [str(k) for k in ks])
-            ticks = sorted({0, len(steps) - 1, *range(0, len(steps), max(1, len(steps) // 6))})
-            ax.set_xticks(ticks, [str(steps[t]) for t in ticks])
-            ax.set_title(f"{run.name}: acceptance by draft position (acc@k)")
-            ax.set_xlabel("step")
-            ax.set_ylabel("position k")
-            fig.colorbar(image, ax=ax)
-        elif panel == "histogram":
-            width = 0.8 / len(benches)
-            for b, bench in enumerate(benches):
-                histogram = bench.histogram()
-                total = sum(c for _, c in histogram) or 1
-                xs = [k + (b - (len(benches) - 1) / 2) * width for k, _ in histogram]
-                ax.bar(xs, [c / total for _, c in histogram], width=width, color=colour[bench.name], label=bench.name)
-                points.extend((bench.name, panel, "rounds", k, float(c)) for k, c in histogram)
-            ax.set_xticks(sorted({k for bench in benches for k, _ in bench.histogram()}))
-            ax.set_title("tokens per verify round (acceptance length)")
-            ax.set_xlabel("tokens per round")
-            ax.set_ylabel("share of rounds")
-            ax.legend(fontsize="small")
-        elif panel == "decoders":
-            names = list(dict.fromkeys(name for bench in benches for name, _ in bench.decoders()))
-            width = 0.8 / len(benches)
-            for b, bench in enumerate(benches):
-                speeds = dict(bench.decoders())
-                xs = [i + (b - (len(benches) - 1) / 2) * width for i, name in enumerate(names) if name in speeds]
-                ys = [speeds[name] for name in names if name in speeds]
-                ax.bar(xs, ys, width=width, color=colour[bench.name], label=bench.name)
-                points.extend((bench.name, panel, "tokens_per_second", name, speeds[name]) for name in speeds)
-            ax.set_xticks(range(len(names)), names, rotation=20, fontsize="small")
-            ax.set_title("decoding tokens/s: the draft against the baselines")
-            ax.set_ylabel("tokens/s")
-            ax.legend(fontsize="small")
-    fig.tight_layout()
-    image_bytes = io.BytesIO()
-    fig.savefig(image_bytes, format="png", dpi=80)
-    plt.close(fig)
+    drawing = _Drawing(sources, plt)
+    png = drawing.render()
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".png":
-        out.write_bytes(image_bytes.getvalue())
+        out.write_bytes(png)
     else:
-        encoded = base64.b64encode(image_bytes.getvalue()).decode("ascii")
+        encoded = base64.b64encode(png).decode("ascii")
         names = ", ".join(s.name for s in sources)
         out.write_text(
             '<!doctype html>\n<html><head><meta charset="utf-8"><title>spectool report</title></head><body>\n'
@@ -338,8 +245,130 @@ def write_figure(sources: list[Source], out: str | Path) -> tuple[Path, Path]:
     with open(table, "w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["source", "panel", "series", "x", "value"])
-        writer.writerows(points)
+        writer.writerows(drawing.points)
     return out, table
+
+
+class _Drawing:
+    """One report figure: a panel per view of the runs and bench files, each source in its own colour on every
+    panel, and every plotted point kept (source, panel, series, x, value) for the CSV."""
+
+    def __init__(self, sources: list[Source], plt: Any) -> None:
+        self.plt = plt
+        self.runs = [s for s in sources if isinstance(s, RunSource)]
+        self.benches = [s for s in sources if isinstance(s, BenchSource)]
+        colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        self.colour = {source.name: colours[i % len(colours)] for i, source in enumerate(sources)}
+        self.points: list[tuple[str, str, str, Any, float]] = []
+
+    def panels(self) -> list[str]:
+        panels: list[str] = []
+        if self.runs:
+            panels += ["loss", "acceptance_length", "tokens_per_second"]
+            panels += [f"positions:{i}" for i, run in enumerate(self.runs) if run.positions()]
+        if self.benches:
+            panels += ["histogram", "decoders"]
+        if not panels:
+            raise UsageError("nothing to draw")
+        return panels
+
+    def render(self) -> bytes:
+        """The figure as PNG bytes."""
+        panels = self.panels()
+        columns = 2 if len(panels) > 1 else 1
+        rows_count = (len(panels) + columns - 1) // columns
+        fig, axes = self.plt.subplots(rows_count, columns, figsize=(6.0 * columns, 3.4 * rows_count), squeeze=False)
+        flat = list(axes.flat)
+        for ax in flat[len(panels) :]:
+            ax.set_visible(False)
+        for ax, panel in zip(flat, panels, strict=False):
+            if panel == "loss":
+                self._lines(ax, panel, ("loss", "eval_loss"), "loss", "loss")
+            elif panel == "acceptance_length":
+                keys = ("acceptance_length", "eval_acceptance_length")
+                self._lines(ax, panel, keys, "acceptance length (bonus token included)", "tokens per round")
+            elif panel == "tokens_per_second":
+                self._lines(ax, panel, ("tokens_per_second",), "training tokens/s", "tokens/s")
+            elif panel.startswith("positions:"):
+                self._positions(fig, ax, self.runs[int(panel.split(":")[1])])
+            elif panel == "histogram":
+                self._histogram(ax)
+            else:
+                self._decoders(ax)
+        fig.tight_layout()
+        image = io.BytesIO()
+        fig.savefig(image, format="png", dpi=80)
+        self.plt.close(fig)
+        return image.getvalue()
+
+    def _lines(self, ax: Any, panel: str, keys: tuple[str, ...], title: str, ylabel: str) -> None:
+        for run in self.runs:
+            for key in keys:
+                series = run.series(key)
+                if not series:
+                    continue
+                style = "--" if key.startswith("eval_") else "-"
+                xs, ys = zip(*series, strict=True)
+                ax.plot(xs, ys, style, color=self.colour[run.name], marker="." if len(xs) < 30 else None,
+                        label=f"{run.name} {key}")  # fmt: skip
+                self.points.extend((run.name, panel, key, x, y) for x, y in series)
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        if ax.has_data():
+            ax.legend(fontsize="small")
+
+    def _positions(self, fig: Any, ax: Any, run: RunSource) -> None:
+        """Acceptance by draft position over steps, as a heat map."""
+        ks = run.positions()
+        rows = [r for r in run.rows if any(f"acc@{k}" in r for k in ks)]
+        steps = [row["step"] for row in rows]
+        grid = [[float("nan")] * len(steps) for _ in ks]
+        for j, row in enumerate(rows):
+            for i, k in enumerate(ks):
+                value = row.get(f"acc@{k}")
+                if isinstance(value, int | float):
+                    grid[i][j] = float(value)
+                    self.points.append((run.name, "positions", f"acc@{k}", row["step"], float(value)))
+        image = ax.imshow(grid, aspect="auto", origin="lower", vmin=0.0, vmax=1.0, cmap="viridis",
+                          interpolation="nearest")  # fmt: skip
+        ax.set_yticks(range(len(ks)), [str(k) for k in ks])
+        ticks = sorted({0, len(steps) - 1, *range(0, len(steps), max(1, len(steps) // 6))})
+        ax.set_xticks(ticks, [str(steps[t]) for t in ticks])
+        ax.set_title(f"{run.name}: acceptance by draft position (acc@k)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("position k")
+        fig.colorbar(image, ax=ax)
+
+    def _histogram(self, ax: Any) -> None:
+        """Tokens per verify round, as shares of each bench file's rounds."""
+        width = 0.8 / len(self.benches)
+        for b, bench in enumerate(self.benches):
+            histogram = bench.histogram()
+            total = sum(c for _, c in histogram) or 1
+            xs = [k + (b - (len(self.benches) - 1) / 2) * width for k, _ in histogram]
+            ax.bar(xs, [c / total for _, c in histogram], width=width, color=self.colour[bench.name], label=bench.name)
+            self.points.extend((bench.name, "histogram", "rounds", k, float(c)) for k, c in histogram)
+        ax.set_xticks(sorted({k for bench in self.benches for k, _ in bench.histogram()}))
+        ax.set_title("tokens per verify round (acceptance length)")
+        ax.set_xlabel("tokens per round")
+        ax.set_ylabel("share of rounds")
+        ax.legend(fontsize="small")
+
+    def _decoders(self, ax: Any) -> None:
+        """Decoding tokens/s of the draft and each baseline, per bench file."""
+        names = list(dict.fromkeys(name for bench in self.benches for name, _ in bench.decoders()))
+        width = 0.8 / len(self.benches)
+        for b, bench in enumerate(self.benches):
+            speeds = dict(bench.decoders())
+            xs = [i + (b - (len(self.benches) - 1) / 2) * width for i, name in enumerate(names) if name in speeds]
+            ys = [speeds[name] for name in names if name in speeds]
+            ax.bar(xs, ys, width=width, color=self.colour[bench.name], label=bench.name)
+            self.points.extend((bench.name, "decoders", "tokens_per_second", name, speeds[name]) for name in speeds)
+        ax.set_xticks(range(len(names)), names, rotation=20, fontsize="small")
+        ax.set_title("decoding tokens/s: the draft against the baselines")
+        ax.set_ylabel("tokens/s")
+        ax.legend(fontsize="small")
 
 
 def _escape(text: str) -> str:
