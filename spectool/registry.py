@@ -11,28 +11,24 @@ Adding a target family whose draft fits the config-driven shape is a one-line ap
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import spectool.methods
 from spectool.arch import TargetArch
 from spectool.errors import SpectoolError, UsageError
 from spectool.layers import LayerIdWarning, Serving, validate_layer_ids
 from spectool.layers import serving as engine_serving
 from spectool.layout import DraftLayout
 from spectool.methods.base import DraftMethod, DraftSpec
-from spectool.methods.dflash import DFlash
-from spectool.methods.dspark import DSpark
-from spectool.methods.eagle1 import Eagle1
-from spectool.methods.eagle3 import Eagle3
 
 _METHODS: dict[str, DraftMethod] = {}
 
 #: The method the demo trains and `spectool chat` drafts with when no --draft is given.
 DEFAULT_METHOD = "dspark"
-
-#: `spectool inspect` and `layers` list methods in this order; methods registered later follow.
-_SHIPPED = (Eagle1(), Eagle3(), DFlash(), DSpark())
 
 
 class UnsupportedArchitecture(SpectoolError):
@@ -52,12 +48,26 @@ def unregister(name: str) -> None:
     _METHODS.pop(name, None)
 
 
-for _method in _SHIPPED:
+def _shipped() -> list[DraftMethod]:
+    """One instance of every `DraftMethod` class defined in a module of `spectool.methods`, in their `order`."""
+    found = []
+    for info in pkgutil.iter_modules(spectool.methods.__path__, "spectool.methods."):
+        module = importlib.import_module(info.name)
+        found += [
+            value()
+            for value in vars(module).values()
+            if isinstance(value, type) and issubclass(value, DraftMethod) and value.__module__ == module.__name__
+            and value is not DraftMethod
+        ]  # fmt: skip
+    return sorted(found, key=lambda method: method.order)
+
+
+for _method in _shipped():
     register(_method)
 
 
 def methods() -> list[DraftMethod]:
-    """Every registered method, shipped ones first."""
+    """Every registered method: the shipped ones in their `order`, then any registered later."""
     return list(_METHODS.values())
 
 

@@ -92,6 +92,8 @@ class DraftMethod:
     name: ClassVar[str]
     #: How people write it ("EAGLE-3").
     title: ClassVar[str]
+    #: Where it stands in lists (`spectool inspect`, `--method` choices): lower first.
+    order: ClassVar[int] = 100
     #: Target `architectures` string -> the draft class built for it.
     supported: ClassVar[Mapping[str, str]]
     #: config.json `architectures` of this method's checkpoints: the first is written, all are read.

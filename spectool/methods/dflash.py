@@ -31,6 +31,7 @@ class DFlash(DraftMethod):
 
     name = "dflash"
     title = "DFlash"
+    order = 30
     supported = dict.fromkeys(QWEN3_TARGETS, "Qwen3DFlashDraftModel")
     checkpoint_architectures = ("DFlashDraftModel", "Qwen3DFlashDraftModel")
     checkpoint_format = (

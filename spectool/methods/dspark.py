@@ -22,6 +22,7 @@ class DSpark(DFlash):
 
     name = "dspark"
     title = "DSpark"
+    order = 40
     supported = dict.fromkeys(QWEN3_TARGETS, "Qwen3DSparkModel")
     checkpoint_architectures = ("Qwen3DSparkModel",)
     checkpoint_format = (

@@ -22,6 +22,7 @@ class Eagle1(DraftMethod):
 
     name = "eagle1"
     title = "EAGLE-1/2"
+    order = 10
     supported = dict.fromkeys(DENSE_TARGETS, "LlamaEagleDraftModel")
     checkpoint_architectures = ("LlamaForCausalLMEagle", "LlamaEagleDraftModel")
     checkpoint_format = "EAGLE-1/2 (LlamaForCausalLMEagle: SafeAILab EAGLE keys embed_tokens, fc, layers.*, plus norm)"

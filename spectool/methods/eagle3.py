@@ -34,6 +34,7 @@ class Eagle3(DraftMethod):
 
     name = "eagle3"
     title = "EAGLE-3"
+    order = 20
     supported = {
         **dict.fromkeys(DENSE_TARGETS, "LlamaEagle3DraftModel"),
         "GptOssForCausalLM": "GptOssEagle3DraftModel",  # same draft, YaRN rotary from the target
