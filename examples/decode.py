@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from spectool.decoding.batch import BatchEngine, make_batched_proposer
+from spectool.decoding.batch import BatchEngine
 from spectool.decoding.engine import GenerationStats
 from spectool.runtime import load_runtime
 
@@ -48,8 +48,7 @@ def main() -> None:
 
     # Several prompts at once (DFlash / DSpark drafts on Llama / Qwen-family targets).
     if runtime.draft.method in ("dflash", "dspark"):
-        proposer = make_batched_proposer(runtime.draft.method, runtime.draft.model, runtime.model)
-        batch = BatchEngine(runtime.engine.session.target, proposer)
+        batch = BatchEngine(runtime.engine.session.target, runtime.engine.proposer)  # the same proposer, batched
         for question, row in zip(
             QUESTIONS,
             batch.generate(prompts, max_new_tokens=args.max_new_tokens, stop_token_ids=runtime.stop_token_ids),

@@ -457,7 +457,7 @@ def _run_batched(
     on_prompt: Callable[[int], None] | None,
 ) -> BenchReport:
     """`run_bench` with `batch_size` prompts decoded together, by the speculative loop and by each baseline."""
-    from spectool.decoding.batch import BatchEngine, make_batched_proposer
+    from spectool.decoding.batch import BatchEngine
     from spectool.decoding.proposers import EagleTreeProposer
 
     unsupported = [b for b in baselines if b not in BATCH_BASELINES]
@@ -468,10 +468,9 @@ def _run_batched(
         )
     if runtime.engine.scheduler is not None:
         raise UsageError("--verify auto decodes one prompt at a time; drop --batch-size or use --verify full")
-    draft, single = runtime.draft, runtime.engine.proposer
-    if isinstance(single, EagleTreeProposer):
+    proposer = runtime.engine.proposer  # the same proposer drafts for one prompt or a batch
+    if isinstance(proposer, EagleTreeProposer):
         raise UsageError("--tree decodes one prompt at a time; drop --batch-size or --tree")
-    proposer = make_batched_proposer(draft.method, draft.model, runtime.model, num_steps=single.max_drafts)
     spec = BatchEngine(runtime.engine.session.target, proposer)
     alone = BatchEngine(runtime.target_engine.session.target)
     encoded = [runtime.prompt_ids(p) for p in prompts]

@@ -165,8 +165,10 @@ class Engine:
         """`controller` (`--verify auto`): how many tokens to draft each round, 0 for a plain target step.
         `scheduler` (DSpark with a confidence head, with `--verify auto`): within that, the proposer drafts only
         the block's profitable prefix, stopping at the first slot the scheduler would not verify."""
-        if scheduler is not None and not hasattr(proposer, "scheduler"):
-            raise ValueError("a prefix scheduler needs a proposer that drafts block by block (DSpark)")
+        if scheduler is not None:
+            if proposer is None:
+                raise ValueError("a prefix scheduler needs a proposer that drafts block by block (DSpark)")
+            proposer.use_scheduler(scheduler)  # refused by proposers that do not draft by blocks
         if controller is not None and proposer is None:
             raise ValueError("a draft-length controller needs a proposer")
         self.session = target_session(target)
@@ -197,66 +199,57 @@ class Engine:
         sampling = sampling or SamplingParams()
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed if seed is not None else 0)
-        stops = set(stop_token_ids)
-        session, proposer = self.session, self.proposer
+        ends = StopConditions(frozenset(stop_token_ids), stop_strings, max_new_tokens)
+        session, proposer, controller = self.session, self.proposer, self.controller
         session.reset()
 
         start = time.perf_counter()
-        prompt_list = list(prompt_ids)
-        prompt = torch.tensor([prompt_list], device=self.device)
-        logits, features = session.forward(prompt)
+        prompt = list(prompt_ids)
+        logits, features = session.forward(torch.tensor([prompt], device=self.device))
         first = choose_token(logits[-1], sampling, generator)
         if proposer is not None:
             proposer.reset()
-            proposer.extend_context(features)
-            if hasattr(proposer, "scheduler"):  # DSpark drafts only the slots this engine's scheduler verifies
-                proposer.scheduler = self.scheduler
-        committed = [first]
-        finish = finish_reason(committed, 1, stops, stop_strings, max_new_tokens)
-        yield RoundEvent([first], 0, 0, "prefill", 0.0, time.perf_counter() - start, finish)
-        if finish:
-            return
-
-        while True:
-            remaining = max_new_tokens - len(committed)
+            proposer.use_scheduler(self.scheduler)  # DSpark drafts only the slots this engine's scheduler verifies
+            proposer.extend_context(0, features[0])
+        answer: list[int] = []
+        event = commit_round(answer, [], first, 0, "prefill", ends, 0.0, time.perf_counter() - start)
+        yield event
+        while event.finish_reason is None:
             t0 = time.perf_counter()
-            proposal = Proposal.empty(self.device)
-            limit = 0
-            if proposer is not None and remaining > 1:
-                limit = remaining - 1 if max_drafts is None else min(max_drafts, remaining - 1)
-                if self.controller is not None:
-                    limit = self.controller.choose(min(limit, proposer.max_drafts), proposer.tree_size)
-                if limit > 0:
-                    proposal = proposer.propose(prompt_list + committed, sampling, generator, limit)
+            proposal, drafting = self._propose(prompt, answer, max_drafts, ends, sampling, generator)
             t1 = time.perf_counter()
-            if self.scheduler is not None and limit > 0:
+            if self.scheduler is not None and drafting:
                 self.scheduler.observe_draft(t1 - t0)
-            if proposal.parents is not None:
-                accepted, next_token, num_drafted, full = self._verify_tree(
-                    committed[-1], proposal, sampling, generator
-                )
-            else:
-                accepted, next_token, num_drafted, full = self._verify_chain(
-                    committed[-1], proposal, sampling, generator
-                )
-            if self.controller is not None:
-                self.controller.observe(num_drafted, len(accepted), t1 - t0, len(proposal.tokens))
-                self.controller.observe_verify(1 + len(proposal.tokens), time.perf_counter() - t1)
-            new = accepted + [next_token]
-            n = len(accepted)
+            verify = self._verify_chain if proposal.parents is None else self._verify_tree
+            accepted, target_token, num_drafted, full = verify(answer[-1], proposal, sampling, generator)
+            verify_seconds = time.perf_counter() - t1
+            if controller is not None:
+                controller.observe(num_drafted, len(accepted), t1 - t0, len(proposal.tokens))
+                controller.observe_verify(1 + len(proposal.tokens), verify_seconds)
             kind = "bonus" if full else "correction"
-            finish = None
-            produced = len(committed)
-            committed += new
-            for i in range(len(new)):
-                finish = finish_reason(committed, produced + i + 1, stops, stop_strings, max_new_tokens)
-                if finish:
-                    del committed[produced + i + 1 :]
-                    new = new[: i + 1]
-                    break
-            yield RoundEvent(new, num_drafted, min(n, len(new)), kind, t1 - t0, time.perf_counter() - t1, finish)
-            if finish:
-                return
+            event = commit_round(answer, accepted, target_token, num_drafted, kind, ends, t1 - t0, verify_seconds)
+            yield event
+
+    def _propose(
+        self,
+        prompt: list[int],
+        answer: list[int],
+        max_drafts: int | None,
+        ends: StopConditions,
+        sampling: SamplingParams,
+        generator: torch.Generator,
+    ) -> tuple[Proposal, bool]:
+        """This round's drafts, and whether the proposer ran (the controller may choose a plain target step, and
+        no draft fits when one token is left)."""
+        proposer, remaining = self.proposer, ends.max_new_tokens - len(answer)
+        if proposer is None or remaining <= 1:
+            return Proposal.empty(self.device), False
+        limit = remaining - 1 if max_drafts is None else min(max_drafts, remaining - 1)
+        if self.controller is not None:
+            limit = self.controller.choose(min(limit, proposer.max_drafts), proposer.tree_size)
+        if limit <= 0:
+            return Proposal.empty(self.device), False
+        return proposer.propose([prompt + answer], [limit], sampling, generator)[0], True
 
     def _verify_chain(
         self, last: int, proposal: Proposal, sampling: SamplingParams, generator: torch.Generator
@@ -273,7 +266,7 @@ class Engine:
         # Keep the target's cache for `last` and the accepted drafts; the new token is not yet processed.
         self.session.crop(self.session.length - (len(drafts) - n))
         if self.proposer is not None:
-            self.proposer.extend_context(features[:, : n + 1])
+            self.proposer.extend_context(0, features[0, : n + 1])
         return drafts[:n].tolist(), verdict.next_token, len(drafts), n == len(drafts)
 
     def _verify_tree(
@@ -306,7 +299,7 @@ class Engine:
         )
         session.keep(base, [0, *path])
         if self.proposer is not None:
-            self.proposer.extend_context(features[:, [0, *path]])
+            self.proposer.extend_context(0, features[0, [0, *path]])
         full = not children.get(path[-1] if path else 0)  # reached a leaf: the target's token is a bonus
         return [nodes[r - 1] for r in path], next_token, max(depth), full
 
@@ -319,14 +312,48 @@ def choose_token(logits: torch.Tensor, sampling: SamplingParams, generator: torc
     return int(sample(probabilities(logits, sampling), generator))
 
 
-def finish_reason(
-    generated: list[int], end: int, stops: set[int], stop_strings: StopStrings | None, limit: int
-) -> FinishReason | None:
-    """Why the answer ends at its token ``end - 1`` (``generated[:end]`` so far), if it does."""
-    if generated[end - 1] in stops:
-        return "eos"
-    if stop_strings is not None and stop_strings.completes_at(generated, end):
-        return "stop"
-    if end >= limit:
-        return "length"
-    return None
+@dataclass(frozen=True)
+class StopConditions:
+    """Where an answer ends: at a stop token (kept; finish "eos"), at the token whose text completes a stop string
+    (kept; finish "stop"), or at `max_new_tokens` (finish "length")."""
+
+    stop_token_ids: frozenset[int]
+    stop_strings: StopStrings | None
+    max_new_tokens: int
+
+    def finish_reason(self, answer: list[int], end: int) -> FinishReason | None:
+        """Why the answer ends at its token ``end - 1`` (``answer[:end]`` so far), if it does."""
+        if answer[end - 1] in self.stop_token_ids:
+            return "eos"
+        if self.stop_strings is not None and self.stop_strings.completes_at(answer, end):
+            return "stop"
+        if end >= self.max_new_tokens:
+            return "length"
+        return None
+
+
+def commit_round(
+    answer: list[int],
+    accepted: list[int],
+    target_token: int,
+    num_drafted: int,
+    kind: Literal["prefill", "correction", "bonus"],
+    ends: StopConditions,
+    draft_seconds: float,
+    verify_seconds: float,
+) -> RoundEvent:
+    """Commit one round to `answer` (in place), for `Engine` and `BatchEngine` alike: the `accepted` drafts, then
+    the target's own token, cut after the first token that ends the answer (the round's later tokens are dropped).
+    Returns the round's event."""
+    new = [*accepted, target_token]
+    produced = len(answer)
+    answer += new
+    finish = None
+    for i in range(len(new)):
+        finish = ends.finish_reason(answer, produced + i + 1)
+        if finish:
+            del answer[produced + i + 1 :]
+            new = new[: i + 1]
+            break
+    num_accepted = min(len(accepted), len(new))
+    return RoundEvent(new, num_drafted, num_accepted, kind, draft_seconds, verify_seconds, finish)

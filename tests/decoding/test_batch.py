@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from spectool.decoding.accept import SamplingParams
-from spectool.decoding.batch import BatchEngine, make_batched_proposer
+from spectool.decoding.batch import BatchEngine
 from spectool.decoding.engine import Engine, GenerationStats
 from spectool.decoding.fast_target import FastTargetSession
 from spectool.decoding.proposers import make_proposer
@@ -54,10 +54,11 @@ def test_ragged_rows_match_each_row_alone(qwen3_target):
 
 @pytest.mark.parametrize("method", ["dflash", "dspark", "eagle1", "eagle3"])
 def test_batched_drafts_equal_single_row_drafts(method, qwen3_target, qwen3_config):
-    """Two rounds of context of different lengths per row: each row's block equals BlockProposer's for it."""
+    """Two rounds of context of different lengths per row: each row's drafts equal the same proposer's for that row
+    alone (a batch of one, as the single-prompt engine runs it)."""
     draft = block_draft(method, qwen3_target, qwen3_config)
     frozen = FrozenTarget(qwen3_target, LAYER_IDS[method])
-    batched = make_batched_proposer(method, draft, qwen3_target, num_steps=4)
+    batched = make_proposer(method, draft, qwen3_target, num_steps=4)
     batched.reset(len(RAGGED))
     single = make_proposer(method, draft, qwen3_target, num_steps=4)
     greedy, generator = SamplingParams(), torch.Generator()
@@ -77,12 +78,12 @@ def test_batched_drafts_equal_single_row_drafts(method, qwen3_target, qwen3_conf
     second = batched.propose(histories, [2, 9, 1, 3], greedy, generator)
     for row, context in enumerate(contexts):
         single.reset()
-        single.extend_context(context[None, : cut[row]])
-        expected = single.propose(first_histories[row], greedy, generator, 9).tokens
-        torch.testing.assert_close(first[row][0], expected)
-        single.extend_context(context[None, cut[row] :])
-        expected = single.propose(histories[row], greedy, generator, [2, 9, 1, 3][row]).tokens
-        torch.testing.assert_close(second[row][0], expected)
+        single.extend_context(0, context[: cut[row]])
+        expected = single.propose([first_histories[row]], [9], greedy, generator)[0].tokens
+        torch.testing.assert_close(first[row].tokens, expected)
+        single.extend_context(0, context[cut[row] :])
+        expected = single.propose([histories[row]], [[2, 9, 1, 3][row]], greedy, generator)[0].tokens
+        torch.testing.assert_close(second[row].tokens, expected)
 
 
 @pytest.mark.parametrize("method", [None, "dflash", "dspark", "eagle1", "eagle3"])
@@ -90,7 +91,7 @@ def test_every_row_is_the_targets_greedy_answer(method, qwen3_target, qwen3_conf
     proposer = None
     if method:
         draft = block_draft(method, qwen3_target, qwen3_config)
-        proposer = make_batched_proposer(method, draft, qwen3_target, num_steps=3)
+        proposer = make_proposer(method, draft, qwen3_target, num_steps=3)
     engine = BatchEngine(FrozenTarget(qwen3_target, LAYER_IDS.get(method, [])), proposer)
     rows = engine.generate(RAGGED, max_new_tokens=17)
     for prompt, row in zip(RAGGED, rows, strict=True):
@@ -106,7 +107,7 @@ def test_rows_finish_at_their_own_stops(qwen3_target, qwen3_config):
     """A stop token in one row's answer ends that row only (it leaves the batch); the others go on."""
     references = [reference_greedy(qwen3_target, p, 12) for p in RAGGED]
     stop = references[1][4]  # row 1 ends at its 5th token (or earlier, if that token came sooner)
-    proposer = make_batched_proposer("dflash", block_draft("dflash", qwen3_target, qwen3_config), qwen3_target)
+    proposer = make_proposer("dflash", block_draft("dflash", qwen3_target, qwen3_config), qwen3_target)
     engine = BatchEngine(FrozenTarget(qwen3_target, LAYER_IDS["dflash"]), proposer)
     rows = engine.generate(RAGGED, max_new_tokens=12, stop_token_ids=[stop], max_drafts=2)
     for reference, row in zip(references, rows, strict=True):
@@ -129,7 +130,7 @@ def test_stop_strings_cut_each_row(qwen3_target):
 
 
 def test_sampling_rows_are_reproducible_and_valid(qwen3_target, qwen3_config):
-    proposer = make_batched_proposer("dspark", block_draft("dspark", qwen3_target, qwen3_config), qwen3_target)
+    proposer = make_proposer("dspark", block_draft("dspark", qwen3_target, qwen3_config), qwen3_target)
     engine = BatchEngine(FrozenTarget(qwen3_target, LAYER_IDS["dspark"]), proposer)
     sampling = SamplingParams(temperature=0.8, top_k=20)
     first = [r.tokens for r in engine.generate(RAGGED, max_new_tokens=10, sampling=sampling, seed=5)]
@@ -141,5 +142,5 @@ def test_sampling_rows_are_reproducible_and_valid(qwen3_target, qwen3_config):
 
 def test_unknown_methods_are_refused(qwen3_target, qwen3_config):
     draft = build_draft("eagle3", qwen3_config, target_layer_ids=LAYER_IDS["eagle3"])
-    with pytest.raises(UsageError, match="no batched decoding"):
-        make_batched_proposer("medusa", draft, qwen3_target)
+    with pytest.raises(UsageError, match="no proposer for 'medusa'"):
+        make_proposer("medusa", draft, qwen3_target)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import Qwen3ForCausalLM
 
-from spectool.decoding.batch import BatchEngine, make_batched_proposer
+from spectool.decoding.batch import BatchEngine
 from spectool.decoding.engine import Engine, TargetSession
 from spectool.decoding.fast_target import FastTargetSession
 from spectool.decoding.proposers import make_proposer
@@ -45,7 +45,7 @@ def test_speculative_equals_target_alone_on_cuda(method):
     for prompt in PROMPTS:
         ours = [t for r in spec.generate(prompt, max_new_tokens=24) for t in r.tokens]
         assert ours == [t for r in alone.generate(prompt, max_new_tokens=24) for t in r.tokens]
-    batched = BatchEngine(FrozenTarget(target, LAYER_IDS[method]), make_batched_proposer(method, draft, target))
+    batched = BatchEngine(FrozenTarget(target, LAYER_IDS[method]), make_proposer(method, draft, target))
     rows = batched.generate(PROMPTS, max_new_tokens=24)
     alone_rows = BatchEngine(FrozenTarget(target, [])).generate(PROMPTS, max_new_tokens=24)
     assert [r.tokens for r in rows] == [r.tokens for r in alone_rows]

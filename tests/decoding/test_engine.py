@@ -49,14 +49,14 @@ class ScriptedProposer(Proposer):
     def __init__(self, prompt, script, max_drafts):
         self.prompt, self.script, self.max_drafts = prompt, script, max_drafts
 
-    def reset(self):
+    def reset(self, rows=1):
         pass
 
-    def extend_context(self, features):
+    def extend_context(self, row, features):
         pass
 
-    def propose(self, tokens, sampling, generator, limit):
-        return self.script(len(tokens) - len(self.prompt), limit)
+    def propose(self, histories, limits, sampling, generator):
+        return [self.script(len(histories[0]) - len(self.prompt), limits[0])]
 
 
 def oracle(prompt, truth, k):

@@ -146,9 +146,9 @@ def test_dspark_stops_drafting_where_the_scheduler_cuts(qwen3_target, qwen3_conf
 
     def propose(with_scheduler):
         proposer.reset()
-        proposer.extend_context(features)
-        proposer.scheduler = with_scheduler
-        return proposer.propose(PROMPTS[2], SamplingParams(), torch.Generator(), 5)
+        proposer.extend_context(0, features[0])
+        proposer.use_scheduler(with_scheduler)
+        return proposer.propose([PROMPTS[2]], [5], SamplingParams(), torch.Generator())[0]
 
     full = propose(always)
     assert len(full.tokens) == 5 and len(recorded) == 5
