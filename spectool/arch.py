@@ -26,6 +26,20 @@ def text_config(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+def architectures_of(config: dict[str, Any], where: str = "config.json") -> list[str]:
+    """The config's `architectures` strings, a multimodal text stack's own appended (empty when none are listed)."""
+    if not isinstance(config, dict):
+        raise ConfigError(f"{where}: expected a JSON object, got {type(config).__name__}")
+    cfg = text_config(config)
+    archs = config.get("architectures") or cfg.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise ConfigError(f"{where}: field 'architectures' should be a list of strings, got {archs!r}")
+    nested_archs = cfg.get("architectures") if cfg is not config else None
+    if isinstance(nested_archs, list):
+        archs = list(archs) + [a for a in nested_archs if isinstance(a, str) and a not in archs]
+    return list(archs)
+
+
 def _field(cfg: dict[str, Any], name: str, kind: type | tuple[type, ...], where: str, default: Any = ...) -> Any:
     value = cfg.get(name, default)
     if value is ...:
@@ -87,12 +101,7 @@ class TargetArch:
         if not isinstance(config, dict):
             raise ConfigError(f"{where}: expected a JSON object, got {type(config).__name__}")
         cfg = text_config(config)
-        archs = config.get("architectures") or cfg.get("architectures") or []
-        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
-            raise ConfigError(f"{where}: field 'architectures' should be a list of strings, got {archs!r}")
-        nested_archs = cfg.get("architectures") if cfg is not config else None
-        if isinstance(nested_archs, list):
-            archs = list(archs) + [a for a in nested_archs if isinstance(a, str) and a not in archs]
+        archs = architectures_of(config, where)
 
         model_type = _field(cfg, "model_type", str, where, default=config.get("model_type", "unknown"))
         layers = _field(cfg, "num_hidden_layers", int, where)

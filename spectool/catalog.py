@@ -171,6 +171,30 @@ def _phi4_mini() -> dict[str, Any]:
     }
 
 
+def _phi4() -> dict[str, Any]:
+    """microsoft/phi-4 (14B): Phi3ForCausalLM with full rotary and no rope scaling."""
+    return {
+        "architectures": ["Phi3ForCausalLM"],
+        "model_type": "phi3",
+        "num_hidden_layers": 40,
+        "hidden_size": 5120,
+        "intermediate_size": 17920,
+        "num_attention_heads": 40,
+        "num_key_value_heads": 10,
+        "vocab_size": 100352,
+        "max_position_embeddings": 16384,
+        "original_max_position_embeddings": 16384,
+        "rope_theta": 250000,
+        "rope_scaling": None,
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+        "rms_norm_eps": 1e-05,
+        "attention_bias": False,
+        "torch_dtype": "bfloat16",
+        "bos_token_id": 100257,
+    }
+
+
 def _entries() -> list[CatalogEntry]:
     qwen_len = 151669  # 151643 BPE tokens + 26 special tokens
     return [
@@ -197,6 +221,7 @@ def _entries() -> list[CatalogEntry]:
         ),
         CatalogEntry("microsoft/Phi-3-mini-4k-instruct", _phi3_mini(), 32011, "3.8B"),
         CatalogEntry("microsoft/Phi-4-mini-instruct", _phi4_mini(), None, "3.8B"),
+        CatalogEntry("microsoft/phi-4", _phi4(), None, "14.7B"),
         CatalogEntry("openai/gpt-oss-20b", _gpt_oss(24, 32), 200019, "21B total / 3.6B active"),
         CatalogEntry("openai/gpt-oss-120b", _gpt_oss(36, 128), 200019, "117B total / 5.1B active"),
     ]

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from urllib.parse import urlparse
 
 from spectool import catalog
-from spectool.arch import ConfigError, TargetArch
+from spectool.arch import ConfigError, TargetArch, architectures_of
 from spectool.errors import SpectoolError, UsageError
 
 Source = Literal["local", "hub", "cache", "catalog"]
@@ -72,6 +72,21 @@ def check_model_argument(ref: str) -> None:
         raise UsageError(f"no such file or directory: {ref} (give a model directory, a config.json, or a Hub id)")
 
 
+#: A Hub dataset id always names its owner (``owner/name``).
+_HUB_DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_data_argument(ref: str) -> None:
+    """Refuse a --data that is neither an existing path nor a Hub dataset id (exit 2), without the network or
+    torch (`spectool.training.data` reads it later)."""
+    path = Path(ref).expanduser()
+    if path.exists():
+        return
+    local = _looks_like_path(ref) or path.suffix.lower() in (".jsonl", ".parquet")
+    if local or not _HUB_DATASET_ID.match(ref):
+        raise UsageError(f"no such file or directory: {ref} (give a data file, a directory, or a Hub dataset id)")
+
+
 def resolve_model(ref: str, revision: str | None = None) -> TargetInfo:
     """Resolve a MODEL argument. Bad paths are usage errors (exit 2); unreadable configs fail (exit 1)."""
     check_model_argument(ref)
@@ -97,12 +112,27 @@ def _resolve_local(ref: str, path: Path) -> TargetInfo:
         ref=ref,
         source="local",
         config=config,
-        arch=TargetArch.from_config(config, where=str(config_path)),
+        arch=_target_arch(config, str(config_path)),
         config_path=config_path,
         directory=directory,
     )
     _attach_tokenizer_facts(info, {name: directory / name for name in _OPTIONAL_FILES}, directory / "tokenizer.json")
     return info
+
+
+def _target_arch(config: Any, where: str) -> TargetArch:
+    """The config's `TargetArch`; an architecture no method supports is refused first (exit 1, naming the supported
+    ones), so the user hears that rather than a field spectool would need to size a draft."""
+    from spectool.registry import UnsupportedArchitecture, methods  # imported late: the method modules need hub
+
+    archs = architectures_of(config, where)
+    supported = sorted({arch for method in methods() for arch in method.architectures})
+    if archs and not set(archs) & set(supported):
+        raise UnsupportedArchitecture(
+            f"{where}: {', '.join(archs)} is not supported by any draft method "
+            f"({', '.join(method.title for method in methods())}); supported architectures: {', '.join(supported)}"
+        )
+    return TargetArch.from_config(config, where=where)
 
 
 def read_json(path: Path) -> Any:
@@ -182,7 +212,7 @@ def _resolve_hub(ref: str, revision: str | None) -> TargetInfo:
         ref=ref,
         source="cache" if local_only else "hub",
         config=config,
-        arch=TargetArch.from_config(config, where=f"{ref}/config.json"),
+        arch=_target_arch(config, f"{ref}/config.json"),
         config_path=config_path,
         directory=config_path.parent,
         revision=revision,
@@ -209,7 +239,8 @@ def _from_catalog(ref: str, revision: str | None, reason: str) -> TargetInfo:
         raise SpectoolError(
             f"cannot get config.json for {ref}: {reason}, it is not in the local cache, and spectool's offline "
             "catalog does not know it; pass a local model directory or config.json path, fetch it once where "
-            "the Hub is reachable (HF_HUB_OFFLINE unset), or set HF_ENDPOINT to a reachable mirror"
+            "the Hub is reachable (HF_HUB_OFFLINE unset), or set HF_ENDPOINT to a reachable mirror. The catalog "
+            f"knows: {', '.join(catalog.hub_ids())}"
         )
     note = f"Hub not reachable ({reason}) and nothing cached: using spectool's built-in catalog for {entry.hub_id}"
     if revision:
@@ -218,7 +249,7 @@ def _from_catalog(ref: str, revision: str | None, reason: str) -> TargetInfo:
         ref=entry.hub_id,
         source="catalog",
         config=entry.config,
-        arch=TargetArch.from_config(entry.config, where=f"catalog entry {entry.hub_id}"),
+        arch=_target_arch(entry.config, f"catalog entry {entry.hub_id}"),
         revision=revision,
         tokenizer_length=entry.tokenizer_length,
         tokenizer_length_source="spectool catalog" if entry.tokenizer_length else None,

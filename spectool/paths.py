@@ -58,6 +58,17 @@ def resolve_draft_dir(path: str | os.PathLike[str], option: str = "--draft") -> 
     return directory
 
 
+def check_input_file(path: str | os.PathLike[str], option: str, kind: str) -> Path:
+    """An input file a command reads (``--prompts``, ``--chat-template``): refused in one line (exit 2) when it is
+    missing or a directory, before anything loads."""
+    file = Path(path).expanduser()
+    if file.is_dir():
+        raise UsageError(f"{option} {path} is a directory; {option} takes {kind}")
+    if not file.is_file():
+        raise UsageError(f"no such file: {option} {path}")
+    return file
+
+
 def user_data_dir() -> Path:
     """Where spectool keeps what it remembers for the user (chat history): ``$XDG_DATA_HOME/spectool``, else
     ``~/.local/share/spectool`` (``%APPDATA%\\spectool`` on Windows)."""

@@ -42,6 +42,10 @@ from spectool.cli import (  # noqa: E402,F401
     report_cmd,
     train_cmd,
 )
+from spectool.cli.help import hide_flag_types, tidy_help  # noqa: E402
+
+tidy_help(app)
+hide_flag_types()
 
 
 def main() -> None:

@@ -12,10 +12,21 @@ from rich.text import Text
 from spectool.cli import app
 from spectool.cli.render import console, error_console, handles_errors, print_json
 from spectool.errors import UsageError
-from spectool.hub import ASSETS_DIR
+from spectool.hub import ASSETS_DIR, check_model_argument
+from spectool.paths import check_input_file, resolve_draft_dir
+from spectool.sampling import SamplingParams
 
 DEFAULT_PROMPTS = ASSETS_DIR / "prompts" / "heldout.jsonl"
 DEFAULT_BASELINES = "target,hf,prompt-lookup"
+#: Each row's label in the table; all but "full-block" (added by --verify auto) can be asked for by --baselines.
+BASELINE_LABELS = {
+    "target": "target alone (spectool loop)",
+    "hf": "HF generate",
+    "prompt-lookup": "HF prompt lookup",
+    "full-block": "same draft, drafting fully",
+    "dflash-package": "z-lab dflash package loop",
+}
+CHOOSABLE_BASELINES = tuple(name for name in BASELINE_LABELS if name != "full-block")
 
 
 @app.command("bench")
@@ -29,7 +40,7 @@ def bench_command(
     top_p: float = typer.Option(1.0, "--top-p", help="Sample from the smallest set of tokens holding this mass (0-1]."),
     top_k: int = typer.Option(0, "--top-k", help="Sample from the K most likely tokens only (0 = all)."),
     baselines: str = typer.Option(
-        DEFAULT_BASELINES, "--baselines", help="Comma list of target, hf, prompt-lookup, dflash-package."
+        DEFAULT_BASELINES, "--baselines", help=f"Comma list of {', '.join(CHOOSABLE_BASELINES)}."
     ),
     limit: int = typer.Option(None, "--limit", help="Use only the first N prompts."),
     chain_length: int = typer.Option(6, "--chain-length", help="Tokens per round for EAGLE chains."),
@@ -62,11 +73,10 @@ def bench_command(
     (tokens per target forward, the bonus/correction token included), tokens/s and speedups. At temperature 0 the
     speculative output must equal the target's own greedy output for every prompt.
     """
-    # torch and transformers load here, not at start-up: `spectool inspect` stays fast.
-    from spectool.bench import BASELINES, OPTIONAL_BASELINES, load_prompts, run_bench
-    from spectool.decoding.accept import SamplingParams
-    from spectool.runtime import load_runtime
-
+    # Every check that needs no model runs first, so a mistyped option answers before torch loads.
+    draft = resolve_draft_dir(draft)
+    if target is not None:
+        check_model_argument(target)
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     if max_drafts is not None and max_drafts < 1:
@@ -81,11 +91,10 @@ def bench_command(
     if verify is None:
         verify = "auto" if batch_size == 1 else "full"  # a batch drafts for all its rows alike
     chosen = [b.strip() for b in baselines.split(",") if b.strip()]
-    known = BASELINES + OPTIONAL_BASELINES
-    unknown = [b for b in chosen if b not in known]
+    unknown = [b for b in chosen if b not in CHOOSABLE_BASELINES]
     if unknown:
-        raise UsageError(f"unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(known)}")
-    if plot is not None:  # fail before anything loads
+        raise UsageError(f"unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(CHOOSABLE_BASELINES)}")
+    if plot is not None:
         from spectool.plots import check_figure_path, require_matplotlib
 
         check_figure_path(plot)
@@ -94,6 +103,11 @@ def bench_command(
         if not DEFAULT_PROMPTS.is_file():
             raise UsageError("no --prompts given and no built-in prompt set is installed; pass --prompts FILE")
         prompts = DEFAULT_PROMPTS
+    check_input_file(prompts, "--prompts", "a JSONL file")
+    # torch and transformers load here, not at start-up.
+    from spectool.bench import load_prompts, run_bench
+    from spectool.runtime import load_runtime
+
     conversations = load_prompts(prompts)[:limit]
     runtime = load_runtime(draft, target, device=device, chain_length=chain_length, verify=verify, tree=tree)
     for warning in runtime.warnings:
@@ -143,15 +157,8 @@ def _render(report) -> None:
     table.add_column("speculative speedup", justify="right")
     verify = ", verify auto" if report.verify == "auto" else ""
     table.add_row(f"speculative ({report.method}{verify})", f"{report.tokens_per_second:.1f}", "")
-    names = {
-        "target": "target alone (spectool loop)",
-        "hf": "HF generate",
-        "prompt-lookup": "HF prompt lookup",
-        "full-block": "same draft, drafting fully",
-        "dflash-package": "z-lab dflash package loop",
-    }
     for name, row in report.baselines.items():
-        label = names[name]
+        label = BASELINE_LABELS[name]
         if row.get("acceptance_length") is not None:
             label += f" (acceptance length {row['acceptance_length']:.2f})"
         table.add_row(label, f"{row['tokens_per_second']:.1f}", f"{row['speedup']:.2f}x")

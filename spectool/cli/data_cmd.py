@@ -10,9 +10,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 
 from spectool.cli import app
+from spectool.cli.help import method_choice
 from spectool.cli.render import console, error_console, handles_errors, print_json
 from spectool.errors import UsageError
+from spectool.hub import check_data_argument, check_model_argument
 from spectool.paths import check_output_path, quoted, refuse_inputs_inside
+from spectool.registry import method_names
+
+FeatureMethod = method_choice("FeatureMethod", method_names())
 
 data_app = typer.Typer(
     name="data",
@@ -70,6 +75,8 @@ def regen_command(
         if not chat_template.is_file():
             raise UsageError(f"no such chat template file: {chat_template}")
         template_text = chat_template.read_text(encoding="utf-8")
+    check_model_argument(target)  # before torch loads: a mistyped path answers at once
+    check_data_argument(prompts)
 
     from spectool.chat_format import ChatFormat
     from spectool.hub import load_model_and_tokenizer, resolve_model
@@ -161,7 +168,7 @@ _FEATURES_HELP = (
 @handles_errors
 def features_command(
     target: str = typer.Option(..., "--target", "-t", help="Target model: Hub id or model directory."),
-    method: str = typer.Option(..., "--method", "-m", help="Draft method: eagle1, eagle3, dflash or dspark."),
+    method: FeatureMethod = typer.Option(..., "--method", "-m", help="Draft method."),
     data: str = typer.Option(
         ..., "--data", "-d", help="Conversations: .jsonl / .json / .parquet, a directory, a Hub id."
     ),
@@ -183,11 +190,12 @@ def features_command(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
 ) -> None:
     """Store target features for offline training (help text: `_FEATURES_HELP`); the work is in `training.features`."""
+    check_model_argument(target)  # before torch loads: a mistyped path answers at once
+    check_data_argument(data)
     import os
 
     from spectool.cli.render import human_bytes
     from spectool.layers import parse_layer_ids
-    from spectool.registry import get
     from spectool.training.features import FeaturesConfig, FeaturesProgress, extract_features
 
     if dtype is not None and dtype not in _DTYPES:
@@ -198,7 +206,7 @@ def features_command(
     refuse_inputs_inside(out, {"--target": target, "--data": data, "--chat-template": chat_template})
     config = FeaturesConfig(
         target=target,
-        method=get(method).name,
+        method=method.value,
         data=data,
         out=str(out),
         target_layer_ids=parse_layer_ids(target_layer_ids) if target_layer_ids else None,

@@ -10,18 +10,15 @@ from rich.table import Table
 from rich.text import Text
 
 from spectool.cli import app
+from spectool.cli.help import method_choice
 from spectool.cli.render import console, handles_errors, human_bytes, human_count
 from spectool.errors import UsageError
 from spectool.hub import check_model_argument
 from spectool.layers import parse_layer_ids
 from spectool.paths import check_force_target, check_output_path, refuse_to_replace_input, resolve_draft_dir
+from spectool.registry import method_names
 
-
-class InitMethod(str, Enum):
-    eagle1 = "eagle1"
-    eagle3 = "eagle3"
-    dflash = "dflash"
-    dspark = "dspark"
+InitMethod = method_choice("InitMethod", method_names())
 
 
 class DType(str, Enum):

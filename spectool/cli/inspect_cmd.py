@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from enum import Enum
-
 import typer
 from rich.console import Group
 from rich.panel import Panel
@@ -11,6 +9,7 @@ from rich.table import Table
 from rich.text import Text
 
 from spectool.cli import app
+from spectool.cli.help import method_choice
 from spectool.cli.render import console, depth_bar, handles_errors, human_bytes, human_count, print_json, shape_text
 from spectool.hub import TargetInfo, default_model_ref, resolve_model
 from spectool.registry import UnsupportedArchitecture, get, method_names
@@ -25,21 +24,16 @@ ROLE_TEXT = {
 }
 
 
-class MethodChoice(str, Enum):
-    all = "all"
-    eagle1 = "eagle1"
-    eagle3 = "eagle3"
-    dflash = "dflash"
-    dspark = "dspark"
+MethodChoice = method_choice("MethodChoice", ("all", *method_names()))
 
 
 @app.command("inspect")
 @handles_errors
 def inspect_command(
     model: str = typer.Argument(
-        None, metavar="[MODEL]", help="Hub id, model directory or config.json (default: the embedded tiny target)."
+        None, metavar="MODEL", help="Hub id, model directory or config.json (default: the embedded tiny target)."
     ),
-    method: MethodChoice = typer.Option(MethodChoice.all, "--method", "-m", help="Which draft method to show."),
+    method: MethodChoice = typer.Option(MethodChoice("all"), "--method", "-m", help="Which draft method to show."),
     num_feature_layers: int = typer.Option(
         None, "--num-feature-layers", "-k", help="Feature layers for DFlash / DSpark (EAGLE-3 always uses 3)."
     ),
@@ -51,11 +45,11 @@ def inspect_command(
     """Show a target's architecture and, for each draft method, support, feature layers and draft layout.
 
     Reads config.json only (downloading nothing else and loading no weights). Layer id i is the output of
-    decoder layer i (Hugging Face hidden_states[i+1]); -1 is the embedding output, N-1 the post-norm last
+    decoder layer i (Hugging Face hidden_states\\[i+1]); -1 is the embedding output, N-1 the post-norm last
     hidden state.
     """
     info = resolve_model(model or default_model_ref(), revision=revision)
-    methods = method_names() if method is MethodChoice.all else [method.value]
+    methods = method_names() if method.value == "all" else [method.value]
     reports = inspect_report(
         info,
         methods,

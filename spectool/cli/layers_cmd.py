@@ -2,43 +2,40 @@
 
 from __future__ import annotations
 
-from enum import Enum
-
 import typer
 from rich.table import Table
 from rich.text import Text
 
 from spectool.cli import app
+from spectool.cli.help import method_choice
 from spectool.cli.render import console, depth_bar, handles_errors, print_json
 from spectool.errors import UsageError
 from spectool.hub import default_model_ref, resolve_model
 from spectool.registry import default_layer_ids, get, layer_methods, serving
 
-
-class LayerMethod(str, Enum):
-    dspark = "dspark"
-    dflash = "dflash"
-    eagle3 = "eagle3"
-    all = "all"
+LAYER_METHOD_NAMES = [m.name for m in layer_methods()]
+LayerMethod = method_choice("LayerMethod", LAYER_METHOD_NAMES, extra=("all",))
 
 
 @app.command("layers")
 @handles_errors
 def layers_command(
     model: str = typer.Argument(
-        None, metavar="[MODEL]", help="Hub id, model directory or config.json (default: the embedded tiny target)."
+        None, metavar="MODEL", help="Hub id, model directory or config.json (default: the embedded tiny target)."
     ),
     num_feature_layers: int = typer.Option(5, "--num-feature-layers", "-k", help="How many feature layers (K)."),
-    method: LayerMethod = typer.Option(LayerMethod.dspark, "--method", "-m", help="Layer rule to apply."),
+    method: LayerMethod = typer.Option(
+        LayerMethod(LAYER_METHOD_NAMES[0]), "--method", "-m", help="Layer rule to apply."
+    ),
     num_target_layers: int = typer.Option(
         None, "--num-target-layers", "-n", help="Target depth N, instead of reading it from a MODEL."
     ),
     revision: str = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Show the feature-layer ids a method chooses (SPEC §2 formulas), with a diagram of the target's depth.
+    """Show the feature-layer ids a method chooses, with a diagram of the target's depth.
 
-    Id i is the output of decoder layer i (Hugging Face hidden_states[i+1]); SGLang and vLLM capture the input of
+    Id i is the output of decoder layer i (Hugging Face hidden_states\\[i+1]); SGLang and vLLM capture the input of
     layer i+1, the same tensor. EAGLE-3 always uses 3 layers (low, mid, high), whatever K is.
     """
     if num_target_layers is not None and model is not None:
@@ -59,7 +56,7 @@ def layers_command(
             f"got {num_feature_layers}"
         )
 
-    methods = [m.name for m in layer_methods()] if method is LayerMethod.all else [method.value]
+    methods = LAYER_METHOD_NAMES if method.value == "all" else [method.value]
     chosen: dict[str, list[int] | None] = {}
     problems: dict[str, str] = {}
     for m in methods:

@@ -13,16 +13,14 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 
 from spectool.cli import app
+from spectool.cli.help import method_choice
 from spectool.cli.render import console, error_console, handles_errors, human_count, print_json
 from spectool.errors import UsageError
-from spectool.paths import check_output_path, quoted
+from spectool.hub import check_data_argument, check_model_argument
+from spectool.paths import check_force_target, check_input_file, check_output_path, quoted, refuse_inputs_inside
+from spectool.registry import method_names
 
-
-class TrainMethod(str, Enum):
-    eagle1 = "eagle1"
-    eagle3 = "eagle3"
-    dflash = "dflash"
-    dspark = "dspark"
+TrainMethod = method_choice("TrainMethod", method_names())
 
 
 _HELP = (
@@ -184,7 +182,68 @@ def train_command(
             raise UsageError("--resume continues the run in OUT and --force replaces it: pick one")
         saved = _saved_config(Path(out_dir).expanduser())
     config = resolve_config({**given, "out": out_dir}, config_file=config_file, saved=saved)
-    _run(config, resume=resume, force=force, as_json=as_json)
+    _check_inputs(config)
+    if not resume:  # the trainer checks OUT again (for Python callers); here it answers before torch loads
+        inputs = {
+            "--target": config.target,
+            "--data": config.data,
+            "--init": config.init,
+            "--features": config.features,
+        }
+        refuse_inputs_inside(config.out, inputs)
+        check_force_target(config.out, force=force, hint="continue its run with --resume")
+    created = _missing_dirs(Path(config.out))
+    try:
+        _run(config, resume=resume, force=force, as_json=as_json)
+    except BaseException:
+        if os.environ.get("RANK", "0") == "0":
+            _remove_empty_dirs(created)
+        raise
+
+
+def _check_inputs(config: Any) -> None:
+    """The run's inputs, checked on the filesystem before torch loads, so a mistyped path answers at once."""
+    if config.target is not None:
+        check_model_argument(config.target)
+    if config.features is not None:
+        if not Path(config.features).expanduser().is_dir():
+            raise UsageError(f"no such features directory: {config.features} (make one with `spectool data features`)")
+    elif config.data is not None:
+        check_data_argument(config.data)
+    if config.init is not None and not (Path(config.init).expanduser() / "config.json").is_file():
+        raise UsageError(
+            f"--init {config.init} is not a draft checkpoint directory (no config.json); make one with `spectool init`"
+        )
+    if config.chat_template is not None:
+        check_input_file(config.chat_template, "--chat-template", "a Jinja template file")
+
+
+def _missing_dirs(out: Path) -> list[Path]:
+    """OUT and those of its parents that do not exist yet (the run would create them), deepest first."""
+    missing = []
+    for path in (out, *out.parents):
+        if path.exists():
+            break
+        missing.append(path)
+    return missing
+
+
+def _remove_empty_dirs(created: list[Path]) -> None:
+    """After a failed run: remove the directories it created (OUT and its new parents) where nothing was written,
+    so a mistake leaves no empty run directory behind. A directory holding any file is kept."""
+    if not created:
+        return
+    for root, dirs, _files in os.walk(created[0], topdown=False):
+        for name in dirs:
+            try:
+                (Path(root) / name).rmdir()  # only empty directories go; symlinks and full ones stay
+            except OSError:
+                pass
+    for directory in created:
+        try:
+            directory.rmdir()
+        except OSError:
+            return
 
 
 def _features_method(features: Path) -> str | None:
@@ -196,11 +255,15 @@ def _features_method(features: Path) -> str | None:
 
 
 def _saved_config(out: Path) -> dict[str, Any]:
-    from spectool.training.rundir import CONFIG_FILE, latest_checkpoint
-
-    if latest_checkpoint(out) is None:
-        raise UsageError(f"nothing to resume in {out}: no complete checkpoint under {out / 'checkpoints'}")
-    path = out / CONFIG_FILE
+    """The run's saved options, read without torch; the trainer checks the checkpoint itself when it loads."""
+    if not any((out / "checkpoints").glob("step-*/trainer_state.pt")):
+        fresh = "leave out --resume to start a fresh run"
+        if not out.is_dir():
+            raise UsageError(f"nothing to resume: {out} does not exist; {fresh} there")
+        if any(out.iterdir()):
+            fresh += " (with --force to replace the files spectool wrote there)"
+        raise UsageError(f"nothing to resume in {out}: no complete checkpoint under {out / 'checkpoints'}; {fresh}")
+    path = out / "train_config.json"
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):

@@ -1,7 +1,9 @@
 """`spectool demo` end to end on the embedded tiny target (minutes on 2 CPU cores: marked slow)."""
 
 import io
+import json
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -51,3 +53,39 @@ def test_next_commands_without_a_kept_draft_say_how_to_keep_one():
     screen = Console(file=io.StringIO(), width=200)
     print_next_commands(screen, None)
     assert "spectool chat --draft DIR (rerun with --out DIR to keep the draft)" in screen.file.getvalue()
+
+
+def _demo(out, env):
+    args = [sys.executable, "-m", "spectool", "demo", "--steps", "40", "--prompts", "2", "-n", "24", "--out", str(out)]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=1800, env=env, cwd=out.parent)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+@pytest.mark.slow
+def test_a_loaded_machine_trains_the_same_draft(tmp_path):
+    """The demo plans its training by steps: with a CPU burner on every core beside it, it trains the very same
+    draft (byte-identical weights, the same loss at every logged step), so it reaches the same acceptance length,
+    only later; and it still closes by reading the result."""
+    env = {**os.environ, "NO_COLOR": "1", "COLUMNS": "120"}
+    quiet = _demo(tmp_path / "quiet", env)
+    burner = "import time\nend = time.time() + 1800\nwhile time.time() < end: pass\n"
+    burners = [subprocess.Popen([sys.executable, "-c", burner]) for _ in range(os.cpu_count() or 2)]
+    try:
+        loaded = _demo(tmp_path / "loaded", env)
+    finally:
+        for process in burners:
+            process.kill()
+            process.wait()
+    weights = [(tmp_path / run / "model.safetensors").read_bytes() for run in ("quiet", "loaded")]
+    assert weights[0] == weights[1]
+    losses = [
+        [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("quiet", "loaded")
+    ]
+    assert losses[0] == losses[1] and len(losses[0]) >= 4
+    taus = []
+    for stdout in (quiet, loaded):
+        assert "trained 40 steps" in stdout and "what this means" in stdout
+        taus.append(float(re.search(r"drafting every round: acceptance length ([0-9.]+)", stdout).group(1)))
+    assert taus[0] == taus[1], taus  # greedy decoding with the same weights: the same acceptance length

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from spectool import catalog
 from spectool.arch import TargetArch
 from spectool.registry import draft_layout, resolve
@@ -70,8 +72,39 @@ def test_unsupported_architecture_exits_1_with_supported_list(tmp_path):
     path.write_text(json.dumps({**TINY_QWEN3, "architectures": ["GPT2LMHeadModel"]}))
     result = invoke("inspect", str(path), "-m", "dflash")
     assert result.exit_code == 1
-    assert "supported architectures: Qwen3ForCausalLM, Qwen3MoeForCausalLM" in result.stderr
+    assert "GPT2LMHeadModel is not supported by any draft method" in result.stderr
+    assert "supported architectures: GptOssForCausalLM, LlamaForCausalLM, Phi3ForCausalLM" in result.stderr
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("command", ["inspect", "layers"])
+def test_an_architecture_no_method_supports_is_named_before_any_field_check(tmp_path, command):
+    """A GPT-2 config lacks num_hidden_layers; the user hears that no method supports GPT-2, not which field is
+    missing."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_layer": 12}))
+    result = invoke(command, str(path))
+    assert result.exit_code == 1, result.output
+    (line,) = result.stderr.strip().splitlines()
+    assert "GPT2LMHeadModel is not supported by any draft method (EAGLE-1/2, EAGLE-3, DFlash, DSpark)" in line
+    assert "LlamaForCausalLM" in line and "Qwen3ForCausalLM" in line and "num_hidden_layers" not in line
+
+
+def test_the_offline_catalog_covers_the_readme_families_and_lists_its_ids():
+    from spectool import catalog
+
+    families = {catalog.lookup(hub_id).config["architectures"][0] for hub_id in catalog.hub_ids()}
+    assert families == {"Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "LlamaForCausalLM", "Phi3ForCausalLM",
+                        "GptOssForCausalLM"}  # fmt: skip
+    assert {"microsoft/phi-4", "microsoft/Phi-4-mini-instruct", "meta-llama/Llama-3.3-70B-Instruct"} <= set(
+        catalog.hub_ids()
+    )
+    result = invoke("inspect", "microsoft/phi-4", "--json")  # offline: the catalog answers
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["target"]["num_hidden_layers"] == 40
+    result = invoke("inspect", "someone/not-in-the-catalog")
+    assert result.exit_code == 1 and "The catalog knows: Qwen/Qwen3-0.6B," in result.stderr
+    assert "microsoft/phi-4" in result.stderr
 
 
 def test_partially_supported_target_exits_0():

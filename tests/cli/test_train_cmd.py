@@ -134,6 +134,12 @@ def test_resume(chat_target_dir, data_file, tmp_path):
     out = tmp_path / "run"
     result = invoke("train", "--out", str(out), "--resume")
     assert result.exit_code == 2 and "nothing to resume" in result.stderr
+    assert "leave out --resume to start a fresh run" in result.stderr and not out.exists()
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    result = invoke("train", "--out", str(out), "--resume")
+    assert result.exit_code == 2 and "nothing to resume in" in result.stderr and "with --force" in result.stderr
+    (out / "notes.txt").unlink()
 
     assert train(chat_target_dir, data_file, out, "--max-steps", "2", "--save-every", "1").exit_code == 0
     result = invoke("train", "--out", str(out), "--resume")
@@ -152,9 +158,10 @@ def test_bad_rows_are_named_by_line(chat_target_dir, data_file, tmp_path):
     lines = data_file.read_text().splitlines()
     lines[2] = '{"messages": [{"role": "user", "content": "no answer here"}]}'
     data_file.write_text("\n".join(lines) + "\n")
-    result = train(chat_target_dir, data_file, tmp_path / "run", "--max-steps", "1")
+    result = train(chat_target_dir, data_file, tmp_path / "new" / "run", "--max-steps", "1")
     assert result.exit_code == 1
     assert f"{data_file}:3: no assistant turn" in result.stderr and "Traceback" not in result.output
+    assert not (tmp_path / "new").exists()  # the failed run removes the empty directories it created
     result = train(chat_target_dir, data_file, tmp_path / "run2", "--max-steps", "1", "--skip-bad-rows")
     assert result.exit_code == 0, result.output
     assert "skipped 1 rows" in result.stdout and f"{data_file.name}:3" in result.stdout

@@ -1,0 +1,83 @@
+"""Help that reads cleanly at 80 columns and up: no type beside a flag, short placeholders, choices named in words.
+
+Typer prints a type beside every option (`<bool>` even beside a flag, which takes no value) and the whole choice
+list of an Enum option in the narrow type column, where Rich folds it mid-word (`<eagle1|eagle3|df` / `lash>`).
+`tidy_help(app)` runs once, after every command has registered: each Enum option gets an upper-case placeholder
+(`--method METHOD`) and its choices are written into its help text ("One of: eagle1, eagle3, ..."), where Rich wraps
+between words. `hide_flag_types()` leaves the type column of flags empty, as click itself does.
+"""
+
+from __future__ import annotations
+
+import inspect
+from enum import Enum
+from typing import Any, get_type_hints
+
+import typer
+from typer.models import ArgumentInfo, OptionInfo
+
+
+def _commands(app: typer.Typer):
+    """(what holds the help, the callback) for the app's callback, its commands and its groups' commands."""
+    if app.registered_callback is not None and app.registered_callback.callback is not None:
+        yield app.info, app.registered_callback.callback  # Typer(help=...) is the group's help
+    for command in app.registered_commands:
+        if command.callback is not None:
+            yield command, command.callback
+    for group in app.registered_groups:
+        if group.typer_instance is not None:
+            yield from _commands(group.typer_instance)
+
+
+def unwrapped(text: str) -> str:
+    """Help text with its paragraphs kept and the line breaks inside them (a docstring's) made spaces, so the
+    terminal, not the source file, decides where lines end."""
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(" ".join(line.strip() for line in paragraph.splitlines()) for paragraph in paragraphs)
+
+
+def method_choice(name: str, names: list[str] | tuple[str, ...], *, extra: tuple[str, ...] = ()) -> type[Enum]:
+    """A `--method` choice type built from the registry's method names (plus ``extra``, e.g. "all"), so a method
+    registered there is offered, listed in the help and checked by every command that takes --method."""
+    return Enum(name, [(value, value) for value in (*names, *extra)], type=str)  # type: ignore[return-value]
+
+
+def choices_text(choices: list[str]) -> str:
+    return "One of: " + ", ".join(choices) + "."
+
+
+def tidy_help(app: typer.Typer) -> None:
+    """Unwrap each command's help, give every Enum option a placeholder and its choices in words (see the module
+    docstring)."""
+    for command, callback in _commands(app):
+        text = command.help or inspect.getdoc(callback)
+        if isinstance(text, str) and text:
+            command.help = unwrapped(text)
+        hints = get_type_hints(callback)
+        for name, parameter in inspect.signature(callback).parameters.items():
+            info: Any = parameter.default
+            kind = hints.get(name)
+            if not isinstance(info, (OptionInfo, ArgumentInfo)) or not (
+                isinstance(kind, type) and issubclass(kind, Enum)
+            ):
+                continue
+            if info.metavar is None:
+                info.metavar = name.upper()
+            listed = choices_text([str(member.value) for member in kind])
+            if listed not in (info.help or ""):
+                info.help = f"{info.help} {listed}" if info.help else listed
+
+
+def hide_flag_types() -> None:
+    """No `<bool>` beside a flag: a flag takes no value (Typer versions that print one: 0.16 and later)."""
+    from typer.core import TyperOption
+
+    original = getattr(TyperOption, "display_type_rich", None)
+    if original is None or getattr(original, "_spectool", False):
+        return
+
+    def display_type_rich(self: Any, ctx: Any) -> str | None:
+        return None if self.is_flag else original(self, ctx)
+
+    display_type_rich._spectool = True  # type: ignore[attr-defined]
+    TyperOption.display_type_rich = display_type_rich  # type: ignore[method-assign]
