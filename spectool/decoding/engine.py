@@ -4,7 +4,8 @@ One round (SPEC §6): the proposer drafts up to k tokens after the last committe
 forward over ``[last token | drafts]`` with its KV cache; the acceptance rule keeps a prefix of the drafts and
 adds the target's own token (the correction at the first mismatch, or the bonus after a full accept); the
 target's cache is cropped to the committed length and the features of the committed positions go to the
-proposer as new context. The loop yields a `RoundEvent` per round.
+proposer as new context. The loop yields a `RoundEvent` per round; `commit_round` appends a round's tokens to the
+answer and cuts it where it ends (stop token, stop string, `max_new_tokens`), for this engine and `BatchEngine`.
 
 Acceptance length (tau) = tokens emitted per target verify forward, INCLUDING the target's own token, the
 field's convention. The first token after the prompt comes from the prefill forward and counts as no round.

@@ -13,6 +13,8 @@ from spectool.decoding.stops import StopStrings
 from spectool.drafts import build_draft
 from spectool.errors import UsageError
 from spectool.target import FrozenTarget
+from tests.decoding.test_accept import CHI2_CRIT_001, chi_square
+from tests.decoding.test_draft_length import first_two_tokens_joint
 from tests.decoding.test_engine import LAYER_IDS, PROMPTS, reference_greedy
 
 # no token 0 in prompts: the reference (HF generate with pad_token_id=0) would mask it out
@@ -138,6 +140,24 @@ def test_sampling_rows_are_reproducible_and_valid(qwen3_target, qwen3_config):
     assert first == again and all(len(t) == 10 for t in first)
     greedy = [reference_greedy(qwen3_target, p, 10) for p in RAGGED]
     assert first != greedy  # it really sampled
+
+
+@pytest.mark.parametrize("method", ["dspark", "eagle1"])
+def test_batched_sampling_follows_the_target_distribution(method, qwen3_target, qwen3_config):
+    """Every row of a sampled batch (drafted, verified by rejection sampling) draws its first two tokens from the
+    target's exact joint distribution (top-k 3, so 9 outcomes)."""
+    sampling = SamplingParams(temperature=1.0, top_k=3)
+    prompt = PROMPTS[0]
+    joint = first_two_tokens_joint(qwen3_target, prompt, sampling)
+    outcomes = sorted(joint)
+    proposer = make_proposer(method, block_draft(method, qwen3_target, qwen3_config), qwen3_target, num_steps=3)
+    engine = BatchEngine(FrozenTarget(qwen3_target, LAYER_IDS[method]), proposer)
+    counts = torch.zeros(len(outcomes))
+    for seed in range(150):
+        for row in engine.generate([prompt] * 6, max_new_tokens=3, sampling=sampling, seed=seed):
+            counts[outcomes.index(tuple(row.tokens[:2]))] += 1  # the second comes from a round that drafted one
+            assert row.rounds[1].num_drafted == 1
+    assert chi_square(counts, torch.tensor([joint[o] for o in outcomes])) < CHI2_CRIT_001[8]
 
 
 def test_unknown_methods_are_refused(qwen3_target, qwen3_config):

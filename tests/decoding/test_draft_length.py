@@ -199,18 +199,24 @@ def test_auto_is_lossless_greedy_for_every_method(method, tree, profile, qwen3_t
         assert seen == {True, False}  # random drafts on a steep curve: plain steps and probes both happen
 
 
+def first_two_tokens_joint(target, prompt, sampling):
+    """{(a, b): probability} of the target alone sampling a then b after `prompt` (top-k keeps it small)."""
+    with torch.no_grad():
+        first = probabilities(target(torch.tensor([prompt])).logits[0, -1], sampling)
+        joint = {}
+        for a in first.nonzero().flatten().tolist():
+            second = probabilities(target(torch.tensor([prompt + [a]])).logits[0, -1], sampling)
+            for b in second.nonzero().flatten().tolist():
+                joint[(a, b)] = float(first[a] * second[b])
+    return joint
+
+
 def test_auto_sampling_follows_the_target_distribution(qwen3_target, qwen3_config):
     """The first two sampled tokens over many runs with `auto` in the loop (plain steps and probes mixed) follow
     the target's exact joint distribution (top-k 3, so 9 outcomes)."""
     sampling = SamplingParams(temperature=1.0, top_k=3)
     prompt = PROMPTS[0]
-    with torch.no_grad():
-        first = probabilities(qwen3_target(torch.tensor([prompt])).logits[0, -1], sampling)
-        joint = {}
-        for a in first.nonzero().flatten().tolist():
-            second = probabilities(qwen3_target(torch.tensor([prompt + [a]])).logits[0, -1], sampling)
-            for b in second.nonzero().flatten().tolist():
-                joint[(a, b)] = float(first[a] * second[b])
+    joint = first_two_tokens_joint(qwen3_target, prompt, sampling)
     outcomes = sorted(joint)
     engine = auto_engine("dflash", qwen3_target, qwen3_config, VerifyCostProfile((1.0, 1.0, 1.0, 1.1), 64))
     counts = torch.zeros(len(outcomes))
