@@ -12,8 +12,8 @@ Prints a Markdown table of each step's wall time and peak resident memory (the h
 from wait4; for torchrun the largest single process), with a memory budget per step and a flag where the peak
 exceeds it.
 
-    python examples/rehearsal.py --out /tmp/rehearsal                 # everything, both targets (~15 min, 2 cores)
-    python examples/rehearsal.py --out /tmp/rehearsal --targets qwen3-0.6b --quick
+    python examples/rehearsal.py --out /tmp/rehearsal                 # everything, both targets
+    python examples/rehearsal.py --out /tmp/rehearsal --targets qwen3-0.6b --quick   # what tests/test_rehearsal.py runs
 """
 
 from __future__ import annotations
@@ -257,7 +257,14 @@ def budgets(
     }
 
 
-def plan(name: str, work: Path, methods: tuple[str, ...], *, fsdp: bool, target_params: int) -> list[Step]:
+def plan(
+    name: str, work: Path, methods: tuple[str, ...], *, fsdp: bool, target_params: int, quick: bool = False
+) -> list[Step]:
+    """The steps for one target: inspect, layers, init per method, data features, train, bench, convert.
+
+    Full: every method trains online (and the last one again from the stored features), the 2-process torchrun
+    --fsdp step, bench of every trained draft, convert of EAGLE-3. Quick: init every method, then EAGLE-3 only:
+    features, train from them (no full target loaded), bench and convert of that draft."""
     facts = TARGETS[name]
     target = work / name / "target"
     data = work / "data.jsonl"
@@ -285,7 +292,8 @@ def plan(name: str, work: Path, methods: tuple[str, ...], *, fsdp: bool, target_
             )
         )
     common = ["--target", str(target), "--data", str(data), "--max-length", "64"]
-    feature_method = methods[-1]
+    feature_method = "eagle3" if quick else methods[-1]
+    trained = () if quick else methods
     steps.append(
         Step(
             name,
@@ -306,7 +314,7 @@ def plan(name: str, work: Path, methods: tuple[str, ...], *, fsdp: bool, target_
     )
     train_common = ["--batch-size", "2", "--max-steps", "2", "--eval-fraction", "0", "--save-every", "0"]
     train_common += ["--log-every", "1", "--device", "cpu"]
-    for method in methods:
+    for method in trained:
         steps.append(
             Step(
                 name,
@@ -346,22 +354,23 @@ def plan(name: str, work: Path, methods: tuple[str, ...], *, fsdp: bool, target_
                 torchrun=True,
             )
         )
-    for method in methods:
+    benched = {m: run / f"train-{m}" for m in trained} or {feature_method: run / f"train-{feature_method}-features"}
+    for method, draft_dir in benched.items():
         steps.append(
             Step(
                 name,
                 f"bench {method}",
-                ["bench", "--draft", str(run / f"train-{method}"), "--prompts", str(prompts), "--limit", "1"]
+                ["bench", "--draft", str(draft_dir), "--prompts", str(prompts), "--limit", "1"]
                 + ["-n", "8", "--baselines", "target", "--device", "cpu", "--json"],
                 budget("bench", method),
             )
         )
-    if "eagle3" in methods:
+    if "eagle3" in benched:
         steps.append(
             Step(
                 name,
                 "convert eagle3 -> vllm",
-                ["convert", str(run / "train-eagle3"), "--to", "vllm", "--out", str(run / "eagle3-vllm")],
+                ["convert", str(benched["eagle3"]), "--to", "vllm", "--out", str(run / "eagle3-vllm")],
                 budget("convert", "eagle3"),
             )
         )
@@ -454,16 +463,15 @@ def rehearse(
             and not (target_dir / "model.safetensors.index.json").exists()
         ):
             shutil.rmtree(target_dir, ignore_errors=True)
-            params = build_target(name, target_dir)
-            (target_dir / "params.txt").write_text(str(params))
+            # in a child process: a fork of a process that held the model would start every later step's peak
+            # RSS (wait4 counts the memory a child inherits before exec) at the model's size
+            subprocess.run([sys.executable, __file__, "--build-target", name, str(target_dir)], env=env, check=True)
         params = int((target_dir / "params.txt").read_text())
         log(f"[{name}] target: {params / 1e9:.3f}B params, built in {time.perf_counter() - start:.0f} s")
         for old in (work / name).iterdir():  # outputs of an earlier rehearsal; the target is kept
             if old.name != "target":
                 shutil.rmtree(old)
         methods = METHODS[name]
-        if quick:
-            methods = tuple(m for m in methods if m in ("eagle3", "dspark"))
         # the draft sizes come from `inspect --json`, so the budgets can count them
         probe = run_step(Step(name, "inspect", ["inspect", str(target_dir), "--json"], INTERPRETER_GIB), env, timeout)
         try:
@@ -472,7 +480,7 @@ def rehearse(
             report = {}
         for method in methods:
             DRAFT_PARAMS[(name, method)] = draft_params(report, method)
-        for step in plan(name, work, methods, fsdp=fsdp and not quick, target_params=params):
+        for step in plan(name, work, methods, fsdp=fsdp and not quick, target_params=params, quick=quick):
             run_step(step, env, timeout)
             problems = check_step(step)
             step.notes.extend(problems)
@@ -486,12 +494,24 @@ def rehearse(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, required=True, help="working directory (targets, runs, logs)")
+    parser.add_argument("--out", type=Path, help="working directory (targets, runs, logs)")
     parser.add_argument("--targets", default=",".join(TARGETS), help=f"comma list of {', '.join(TARGETS)}")
-    parser.add_argument("--quick", action="store_true", help="eagle3 / dspark only, no torchrun")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="init every method; features, train, bench, convert EAGLE-3 only; no torchrun",
+    )
     parser.add_argument("--no-fsdp", action="store_true", help="skip the 2-process torchrun --fsdp step")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per step before it is killed")
+    parser.add_argument("--build-target", nargs=2, metavar=("NAME", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.build_target:
+        name, directory = args.build_target
+        params = build_target(name, Path(directory))
+        (Path(directory) / "params.txt").write_text(str(params))
+        return 0
+    if args.out is None:
+        parser.error("--out DIR is required")
     names = [n for n in args.targets.split(",") if n]
     unknown = [n for n in names if n not in TARGETS]
     if unknown:
