@@ -60,6 +60,45 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     return " or ".join(k.__name__ for k in _as_tuple(kind))
 
 
+def _rope(cfg: dict[str, Any], where: str) -> tuple[str, float | None, dict[str, Any] | None]:
+    """(rope type, rope theta, scaling parameters) of a text config; transformers 5 folds rope_theta and
+    rope_scaling into rope_parameters."""
+    rope_params = cfg.get("rope_parameters")
+    rope_scaling = cfg.get("rope_scaling")
+    rope_theta = cfg.get("rope_theta")
+    if isinstance(rope_params, dict):
+        rope_theta = rope_params.get("rope_theta", rope_theta)
+        if rope_params.get("rope_type", "default") != "default":
+            rope_scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
+    if rope_scaling is not None and not isinstance(rope_scaling, dict):
+        raise ConfigError(f"{where}: field 'rope_scaling' should be an object or null, got {rope_scaling!r}")
+    if rope_theta is not None and not isinstance(rope_theta, (int, float)):
+        raise ConfigError(f"{where}: field 'rope_theta' should be a number, got {rope_theta!r}")
+    rope_type = "default"
+    if rope_scaling:
+        rope_type = str(rope_scaling.get("rope_type") or rope_scaling.get("type") or "default")
+    return (
+        rope_type,
+        float(rope_theta) if rope_theta is not None else None,
+        dict(rope_scaling) if rope_scaling else None,
+    )
+
+
+def _layer_types(cfg: dict[str, Any], layers: int, where: str) -> tuple[str, ...] | None:
+    """`layer_types` (one attention kind per layer), checked against the depth."""
+    layer_types = cfg.get("layer_types")
+    if layer_types is None:
+        return None
+    if not isinstance(layer_types, list) or not all(isinstance(kind, str) for kind in layer_types):
+        raise ConfigError(f"{where}: field 'layer_types' should be a list of strings, got {layer_types!r}")
+    if len(layer_types) != layers:
+        raise ConfigError(
+            f"{where}: 'layer_types' names {len(layer_types)} layers but num_hidden_layers is {layers}; "
+            "give one entry per layer"
+        )
+    return tuple(layer_types)
+
+
 @dataclass(frozen=True)
 class TargetArch:
     """The normalised architecture of a target's text stack."""
@@ -123,32 +162,9 @@ class TargetArch:
                 )
             head_dim = hidden // heads
 
-        # transformers 5 folds rope_theta / rope_scaling into rope_parameters.
-        rope_params = cfg.get("rope_parameters")
-        rope_scaling = cfg.get("rope_scaling")
-        rope_theta = cfg.get("rope_theta")
-        if isinstance(rope_params, dict):
-            rope_theta = rope_params.get("rope_theta", rope_theta)
-            if rope_params.get("rope_type", "default") != "default":
-                rope_scaling = {k: v for k, v in rope_params.items() if k != "rope_theta"}
-        if rope_scaling is not None and not isinstance(rope_scaling, dict):
-            raise ConfigError(f"{where}: field 'rope_scaling' should be an object or null, got {rope_scaling!r}")
-        if rope_theta is not None and not isinstance(rope_theta, (int, float)):
-            raise ConfigError(f"{where}: field 'rope_theta' should be a number, got {rope_theta!r}")
-        rope_type = "default"
-        if rope_scaling:
-            rope_type = str(rope_scaling.get("rope_type") or rope_scaling.get("type") or "default")
-
+        rope_type, rope_theta, rope_scaling = _rope(cfg, where)
         num_experts = cfg.get("num_experts") or cfg.get("num_local_experts")
-        layer_types = cfg.get("layer_types")
-        if layer_types is not None:
-            if not isinstance(layer_types, list) or not all(isinstance(kind, str) for kind in layer_types):
-                raise ConfigError(f"{where}: field 'layer_types' should be a list of strings, got {layer_types!r}")
-            if len(layer_types) != layers:
-                raise ConfigError(
-                    f"{where}: 'layer_types' names {len(layer_types)} layers but num_hidden_layers is {layers}; "
-                    "give one entry per layer"
-                )
+        layer_types = _layer_types(cfg, layers, where)
         max_positions = cfg.get("max_position_embeddings")
         if max_positions is not None and (not isinstance(max_positions, int) or max_positions < 1):
             raise ConfigError(
@@ -168,8 +184,8 @@ class TargetArch:
             max_position_embeddings=cfg.get("max_position_embeddings"),
             rms_norm_eps=cfg.get("rms_norm_eps"),
             rope_type=rope_type,
-            rope_theta=float(rope_theta) if rope_theta is not None else None,
-            rope_scaling=dict(rope_scaling) if rope_scaling else None,
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
             partial_rotary_factor=cfg.get("partial_rotary_factor"),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", cfg.get("tie_word_embeddings", False))),
             attention_bias=bool(cfg.get("attention_bias", False)),
@@ -179,7 +195,7 @@ class TargetArch:
             num_experts_per_tok=cfg.get("num_experts_per_tok") or cfg.get("experts_per_token"),
             moe_intermediate_size=cfg.get("moe_intermediate_size"),
             sliding_window=cfg.get("sliding_window"),
-            layer_types=tuple(layer_types) if isinstance(layer_types, list) else None,
+            layer_types=layer_types,
             extra={k: v for k, v in cfg.items() if k.startswith("qk_") or k == "use_qk_norm"},
         )
 

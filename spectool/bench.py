@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from spectool import baselines as loops
 from spectool.decoding.accept import SamplingParams
 from spectool.decoding.engine import Engine, GenerationStats
 from spectool.decoding.stops import StopStrings
@@ -98,6 +99,9 @@ def machine_description(device: torch.device | None = None) -> str:
 
 @dataclass
 class BenchReport:
+    """One bench: the draft and target, the speculative decoder's tokens/s and acceptance, each baseline's tokens/s
+    and speedup, losslessness checks, the machine, and (with --profile) the cost profile; `to_json` is --json."""
+
     method: str | None
     verify: str
     target: str
@@ -141,141 +145,6 @@ def _timed_engine(engine: Engine, ids: list[int], **kwargs: Any) -> tuple[list[i
     return [t for r in rounds for t in r.tokens], stats
 
 
-def _timed_hf(
-    runtime: Runtime,
-    ids: list[int],
-    max_new_tokens: int,
-    sampling: SamplingParams,
-    stop_strings: StopStrings | None = None,
-    **extra: Any,
-):
-    """HF generate (``extra``: e.g. prompt lookup); stop strings by the same rule as spectool's loop (HF's own
-    ``stop_strings`` cannot read every tokenizer's vocabulary)."""
-    if stop_strings is not None:
-        extra["stopping_criteria"] = _stop_criteria(stop_strings, len(ids))
-    inputs = torch.tensor([ids], device=runtime.model.device)
-    out, seconds = _hf_generate(runtime, inputs, torch.ones_like(inputs), max_new_tokens, sampling, **extra)
-    return out[0, len(ids) :].tolist(), seconds
-
-
-def _stop_criteria(stop_strings: StopStrings, prompt_width: int):
-    """HF stopping criteria: a row is done once its answer (after `prompt_width`) holds a stop string."""
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    class StopAtStrings(StoppingCriteria):
-        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-            done = [stop_strings.found_in(row[prompt_width:]) for row in input_ids.tolist()]
-            return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-    return StoppingCriteriaList([StopAtStrings()])
-
-
-def _pad_id(runtime: Runtime) -> int:
-    return runtime.tokenizer.pad_token_id or runtime.stop_token_ids[0]
-
-
-def _hf_generate(
-    runtime: Runtime,
-    inputs: torch.Tensor,
-    mask: torch.Tensor,
-    max_new_tokens: int,
-    sampling: SamplingParams,
-    **extra: Any,
-) -> tuple[torch.Tensor, float]:
-    """Timed HF generate with the same stop tokens and sampling as spectool's loops."""
-    options: dict[str, Any] = {"max_new_tokens": max_new_tokens, "eos_token_id": runtime.stop_token_ids}
-    options["pad_token_id"] = _pad_id(runtime)
-    if sampling.greedy:
-        options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    else:
-        options.update(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=sampling.top_k)
-    from transformers import GenerationConfig
-
-    # The target's plain decoding, as spectool's loops do it: generation_config.json defaults such as a
-    # repetition_penalty (Qwen2.5 ships 1.05) would change HF's greedy output, and transformers fills any option
-    # left at its global default from the model's own config, so the model's config is swapped for a bare one.
-    model, shipped = runtime.model, runtime.model.generation_config
-    model.generation_config = GenerationConfig(bos_token_id=shipped.bos_token_id)
-    start = time.perf_counter()
-    try:
-        with torch.no_grad():
-            out = model.generate(inputs, attention_mask=mask, **options, **extra)
-    finally:
-        model.generation_config = shipped
-    return out, time.perf_counter() - start
-
-
-def _timed_hf_batch(
-    runtime: Runtime,
-    group: list[list[int]],
-    max_new_tokens: int,
-    sampling: SamplingParams,
-    stop_strings: StopStrings | None = None,
-):
-    """HF generate over a left-padded batch; each row's answer ends at its first stop token, or with the token
-    that completes a stop string (the rule of spectool's loops)."""
-    model = runtime.model
-    pad = _pad_id(runtime)
-    width = max(len(ids) for ids in group)
-    inputs = torch.full((len(group), width), pad, dtype=torch.long, device=model.device)
-    mask = torch.zeros_like(inputs)
-    for row, ids in enumerate(group):
-        inputs[row, width - len(ids) :] = torch.tensor(ids, device=model.device)
-        mask[row, width - len(ids) :] = 1
-    extra = {"stopping_criteria": _stop_criteria(stop_strings, width)} if stop_strings is not None else {}
-    out, seconds = _hf_generate(runtime, inputs, mask, max_new_tokens, sampling, **extra)
-    stops, answers = set(runtime.stop_token_ids), []
-    for row in out[:, width:].tolist():
-        end = next((i + 1 for i, token in enumerate(row) if token in stops), len(row))
-        if stop_strings is not None:
-            end = next((i for i in range(1, end + 1) if stop_strings.completes_at(row, i)), end)
-        answers.append(row[:end])
-    return answers, seconds
-
-
-def _zlab_draft(runtime: Runtime):
-    """The same DFlash checkpoint loaded by the z-lab `dflash` package."""
-    if runtime.draft is None or runtime.draft.method != "dflash":
-        raise UsageError("the dflash-package baseline needs a DFlash draft")
-    try:
-        from dflash.model import DFlashDraftModel
-    except ImportError:
-        raise UsageError("the dflash-package baseline needs the z-lab package: pip install --no-deps dflash") from None
-    model = DFlashDraftModel.from_pretrained(runtime.draft.path, dtype=runtime.model.dtype)
-    return model.to(runtime.model.device).eval()
-
-
-def _timed_zlab(zlab, runtime: Runtime, ids: list[int], max_new_tokens: int, sampling: SamplingParams):
-    from dflash.model import dflash_generate
-
-    inputs = torch.tensor([ids], device=runtime.model.device)
-    forwards = []  # its stats need CUDA; count the target's forwards instead (the first one is the prefill)
-    handle = runtime.model.register_forward_pre_hook(lambda *_: forwards.append(1))
-    start = time.perf_counter()
-    try:
-        with torch.no_grad():
-            out = dflash_generate(
-                zlab,
-                runtime.model,
-                inputs,
-                max_new_tokens,
-                runtime.stop_token_ids,
-                temperature=sampling.temperature,
-                top_p=sampling.top_p,
-                top_k=sampling.top_k,
-            )
-    except Exception as exc:  # third-party code tied to transformers versions: say whose failure it is
-        raise SpectoolError(
-            f"the z-lab dflash package failed in its own loop ({type(exc).__name__}: {exc}); it may not support "
-            "this transformers version: drop dflash-package from --baselines"
-        ) from None
-    finally:
-        handle.remove()
-    seconds = time.perf_counter() - start
-    new = out[0, len(ids) :].tolist()
-    return new, seconds, (len(new) - 1, len(forwards) - 1)
-
-
 def run_bench(
     runtime: Runtime,
     prompts: Sequence[list[dict[str, str]]],
@@ -309,7 +178,7 @@ def run_bench(
         return _run_batched(
             runtime, prompts, batch_size, max_new_tokens, sampling, baselines, seed, stop_strings, max_drafts, on_prompt
         )
-    zlab = _zlab_draft(runtime) if "dflash-package" in baselines else None
+    zlab = loops.zlab_draft(runtime) if "dflash-package" in baselines else None
     encoded = [runtime.prompt_ids(p) for p in prompts]
     kwargs = {"max_new_tokens": max_new_tokens, "sampling": sampling, "stop_token_ids": runtime.stop_token_ids}
     hf_stops: dict[str, Any] = {}
@@ -328,65 +197,97 @@ def run_bench(
         full_block = Engine(runtime.engine.session.target, runtime.engine.proposer)
         baselines = [*baselines, "full-block"]
 
-    spec_tokens = spec_seconds = 0.0
-    zlab_rounds: list[tuple[int, int]] = []  # (tokens after the first, verify forwards) per prompt
-    full_rounds: list[Any] = []  # the verify rounds of the same draft drafting fully (with --verify auto)
-    rounds = []
-    seconds = Counter()
-    tokens = Counter()
-    mismatched: list[int] = []
-    hf_mismatched = [] if "hf" in baselines and sampling.greedy else None  # None: no check against HF generate
+    tally = _Tally(hf_mismatched=[] if "hf" in baselines and sampling.greedy else None)
     for index, ids in enumerate(encoded):
-        out, stats = _timed_engine(runtime.engine, ids, **spec_kwargs, seed=seed + index)
-        spec_tokens += len(out)
-        spec_seconds += stats.seconds
-        rounds += stats.rounds
-        if "target" in baselines or sampling.greedy:
-            reference, ref_stats = _timed_engine(runtime.target_engine, ids, **kwargs, seed=seed + index)
-            seconds["target"] += ref_stats.seconds
-            tokens["target"] += len(reference)
-            if sampling.greedy and out != reference:
-                mismatched.append(index)
-        if full_block is not None:
-            full_out, full_stats = _timed_engine(full_block, ids, **spec_kwargs, seed=seed + index)
-            seconds["full-block"] += full_stats.seconds
-            tokens["full-block"] += len(full_out)
-            full_rounds += full_stats.verify_rounds
-        if zlab is not None:
-            z_out, z_seconds, z_rounds = _timed_zlab(zlab, runtime, ids, max_new_tokens, sampling)
-            seconds["dflash-package"] += z_seconds
-            tokens["dflash-package"] += len(z_out)
-            zlab_rounds.append(z_rounds)
-        if "hf" in baselines:
-            hf_out, hf_seconds = _timed_hf(runtime, ids, max_new_tokens, sampling, **hf_stops)
-            seconds["hf"] += hf_seconds
-            tokens["hf"] += len(hf_out)
-            if hf_mismatched is not None and out != hf_out:
-                hf_mismatched.append(index)
-        if "prompt-lookup" in baselines:
-            pl_out, pl_seconds = _timed_hf(
-                runtime, ids, max_new_tokens, sampling, prompt_lookup_num_tokens=PROMPT_LOOKUP_TOKENS, **hf_stops
-            )
-            seconds["prompt-lookup"] += pl_seconds
-            tokens["prompt-lookup"] += len(pl_out)
+        run = _PromptRun(runtime, ids, seed + index, max_new_tokens, sampling, kwargs, spec_kwargs, hf_stops)
+        run.measure(tally, index, baselines, full_block, zlab)
         if on_prompt:
             on_prompt(index)
 
-    summary = GenerationStats(rounds, spec_seconds)
-    tps = spec_tokens / spec_seconds if spec_seconds else 0.0
-    table = _speedups(tps, baselines, tokens, seconds)
-    if full_rounds:
-        table["full-block"]["acceptance_length"] = GenerationStats(full_rounds).acceptance_length
-    if zlab_rounds:  # its own acceptance length, to show both loops accept the same
-        verified = sum(f for _, f in zlab_rounds)
-        table["dflash-package"]["acceptance_length"] = sum(t for t, _ in zlab_rounds) / verified if verified else None
+    summary = GenerationStats(tally.rounds, tally.spec_seconds)
+    tps = tally.spec_tokens / tally.spec_seconds if tally.spec_seconds else 0.0
+    table = _speedups(tps, baselines, tally.tokens, tally.seconds)
+    if tally.full_rounds:
+        table["full-block"]["acceptance_length"] = GenerationStats(tally.full_rounds).acceptance_length
+    if tally.zlab_rounds:  # its own acceptance length, to show both loops accept the same
+        verified = sum(f for _, f in tally.zlab_rounds)
+        accepted = sum(t for t, _ in tally.zlab_rounds)
+        table["dflash-package"]["acceptance_length"] = accepted / verified if verified else None
     report = _report(
-        runtime, summary, tps, spec_tokens, encoded, max_new_tokens, sampling, mismatched, table, max_drafts,
-        hf_mismatched,
+        runtime, summary, tps, tally.spec_tokens, encoded, max_new_tokens, sampling, tally.mismatched, table,
+        max_drafts, tally.hf_mismatched,
     )  # fmt: skip
     if profile:
-        report.profile = cost_profile(runtime, rounds + full_rounds)  # auto drafts rarely: the full rounds count too
+        report.profile = cost_profile(
+            runtime, tally.rounds + tally.full_rounds
+        )  # auto drafts rarely: the full rounds count too
     return report
+
+
+@dataclass
+class _Tally:
+    """What the interleaved runs of a bench add up to: the draft's tokens, seconds and rounds; each baseline's tokens
+    and seconds; the rounds of the same draft drafting fully and of the z-lab loop; the prompts whose greedy answers
+    differ from the target's (and from HF generate's, None when that is not checked)."""
+
+    hf_mismatched: list[int] | None
+    spec_tokens: float = 0.0
+    spec_seconds: float = 0.0
+    rounds: list[Any] = field(default_factory=list)
+    full_rounds: list[Any] = field(default_factory=list)
+    zlab_rounds: list[tuple[int, int]] = field(default_factory=list)  # (tokens after the first, verify forwards)
+    seconds: Counter = field(default_factory=Counter)
+    tokens: Counter = field(default_factory=Counter)
+    mismatched: list[int] = field(default_factory=list)
+
+    def add(self, name: str, out: Sequence[int], seconds: float) -> None:
+        self.seconds[name] += seconds
+        self.tokens[name] += len(out)
+
+
+@dataclass
+class _PromptRun:
+    """One prompt run speculatively and by each baseline, one after the other."""
+
+    runtime: Runtime
+    ids: list[int]
+    seed: int
+    max_new_tokens: int
+    sampling: SamplingParams
+    kwargs: dict[str, Any]
+    spec_kwargs: dict[str, Any]
+    hf_stops: dict[str, Any]
+
+    def measure(self, tally: _Tally, index: int, baselines: Sequence[str], full_block: Any, zlab: Any) -> None:
+        runtime, ids, sampling = self.runtime, self.ids, self.sampling
+        out, stats = _timed_engine(runtime.engine, ids, **self.spec_kwargs, seed=self.seed)
+        tally.spec_tokens += len(out)
+        tally.spec_seconds += stats.seconds
+        tally.rounds += stats.rounds
+        if "target" in baselines or sampling.greedy:
+            reference, ref_stats = _timed_engine(runtime.target_engine, ids, **self.kwargs, seed=self.seed)
+            tally.add("target", reference, ref_stats.seconds)
+            if sampling.greedy and out != reference:
+                tally.mismatched.append(index)
+        if full_block is not None:
+            full_out, full_stats = _timed_engine(full_block, ids, **self.spec_kwargs, seed=self.seed)
+            tally.add("full-block", full_out, full_stats.seconds)
+            tally.full_rounds += full_stats.verify_rounds
+        if zlab is not None:
+            z_out, z_seconds, z_rounds = loops.timed_zlab(zlab, runtime, ids, self.max_new_tokens, sampling)
+            tally.add("dflash-package", z_out, z_seconds)
+            tally.zlab_rounds.append(z_rounds)
+        if "hf" in baselines:
+            hf_out, hf_seconds = loops.timed_hf(runtime, ids, self.max_new_tokens, sampling, **self.hf_stops)
+            tally.add("hf", hf_out, hf_seconds)
+            if tally.hf_mismatched is not None and out != hf_out:
+                tally.hf_mismatched.append(index)
+        if "prompt-lookup" in baselines:
+            pl_out, pl_seconds = loops.timed_hf(
+                runtime, ids, self.max_new_tokens, sampling, prompt_lookup_num_tokens=PROMPT_LOOKUP_TOKENS,
+                **self.hf_stops,
+            )  # fmt: skip
+            tally.add("prompt-lookup", pl_out, pl_seconds)
 
 
 def _speedups(tps: float, baselines: Sequence[str], tokens: Counter, seconds: Counter) -> dict[str, dict[str, float]]:
@@ -503,7 +404,9 @@ def _run_batched(
                     first + i for i, (a, b) in enumerate(zip(rows, reference, strict=True)) if a.tokens != b.tokens
                 ]
         if "hf" in baselines:
-            answers, hf_seconds = _timed_hf_batch(runtime, group, max_new_tokens, sampling, kwargs.get("stop_strings"))
+            answers, hf_seconds = loops.timed_hf_batch(
+                runtime, group, max_new_tokens, sampling, kwargs.get("stop_strings")
+            )
             seconds["hf"] += hf_seconds
             tokens["hf"] += sum(len(a) for a in answers)
             if hf_mismatched is not None:

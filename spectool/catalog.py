@@ -15,6 +15,8 @@ from typing import Any
 
 @dataclass(frozen=True)
 class CatalogEntry:
+    """A well-known target known offline: its Hub id, its config.json and its tokenizer's length."""
+
     hub_id: str
     config: dict[str, Any]
     tokenizer_length: int | None

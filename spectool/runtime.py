@@ -16,10 +16,11 @@ from spectool.chat_format import ChatFormat, Message
 from spectool.checkpoint import LoadedDraft, check_against_target, load_draft
 from spectool.decoding.engine import Engine, target_session
 from spectool.decoding.proposers import make_proposer
-from spectool.decoding.schedule import DraftLengthController, PrefixScheduler, profile_verify_cost
+from spectool.decoding.schedule import DraftLengthController, profile_verify_cost
 from spectool.device import check_device
 from spectool.errors import SpectoolError, UsageError
 from spectool.hub import TargetInfo, load_model_and_tokenizer, resolve_model
+from spectool.registry import get, methods
 from spectool.target import FrozenTarget
 
 #: Tokens drafted per round by the EAGLE chains (DFlash / DSpark draft a whole block).
@@ -116,8 +117,9 @@ def load_runtime(
     n = info.arch.num_hidden_layers
     ids = (draft.target_layer_ids or [n - 1]) if draft else []
     frozen = FrozenTarget(model, ids)
-    if tree_shape and (draft is None or draft.method not in ("eagle1", "eagle3")):
-        raise UsageError("--tree needs an EAGLE-1 or EAGLE-3 draft (EAGLE-2 is their dynamic-tree decoding)")
+    if tree_shape and (draft is None or not get(draft.method).supports_tree):
+        titles = " or ".join(m.title for m in methods() if m.supports_tree)
+        raise UsageError(f"--tree needs an {titles} draft (EAGLE-2 is their dynamic-tree decoding)")
     proposer = (
         make_proposer(draft.method, draft.model, model, num_steps=chain_length, tree=tree_shape) if draft else None
     )
@@ -129,9 +131,7 @@ def load_runtime(
         controller = DraftLengthController(
             profile, per_token_drafting=proposer.per_token_drafting, tree=proposer.tree_size is not None
         )
-        if getattr(draft.model.config, "enable_confidence_head", False):  # DSpark: cut each block by confidence too
-            temperatures = getattr(draft.model.config, "confidence_temperatures", None)
-            scheduler = PrefixScheduler(profile, temperatures)
+        scheduler = proposer.prefix_scheduler(profile)  # DSpark: cut each block by confidence too
     engine = Engine(frozen, proposer, scheduler, controller)
     target_engine = Engine(FrozenTarget(model, []))
     chat = ChatFormat(tokenizer) if getattr(tokenizer, "chat_template", None) else None

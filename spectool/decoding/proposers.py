@@ -23,10 +23,10 @@ from torch import nn
 
 from spectool.decoding.accept import SamplingParams, probabilities, sample
 from spectool.decoding.draft_cache import RaggedDraftCache
-from spectool.errors import UsageError
+from spectool.registry import get
 
 if TYPE_CHECKING:
-    from spectool.decoding.schedule import PrefixScheduler
+    from spectool.decoding.schedule import PrefixScheduler, VerifyCostProfile
 
 
 @dataclass
@@ -71,6 +71,11 @@ class Proposer(ABC):
         """Draft only the block prefix `scheduler` admits (DSpark with a confidence head); others take none."""
         if scheduler is not None:
             raise ValueError("a prefix scheduler needs a proposer that drafts block by block (DSpark)")
+
+    def prefix_scheduler(self, profile: VerifyCostProfile) -> PrefixScheduler | None:
+        """The scheduler that cuts each block at its first unprofitable slot (`--verify auto`), for drafts that
+        say how sure they are of each slot (DSpark's confidence head); None for the others."""
+        return None
 
     def as_tree(self, top_k: int, depth: int, total_tokens: int) -> Proposer:
         """The EAGLE-2 dynamic tree drafted with this proposer's draft (EAGLE chains only)."""
@@ -232,6 +237,14 @@ class DSparkProposer(BlockProposer):
 
     def use_scheduler(self, scheduler: PrefixScheduler | None) -> None:
         self.scheduler = scheduler
+
+    def prefix_scheduler(self, profile: VerifyCostProfile) -> PrefixScheduler | None:
+        config = self.draft.config
+        if not config.enable_confidence_head:
+            return None
+        from spectool.decoding.schedule import PrefixScheduler
+
+        return PrefixScheduler(profile, getattr(config, "confidence_temperatures", None))
 
     def draw_block(self, hidden, anchors, limits, sampling, generator) -> list[Proposal]:
         width = min(max(limits), self.max_drafts)
@@ -478,15 +491,6 @@ class _DraftTree:
         )
 
 
-#: The proposer class of each method, by the method's name.
-PROPOSERS: dict[str, type[RowProposer]] = {
-    "dflash": DFlashProposer,
-    "dspark": DSparkProposer,
-    "eagle1": Eagle1Proposer,
-    "eagle3": Eagle3Proposer,
-}
-
-
 def make_proposer(
     method: str,
     draft: nn.Module,
@@ -500,7 +504,5 @@ def make_proposer(
 
     `tree` = (top_k, depth, total_tokens) drafts an EAGLE-2 dynamic tree with an EAGLE-1 or EAGLE-3 draft.
     """
-    if method not in PROPOSERS:
-        raise UsageError(f"no proposer for {method!r} drafts (known: {', '.join(PROPOSERS)})")
-    proposer = PROPOSERS[method].for_target(draft, target_model, num_steps=num_steps)
+    proposer = get(method).proposer_class().for_target(draft, target_model, num_steps=num_steps)
     return proposer if tree is None else proposer.as_tree(*tree)

@@ -120,6 +120,8 @@ class DraftMethod:
     stores_target_tensors: ClassVar[bool] = False
     #: Whether the draft needs a mask token (a spare embedding row).
     needs_mask_token: ClassVar[bool] = False
+    #: `spectool bench --baselines` names of the method's reference package loops that read its checkpoints.
+    package_baselines: ClassVar[tuple[str, ...]] = ()
     #: Whether EAGLE-2's dynamic tree can draft with it (`--tree`).
     supports_tree: ClassVar[bool] = False
     #: `resolve` options this method takes besides target_layer_ids and num_draft_layers; others are ignored by

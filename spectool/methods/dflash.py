@@ -41,6 +41,7 @@ class DFlash(DraftMethod):
     loaders = "the z-lab dflash package (DFlashDraftModel.from_pretrained), vLLM, spectool"
     conversions = ("vllm", "dflash")
     hf_readers = ("spectool", "the z-lab dflash package")
+    package_baselines = ("dflash-package",)
     default_lr = 6e-4
     needs_mask_token = True
     shape_options = ("block_size", "mask_token_id")

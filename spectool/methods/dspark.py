@@ -32,6 +32,7 @@ class DSpark(DFlash):
     loaders = "DeepSpec, spectool"
     conversions = ("deepspec",)
     hf_readers = ("spectool", "DeepSpec")
+    package_baselines = ()
     default_lr = 6e-4
     stores_target_tensors = True
     shape_options = ("block_size", "mask_token_id", "markov_rank")

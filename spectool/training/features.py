@@ -160,6 +160,8 @@ def prepare_examples(config: Any, tokenizer: Any) -> PreparedExamples:
 
 @dataclass
 class FeaturesProgress:
+    """How far `extract_features` is: shards done of all, and tokens run through the target so far."""
+
     shards_total: int
     shards_done: int  # finished, counting the ones found on disk
     tokens: int  # tokens run through the target by this process
@@ -172,6 +174,8 @@ class FeaturesProgress:
 
 @dataclass
 class FeaturesSummary:
+    """What `extract_features` wrote: where, how many examples, shards, tokens and bytes, and its notes."""
+
     out: str
     num_examples: int
     num_shards: int
@@ -340,6 +344,40 @@ def feature_layer_ids(method: str, spec_ids: Sequence[int]) -> list[int]:
     return list(spec_ids) if get(method).reads_feature_layers else []
 
 
+def _manifest(
+    config: FeaturesConfig, metadata: Any, arch: Any, model: Any, tokenizer: Any, prepared: Any, ids: list[int]
+) -> dict[str, Any]:
+    """features.json: what was computed, from which target and data, so a run can check it reads what it needs."""
+    from spectool.training.batches import pad_token_id
+
+    examples = prepared.examples
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "method": config.method,
+        "target": metadata.target,
+        "target_metadata": metadata.to_json(),
+        "target_layer_ids": ids,
+        "num_target_layers": arch.num_hidden_layers,
+        "hidden_size": arch.hidden_size,
+        "feature_dtype": str(model.dtype).removeprefix("torch."),
+        "stored": ["target_hidden_states", "target_last_hidden_states"],
+        "logits": "not stored: recomputed at train time as lm_head(target_last_hidden_states)",
+        "data": [str(Path(f).resolve()) for f in prepared.load_report.files],
+        "max_length": config.max_length,
+        "pack": config.pack,
+        "assistant_turns": config.assistant_turns,
+        "chat_template_sha256": prepared.chat_template_sha256,
+        "pad_token_id": pad_token_id(tokenizer),
+        "num_examples": len(examples),
+        "num_tokens": sum(len(example) for example in examples),
+        "num_supervised_tokens": sum(example.num_supervised for example in examples),
+        "fingerprint": examples_fingerprint(examples),
+        "shard_size": config.shard_size,
+        "num_shards": -(-len(examples) // config.shard_size),
+    }
+
+
 def extract_features(
     config: FeaturesConfig, *, progress: Callable[[FeaturesProgress], None] | None = None
 ) -> tuple[FeaturesSummary, PreparedExamples]:
@@ -352,7 +390,6 @@ def extract_features(
     from spectool.hub import load_model_and_tokenizer, resolve_model
     from spectool.layers import LayerIdWarning
     from spectool.registry import resolve
-    from spectool.training.batches import pad_token_id
     from spectool.training.distributed import init_distributed, shutdown
 
     config.validate()
@@ -374,32 +411,7 @@ def extract_features(
         prepared = prepare_examples(config, tokenizer)
         examples = prepared.examples
         ids = feature_layer_ids(config.method, spec.target_layer_ids)
-        metadata = target_metadata(info, spec)
-        manifest = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "method": config.method,
-            "target": metadata.target,
-            "target_metadata": metadata.to_json(),
-            "target_layer_ids": ids,
-            "num_target_layers": info.arch.num_hidden_layers,
-            "hidden_size": info.arch.hidden_size,
-            "feature_dtype": str(model.dtype).removeprefix("torch."),
-            "stored": ["target_hidden_states", "target_last_hidden_states"],
-            "logits": "not stored: recomputed at train time as lm_head(target_last_hidden_states)",
-            "data": [str(Path(f).resolve()) for f in prepared.load_report.files],
-            "max_length": config.max_length,
-            "pack": config.pack,
-            "assistant_turns": config.assistant_turns,
-            "chat_template_sha256": prepared.chat_template_sha256,
-            "pad_token_id": pad_token_id(tokenizer),
-            "num_examples": len(examples),
-            "num_tokens": sum(len(example) for example in examples),
-            "num_supervised_tokens": sum(example.num_supervised for example in examples),
-            "fingerprint": examples_fingerprint(examples),
-            "shard_size": config.shard_size,
-            "num_shards": -(-len(examples) // config.shard_size),
-        }
+        manifest = _manifest(config, target_metadata(info, spec), info.arch, model, tokenizer, prepared, ids)
         out = Path(config.out).expanduser()
         problem = None
         if context.is_main:

@@ -162,5 +162,5 @@ def test_batched_sampling_follows_the_target_distribution(method, qwen3_target, 
 
 def test_unknown_methods_are_refused(qwen3_target, qwen3_config):
     draft = build_draft("eagle3", qwen3_config, target_layer_ids=LAYER_IDS["eagle3"])
-    with pytest.raises(UsageError, match="no proposer for 'medusa'"):
+    with pytest.raises(UsageError, match="unknown method .medusa."):
         make_proposer("medusa", draft, qwen3_target)

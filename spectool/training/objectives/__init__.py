@@ -3,7 +3,7 @@
 An objective is built with its draft and hyper-parameters (``make_objective(method, draft, **hparams)``) and called
 once per batch of target features::
 
-    objective = make_objective("dspark", draft)
+    objective = make_objective(method, draft)  # a registered method's name
     target = FrozenTarget(model, objective.target_layer_ids)
     batch = target.capture(input_ids, attention_mask, loss_mask, return_logits=objective.needs_target_logits)
     out = objective(batch, target_lm_head=model.lm_head, target_embed=model.get_input_embeddings(),
