@@ -1,37 +1,10 @@
-"""The `spectool` command line: one small module per command; rendering helpers in `render.py`."""
+"""The `spectool` command line: the Typer app in `app.py`, one small module per command, rendering helpers and the
+shared panels in `render.py`."""
 
 from __future__ import annotations
 
-import typer
-
-from spectool import __version__
-
-app = typer.Typer(
-    name="spectool",
-    help="Inspect, initialise, train and verify speculative-decoding drafts (EAGLE-1/2, EAGLE-3, DFlash, DSpark) "
-    "for Hugging Face causal LMs.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    rich_markup_mode="rich",
-)
-
-
-def _version(value: bool) -> None:
-    if value:
-        typer.echo(f"spectool {__version__}")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
-) -> None:
-    """spectool: from "I have a target model" to "I have a fast, verified draft and I can see it working"."""
-
-
 # Command modules register themselves on `app` when imported.
-from spectool.cli import (  # noqa: E402,F401
+from spectool.cli import (  # noqa: F401
     bench_cmd,
     chat_cmd,
     data_cmd,
@@ -42,7 +15,8 @@ from spectool.cli import (  # noqa: E402,F401
     report_cmd,
     train_cmd,
 )
-from spectool.cli.help import hide_flag_types, tidy_help  # noqa: E402
+from spectool.cli.app import app
+from spectool.cli.help import hide_flag_types, tidy_help
 
 tidy_help(app)
 hide_flag_types()

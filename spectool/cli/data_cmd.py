@@ -4,18 +4,23 @@ from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
+from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from spectool.cli import app
+from spectool.cli.app import app
 from spectool.cli.help import method_choice
 from spectool.cli.render import console, error_console, handles_errors, print_json
 from spectool.errors import UsageError
 from spectool.hub import check_data_argument, check_model_argument
 from spectool.paths import check_output_path, quoted, refuse_inputs_inside
 from spectool.registry import method_names
+
+if TYPE_CHECKING:
+    from spectool.training.regen import RegenSummary
 
 FeatureMethod = method_choice("FeatureMethod", method_names())
 
@@ -129,7 +134,11 @@ def regen_command(
             bar.update(task, completed=update.rows_done, rate=rate)
 
         summary = regenerate(model, chat_format, conversations, out, config, progress=show)
+    _print_regen_summary(out_console, summary, as_json=as_json)
 
+
+def _print_regen_summary(out_console: Console, summary: RegenSummary, *, as_json: bool) -> None:
+    """What `data regen` did: one JSON object, or one line (and a warning on stderr for prompts too long)."""
     if as_json:
         print_json({**asdict(summary), "tokens_per_second": round(summary.tokens_per_second, 1)})
         return

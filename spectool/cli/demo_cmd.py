@@ -13,10 +13,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.rule import Rule
 from rich.text import Text
 
-from spectool.cli import app
-from spectool.cli.render import console, handles_errors
+from spectool.cli.app import app
+from spectool.cli.chat_session import ChatSession
+from spectool.cli.render import console, handles_errors, method_panel, target_panel
 from spectool.errors import UsageError
 from spectool.hub import ASSETS_DIR, default_model_ref, resolve_model
+from spectool.registry import DEFAULT_METHOD, get
 
 DEMO_DATA = ASSETS_DIR / "data" / "demo_train.jsonl"
 DEMO_PROMPTS = ASSETS_DIR / "prompts" / "heldout.jsonl"
@@ -41,37 +43,54 @@ def demo_command(
 ) -> None:
     """Inspect the embedded tiny target, train a DSpark draft for it briefly, answer a held-out question with the
     inline acceptance view, and benchmark it against the target alone. Everything ships with spectool."""
-    from dataclasses import replace
-
-    from spectool.bench import load_prompts, run_bench
-    from spectool.cli.chat_cmd import ChatSession
-    from spectool.cli.inspect_cmd import _method_panel, _target_panel
-    from spectool.decoding.accept import SamplingParams
-    from spectool.decoding.engine import Engine
+    _check_options(steps, prompts, max_new_tokens)  # before torch loads
+    from spectool.bench import load_prompts
     from spectool.report import method_report
     from spectool.runtime import load_runtime
-    from spectool.training.config import TrainConfig
-    from spectool.training.trainer import Trainer
 
-    if steps < 1 or prompts < 1 or max_new_tokens < 1:
-        raise UsageError("--steps, --prompts and --max-new-tokens must be at least 1")
-    for needed in (DEMO_DATA, DEMO_PROMPTS):
-        if not needed.is_file():
-            raise UsageError(f"this copy of spectool lacks the demo data ({needed}); reinstall spectool")
     screen = console()
     started = time.perf_counter()
     target = default_model_ref()
     info = resolve_model(target)
 
     screen.print(Rule("1. the target"))
-    screen.print(_target_panel(info))
-    screen.print(_method_panel(info, method_report(info, "dspark")))
+    screen.print(target_panel(info))
+    screen.print(method_panel(info, method_report(info, DEFAULT_METHOD)))
 
-    screen.print(Rule("2. train a DSpark draft"))
+    screen.print(Rule(f"2. train a {get(DEFAULT_METHOD).title} draft"))
     keep = out is not None
     workdir = Path(out) if keep else Path(tempfile.mkdtemp(prefix="spectool-demo-"))
-    config = TrainConfig(
-        method="dspark",
+    _train(screen, _train_config(target, workdir, steps))
+
+    screen.print(Rule("3. speculative chat (the output is exactly the target's)"))
+    runtime = load_runtime(workdir, verify="auto")
+    conversations = load_prompts(DEMO_PROMPTS)
+    _chat(screen, runtime, conversations[0][-1]["content"], max_new_tokens)
+
+    screen.print(Rule("4. benchmark against the target alone"))
+    _bench(screen, runtime, conversations[:prompts], max_new_tokens, started)
+
+    if not keep:
+        shutil.rmtree(workdir, ignore_errors=True)
+    screen.print(Rule("next"))
+    print_next_commands(screen, workdir if keep else None)
+
+
+def _check_options(steps: int, prompts: int, max_new_tokens: int) -> None:
+    """The counts are positive and the demo's data ships with this copy (exit 2 otherwise)."""
+    if steps < 1 or prompts < 1 or max_new_tokens < 1:
+        raise UsageError("--steps, --prompts and --max-new-tokens must be at least 1")
+    for needed in (DEMO_DATA, DEMO_PROMPTS):
+        if not needed.is_file():
+            raise UsageError(f"this copy of spectool lacks the demo data ({needed}); reinstall spectool")
+
+
+def _train_config(target: str, workdir: Path, steps: int):
+    """The demo's training run: the default method's draft on the demo conversations, sized for a CPU."""
+    from spectool.training.config import TrainConfig
+
+    return TrainConfig(
+        method=DEFAULT_METHOD,
         target=target,
         data=str(DEMO_DATA),
         out=str(workdir),
@@ -92,6 +111,12 @@ def demo_command(
         device="cpu",
         save_dtype="float32",
     )
+
+
+def _train(screen: Console, config) -> None:
+    """Train the demo's draft with a progress bar, then say how long it took against a quiet machine."""
+    from spectool.training.trainer import Trainer
+
     progress = Progress(
         TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(), console=screen, transient=False,
@@ -115,10 +140,14 @@ def demo_command(
     slower = f" ({pace / QUIET_SECONDS:.1f}x as long as on a quiet 2-core Xeon)" if pace > 1.5 * QUIET_SECONDS else ""
     screen.print(f"trained {result.steps} steps on {result.tokens:,} tokens in {result.seconds:.0f}s{slower}")
 
-    screen.print(Rule("3. speculative chat (the output is exactly the target's)"))
-    runtime = load_runtime(workdir, verify="auto")
-    conversations = load_prompts(DEMO_PROMPTS)
-    question = conversations[0][-1]["content"]
+
+def _chat(screen: Console, runtime, question: str, max_new_tokens: int) -> None:
+    """Answer one held-out question with the inline acceptance view."""
+    from dataclasses import replace
+
+    from spectool.decoding.accept import SamplingParams
+    from spectool.decoding.engine import Engine
+
     screen.print(Text(f"you> {question}", style="bold"))
     # The draft proposes every round here, so its accepted tokens show (`chat` itself drafts only when it pays).
     drafting = replace(runtime, engine=Engine(runtime.engine.session.target, runtime.engine.proposer))
@@ -127,10 +156,12 @@ def demo_command(
     legend = Text("highlighted: draft tokens the target accepted (one colour per round); plain: the target's own")
     screen.print(legend, style="dim")
 
-    screen.print(Rule("4. benchmark against the target alone"))
-    report = run_bench(
-        runtime, conversations[:prompts], max_new_tokens=max_new_tokens, baselines=["target"], profile=True
-    )
+
+def _bench(screen: Console, runtime, conversations: list, max_new_tokens: int, started: float) -> None:
+    """Benchmark the draft against the target alone and read the result."""
+    from spectool.bench import run_bench
+
+    report = run_bench(runtime, conversations, max_new_tokens=max_new_tokens, baselines=["target"], profile=True)
     speedup = report.baselines["target"]["speedup"]
     full = report.baselines["full-block"]  # the same draft drafting every round
     verdict = (
@@ -154,11 +185,6 @@ def demo_command(
     if full_tau is not None and report.profile is not None:
         screen.print(Rule("what this means"))
         screen.print(reading(full_tau, report.profile, speedup), soft_wrap=True, markup=False)
-
-    if not keep:
-        shutil.rmtree(workdir, ignore_errors=True)
-    screen.print(Rule("next"))
-    print_next_commands(screen, workdir if keep else None)
 
 
 def reading(tau: float, profile: dict, auto_speedup: float) -> str:
@@ -191,7 +217,7 @@ def print_next_commands(screen: Console, draft: Path | None) -> None:
     hint = quoted(str(draft)) if draft is not None else "DIR (rerun with --out DIR to keep the draft)"
     lines = [f"spectool chat --draft {hint}", f"spectool bench --draft {hint} --json"]
     if shipped:
-        example = "dspark" if "dspark" in shipped else shipped[0]
+        example = DEFAULT_METHOD if DEFAULT_METHOD in shipped else shipped[0]
         lines.append(
             f"spectool chat --draft {quoted(example)}   # drafts trained longer ship with spectool: "
             + ", ".join(shipped)

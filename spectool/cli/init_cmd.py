@@ -9,41 +9,35 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from spectool.cli import app
+from spectool.cli.app import app
 from spectool.cli.help import method_choice
 from spectool.cli.render import console, handles_errors, human_bytes, human_count
 from spectool.errors import UsageError
 from spectool.hub import check_model_argument
 from spectool.layers import parse_layer_ids
 from spectool.paths import check_force_target, check_output_path, refuse_to_replace_input, resolve_draft_dir
-from spectool.registry import method_names
+from spectool.registry import conversions, get, method_names, serving
 
 InitMethod = method_choice("InitMethod", method_names())
 
 
 class DType(str, Enum):
+    """The dtypes `spectool init --dtype` writes weights in."""
+
     bfloat16 = "bfloat16"
     float16 = "float16"
     float32 = "float32"
 
 
-LOADERS = {
-    "eagle1": "SGLang, vLLM, spectool",
-    "eagle3": "SGLang, vLLM (and vLLM speculators' converter), spectool",
-    "dflash": "the z-lab dflash package (DFlashDraftModel.from_pretrained), vLLM, spectool",
-    "dspark": "DeepSpec, spectool",
-}
-
-
 def loaders_for(method: str, ids: list[int], num_target_layers: int) -> str:
-    """Who loads a draft of `method` reading `ids`: `LOADERS`, less vLLM and SGLang for ids they cannot capture."""
-    from spectool.registry import serving
-
-    if method == "eagle1":
-        return LOADERS[method]
+    """Who loads a draft of `method` reading `ids`: the method's `loaders`, less vLLM and SGLang for ids they cannot
+    capture."""
+    found = get(method)
+    if not found.reads_feature_layers:
+        return found.loaders
     served = serving(method, ids, num_target_layers)
     if served.portable:
-        return LOADERS[method]
+        return found.loaders
     return f"{', '.join(served.served_by)} (not vLLM or SGLang: they cannot capture layer {list(served.unportable)})"
 
 
@@ -71,11 +65,8 @@ def check_block_size(block_size: int | None) -> None:
         )
 
 
-class ConvertTarget(str, Enum):
-    sglang = "sglang"
-    vllm = "vllm"
-    dflash = "dflash"
-    deepspec = "deepspec"
+#: `spectool convert --to` choices: every layout some registered method converts to.
+ConvertTarget = method_choice("ConvertTarget", list(conversions()))
 
 
 @app.command("init")

@@ -12,7 +12,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
 
-from spectool.cli import app
+from spectool.cli.app import app
 from spectool.cli.help import method_choice
 from spectool.cli.render import console, error_console, handles_errors, human_count, print_json
 from spectool.errors import UsageError
@@ -36,6 +36,10 @@ _HELP = (
     "relative paths are read from the file's folder); options given on the command line win. Several processes: "
     "torchrun --nproc-per-node N -m spectool train ... (DDP; --fsdp shards the draft)."
 )
+
+
+#: The command's options that steer the command itself; every other option is a `TrainConfig` field.
+_NOT_CONFIG = ("config_file", "resume", "force", "as_json")
 
 
 def _option_values(**values: Any) -> dict[str, Any]:
@@ -118,55 +122,11 @@ def train_command(
     l1_weight: float = typer.Option(None, "--l1-weight", help="DSpark L1 (distribution distance) weight [0.9]."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
 ) -> None:
+    options = dict(locals())  # every option as Typer passed it (None: not given); first, before other names exist
     from spectool.training.config import read_config_file, resolve_config
 
-    given = _option_values(
-        target=target,
-        method=method,
-        data=data,
-        out=str(out) if out is not None else None,
-        features=features,
-        init=init,
-        max_steps=max_steps,
-        epochs=epochs,
-        max_minutes=max_minutes,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        lr=lr,
-        warmup_steps=warmup_steps,
-        min_lr_ratio=min_lr_ratio,
-        weight_decay=weight_decay,
-        grad_clip=grad_clip,
-        max_length=max_length,
-        pack=pack,
-        assistant_turns=assistant_turns,
-        chat_template=chat_template,
-        skip_bad_rows=skip_bad_rows,
-        eval_fraction=eval_fraction,
-        eval_every=eval_every,
-        eval_batches=eval_batches,
-        save_every=save_every,
-        keep_last=keep_last,
-        log_every=log_every,
-        report_to=report_to,
-        seed=seed,
-        device=device,
-        dtype=dtype,
-        save_dtype=save_dtype,
-        fsdp=fsdp,
-        num_draft_layers=num_draft_layers,
-        block_size=block_size,
-        target_layer_ids=target_layer_ids,
-        num_feature_layers=num_feature_layers,
-        draft_vocab_size=draft_vocab_size,
-        mask_token_id=mask_token_id,
-        markov_rank=markov_rank,
-        gamma=gamma,
-        num_anchors=num_anchors,
-        ttt_steps=ttt_steps,
-        ce_weight=ce_weight,
-        l1_weight=l1_weight,
-    )
+    options["out"] = str(out) if out is not None else None
+    given = _option_values(**{name: value for name, value in options.items() if name not in _NOT_CONFIG})
     file_values = read_config_file(config_file) if config_file is not None else {}
     if "method" not in given and "method" not in file_values and given.get("features") and not resume:
         method_of_features = _features_method(Path(given["features"]).expanduser())
@@ -272,7 +232,6 @@ def _saved_config(out: Path) -> dict[str, Any]:
 
 def _run(config: Any, *, resume: bool, force: bool, as_json: bool) -> None:
     from spectool.training.progress import TrainEvent, TrainingInterrupted
-    from spectool.training.reporting import resolve_report_to
     from spectool.training.trainer import Trainer
 
     main_process = os.environ.get("RANK", "0") == "0"
@@ -318,8 +277,14 @@ def _run(config: Any, *, resume: bool, force: bool, as_json: bool) -> None:
             message = "stopped at once (second Ctrl-C) without saving; the last checkpoint in OUT is kept"
             error_console().print(Text(message, style="yellow"), soft_wrap=True)
             raise typer.Exit(130) from None
-    if not main_process:
-        return
+    if main_process:
+        _print_result(out_console, result, config, as_json=as_json)
+
+
+def _print_result(out_console: Any, result: Any, config: Any, *, as_json: bool) -> None:
+    """What the run did: one JSON object, or a summary line and where to look next."""
+    from spectool.training.reporting import resolve_report_to
+
     if as_json:
         print_json(
             {

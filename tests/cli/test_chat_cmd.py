@@ -17,7 +17,7 @@ from rich.console import Console
 from transformers import AutoTokenizer
 
 from spectool.chat_format import ChatFormat, Message
-from spectool.cli.chat_cmd import ChatSession
+from spectool.cli.chat_session import ChatSession
 from spectool.decoding.accept import SamplingParams
 from spectool.errors import UsageError
 from spectool.init import init_draft

@@ -1,0 +1,218 @@
+"""A speculative chat session and how it shows an answer: accepted draft tokens highlighted inline, one colour
+per round, and one stats line per answer (`spectool chat`, the demo)."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.text import Text
+
+from spectool.cli.render import error_console
+from spectool.errors import UsageError
+
+if TYPE_CHECKING:
+    from spectool.decoding.accept import SamplingParams
+    from spectool.decoding.engine import GenerationStats, RoundEvent
+    from spectool.decoding.stops import StopStrings
+
+ROUND_STYLES = ("black on green3", "black on dark_sea_green2")  # alternate per round so each block stands out
+
+
+class AnswerPrinter:
+    """Streams an answer token by token: accepted draft tokens highlighted per round, the target's own plain.
+
+    Byte-level tokenizers can split one character over several tokens; text is printed only once it decodes
+    to complete characters, and each piece takes the style of the token that completed it.
+    """
+
+    def __init__(self, tokenizer, out: Console) -> None:
+        self.tokenizer = tokenizer
+        self.out = out
+        self.ids: list[int] = []
+        self.shown = ""
+
+    def add(self, event: RoundEvent, round_index: int) -> None:
+        for i, token in enumerate(event.tokens):
+            self.ids.append(token)
+            text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+            if text.endswith("\ufffd") or not text.startswith(self.shown):
+                continue
+            piece, self.shown = text[len(self.shown) :], text
+            drafted = i < event.num_accepted and event.kind != "prefill"
+            style = ROUND_STYLES[round_index % 2] if drafted else ""
+            self.out.print(Text(piece, style=style), end="", soft_wrap=True, highlight=False)
+
+
+class ChatSession:
+    """One conversation with the target through a draft: fits each message into the target's positions (dropping
+    the oldest turns, saying so), streams the answer with the accepted draft tokens highlighted, and keeps the
+    rounds for `/stats`. `spectool chat` and the demo answer through it."""
+
+    def __init__(
+        self,
+        runtime,
+        *,
+        system: str | None,
+        sampling: SamplingParams,
+        max_new_tokens: int,
+        out: Console,
+        stop_strings: StopStrings | None = None,
+        max_drafts: int | None = None,
+    ):
+        self.runtime = runtime
+        self.stop_strings = stop_strings
+        self.max_drafts = max_drafts
+        self.system = system
+        self.sampling = sampling
+        self.max_new_tokens = max_new_tokens
+        self.out = out
+        self.messages: list[dict[str, str]] = []
+        self.session_rounds: list[RoundEvent] = []
+        self.turns = 0
+
+    def reset(self) -> None:
+        self.messages = []
+
+    def conversation(self, user_text: str, history: list[dict[str, str]] | None = None) -> list[dict[str, str]]:
+        """The system prompt, the history (this session's unless given) and the user's new message."""
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        history = self.messages if history is None else history
+        return head + history + [{"role": "user", "content": user_text}]
+
+    @property
+    def max_positions(self) -> int | None:
+        """The target's max_position_embeddings: prompt + answer must fit in it (None when the config has none)."""
+        limit = self.runtime.info.arch.max_position_embeddings
+        return limit if isinstance(limit, int) and limit > 0 else None
+
+    def fit(self, user_text: str) -> tuple[list[int], int]:
+        """The prompt ids of this turn and the answer's token budget, within the target's positions.
+
+        A message that leaves no room for an answer even without the history is refused (UsageError) and the
+        history kept. Otherwise the oldest turns are dropped, saying so, until a full answer fits; when the
+        message alone leaves room for fewer than max_new_tokens, the history goes and the answer is capped, saying
+        so."""
+        ids = self.runtime.prompt_ids(self.conversation(user_text))
+        limit = self.max_positions
+        if limit is None or len(ids) + self.max_new_tokens <= limit:
+            return ids, self.max_new_tokens
+        alone = len(self.runtime.prompt_ids(self.conversation(user_text, history=[])))
+        if alone >= limit:
+            system = " and the system prompt" if self.system else ""
+            raise UsageError(
+                f"the prompt is {alone} tokens with the chat template{system}, which leaves no room for an answer in "
+                f"the target's {limit} positions (max_position_embeddings); shorten it"
+            )
+        budget = min(self.max_new_tokens, limit - alone)
+        dropped = 0
+        while len(ids) + budget > limit and self.messages:
+            self.messages = self.messages[2:]  # one turn: the user's message and its answer
+            dropped += 1
+            ids = self.runtime.prompt_ids(self.conversation(user_text))
+        if dropped:
+            self.note(
+                f"dropped the oldest {_turns(dropped)} of the conversation to fit the target's {limit} positions "
+                f"(max_position_embeddings); {_turns(len(self.messages) // 2)} kept"
+            )
+        if budget < self.max_new_tokens:
+            self.note(
+                f"answer capped at {budget} tokens (not {self.max_new_tokens}): the prompt is {len(ids)} tokens "
+                f"and the target takes at most {limit} positions (max_position_embeddings)"
+            )
+        return ids, budget
+
+    def note(self, text: str) -> None:
+        error_console().print(Text(f"note: {text}", style="yellow"), soft_wrap=True)
+
+    def answer(self, user_text: str) -> None:
+        from spectool.decoding.engine import GenerationStats
+
+        runtime = self.runtime
+        ids, max_new_tokens = self.fit(user_text)
+        printer = AnswerPrinter(runtime.tokenizer, self.out)
+        rounds: list[RoundEvent] = []
+        start = time.perf_counter()
+        stopped = False
+        try:
+            for index, event in enumerate(
+                runtime.engine.generate(
+                    ids,
+                    max_new_tokens=max_new_tokens,
+                    sampling=self.sampling,
+                    stop_token_ids=runtime.stop_token_ids,
+                    stop_strings=self.stop_strings,
+                    max_drafts=self.max_drafts,
+                    seed=self.turns,
+                )
+            ):
+                rounds.append(event)
+                printer.add(event, index)
+        except KeyboardInterrupt:
+            stopped = True
+        stats = GenerationStats(rounds, time.perf_counter() - start)
+        finish = rounds[-1].finish_reason if rounds else None
+        self.turns += 1
+        self.session_rounds += rounds
+        self.messages += [
+            {"role": "user", "content": user_text},
+            {"role": "assistant", "content": runtime.decode(printer.ids)},
+        ]
+        self.out.print()
+        if stopped:
+            self.out.print(Text("[answer stopped by Ctrl-C]", style="yellow"))
+        elif finish == "length":
+            self.out.print(Text(f"[answer cut at {max_new_tokens} tokens: raise --max-new-tokens]", style="yellow"))
+        line = stats_line(stats, auto=runtime.engine.controller is not None, cap=self.max_drafts)
+        self.out.print(Text(line, style="dim"), soft_wrap=True)
+
+    def histogram(self) -> str:
+        from spectool.decoding.engine import GenerationStats
+
+        rounds = GenerationStats(self.session_rounds).verify_rounds
+        if not rounds:
+            return "no answers yet"
+        counts = Counter(len(r.tokens) for r in rounds)
+        width = max(counts.values())
+        lines = [f"tokens per target forward over {len(rounds)} rounds (bonus/correction included):"]
+        for k in sorted(counts):
+            lines.append(f"  {k:>2} {'█' * max(1, round(30 * counts[k] / width))} {counts[k]}")
+        return "\n".join(lines)
+
+
+def _turns(count: int) -> str:
+    return f"{count} turn{'' if count == 1 else 's'}"
+
+
+def stats_line(stats: GenerationStats, *, auto: bool = False, cap: int | None = None) -> str:
+    """One line after each answer: acceptance, per-position counts, how many tokens each round drafted and why
+    (``auto``: `--verify auto` chose; ``cap``: `--max-drafts`), and the speed."""
+    accepted, drafted = stats.accepted_per_position()
+    per_position = " ".join(f"{a}/{d}" for a, d in zip(accepted, drafted, strict=True)) or "-"
+    tau = f"{stats.acceptance_length:.2f}" if stats.verify_rounds else "n/a"
+    drafted_counts = Counter(r.num_drafted for r in stats.verify_rounds)
+    drafted_per_round = ""
+    if auto or cap is not None or len(drafted_counts) > 1:
+        why = []
+        if auto:
+            plain = drafted_counts.get(0, 0)
+            rounds = sum(drafted_counts.values())
+            why.append(
+                "--verify auto drafted only where it paid; mostly plain target steps: on this machine drafting "
+                "costs more than it returns (`spectool bench --profile` shows the costs)"
+                if rounds and plain / rounds > 0.5
+                else "--verify auto chose each round's length from the measured costs and acceptance"
+            )
+        if cap is not None:
+            why.append(f"at most {cap} by --max-drafts")
+        histogram = " ".join(f"{k}:{v}" for k, v in sorted(drafted_counts.items())) or "-"
+        drafted_per_round = (
+            f"drafted per round {histogram} (0: a plain target step; {'; '.join(why) or 'the answer ended'}) · "
+        )
+    return (
+        f"acceptance length {tau} tokens/forward (incl. bonus) · "
+        f"accepted/drafted by position {per_position} · {drafted_per_round}"
+        f"{stats.new_tokens} tokens in {stats.seconds:.2f}s ({stats.tokens_per_second:.1f} tok/s)"
+    )
