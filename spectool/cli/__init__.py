@@ -15,7 +15,7 @@ from spectool.cli import (  # noqa: F401
     report_cmd,
     train_cmd,
 )
-from spectool.cli.app import app
+from spectool.cli.application import app
 from spectool.cli.help import hide_flag_types, tidy_help
 
 tidy_help(app)

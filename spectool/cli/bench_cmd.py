@@ -9,7 +9,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from spectool.cli.app import app
+from spectool.cli.application import app
 from spectool.cli.render import console, error_console, handles_errors, print_json
 from spectool.errors import UsageError
 from spectool.hub import ASSETS_DIR, check_model_argument

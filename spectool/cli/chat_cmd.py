@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from spectool.cli.app import app
+from spectool.cli.application import app
 from spectool.cli.chat_session import ROUND_STYLES, ChatSession
 from spectool.cli.render import console, error_console, handles_errors
 from spectool.errors import UsageError

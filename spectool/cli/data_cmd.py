@@ -11,18 +11,16 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.text import Text
 
-from spectool.cli.app import app
-from spectool.cli.help import method_choice
+from spectool.cli.application import app
+from spectool.cli.help import method_option
 from spectool.cli.render import console, error_console, handles_errors, print_json
 from spectool.errors import UsageError
 from spectool.hub import check_data_argument, check_model_argument
 from spectool.paths import check_output_path, quoted, refuse_inputs_inside
-from spectool.registry import method_names
 
 if TYPE_CHECKING:
     from spectool.training.regen import RegenSummary
 
-FeatureMethod = method_choice("FeatureMethod", method_names())
 
 data_app = typer.Typer(
     name="data",
@@ -177,7 +175,7 @@ _FEATURES_HELP = (
 @handles_errors
 def features_command(
     target: str = typer.Option(..., "--target", "-t", help="Target model: Hub id or model directory."),
-    method: FeatureMethod = typer.Option(..., "--method", "-m", help="Draft method."),
+    method: str = method_option(...),
     data: str = typer.Option(
         ..., "--data", "-d", help="Conversations: .jsonl / .json / .parquet, a directory, a Hub id."
     ),
@@ -215,7 +213,7 @@ def features_command(
     refuse_inputs_inside(out, {"--target": target, "--data": data, "--chat-template": chat_template})
     config = FeaturesConfig(
         target=target,
-        method=method.value,
+        method=method,
         data=data,
         out=str(out),
         target_layer_ids=parse_layer_ids(target_layer_ids) if target_layer_ids else None,

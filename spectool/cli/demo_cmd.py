@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.rule import Rule
 from rich.text import Text
 
-from spectool.cli.app import app
+from spectool.cli.application import app
 from spectool.cli.chat_session import ChatSession
 from spectool.cli.render import console, handles_errors, method_panel, target_panel
 from spectool.errors import UsageError

@@ -37,9 +37,29 @@ def unwrapped(text: str) -> str:
 
 
 def method_choice(name: str, names: list[str] | tuple[str, ...], *, extra: tuple[str, ...] = ()) -> type[Enum]:
-    """A `--method` choice type built from the registry's method names (plus ``extra``, e.g. "all"), so a method
-    registered there is offered, listed in the help and checked by every command that takes --method."""
+    """A choice type of fixed ``names`` (plus ``extra``), e.g. `convert --to`'s destinations; --method uses
+    `method_option`, which also takes methods registered after import."""
     return Enum(name, [(value, value) for value in (*names, *extra)], type=str)  # type: ignore[return-value]
+
+
+def method_option(default: Any, *, extra: tuple[str, ...] = (), help: str = "Draft method.") -> Any:
+    """The `--method` option: any method of the registry (plus ``extra``, e.g. "all"), checked when the command line
+    is parsed, so a method registered after import (a plug-in, a test) is accepted; the help lists the choices."""
+    from spectool.registry import method_names
+
+    def check(value: str | None) -> str | None:
+        choices = [*extra, *method_names()]
+        if value is not None and value not in choices:
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(repr(c) for c in choices)}.")
+        return value
+
+    def complete(incomplete: str) -> list[str]:
+        return [name for name in (*extra, *method_names()) if name.startswith(incomplete)]
+
+    listed = choices_text([*extra, *method_names()])
+    return typer.Option(
+        default, "--method", "-m", metavar="METHOD", callback=check, autocompletion=complete, help=f"{help} {listed}"
+    )
 
 
 def choices_text(choices: list[str]) -> str:

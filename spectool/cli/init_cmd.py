@@ -9,16 +9,14 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from spectool.cli.app import app
-from spectool.cli.help import method_choice
+from spectool.cli.application import app
+from spectool.cli.help import method_choice, method_option
 from spectool.cli.render import console, handles_errors, human_bytes, human_count
 from spectool.errors import UsageError
 from spectool.hub import check_model_argument
 from spectool.layers import parse_layer_ids
 from spectool.paths import check_force_target, check_output_path, refuse_to_replace_input, resolve_draft_dir
-from spectool.registry import conversions, get, method_names, serving
-
-InitMethod = method_choice("InitMethod", method_names())
+from spectool.registry import conversions, get, serving
 
 
 class DType(str, Enum):
@@ -73,7 +71,7 @@ ConvertTarget = method_choice("ConvertTarget", list(conversions()))
 @handles_errors
 def init_command(
     model: str = typer.Argument(..., metavar="MODEL", help="Target: Hub id, model directory or config.json."),
-    method: InitMethod = typer.Option(..., "--method", "-m", help="Draft method."),
+    method: str = method_option(...),
     out: Path = typer.Option(..., "--out", "-o", help="Directory to write the draft checkpoint to."),
     num_draft_layers: int = typer.Option(None, "--num-draft-layers", help="Decoder layers in the draft."),
     block_size: int = typer.Option(None, "--block-size", help="DFlash / DSpark block size."),
@@ -103,7 +101,7 @@ def init_command(
 
     result = init_draft(
         model,
-        method.value,
+        method,
         out,
         revision=revision,
         num_draft_layers=num_draft_layers,

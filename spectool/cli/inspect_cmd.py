@@ -5,14 +5,12 @@ from __future__ import annotations
 import typer
 from rich.text import Text
 
-from spectool.cli.app import app
-from spectool.cli.help import method_choice
+from spectool.cli.application import app
+from spectool.cli.help import method_option
 from spectool.cli.render import console, handles_errors, method_panel, print_json, target_panel
 from spectool.hub import default_model_ref, resolve_model
 from spectool.registry import UnsupportedArchitecture, get, method_names
 from spectool.report import inspect_report, target_json
-
-MethodChoice = method_choice("MethodChoice", ("all", *method_names()))
 
 
 @app.command("inspect")
@@ -21,7 +19,7 @@ def inspect_command(
     model: str = typer.Argument(
         None, metavar="MODEL", help="Hub id, model directory or config.json (default: the embedded tiny target)."
     ),
-    method: MethodChoice = typer.Option(MethodChoice("all"), "--method", "-m", help="Which draft method to show."),
+    method: str = method_option("all", extra=("all",), help="Which draft method to show."),
     num_feature_layers: int = typer.Option(
         None, "--num-feature-layers", "-k", help="Feature layers for DFlash / DSpark (EAGLE-3 always uses 3)."
     ),
@@ -37,7 +35,7 @@ def inspect_command(
     hidden state.
     """
     info = resolve_model(model or default_model_ref(), revision=revision)
-    methods = method_names() if method.value == "all" else [method.value]
+    methods = method_names() if method == "all" else [method]
     reports = inspect_report(
         info,
         methods,

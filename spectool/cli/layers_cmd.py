@@ -6,7 +6,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from spectool.cli.app import app
+from spectool.cli.application import app
 from spectool.cli.help import method_choice
 from spectool.cli.render import console, depth_bar, handles_errors, print_json
 from spectool.errors import UsageError

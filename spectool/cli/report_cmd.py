@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from spectool.cli.app import app
+from spectool.cli.application import app
 from spectool.cli.render import console, handles_errors
 
 

@@ -12,16 +12,12 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.text import Text
 
-from spectool.cli.app import app
-from spectool.cli.help import method_choice
+from spectool.cli.application import app
+from spectool.cli.help import method_option
 from spectool.cli.render import console, error_console, handles_errors, human_count, print_json
 from spectool.errors import UsageError
 from spectool.hub import check_data_argument, check_model_argument
 from spectool.paths import check_force_target, check_input_file, check_output_path, quoted, refuse_inputs_inside
-from spectool.registry import method_names
-
-TrainMethod = method_choice("TrainMethod", method_names())
-
 
 _HELP = (
     "Train a draft for a target: run the frozen target over your conversations and fit the method's objective.\n\n"
@@ -53,7 +49,7 @@ def _option_values(**values: Any) -> dict[str, Any]:
 @handles_errors
 def train_command(
     target: str = typer.Option(None, "--target", "-t", help="Target model: Hub id or model directory."),
-    method: TrainMethod = typer.Option(None, "--method", "-m", help="Draft method."),
+    method: str = method_option(None),
     data: str = typer.Option(
         None,
         "--data",
