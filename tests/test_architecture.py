@@ -27,7 +27,7 @@ APPS = {
     "spectool.runtime",
     "spectool.bench",
     "spectool.baselines",
-    "spectool.init",
+    "spectool.draft_init",
     "spectool.report",
     "spectool.plots",
 }

@@ -11,9 +11,9 @@ from safetensors.torch import load_file, save_file
 
 from spectool import checkpoint
 from spectool.checkpoint import DraftMetadata, check_against_target, convert, load_draft, save_draft
+from spectool.draft_init import init_draft
 from spectool.errors import SpectoolError, UsageError
 from spectool.hub import read_target_weights, resolve_model
-from spectool.init import init_draft
 from tests.conftest import CHAT_TEMPLATE
 
 METHODS = ("eagle1", "eagle3", "dflash", "dspark")

@@ -208,7 +208,7 @@ def test_a_fifth_method_runs_init_train_chat_and_bench(medusa, chat_target_dir, 
 
 def test_the_fifth_method_is_lossless_against_the_target(medusa, chat_target_dir, tmp_path):
     """Greedy speculative answers with the (untrained, so mostly wrong) heads equal the target's own."""
-    from spectool.init import init_draft
+    from spectool.draft_init import init_draft
     from spectool.runtime import load_runtime
 
     path = init_draft(str(chat_target_dir), "medusa", tmp_path / "m", dtype="float32").path

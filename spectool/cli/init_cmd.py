@@ -97,7 +97,7 @@ def init_command(
     if markov_rank is not None and markov_rank < 1:
         raise UsageError(f"--markov-rank must be at least 1, got {markov_rank}")
     ids = parse_layer_ids(target_layer_ids) if target_layer_ids else None
-    from spectool.init import init_draft
+    from spectool.draft_init import init_draft
 
     result = init_draft(
         model,

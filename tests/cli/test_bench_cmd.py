@@ -5,8 +5,8 @@ import json
 import pytest
 
 from spectool.bench import load_prompts
+from spectool.draft_init import init_draft
 from spectool.errors import SpectoolError, UsageError
-from spectool.init import init_draft
 from tests.cli.conftest import invoke
 
 PROMPTS = ["hi there", "tell me about cats", "what is the time now ?", "write code for x"]

@@ -19,8 +19,8 @@ from transformers import AutoTokenizer
 from spectool.chat_format import ChatFormat, Message
 from spectool.cli.chat_session import ChatSession
 from spectool.decoding.accept import SamplingParams
+from spectool.draft_init import init_draft
 from spectool.errors import UsageError
-from spectool.init import init_draft
 from spectool.runtime import load_runtime
 from tests.cli.conftest import invoke
 

@@ -123,7 +123,7 @@ def test_report_errors(tmp_path, monkeypatch):
 
 
 def test_bench_plot_writes_the_bench_figure(chat_target_dir, tmp_path):
-    from spectool.init import init_draft
+    from spectool.draft_init import init_draft
 
     draft = init_draft(str(chat_target_dir), "dspark", tmp_path / "dspark", dtype="float32").path
     prompts = tmp_path / "prompts.jsonl"

@@ -282,8 +282,8 @@ def test_eagle3_draft_vocabulary_comes_from_the_data(tiny_target_dir, data_file,
 
 
 def test_init_starts_from_an_existing_draft(tiny_target_dir, data_file, tmp_path):
+    from spectool.draft_init import init_draft
     from spectool.errors import UsageError
-    from spectool.init import init_draft
 
     start = tmp_path / "start"
     init_draft(str(tiny_target_dir), "dflash", start, block_size=4, mask_token_id=6, seed=9, dtype="float32")
