@@ -15,6 +15,7 @@ classes directly).
 from __future__ import annotations
 
 import importlib
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -81,10 +82,10 @@ def feature_count(config: Mapping[str, Any], shapes: Mapping[str, Sequence[int]]
     return fc[1] / width
 
 
-class DraftMethod:
+class DraftMethod(ABC):
     """One speculative-decoding draft method, declared once: facts, defaults and the method-specific steps.
 
-    Subclasses set the class attributes; `architectures` is copied per instance so that adding a target family is
+    Subclasses set the class attributes and implement `layout` and `build_config`; `architectures` is copied per instance so that adding a target family is
     a one-line append on the registered method (``registry.get("dflash").architectures["MyForCausalLM"] = ...``).
     """
 
@@ -159,9 +160,9 @@ class DraftMethod:
         default), checked against the target; usage errors for values that cannot work."""
         return {}
 
+    @abstractmethod
     def layout(self, spec: DraftSpec, arch: TargetArch) -> list[Tensor]:
         """Every tensor the draft holds or borrows, with its shape and role (`spectool.layout`)."""
-        raise NotImplementedError(f"{self.name} declares no parameter layout")
 
     def notes(self, spec: DraftSpec, *, initialised: bool) -> list[str]:
         """What `inspect` (`initialised` False) and `init` (True) say about a resolved draft beyond its shape."""
@@ -181,13 +182,14 @@ class DraftMethod:
         """The draft's transformers config class."""
         return load_reference(self.draft_config)
 
+    @abstractmethod
     def build_config(self, target_config: Any, ids: list[int] | None, options: dict[str, Any]) -> Any:
         """A draft config on a target whose transformers config is `target_config`: feature layers `ids` (checked),
         `options` = num_draft_layers, the method's `shape_options` (None = default) and config overrides."""
-        raise NotImplementedError(f"{self.name} declares no way to build its draft config")
 
     def copy_target_tensors(self, draft: Any, weights: Mapping[str, Any], spec: DraftSpec) -> None:
         """Copy the target tensors the format stores (`weights`: `embed_tokens`, `lm_head`) into a new draft."""
+        return None  # nothing by default
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
 
@@ -260,6 +262,7 @@ class DraftMethod:
 
     def adapt_loaded_weights(self, model: Any, tensors: dict[str, Any], notes: list[str]) -> None:
         """Reconcile a checkpoint's tensors with the built model before the strict load (in place)."""
+        return None  # nothing by default
 
     def layer_ids_for_target(self, loaded_ids: list[int], num_target_layers: int) -> tuple[list[int], str] | None:
         """Feature layers for a draft whose config names none (engines' defaults), with the note to show; None
@@ -268,9 +271,11 @@ class DraftMethod:
 
     def export_weights(self, model: Any, tensors: dict[str, Any]) -> None:
         """Tensors every loader of the format expects beyond the model's own state (added in place)."""
+        return None  # nothing by default
 
     def export_config(self, config: dict[str, Any], model: Any) -> None:
         """Fields of config.json the engines read beyond the config class's own (set in place)."""
+        return None  # nothing by default
 
     # -- training and decoding -----------------------------------------------------------------------------------
 
