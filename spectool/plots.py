@@ -4,8 +4,8 @@
 `write_figure` draws them with matplotlib (imported only there) into a PNG, or an HTML page embedding it, and writes
 the plotted numbers beside it as CSV (``source,panel,series,x,value``, one row per point) so they can be checked.
 
-Runs share their panels: loss and eval loss vs step, acceptance length vs step, tokens/s vs step, and a heat map of
-per-position acceptance (``acc@k``) over steps per run. A run keeps one colour in every panel (eval series dashed).
+Runs share their panels: loss and eval loss vs step and vs training minutes, acceptance length vs step, tokens/s vs
+step, and a heat map of per-position acceptance (``acc@k``) over steps per run. A run keeps one colour in every panel (eval series dashed).
 Benchmarks add the histogram of tokens per verify round and tokens/s of the draft against each baseline.
 """
 
@@ -38,11 +38,19 @@ class RunSource:
 
     def series(self, key: str) -> list[tuple[int, float]]:
         """(step, value) of every row holding a number under ``key``."""
-        return [
-            (row["step"], float(row[key]))
-            for row in self.rows
-            if isinstance(row.get(key), int | float) and not isinstance(row.get(key), bool)
-        ]
+        return [(row["step"], float(row[key])) for row in self.rows if _is_number(row.get(key))]
+
+    def training_minutes(self) -> dict[int, float]:
+        """Step -> minutes of training up to it: each row's mean step time (``step_seconds``) times the steps
+        since the row before. Evaluation and checkpoint time are left out, as in the run's tokens/s."""
+        minutes: dict[int, float] = {}
+        total, previous = 0.0, 0
+        for row in self.rows:
+            if _is_number(row.get("step_seconds")):
+                total += float(row["step_seconds"]) * (row["step"] - previous)
+                previous = row["step"]
+                minutes[row["step"]] = total / 60.0
+        return minutes
 
     def last(self, key: str) -> float | None:
         points = self.series(key)
@@ -74,6 +82,10 @@ class BenchSource:
 
 
 Source = RunSource | BenchSource
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def load_sources(paths: list[str | Path]) -> list[Source]:
@@ -170,7 +182,10 @@ def summary_tables(sources: list[Source]) -> list[Any]:
             steps = source.rows[-1]["step"] if source.rows else 0
             loss = [v for _, v in source.series("loss")]
             tau = [v for _, v in source.series("acceptance_length")]
+            minutes = source.training_minutes()
             table.add_row("steps", str(steps), "")
+            if minutes:
+                table.add_row("training minutes", f"{max(minutes.values()):,.1f}", "")
             table.add_row("loss (last)", _number(source.last("loss"), ".4f"), sparkline(loss))
             table.add_row("eval loss (last)", _number(source.last("eval_loss"), ".4f"), "")
             table.add_row("acceptance length (last)", _number(source.last("acceptance_length"), ".3f"), sparkline(tau))
@@ -264,7 +279,7 @@ class _Drawing:
     def panels(self) -> list[str]:
         panels: list[str] = []
         if self.runs:
-            panels += ["loss", "acceptance_length", "tokens_per_second"]
+            panels += ["loss", "loss_time", "acceptance_length", "tokens_per_second"]
             panels += [f"positions:{i}" for i, run in enumerate(self.runs) if run.positions()]
         if self.benches:
             panels += ["histogram", "decoders"]
@@ -284,6 +299,8 @@ class _Drawing:
         for ax, panel in zip(flat, panels, strict=False):
             if panel == "loss":
                 self._lines(ax, panel, ("loss", "eval_loss"), "loss", "loss")
+            elif panel == "loss_time":
+                self._lines(ax, panel, ("loss", "eval_loss"), "loss vs training time", "loss", by_time=True)
             elif panel == "acceptance_length":
                 keys = ("acceptance_length", "eval_acceptance_length")
                 self._lines(ax, panel, keys, "acceptance length (bonus token included)", "tokens per round")
@@ -301,10 +318,16 @@ class _Drawing:
         self.plt.close(fig)
         return image.getvalue()
 
-    def _lines(self, ax: Any, panel: str, keys: tuple[str, ...], title: str, ylabel: str) -> None:
+    def _lines(
+        self, ax: Any, panel: str, keys: tuple[str, ...], title: str, ylabel: str, by_time: bool = False
+    ) -> None:
+        """One line per run and key against the step (or, ``by_time``, the run's training minutes)."""
         for run in self.runs:
+            minutes = run.training_minutes() if by_time else {}
             for key in keys:
                 series = run.series(key)
+                if by_time:
+                    series = [(minutes[step], value) for step, value in series if step in minutes]
                 if not series:
                     continue
                 style = "--" if key.startswith("eval_") else "-"
@@ -313,7 +336,7 @@ class _Drawing:
                         label=f"{run.name} {key}")  # fmt: skip
                 self.points.extend((run.name, panel, key, x, y) for x, y in series)
         ax.set_title(title)
-        ax.set_xlabel("step")
+        ax.set_xlabel("training minutes (evaluation and checkpoints left out)" if by_time else "step")
         ax.set_ylabel(ylabel)
         if ax.has_data():
             ax.legend(fontsize="small")
@@ -327,7 +350,7 @@ class _Drawing:
         for j, row in enumerate(rows):
             for i, k in enumerate(ks):
                 value = row.get(f"acc@{k}")
-                if isinstance(value, int | float):
+                if _is_number(value):
                     grid[i][j] = float(value)
                     self.points.append((run.name, "positions", f"acc@{k}", row["step"], float(value)))
         image = ax.imshow(grid, aspect="auto", origin="lower", vmin=0.0, vmax=1.0, cmap="viridis",

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "decode.py"
 STARTUP_BENCH = EXAMPLE.parent / "startup_bench.py"
 
@@ -34,3 +36,35 @@ def test_startup_bench_runs_and_names_the_machine():
     assert {row["goal_s"] for row in report["results"]} == {None, 1.0, 2.0}
     for row in report["results"]:
         assert 0 < row["min_s"] <= row["median_s"] <= row["max_s"] and row["ratio_to_python"] > 0
+
+
+def test_ship_copies_the_draft_into_the_package_and_its_metrics_into_examples(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("ship", EXAMPLE.parent / "drafts" / "ship.py")
+    ship = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship)
+    repo = tmp_path / "repo"
+    (repo / "spectool" / "assets" / "tiny-qwen3").mkdir(parents=True)
+    (repo / "examples" / "drafts").mkdir(parents=True)
+    run = tmp_path / "run"
+    run.mkdir()
+    metadata = {"target": str(repo / "spectool" / "assets" / "tiny-qwen3"),
+                "training": {"data": str(repo / "examples" / "data" / "train.jsonl"), "features": None}}  # fmt: skip
+    (run / "spectool.json").write_text(json.dumps(metadata))
+    (run / "config.json").write_text("{}")
+    (run / "model.safetensors").write_bytes(b"weights")
+    (run / "checkpoint-1").mkdir()
+    metrics = '{"step": 1, "loss": 2.0}\n'
+
+    with pytest.raises(SystemExit, match="metrics.jsonl"):  # without its metrics the run's record would be lost
+        ship.ship(run, "eagle3", repo)
+    assert not (repo / "spectool" / "assets" / "drafts" / "eagle3").exists()
+    (run / "metrics.jsonl").write_text(metrics)
+    destination = ship.ship(run, "eagle3", repo)
+    assert destination == repo / "spectool" / "assets" / "drafts" / "eagle3"
+    assert sorted(p.name for p in destination.iterdir()) == ["config.json", "model.safetensors", "spectool.json"]
+    shipped = json.loads((destination / "spectool.json").read_text())
+    assert shipped["target"] == "../../tiny-qwen3" and shipped["training"]["data"] == "examples/data/train.jsonl"
+    assert (repo / "examples" / "runs" / "eagle3" / "metrics.jsonl").read_text() == metrics
+    assert (repo / "examples" / "drafts" / "eagle3" / "config.json").is_file()  # the link resolves

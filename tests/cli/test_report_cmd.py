@@ -92,6 +92,18 @@ def test_train_prints_plain_lines_then_report_draws_runs_and_a_bench(chat_target
             assert got[(name, "positions", "acc@1", step)] == pytest.approx(row["acc@1"])
             if "eval_loss" in row:
                 assert got[(name, "loss", "eval_loss", step)] == pytest.approx(row["eval_loss"])
+    # Loss against training minutes: each row's mean step time times the steps since the row before.
+    expected, minutes, previous = [], 0.0, 0
+    for row in metrics:
+        minutes += row["step_seconds"] * (row["step"] - previous) / 60
+        previous = row["step"]
+        expected.append((minutes, row["loss"]))
+    by_time = [(float(r["x"]), float(r["value"])) for r in plotted
+               if r["source"] == "run a" and r["panel"] == "loss_time" and r["series"] == "loss"]  # fmt: skip
+    assert [x for x, _ in by_time] == pytest.approx([x for x, _ in expected])
+    assert [v for _, v in by_time] == pytest.approx([v for _, v in expected])
+    assert not any(r["source"] == "run-b" and r["panel"] == "loss_time" for r in plotted)  # no step_seconds
+    assert "training minutes" in result.stdout
     assert got[("bench", "histogram", "rounds", "3")] == 4
     assert got[("bench", "decoders", "tokens_per_second", "speculative")] == 125.0
     assert got[("bench", "decoders", "tokens_per_second", "target")] == 50.0
