@@ -46,6 +46,7 @@ from .base import (
     soft_cross_entropy,
     uniform,
     weighted_mean,
+    weighted_row_chunks,
 )
 
 
@@ -122,11 +123,18 @@ class Eagle1Objective(Objective):
             soft_ce = soft_cross_entropy(draft_logits, torch.softmax(teacher_logits, dim=-1))
             return soft_ce, draft_logits.detach().argmax(-1) == teacher_logits.argmax(-1)
 
-        width = int(draft.config.vocab_size)
-        soft_ce, first_hit = map_row_chunks(position_terms, pred, target, width=width)
         ones = torch.ones_like(smooth_l1)
+        distill, soft_ce, first_hit = weighted_row_chunks(  # each chunk's gradient taken in the forward pass
+            position_terms,
+            pred,
+            target,
+            weights=ones,
+            scales=(self.distill_weight,),
+            params=tuple(p for p in target_lm_head.parameters() if p.requires_grad),
+            width=int(draft.config.vocab_size),
+        )
         smooth_l1_mean, soft_ce_mean = weighted_mean(smooth_l1, ones), weighted_mean(soft_ce, ones)
-        loss = self.regression_weight * smooth_l1_mean + self.distill_weight * soft_ce_mean
+        loss = self.regression_weight * smooth_l1_mean + distill
 
         with torch.no_grad():
             first_hits = torch.zeros_like(supervised)

@@ -1,4 +1,4 @@
-"""The block objectives' vocabulary-sized work, split into chunks, runs once per supervised row."""
+"""The objectives' vocabulary-sized work, split into chunks, runs once per scored row (no recomputation)."""
 
 import pytest
 import torch
@@ -6,19 +6,17 @@ import torch
 from tests.training.objectives.conftest import capture, run
 
 
-@pytest.mark.parametrize("method", ["dflash", "dspark"])
-def test_block_objectives_project_each_row_once_when_chunked(
-    method, objective_for, qwen3_target, greedy_data, monkeypatch
-):
-    """With the vocabulary work split into chunks, the block objectives take each chunk's gradient in the forward
-    pass: every supervised row goes through each vocabulary projection once (activation checkpointing would run
-    it again in the backward pass)."""
+@pytest.mark.parametrize("method", ["eagle1", "eagle3", "dflash", "dspark"])
+def test_objectives_project_each_row_once_when_chunked(method, objective_for, qwen3_target, greedy_data, monkeypatch):
+    """With the vocabulary work split into chunks, every objective takes each chunk's gradient in the forward
+    pass: the backward pass projects nothing again (activation checkpointing would run every chunk twice), and the
+    block objectives send every supervised row through each projection once."""
     from spectool.training.objectives import base
 
     monkeypatch.setattr(base, "VOCAB_CHUNK_ELEMENTS", 3 * qwen3_target.config.vocab_size)
     objective = objective_for(method)
     batch = capture(qwen3_target, objective, *greedy_data)
-    heads = [qwen3_target.lm_head] + ([objective.draft.lm_head] if method == "dspark" else [])
+    heads = [qwen3_target.lm_head] + ([objective.draft.lm_head] if method in ("eagle3", "dspark") else [])
     rows = {id(head): 0 for head in heads}
 
     def count(head, args, output):
@@ -34,8 +32,10 @@ def test_block_objectives_project_each_row_once_when_chunked(
             hook.remove()
     assert out.num_supervised > 3
     assert rows == forward_rows  # nothing projected again in backward
-    for head in heads:
-        assert rows[id(head)] == out.num_supervised, head
+    assert rows[id(heads[-1])] >= out.num_supervised
+    if method in ("dflash", "dspark"):
+        for head in heads:
+            assert rows[id(head)] == out.num_supervised, head
 
 
 def test_weighted_row_chunks_equal_the_weighted_mean_and_its_gradients(monkeypatch):
