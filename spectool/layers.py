@@ -59,11 +59,17 @@ def eagle3_layer_ids(num_target_layers: int) -> list[int]:
 def dflash_layer_ids(num_target_layers: int, num_feature_layers: int) -> list[int]:
     """DFlash: K == 1 -> `[N//2]`; else `round(1 + i*(N-4)/(K-1))` for i = 0..K-1 (Python's round)."""
     check_depth(num_target_layers)
+    _check_count(num_feature_layers, num_target_layers, max(1, num_target_layers - 3))
+    # With K <= N-3 the step (N-4)/(K-1) is at least 1, so the rounded ids never repeat.
+    return zlab_dflash_layer_ids(num_target_layers, num_feature_layers)
+
+
+def zlab_dflash_layer_ids(num_target_layers: int, num_feature_layers: int) -> list[int]:
+    """The z-lab dflash package's formula itself (its build_target_layer_ids), unchecked: what it computes for a
+    published config that names no feature layers, whatever its counts."""
     n, k = num_target_layers, num_feature_layers
-    _check_count(k, n, max(1, n - 3))
     if k == 1:
         return [n // 2]
-    # With K <= N-3 the step (N-4)/(K-1) is at least 1, so the rounded ids never repeat.
     return [round(1 + i * (n - 4) / (k - 1)) for i in range(k)]
 
 

@@ -12,6 +12,7 @@ Adding a target family whose draft fits the config-driven shape is a one-line ap
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
 import warnings
 from collections.abc import Mapping, Sequence
@@ -49,7 +50,8 @@ def unregister(name: str) -> None:
 
 
 def _shipped() -> list[DraftMethod]:
-    """One instance of every `DraftMethod` class defined in a module of `spectool.methods`, in their `order`."""
+    """One instance of every `DraftMethod` class defined in a module of `spectool.methods`, in their `order`
+    (abstract bases such as `BlockMethod` are not methods)."""
     found = []
     for info in pkgutil.iter_modules(spectool.methods.__path__, "spectool.methods."):
         module = importlib.import_module(info.name)
@@ -57,7 +59,7 @@ def _shipped() -> list[DraftMethod]:
             value()
             for value in vars(module).values()
             if isinstance(value, type) and issubclass(value, DraftMethod) and value.__module__ == module.__name__
-            and value is not DraftMethod
+            and not inspect.isabstract(value)
         ]  # fmt: skip
     return sorted(found, key=lambda method: method.order)
 

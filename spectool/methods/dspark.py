@@ -13,12 +13,13 @@ from typing import Any
 
 from spectool.layers import dspark_layer_ids
 from spectool.layout import Tensor
-from spectool.methods.base import DraftMethod, DraftSpec
-from spectool.methods.dflash import QWEN3_TARGETS, DFlash
+from spectool.methods.base import DraftSpec
+from spectool.methods.blocks import QWEN3_TARGETS, BlockMethod
 
 
-class DSpark(DFlash):
-    """DSpark: DFlash with Markov and confidence heads and the target's embedding / lm_head stored."""
+class DSpark(BlockMethod):
+    """DSpark: DFlash's block draft with Markov and confidence heads and the target's embedding / lm_head
+    stored. DeepSpec configs name their layers plainly (`target_layer_ids`), so the base checkpoint hooks hold."""
 
     name = "dspark"
     title = "DSpark"
@@ -48,9 +49,6 @@ class DSpark(DFlash):
     def default_layer_ids(self, num_target_layers: int, num_feature_layers: int | None) -> list[int]:
         return dspark_layer_ids(num_target_layers, 5 if num_feature_layers is None else num_feature_layers)
 
-    def default_block_size(self, num_target_layers: int) -> int:
-        return self.upstream_block_size
-
     def resolve_options(self, arch: Any, tokenizer_length: int | None, options: dict[str, Any]) -> dict:
         rank = options.get("markov_rank") or (256 if arch.hidden_size >= 1024 else 64)
         return {**super().resolve_options(arch, tokenizer_length, options), "markov_rank": rank}
@@ -72,9 +70,3 @@ class DSpark(DFlash):
     def copy_target_tensors(self, draft: Any, weights: Mapping[str, Any], spec: DraftSpec) -> None:
         draft.embed_tokens.weight.data.copy_(weights["embed_tokens"])
         draft.lm_head.weight.data.copy_(weights["lm_head"])
-
-    # DeepSpec configs name their layers plainly (`target_layer_ids`) and claim nothing beyond their architecture.
-    claims = DraftMethod.claims
-    normalise_config = DraftMethod.normalise_config
-    config_layer_ids = DraftMethod.config_layer_ids
-    missing_feature_layers = DraftMethod.missing_feature_layers

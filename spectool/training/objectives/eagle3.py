@@ -23,7 +23,7 @@ target (``draft.init_lm_head_from_target``).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -153,40 +153,9 @@ class Eagle3Objective(Objective):
                 teacher = torch.softmax(teacher_logits.float(), dim=-1)
             return soft_cross_entropy(logits, teacher), logits.detach().argmax(-1)
 
-        # Every step's scored positions in one pass over the vocabulary, each chunk's gradient taken in the forward
-        # pass (no recomputation in backward, one gradient buffer for the head). Logits only where the chain is
-        # scored: padding and row tails never reach the projection. A row of step i weighs s_i / n_i, with
-        # s_i = step_decay**i / sum_j step_decay**j and n_i the step's supervised count, so the weighted mean
-        # times the sum of s_i over steps with a supervised row is sum_i s_i * L_i.
-        decay = [self.step_decay**step for step in range(self.ttt_steps)]
-        shares = [d / sum(decay) for d in decay]
-        scored = [chain_masks[step].nonzero(as_tuple=True) for step in range(self.ttt_steps)]
-        in_loss = [loss_masks[step][rows, cols].float() for step, (rows, cols) in enumerate(scored)]
-        counts = [float(mask.sum()) for mask in in_loss]
-        heads = (*draft.norm.parameters(), *draft.lm_head.parameters())
-        loss, ce, top = weighted_row_chunks(
-            position_terms,
-            torch.cat([hidden[rows, cols] for hidden, (rows, cols) in zip(out.hidden_states, scored, strict=True)]),
-            torch.cat([rows for rows, _ in scored]),
-            torch.cat([cols + 1 + step for step, (_, cols) in enumerate(scored)]),
-            weights=torch.cat(
-                [mask * (share / n) if n else mask for mask, share, n in zip(in_loss, shares, counts, strict=True)]
-            ),
-            scales=(sum(share for share, n in zip(shares, counts, strict=True) if n),),
-            params=tuple(p for p in heads if p.requires_grad),
-            width=int(draft.config.draft_vocab_size),
+        loss, losses, hits = self._step_losses(
+            out.hidden_states, chain_masks, loss_masks, position_terms, target_tokens
         )
-
-        step_losses, hits = [], []
-        sizes = [rows.shape[0] for rows, _ in scored]
-        with torch.no_grad():
-            steps = zip(scored, in_loss, ce.split(sizes), top.split(sizes), strict=True)
-            for step, ((rows, cols), mask, step_ce, step_top) in enumerate(steps):
-                step_losses.append(weighted_mean(step_ce, mask))
-                hit = torch.zeros_like(chain_masks[step])
-                hit[rows, cols] = draft.draft_to_target(step_top) == target_tokens[rows, cols + 1 + step]
-                hits.append(hit)
-        losses = torch.stack(step_losses)
 
         accuracy, prefix, _ = chain_statistics(
             torch.stack(hits, dim=-1).flatten(0, 1), chain_masks.permute(1, 2, 0).flatten(0, 1)
@@ -197,6 +166,51 @@ class Eagle3Objective(Objective):
             "acceptance_length": 1 + prefix.sum(),
         }
         return finish(loss, metrics, loss_masks[0].sum())
+
+    def _step_losses(
+        self,
+        hidden_states: Sequence[torch.Tensor],
+        chain_masks: torch.Tensor,
+        loss_masks: torch.Tensor,
+        position_terms: Callable[..., tuple[torch.Tensor, torch.Tensor]],
+        target_tokens: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """The decayed TTT loss, each step's loss ``L_i`` (detached) and each step's hits ``[B, S]``.
+
+        Every step's scored positions go through the vocabulary in one pass, each chunk's gradient taken in the
+        forward pass (no recomputation in backward, one gradient buffer for the head). Logits only where the chain
+        is scored: padding and row tails never reach the projection. A row of step i weighs s_i / n_i, with
+        s_i = step_decay**i / sum_j step_decay**j and n_i the step's supervised count, so the weighted mean times
+        the sum of s_i over steps with a supervised row is sum_i s_i * L_i."""
+        draft = self.draft
+        decay = [self.step_decay**step for step in range(self.ttt_steps)]
+        shares = [d / sum(decay) for d in decay]
+        scored = [chain_masks[step].nonzero(as_tuple=True) for step in range(self.ttt_steps)]
+        in_loss = [loss_masks[step][rows, cols].float() for step, (rows, cols) in enumerate(scored)]
+        counts = [float(mask.sum()) for mask in in_loss]
+        heads = (*draft.norm.parameters(), *draft.lm_head.parameters())
+        loss, ce, top = weighted_row_chunks(
+            position_terms,
+            torch.cat([hidden[rows, cols] for hidden, (rows, cols) in zip(hidden_states, scored, strict=True)]),
+            torch.cat([rows for rows, _ in scored]),
+            torch.cat([cols + 1 + step for step, (_, cols) in enumerate(scored)]),
+            weights=torch.cat(
+                [mask * (share / n) if n else mask for mask, share, n in zip(in_loss, shares, counts, strict=True)]
+            ),
+            scales=(sum(share for share, n in zip(shares, counts, strict=True) if n),),
+            params=tuple(p for p in heads if p.requires_grad),
+            width=int(draft.config.draft_vocab_size),
+        )
+        step_losses, hits = [], []
+        sizes = [rows.shape[0] for rows, _ in scored]
+        with torch.no_grad():
+            steps = zip(scored, in_loss, ce.split(sizes), top.split(sizes), strict=True)
+            for step, ((rows, cols), mask, step_ce, step_top) in enumerate(steps):
+                step_losses.append(weighted_mean(step_ce, mask))
+                hit = torch.zeros_like(chain_masks[step])
+                hit[rows, cols] = draft.draft_to_target(step_top) == target_tokens[rows, cols + 1 + step]
+                hits.append(hit)
+        return loss, torch.stack(step_losses), hits
 
 
 # ----------------------------------------------------------------------------------------------------------

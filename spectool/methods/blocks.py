@@ -1,0 +1,98 @@
+"""What the block-drafting methods share (DFlash and DSpark): a Qwen3-style draft that reads fused target features
+and drafts a whole block `[anchor, MASK x (B-1)]` in one forward; block size and mask token as shape options, the
+layout of its layers, `fc` and norms, and its config built the same way. `BlockMethod` is abstract (each method
+says which embedding and output head it keeps), so the registry does not take it for a method.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Mapping
+from typing import Any
+
+from spectool.errors import UsageError
+from spectool.layout import Tensor, norm_tensor, qwen3_layer_tensors
+from spectool.methods.base import DraftMethod, DraftSpec
+
+QWEN3_TARGETS = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+
+
+def spare_mask_token_id(vocab_size: int, tokenizer_length: int | None) -> int | None:
+    """The first unused embedding row (`len(tokenizer)`), when the embedding has spare rows."""
+    if tokenizer_length is not None and vocab_size > tokenizer_length:
+        return tokenizer_length
+    return None
+
+
+class BlockMethod(DraftMethod):
+    """A block-drafting method: `upstream_block_size`, `head_tensors` and `default_block_size` are its own."""
+
+    needs_mask_token = True
+    shape_options: tuple[str, ...] = ("block_size", "mask_token_id")
+    #: The block size the method's reference code uses.
+    upstream_block_size: int = 16
+
+    def default_num_draft_layers(self, num_target_layers: int) -> int:
+        """5 upstream, fewer on shallow targets (depth // 4)."""
+        return 5 if num_target_layers >= 24 else max(1, min(5, num_target_layers // 4))
+
+    def default_block_size(self, num_target_layers: int) -> int:
+        return self.upstream_block_size
+
+    def resolve_options(self, arch: Any, tokenizer_length: int | None, options: dict[str, Any]) -> dict:
+        block = options.get("block_size")
+        block = self.default_block_size(arch.num_hidden_layers) if block is None else block
+        if block < 2:
+            raise UsageError(f"--block-size must be at least 2, got {block}")
+        mask = options.get("mask_token_id")
+        if mask is None:
+            mask = spare_mask_token_id(arch.vocab_size, tokenizer_length)
+        elif not 0 <= mask < arch.vocab_size:
+            raise UsageError(f"--mask-token-id {mask} is outside the target's embedding [0, {arch.vocab_size - 1}]")
+        return {"block_size": block, "mask_token_id": mask}
+
+    def layout(self, spec: DraftSpec, arch: Any) -> list[Tensor]:
+        h = arch.hidden_size
+        tensors = qwen3_layer_tensors(arch, spec.num_draft_layers)
+        tensors += [
+            Tensor("fc.weight", (h, len(spec.target_layer_ids) * h), "trainable"),
+            norm_tensor("hidden_norm", arch),
+            norm_tensor("norm", arch),
+        ]
+        return tensors + self.head_tensors(spec, arch)
+
+    @abstractmethod
+    def head_tensors(self, spec: DraftSpec, arch: Any) -> list[Tensor]:
+        """The embedding and output head (and any other heads) the draft keeps or borrows."""
+
+    def notes(self, spec: DraftSpec, *, initialised: bool) -> list[str]:
+        if not initialised and spec.mask_token_id is None:
+            return ["no spare embedding row is known: pass --mask-token-id to init / train"]
+        return []
+
+    def shape_phrases(self, spec: DraftSpec, arch: Any) -> list[str]:
+        mask = spec.mask_token_id if spec.mask_token_id is not None else "? (pass --mask-token-id)"
+        return [f"mask token {mask}"]
+
+    def build_config(self, target_config: Any, ids: list[int] | None, options: dict[str, Any]) -> Any:
+        if ids is None:
+            raise UsageError(f"{self.name} needs target_layer_ids")
+        return self.config_class().from_target(
+            target_config,
+            target_layer_ids=ids,
+            num_draft_layers=options.get("num_draft_layers"),
+            block_size=options.get("block_size") or self.upstream_block_size,
+            mask_token_id=options.get("mask_token_id"),
+            **self.extra_config_fields(options),
+            **options["overrides"],
+        )
+
+    def extra_config_fields(self, options: Mapping[str, Any]) -> dict[str, Any]:
+        """Config fields of the method's own shape options beyond block size and mask token."""
+        return {}
+
+    def check_config(self, config: Any) -> None:
+        super().check_config(config)
+        block = config.block_size
+        if not isinstance(block, int) or isinstance(block, bool) or block < 2:
+            raise ValueError(f"block_size must be an integer of at least 2, got {block!r}")
