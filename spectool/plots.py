@@ -5,7 +5,8 @@
 the plotted numbers beside it as CSV (``source,panel,series,x,value``, one row per point) so they can be checked.
 
 Runs share their panels: loss and eval loss vs step and vs training minutes, acceptance length vs step, tokens/s vs
-step, and a heat map of per-position acceptance (``acc@k``) over steps per run. A run keeps one colour in every panel (eval series dashed).
+step, and a heat map of greedy acceptance through each draft position (``prefix@k``; ``acc@k`` for older runs) over
+steps per run. A run keeps one colour in every panel (eval series dashed).
 Benchmarks add the histogram of tokens per verify round and tokens/s of the draft against each baseline.
 """
 
@@ -25,7 +26,14 @@ from spectool.errors import UsageError
 METRICS_FILE = "metrics.jsonl"
 PLOT_INSTALL = "pip install 'spectool[plot]'"
 _SPARKS = "▁▂▃▄▅▆▇█"
-_POSITION = re.compile(r"^acc@(\d+)$")
+_POSITION = re.compile(r"^(prefix|acc)@(\d+)$")
+#: What the heat map shows per draft position: greedy acceptance through k (``prefix@k``, whose sum plus 1 is the
+#: acceptance length); runs written before spectool logged it have only ``acc@k``, which the block methods then
+#: used for the same rate.
+_POSITION_TITLES = {
+    "prefix": "greedy acceptance through draft position k (prefix@k)",
+    "acc": "hit rate by draft position (acc@k)",
+}
 
 
 @dataclass
@@ -56,9 +64,17 @@ class RunSource:
         points = self.series(key)
         return points[-1][1] if points else None
 
+    def position_metric(self) -> str:
+        """``prefix`` when the run logged ``prefix@k``, else ``acc``."""
+        names = {m.group(1) for row in self.rows for key in row if (m := _POSITION.match(key))}
+        return "prefix" if "prefix" in names or not names else "acc"
+
     def positions(self) -> list[int]:
-        """The k of the acc@k fields, sorted."""
-        return sorted({int(m.group(1)) for row in self.rows for key in row if (m := _POSITION.match(key))})
+        """The k of the `position_metric` fields, sorted."""
+        name = self.position_metric()
+        return sorted(
+            {int(m.group(2)) for row in self.rows for key in row if (m := _POSITION.match(key)) and m.group(1) == name}
+        )
 
 
 @dataclass
@@ -342,23 +358,23 @@ class _Drawing:
             ax.legend(fontsize="small")
 
     def _positions(self, fig: Any, ax: Any, run: RunSource) -> None:
-        """Acceptance by draft position over steps, as a heat map."""
-        ks = run.positions()
-        rows = [r for r in run.rows if any(f"acc@{k}" in r for k in ks)]
+        """Greedy acceptance by draft position over steps, as a heat map."""
+        ks, name = run.positions(), run.position_metric()
+        rows = [r for r in run.rows if any(f"{name}@{k}" in r for k in ks)]
         steps = [row["step"] for row in rows]
         grid = [[float("nan")] * len(steps) for _ in ks]
         for j, row in enumerate(rows):
             for i, k in enumerate(ks):
-                value = row.get(f"acc@{k}")
+                value = row.get(f"{name}@{k}")
                 if _is_number(value):
                     grid[i][j] = float(value)
-                    self.points.append((run.name, "positions", f"acc@{k}", row["step"], float(value)))
+                    self.points.append((run.name, "positions", f"{name}@{k}", row["step"], float(value)))
         image = ax.imshow(grid, aspect="auto", origin="lower", vmin=0.0, vmax=1.0, cmap="viridis",
                           interpolation="nearest")  # fmt: skip
         ax.set_yticks(range(len(ks)), [str(k) for k in ks])
         ticks = sorted({0, len(steps) - 1, *range(0, len(steps), max(1, len(steps) // 6))})
         ax.set_xticks(ticks, [str(steps[t]) for t in ticks])
-        ax.set_title(f"{run.name}: acceptance by draft position (acc@k)")
+        ax.set_title(f"{run.name}: {_POSITION_TITLES[name]}", fontsize="medium")
         ax.set_xlabel("step")
         ax.set_ylabel("position k")
         fig.colorbar(image, ax=ax)

@@ -89,7 +89,9 @@ def test_train_prints_plain_lines_then_report_draws_runs_and_a_bench(chat_target
             assert got[(name, "tokens_per_second", "tokens_per_second", step)] == pytest.approx(
                 row["tokens_per_second"]
             )
-            assert got[(name, "positions", "acc@1", step)] == pytest.approx(row["acc@1"])
+            shown = "prefix@1" if name == "run a" else "acc@1"  # run-b predates prefix@k: its acc@k is shown
+            assert got[(name, "positions", shown, step)] == pytest.approx(row[shown])
+            assert (name, "positions", "acc@1" if name == "run a" else "prefix@1", step) not in got
             if "eval_loss" in row:
                 assert got[(name, "loss", "eval_loss", step)] == pytest.approx(row["eval_loss"])
     # Loss against training minutes: each row's mean step time times the steps since the row before.

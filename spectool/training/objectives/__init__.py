@@ -18,8 +18,11 @@ Methods, classes and hyper-parameters (defaults):
 * ``dspark``: ``DSparkObjective(num_anchors=None, gamma=None, ce_weight=0.1, l1_weight=0.9, confidence_weight=1.0)``;
   num_anchors None = the draft config's, gamma None = ``default_gamma(block_size)``
 
-Every objective reports ``loss``, its components, ``acc@k`` and ``acceptance_length`` (bonus token included); the
-module docstrings say exactly what each one measures.
+Every objective reports ``loss``, its components, ``acc@k``, ``prefix@k`` and ``acceptance_length`` (bonus token
+included), with the same meaning for every method (draft position k = the k-th drafted token, counted over the
+chains or blocks supervised through k): ``acc@k`` is the top-1 hit rate at position k, ``prefix@k`` the rate at
+which positions 1..k ALL hit (what greedy verification accepts through k), and the greedy acceptance length is
+``1 + sum_k prefix@k``. The module docstrings say exactly what each one measures.
 """
 
 from __future__ import annotations

@@ -12,9 +12,10 @@
    normalised by the weight sum over valid slots. ``gamma`` defaults to ``blocks.default_gamma(B - 1)``: the
    published 4 / 5 / 7 for B = 8 / 10 / 16, piecewise linear in between and beyond.
 
-Metrics: ``ce`` (= the loss); ``acc@k`` for slots k = 1..B-1, the rate at which slots 1..k ALL predict the data's
-tokens (greedy prefix hits) over blocks whose slots 1..k are all valid; ``acceptance_length = 1 + sum_k acc@k``, the
-expected greedy acceptance length of a block (estimated on the sampled blocks); ``anchors``, the valid blocks.
+Metrics: ``ce`` (= the loss); for slots k = 1..B-1, over blocks whose slots 1..k are all valid: ``acc@k``, the rate
+at which slot k predicts the data's token, and ``prefix@k``, the rate at which slots 1..k ALL do (greedy prefix
+hits); ``acceptance_length = 1 + sum_k prefix@k``, the expected greedy acceptance length of a block (estimated on
+the sampled blocks); ``anchors``, the valid blocks.
 """
 
 from __future__ import annotations
@@ -99,10 +100,11 @@ class DFlashObjective(BlockObjective):
         with torch.no_grad():
             hits = torch.zeros_like(valid)
             hits[valid] = top == labels[valid]
-            _, prefix, _ = chain_statistics(hits.flatten(0, 1), valid.flatten(0, 1))
+            accuracy, prefix, _ = chain_statistics(hits.flatten(0, 1), valid.flatten(0, 1))
         metrics = {
             "ce": loss,
-            **rate_metrics("acc", prefix),
+            **rate_metrics("acc", accuracy),
+            **rate_metrics("prefix", prefix),
             "acceptance_length": 1 + prefix.sum(),
             "anchors": anchor_valid.sum(),
         }

@@ -18,10 +18,11 @@ Markov head and a confidence head.
    and the same rule in the number of drafted tokens as DFlash (B drafts here, B-1 there).
 
 Metrics (draft position k = slot k-1, k = 1..B): ``ce``, ``l1``, ``conf``; ``accept_rate@k`` (mean accept_k over the
-supervised slots); ``acc@k`` (greedy prefix hits: slots up to k all have argmax = the data's token, over blocks
-supervised through k); ``acceptance_length`` = tau = 1 + sum_k E[prod_{j<=k} accept_j], the expected acceptance
-length under rejection sampling at temperature 1, each term averaged over the blocks supervised through k;
-``greedy_acceptance_length`` = 1 + sum_k acc@k (comparable with DFlash's); ``anchors``, the valid blocks.
+supervised slots); over blocks supervised through k, ``acc@k`` (slot k's argmax is the data's token) and
+``prefix@k`` (greedy prefix hits: slots up to k all are); ``acceptance_length`` = tau = 1 + sum_k
+E[prod_{j<=k} accept_j], the expected acceptance length under rejection sampling at temperature 1, each term
+averaged over the blocks supervised through k; ``greedy_acceptance_length`` = 1 + sum_k prefix@k (comparable with
+DFlash's); ``anchors``, the valid blocks.
 """
 
 from __future__ import annotations
@@ -147,10 +148,11 @@ class DSparkObjective(BlockObjective):
             hits[eval_mask] = top == target_tokens
             flat_mask = eval_mask.flatten(0, 1)
             supervised = flat_mask.sum(0).clamp_min(1)
-            _, prefix, _ = chain_statistics(hits.flatten(0, 1), flat_mask)
+            accuracy, prefix, _ = chain_statistics(hits.flatten(0, 1), flat_mask)
             survival = expected_prefix_survival(per_slot_accept.flatten(0, 1), flat_mask)
         metrics.update(rate_metrics("accept_rate", per_slot_accept.flatten(0, 1).sum(0) / supervised))
-        metrics.update(rate_metrics("acc", prefix))
+        metrics.update(rate_metrics("acc", accuracy))
+        metrics.update(rate_metrics("prefix", prefix))
         metrics["acceptance_length"] = 1 + survival.sum()
         metrics["greedy_acceptance_length"] = 1 + prefix.sum()
         metrics["anchors"] = anchor_valid.sum()

@@ -13,8 +13,9 @@ division; with it the loss scale does not depend on ``ttt_steps``).
 
 Metrics: ``ce@k`` (L_{k-1}); ``acc@k``, the top-1 hit rate of step k-1 (the draft's argmax, mapped to target ids,
 against the target's argmax over the FULL vocabulary, so a token outside the draft vocabulary counts as a miss) over
-chains whose labels x_{t+2..t+1+k} are all supervised; ``acceptance_length = 1 + sum_k (prefix hits at step k /
-valid at step k)``, the simulated greedy acceptance length (SPEC §4).
+chains whose labels x_{t+2..t+1+k} are all supervised; ``prefix@k``, the rate at which steps 0..k-1 ALL hit over
+the same chains; ``acceptance_length = 1 + sum_k prefix@k`` (prefix hits at step k / valid at step k), the simulated
+greedy acceptance length (SPEC §4).
 
 Also here: ``count_supervised_tokens`` and ``build_draft_vocab`` pick the pruned draft vocabulary (the most frequent
 supervised tokens); the trainer passes the ids to ``draft.set_vocab_mapping`` and re-initialises ``lm_head`` from the
@@ -163,6 +164,7 @@ class Eagle3Objective(Objective):
         metrics = {
             **rate_metrics("ce", losses),
             **rate_metrics("acc", accuracy),
+            **rate_metrics("prefix", prefix),
             "acceptance_length": 1 + prefix.sum(),
         }
         return finish(loss, metrics, loss_masks[0].sum())

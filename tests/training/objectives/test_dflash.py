@@ -94,10 +94,11 @@ def test_cut_blocks_train_a_documents_last_token_at_every_slot(objective_for, qw
 
 @torch.no_grad()
 def reference(draft, batch, document_ids, anchors, valid, embed, head, gamma):
-    """Each block on its own; hard CE with Python arithmetic, slot weights exp(-(k-1)/gamma), prefix hits."""
+    """Each block on its own; hard CE with Python arithmetic, slot weights exp(-(k-1)/gamma); per-slot hit rates
+    and prefix hit rates over the blocks valid through each slot."""
     block = draft.config.block_size
     numerator = denominator = 0.0
-    chain_valid, prefix = [0] * (block - 1), [0] * (block - 1)
+    chain_valid, hits, prefix = [0] * (block - 1), [0] * (block - 1), [0] * (block - 1)
     for row in range(anchors.shape[0]):
         for a, ok in zip(anchors[row].tolist(), valid[row].tolist(), strict=True):
             if not ok:
@@ -120,9 +121,11 @@ def reference(draft, batch, document_ids, anchors, valid, embed, head, gamma):
                 if in_chain:
                     all_hit = all_hit and argmax(log_q) == label
                     chain_valid[k - 1] += 1
+                    hits[k - 1] += argmax(log_q) == label
                     prefix[k - 1] += all_hit
-    accuracy = [p / max(v, 1) for p, v in zip(prefix, chain_valid, strict=True)]
-    return numerator / denominator, accuracy
+    accuracy = [h / max(v, 1) for h, v in zip(hits, chain_valid, strict=True)]
+    prefix_rate = [p / max(v, 1) for p, v in zip(prefix, chain_valid, strict=True)]
+    return numerator / denominator, accuracy, prefix_rate
 
 
 def test_loss_and_metrics_match_a_per_block_loop(objective_for, qwen3_target):
@@ -144,11 +147,12 @@ def test_loss_and_metrics_match_a_per_block_loop(objective_for, qwen3_target):
         position_ids=position_ids,
         document_ids=document_ids,
     )
-    loss, accuracy = reference(draft, batch, document_ids, anchors, valid, embed, head, 3.0)
+    loss, accuracy, prefix = reference(draft, batch, document_ids, anchors, valid, embed, head, 3.0)
     assert out.loss.item() == pytest.approx(loss, rel=1e-5) and out.metrics["ce"] == pytest.approx(loss, rel=1e-5)
     assert [out.metrics[f"acc@{k}"] for k in (1, 2, 3)] == pytest.approx(accuracy, abs=1e-6)
-    assert 0 < accuracy[0] < 1
-    assert out.metrics["acceptance_length"] == pytest.approx(1 + sum(accuracy), abs=1e-6)
+    assert [out.metrics[f"prefix@{k}"] for k in (1, 2, 3)] == pytest.approx(prefix, abs=1e-6)
+    assert 0 < accuracy[0] < 1 and accuracy[0] == prefix[0] and accuracy != prefix
+    assert out.metrics["acceptance_length"] == pytest.approx(1 + sum(prefix), abs=1e-6)
     assert out.metrics["anchors"] == 9
     assert out.num_supervised == 9 * 3 - 2 - 1  # anchor 10 loses 2 slots, anchor 2 loses 1
     assert document_start(document_ids, 0, 18) == 12
@@ -173,7 +177,8 @@ def test_blocks_cut_at_a_document_and_at_the_row_end(objective_for, qwen3_target
         position_ids=position_ids,
         document_ids=document_ids,
     )
-    loss, accuracy = reference(draft, batch, document_ids, anchors, valid, embed, head, 3.0)
+    loss, accuracy, prefix = reference(draft, batch, document_ids, anchors, valid, embed, head, 3.0)
     assert out.loss.item() == pytest.approx(loss, rel=1e-5)
     assert [out.metrics[f"acc@{k}"] for k in (1, 2, 3)] == pytest.approx(accuracy, abs=1e-6)
+    assert [out.metrics[f"prefix@{k}"] for k in (1, 2, 3)] == pytest.approx(prefix, abs=1e-6)
     assert out.num_supervised == 1 + 3 + 1

@@ -25,7 +25,7 @@ def reference(draft, batch, document_ids, anchors, valid, head):
     """Each block on its own, every term in Python arithmetic over the contiguous supervised prefix."""
     block = draft.config.block_size
     sums = {"ce": 0.0, "l1": 0.0, "conf": 0.0, "weight": 0.0}
-    accept_sum, survival_sum, counts, prefix = ([0.0] * block for _ in range(4))
+    accept_sum, survival_sum, counts, hits, prefix = ([0.0] * block for _ in range(5))
     for row in range(anchors.shape[0]):
         for a, ok in zip(anchors[row].tolist(), valid[row].tolist(), strict=True):
             if not ok:
@@ -52,6 +52,7 @@ def reference(draft, batch, document_ids, anchors, valid, head):
                 sums["weight"] += weight
                 survival *= accept
                 all_hit = all_hit and argmax(log_q) == label
+                hits[k] += argmax(log_q) == label
                 accept_sum[k] += accept
                 survival_sum[k] += survival
                 prefix[k] += all_hit
@@ -61,7 +62,8 @@ def reference(draft, batch, document_ids, anchors, valid, head):
         **terms,
         "loss": 0.2 * terms["ce"] + 0.5 * terms["l1"] + 0.7 * terms["conf"],
         "accept_rate": [s / c for s, c in zip(accept_sum, counts, strict=True)],
-        "acc": [p / c for p, c in zip(prefix, counts, strict=True)],
+        "acc": [h / c for h, c in zip(hits, counts, strict=True)],
+        "prefix": [p / c for p, c in zip(prefix, counts, strict=True)],
         "tau": 1 + sum(s / c for s, c in zip(survival_sum, counts, strict=True)),
         "num_supervised": sum(counts),
     }
@@ -92,8 +94,9 @@ def test_loss_and_metrics_match_a_per_block_loop(objective_for, qwen3_target):
     for k in range(4):
         assert metrics[f"accept_rate@{k + 1}"] == pytest.approx(expected["accept_rate"][k], rel=1e-5)
         assert metrics[f"acc@{k + 1}"] == pytest.approx(expected["acc"][k], abs=1e-6)
+        assert metrics[f"prefix@{k + 1}"] == pytest.approx(expected["prefix"][k], abs=1e-6)
     assert metrics["acceptance_length"] == pytest.approx(expected["tau"], rel=1e-5)
-    assert metrics["greedy_acceptance_length"] == pytest.approx(1 + sum(expected["acc"]), abs=1e-6)
+    assert metrics["greedy_acceptance_length"] == pytest.approx(1 + sum(expected["prefix"]), abs=1e-6)
     assert out.num_supervised == expected["num_supervised"] == 4 + 3 + 4 + 3 + 1 + 4 + 4
     assert 0 < expected["acc"][0] < 1 and 0.05 < expected["accept_rate"][0] < 0.95
     assert metrics["anchors"] == 7

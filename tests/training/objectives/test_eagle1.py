@@ -63,6 +63,7 @@ def reference(draft, target, documents, lm_head, prompt=4):
         "soft_ce": sum(ces) / len(ces),
         "num_supervised": len(l1s),
         "acc": [h / v for h, v in zip(hits, valid, strict=True)],
+        "prefix": [p / v for p, v in zip(prefix, valid, strict=True)],
         "acceptance_length": 1 + sum(p / v for p, v in zip(prefix, valid, strict=True)),
     }
 
@@ -89,6 +90,7 @@ def test_loss_and_chain_match_a_per_document_loop(objective_for, qwen3_target, d
     assert metrics["soft_ce"] == pytest.approx(expected["soft_ce"], rel=1e-4)
     assert out.loss.item() == pytest.approx(expected["smooth_l1"] + 0.3 * expected["soft_ce"], rel=1e-4)
     assert [metrics[f"acc@{k}"] for k in (1, 2, 3)] == pytest.approx(expected["acc"], abs=1e-6)
+    assert [metrics[f"prefix@{k}"] for k in (1, 2, 3)] == pytest.approx(expected["prefix"], abs=1e-6)
     assert 0 < expected["acc"][0] < 1 and 1 < expected["acceptance_length"] < 2
     assert metrics["acceptance_length"] == pytest.approx(expected["acceptance_length"], abs=1e-6)
 
@@ -115,5 +117,7 @@ def test_chain_steps_one_reports_one_plus_accuracy(objective_for, qwen3_target, 
     objective.draft.eval()
     batch = packed_batch(qwen3_target, objective, [[greedy_data[0][0]]], length=24)[0]
     metrics = run(objective, batch, qwen3_target).metrics
-    assert set(metrics) == {"loss", "smooth_l1", "soft_ce", "acc@1", "acceptance_length"}
-    assert metrics["acceptance_length"] == pytest.approx(1 + metrics["acc@1"])
+    assert set(metrics) == {"loss", "smooth_l1", "soft_ce", "acc@1", "prefix@1", "acceptance_length"}
+    assert (
+        metrics["acceptance_length"] == pytest.approx(1 + metrics["acc@1"]) and metrics["prefix@1"] == metrics["acc@1"]
+    )

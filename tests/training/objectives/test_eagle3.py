@@ -88,6 +88,7 @@ def reference(draft, batch, decay):
         "ce": step_losses,
         "num_supervised": len(ces[0]),
         "acc": [h / v for h, v in zip(hits, valid, strict=True)],
+        "prefix": [p / v for p, v in zip(prefix, valid, strict=True)],
         "acceptance_length": 1 + sum(p / v for p, v in zip(prefix, valid, strict=True)),
     }
 
@@ -120,6 +121,7 @@ def test_loss_and_metrics_match_a_plain_loop(objective_for, qwen3_target, greedy
     for k in range(STEPS):
         assert out.metrics[f"ce@{k + 1}"] == pytest.approx(expected["ce"][k], rel=1e-5)
         assert out.metrics[f"acc@{k + 1}"] == pytest.approx(expected["acc"][k], abs=1e-6)
+        assert out.metrics[f"prefix@{k + 1}"] == pytest.approx(expected["prefix"][k], abs=1e-6)
     assert out.metrics["acceptance_length"] == pytest.approx(expected["acceptance_length"], abs=1e-6)
     assert 0 < out.metrics["acc@1"] < 1
     assert (out.num_supervised < 34) == bool(draft_vocab_size)  # 34 positions have a label 2 tokens ahead
