@@ -14,7 +14,7 @@ from spectool.cli.application import app
 from spectool.cli.chat_session import ROUND_STYLES, ChatSession
 from spectool.cli.render import console, error_console, handles_errors
 from spectool.errors import UsageError
-from spectool.paths import resolve_draft_dir, user_data_dir
+from spectool.paths import resolve_draft_dir, shipped_drafts, user_data_dir
 from spectool.registry import DEFAULT_METHOD
 
 HELP = """commands:
@@ -91,7 +91,7 @@ def chat_command(
         "--draft",
         "-d",
         help="Draft checkpoint directory, or the name of a draft shipped with spectool for its embedded tiny target "
-        f"(dspark, dflash, eagle3) \\[{DEFAULT_METHOD}].",
+        f"({', '.join(shipped_drafts())}) \\[{DEFAULT_METHOD}].",
     ),
     target: str = typer.Option(None, "--target", "-t", help="Target MODEL (default: the one the draft records)."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
