@@ -91,7 +91,7 @@ def chat_command(
         "--draft",
         "-d",
         help="Draft checkpoint directory, or the name of a draft shipped with spectool for its embedded tiny target "
-        f"({', '.join(shipped_drafts())}) \\[{DEFAULT_METHOD}].",
+        f"({', '.join(shipped_drafts())}).",
     ),
     target: str = typer.Option(None, "--target", "-t", help="Target MODEL (default: the one the draft records)."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
