@@ -132,6 +132,17 @@ def load_sources(paths: list[str | Path]) -> list[Source]:
     return sources
 
 
+def _current_names(row: dict[str, Any]) -> dict[str, Any]:
+    """A metrics row in today's names: DSpark runs written before every method's ``acceptance_length`` was the
+    greedy one logged the greedy value as ``greedy_acceptance_length`` and the sampled one as ``acceptance_length``."""
+    for prefix in ("", "eval_"):
+        greedy = row.pop(f"{prefix}greedy_acceptance_length", None)
+        if greedy is not None:
+            row[f"{prefix}sampled_acceptance_length"] = row.get(f"{prefix}acceptance_length")
+            row[f"{prefix}acceptance_length"] = greedy
+    return row
+
+
 def _read_rows(path: Path) -> list[dict[str, Any]]:
     rows = []
     try:
@@ -144,7 +155,7 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue  # a line cut off by a kill
         if isinstance(row, dict) and isinstance(row.get("step"), int):
-            rows.append(row)
+            rows.append(_current_names(row))
     return rows
 
 

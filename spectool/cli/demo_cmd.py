@@ -131,7 +131,7 @@ def _train(screen: Console, config) -> None:
                 row = event.row
                 progress.update(
                     task,
-                    status=f"loss {row['loss']:.3f}  tau {row.get('greedy_acceptance_length', 0):.2f}  "
+                    status=f"loss {row['loss']:.3f}  tau {row.get('acceptance_length', 0):.2f}  "
                     f"{row['tokens_per_second']:.0f} tok/s",
                 )
 

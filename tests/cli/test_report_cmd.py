@@ -64,8 +64,14 @@ def test_train_prints_plain_lines_then_report_draws_runs_and_a_bench(chat_target
                    "tokens_per_second": 1000.0 + s} for s in (10, 20, 30)]  # fmt: skip
     (other / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in other_rows))
     bench = bench_json(tmp_path / "bench.json", 125.0)
+    # A DSpark run written before every method logged the greedy acceptance length as acceptance_length.
+    old = tmp_path / "old-dspark"
+    old.mkdir()
+    old_rows = [{"step": 5, "loss": 2.0, "acceptance_length": 3.5, "greedy_acceptance_length": 2.25,
+                 "eval_acceptance_length": 3.0, "eval_greedy_acceptance_length": 2.5}]  # fmt: skip
+    (old / "metrics.jsonl").write_text(json.dumps(old_rows[0]) + "\n")
 
-    result = invoke("report", str(run), str(other), str(bench), "--out", str(tmp_path / "report.png"))
+    result = invoke("report", str(run), str(other), str(bench), str(old), "--out", str(tmp_path / "report.png"))
     assert result.exit_code == 0, result.output
     assert "run a" in result.stdout and "run-b" in result.stdout and "bench" in result.stdout
     assert "acceptance length" in result.stdout and any(c in result.stdout for c in "▁▂▃▄▅▆▇█")
@@ -106,6 +112,8 @@ def test_train_prints_plain_lines_then_report_draws_runs_and_a_bench(chat_target
     assert [v for _, v in by_time] == pytest.approx([v for _, v in expected])
     assert not any(r["source"] == "run-b" and r["panel"] == "loss_time" for r in plotted)  # no step_seconds
     assert "training minutes" in result.stdout
+    assert got[("old-dspark", "acceptance_length", "acceptance_length", "5")] == 2.25  # read in today's names
+    assert got[("old-dspark", "acceptance_length", "eval_acceptance_length", "5")] == 2.5
     assert got[("bench", "histogram", "rounds", "3")] == 4
     assert got[("bench", "decoders", "tokens_per_second", "speculative")] == 125.0
     assert got[("bench", "decoders", "tokens_per_second", "target")] == 50.0

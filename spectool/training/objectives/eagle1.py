@@ -18,9 +18,9 @@ Metrics: ``smooth_l1``, ``soft_ce``; ``acc@k`` and ``acceptance_length`` from a 
 step i-1 prediction and the token x_{t+1+i}, attends to the step-0 keys of its document up to t plus its own chain's
 keys (a KV cache), at rotary position t + i. Draft k hits when ``argmax lm_head(pred)`` equals the target's argmax
 at t+k; ``acc@k`` is that rate over chains whose labels x_{t+2..t+1+k} are all supervised, ``prefix@k`` the rate at
-which drafts 1..k ALL hit over the same chains, and ``acceptance_length = 1 + sum_k prefix@k``. Ground-truth tokens stand in for the draft's own tokens,
-which they equal along a hit prefix when the data is the target's own greedy output. ``chain_steps=1`` reports
-``1 + acc@1``.
+which drafts 1..k ALL hit over the same chains, and ``acceptance_length = 1 + sum_k prefix@k``. Ground-truth tokens
+stand in for the draft's own tokens, which they equal along a hit prefix when the data is the target's own greedy
+output. ``chain_steps=1`` reports ``1 + acc@1``.
 """
 
 from __future__ import annotations

@@ -95,8 +95,8 @@ def test_loss_and_metrics_match_a_per_block_loop(objective_for, qwen3_target):
         assert metrics[f"accept_rate@{k + 1}"] == pytest.approx(expected["accept_rate"][k], rel=1e-5)
         assert metrics[f"acc@{k + 1}"] == pytest.approx(expected["acc"][k], abs=1e-6)
         assert metrics[f"prefix@{k + 1}"] == pytest.approx(expected["prefix"][k], abs=1e-6)
-    assert metrics["acceptance_length"] == pytest.approx(expected["tau"], rel=1e-5)
-    assert metrics["greedy_acceptance_length"] == pytest.approx(1 + sum(expected["prefix"]), abs=1e-6)
+    assert metrics["sampled_acceptance_length"] == pytest.approx(expected["tau"], rel=1e-5)
+    assert metrics["acceptance_length"] == pytest.approx(1 + sum(expected["prefix"]), abs=1e-6)
     assert out.num_supervised == expected["num_supervised"] == 4 + 3 + 4 + 3 + 1 + 4 + 4
     assert 0 < expected["acc"][0] < 1 and 0.05 < expected["accept_rate"][0] < 0.95
     assert metrics["anchors"] == 7
@@ -126,5 +126,6 @@ def test_blocks_cut_at_a_document_and_at_the_row_end(objective_for, qwen3_target
     expected = reference(draft, batch, document_ids, anchors, valid, head)
     for name in ("ce", "l1", "conf", "loss"):
         assert out.metrics[name] == pytest.approx(expected[name], rel=1e-5), name
-    assert out.metrics["acceptance_length"] == pytest.approx(expected["tau"], rel=1e-5)
+    assert out.metrics["sampled_acceptance_length"] == pytest.approx(expected["tau"], rel=1e-5)
+    assert out.metrics["acceptance_length"] == pytest.approx(1 + sum(expected["prefix"]), abs=1e-6)
     assert out.num_supervised == expected["num_supervised"] == 1 + 4 + 1
