@@ -145,3 +145,18 @@ def test_an_option_the_method_does_not_take_is_refused():
 def test_registering_a_taken_name_is_refused():
     with pytest.raises(ValueError, match="already registered"):
         registry.register(registry.get("dflash"))
+
+
+def test_block_methods_share_an_abstract_base_that_is_not_a_method():
+    """DFlash and DSpark share `BlockMethod` (not registered: it is abstract); only DFlash reads z-lab configs."""
+    from spectool.methods.blocks import BlockMethod
+
+    dflash, dspark = registry.get("dflash"), registry.get("dspark")
+    assert isinstance(dflash, BlockMethod) and isinstance(dspark, BlockMethod)
+    assert not isinstance(dspark, type(dflash))
+    assert all(type(method) is not BlockMethod for method in registry.methods())
+    zlab = {"dflash_config": {"target_layer_ids": [1, 9]}, "target_layer_ids": [2, 3]}
+    assert dflash.claims(zlab) and dflash.config_layer_ids(zlab) == [1, 9]
+    assert not dspark.claims(zlab) and dspark.config_layer_ids(zlab) == [2, 3]
+    assert dflash.default_block_size(8) == 8 and dflash.default_block_size(36) == 16
+    assert dspark.default_block_size(8) == dspark.default_block_size(36) == 7
