@@ -231,7 +231,7 @@ def summary_tables(sources: list[Source]) -> list[Any]:
             )
             for name, tps in source.decoders():
                 speedup = (data.get("baselines") or {}).get(name, {}).get("speedup")
-                note = f"draft {speedup:.2f}x faster" if isinstance(speedup, int | float) else ""
+                note = f"speculative: {speedup:.2f}x this" if isinstance(speedup, int | float) else ""
                 table.add_row(f"tokens/s {name}", f"{tps:,.1f}", note)
         tables.append(table)
     return tables
@@ -299,8 +299,7 @@ class _Drawing:
         self.plt = plt
         self.runs = [s for s in sources if isinstance(s, RunSource)]
         self.benches = [s for s in sources if isinstance(s, BenchSource)]
-        colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-        self.colour = {source.name: colours[i % len(colours)] for i, source in enumerate(sources)}
+        self.colour = _colours(self.runs, self.benches, plt.rcParams["axes.prop_cycle"].by_key()["color"])
         self.points: list[tuple[str, str, str, Any, float]] = []
 
     def panels(self) -> list[str]:
@@ -383,7 +382,9 @@ class _Drawing:
         image = ax.imshow(grid, aspect="auto", origin="lower", vmin=0.0, vmax=1.0, cmap="viridis",
                           interpolation="nearest")  # fmt: skip
         ax.set_yticks(range(len(ks)), [str(k) for k in ks])
-        ticks = sorted({0, len(steps) - 1, *range(0, len(steps), max(1, len(steps) // 6))})
+        spacing = max(1, len(steps) // 6)
+        ticks = [t for t in range(0, len(steps), spacing) if t == 0 or len(steps) - 1 - t >= spacing / 2]
+        ticks = sorted({*ticks, len(steps) - 1})  # the last step always labelled, no label crowding it
         ax.set_xticks(ticks, [str(steps[t]) for t in ticks])
         ax.set_title(f"{run.name}: {_POSITION_TITLES[name]}", fontsize="medium")
         ax.set_xlabel("step")
@@ -419,6 +420,27 @@ class _Drawing:
         ax.set_title("decoding tokens/s: the draft against the baselines")
         ax.set_ylabel("tokens/s")
         ax.legend(fontsize="small")
+
+
+def _colours(runs: list[RunSource], benches: list[BenchSource], cycle: list[str]) -> dict[str, str]:
+    """A colour per source name. A bench takes the colour of the run it measured: the run whose directory is the
+    bench's draft, else the run named like the draft's directory (a shipped draft and the run of its config);
+    other benches take, in turn, the colours no run uses."""
+    colour = {run.name: cycle[i % len(cycle)] for i, run in enumerate(runs)}
+    by_directory = {(run.path if run.path.is_dir() else run.path.parent).resolve(): run.name for run in runs}
+    spare = [c for c in cycle if c not in colour.values()] or cycle
+    unmatched = 0
+    for bench in benches:
+        draft = Path(str(bench.data.get("draft") or ""))
+        match = by_directory.get(draft.resolve()) if draft.name else None
+        if match is None and draft.name in colour:
+            match = draft.name
+        if match is None:
+            colour[bench.name] = spare[unmatched % len(spare)]
+            unmatched += 1
+        else:
+            colour[bench.name] = colour[match]
+    return colour
 
 
 def _escape(text: str) -> str:

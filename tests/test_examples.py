@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "decode.py"
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "decode.py"
 STARTUP_BENCH = EXAMPLE.parent / "startup_bench.py"
 
 
@@ -68,3 +69,21 @@ def test_ship_copies_the_draft_into_the_package_and_its_metrics_into_examples(tm
     assert shipped["target"] == "../../tiny-qwen3" and shipped["training"]["data"] == "examples/data/train.jsonl"
     assert (repo / "examples" / "runs" / "eagle3" / "metrics.jsonl").read_text() == metrics
     assert (repo / "examples" / "drafts" / "eagle3" / "config.json").is_file()  # the link resolves
+
+
+def test_readme_images_exist_and_the_side_by_side_runs_read_in_todays_names():
+    import re
+
+    from spectool.plots import RunSource, load_sources
+
+    readme = (ROOT / "README.md").read_text()
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", readme)
+    assert "examples/runs/side-by-side/report.png" in images
+    assert all((ROOT / image).is_file() for image in images)
+    folder = ROOT / "examples" / "runs" / "side-by-side"
+    sources = load_sources([folder / name for name in ("eagle3", "dflash", "dspark")])
+    assert all(isinstance(s, RunSource) and s.rows for s in sources)
+    # The DSpark run predates the rename: its greedy acceptance length (logged as greedy_acceptance_length)
+    # is read as acceptance_length, the name every method uses today.
+    raw = json.loads((folder / "dspark" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert sources[2].last("acceptance_length") == pytest.approx(raw["greedy_acceptance_length"])

@@ -168,3 +168,21 @@ def test_bench_plot_writes_the_bench_figure(chat_target_dir, tmp_path):
         assert got[("histogram", "rounds", k)] == count
     bad = invoke(*args, "--plot", str(tmp_path / "bench.svg"))
     assert bad.exit_code == 2 and ".png or .html" in bad.stderr
+
+
+def test_a_bench_shares_the_colour_of_the_run_it_measured(tmp_path):
+    from spectool.plots import BenchSource, RunSource, _colours
+
+    cycle = ["c0", "c1", "c2", "c3", "c4"]
+    runs = [RunSource("eagle3", tmp_path / "eagle3"), RunSource("run-b", tmp_path / "run-b" / "metrics.jsonl")]
+    for run in runs:
+        (tmp_path / run.name).mkdir()
+    benches = [
+        BenchSource("bench-b", None, {"draft": str(tmp_path / "run-b")}),  # the run's own directory
+        BenchSource("bench-shipped", None, {"draft": "spectool/assets/drafts/eagle3"}),  # named like a run
+        BenchSource("bench-other", None, {"draft": "somewhere/else"}),
+        BenchSource("bench-none", None, {}),
+    ]
+    colour = _colours(runs, benches, cycle)
+    assert colour == {"eagle3": "c0", "run-b": "c1", "bench-b": "c1", "bench-shipped": "c0", "bench-other": "c2",
+                      "bench-none": "c3"}  # fmt: skip
