@@ -426,20 +426,20 @@ def _colours(runs: list[RunSource], benches: list[BenchSource], cycle: list[str]
     """A colour per source name. A bench takes the colour of the run it measured: the run whose directory is the
     bench's draft, else the run named like the draft's directory (a shipped draft and the run of its config);
     other benches take, in turn, the colours no run uses."""
-    colour = {run.name: cycle[i % len(cycle)] for i, run in enumerate(runs)}
+    run_colour = {run.name: cycle[i % len(cycle)] for i, run in enumerate(runs)}
     by_directory = {(run.path if run.path.is_dir() else run.path.parent).resolve(): run.name for run in runs}
-    spare = [c for c in cycle if c not in colour.values()] or cycle
-    unmatched = 0
+    spare = [c for c in cycle if c not in run_colour.values()] or cycle
+    colour, unmatched = dict(run_colour), 0
     for bench in benches:
         draft = Path(str(bench.data.get("draft") or ""))
         match = by_directory.get(draft.resolve()) if draft.name else None
-        if match is None and draft.name in colour:
+        if match is None and draft.name in run_colour:  # runs only: never another bench's name
             match = draft.name
         if match is None:
             colour[bench.name] = spare[unmatched % len(spare)]
             unmatched += 1
         else:
-            colour[bench.name] = colour[match]
+            colour[bench.name] = run_colour[match]
     return colour
 
 

@@ -182,7 +182,8 @@ def test_a_bench_shares_the_colour_of_the_run_it_measured(tmp_path):
         BenchSource("bench-shipped", None, {"draft": "spectool/assets/drafts/eagle3"}),  # named like a run
         BenchSource("bench-other", None, {"draft": "somewhere/else"}),
         BenchSource("bench-none", None, {}),
+        BenchSource("bench-named-like-a-bench", None, {"draft": "elsewhere/bench-other"}),  # not a run's name
     ]
     colour = _colours(runs, benches, cycle)
     assert colour == {"eagle3": "c0", "run-b": "c1", "bench-b": "c1", "bench-shipped": "c0", "bench-other": "c2",
-                      "bench-none": "c3"}  # fmt: skip
+                      "bench-none": "c3", "bench-named-like-a-bench": "c4"}  # fmt: skip
