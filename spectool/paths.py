@@ -69,6 +69,22 @@ def check_input_file(path: str | os.PathLike[str], option: str, kind: str) -> Pa
     return file
 
 
+def installed_package_file(module: str, relative: str) -> Path | None:
+    """A data file that an installed package ships (``module``'s folder / ``relative``), found without importing
+    the package (some import tools that a ``--no-deps`` install does not bring); None when it is not there."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / relative
+        if path.is_file():
+            return path
+    return None
+
+
 def user_data_dir() -> Path:
     """Where spectool keeps what it remembers for the user (chat history): ``$XDG_DATA_HOME/spectool``, else
     ``~/.local/share/spectool`` (``%APPDATA%\\spectool`` on Windows)."""

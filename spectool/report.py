@@ -5,7 +5,7 @@ Plain data built from a `TargetInfo`; the command renders it with Rich or prints
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from spectool.errors import UsageError
@@ -89,6 +89,7 @@ def target_json(info: TargetInfo) -> dict[str, Any]:
         "parameters_total": total,
         "parameters_active": active,
         "notes": list(info.notes),
+        "gguf": asdict(info.gguf) if info.gguf is not None else None,
     }
 
 

@@ -14,8 +14,9 @@ from rich.text import Text
 from spectool.cli.application import app
 from spectool.cli.help import method_option
 from spectool.cli.render import console, error_console, handles_errors, print_json
+from spectool.datasets import check_data_argument
 from spectool.errors import UsageError
-from spectool.hub import check_data_argument, check_model_argument
+from spectool.hub import check_model_argument
 from spectool.paths import check_output_path, quoted, refuse_inputs_inside
 
 if TYPE_CHECKING:
@@ -59,6 +60,12 @@ def regen_command(
     batch_size: int = typer.Option(8, "--batch-size", help="Rows generated together (left-padded)."),
     system: str = typer.Option(None, "--system", help="System prompt for rows that have none."),
     limit: int = typer.Option(None, "--limit", help="Use only the first N input rows."),
+    max_turns: int = typer.Option(
+        None, "--max-turns", help="Answer at most N user turns per row (the row ends there; default: all)."
+    ),
+    max_prompt_tokens: int = typer.Option(
+        None, "--max-prompt-tokens", help="Skip rows with a prompt longer than N tokens (default: the target's limit)."
+    ),
     seed: int = typer.Option(0, "--seed", help="Random seed for sampling."),
     skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Count and skip malformed rows."),
     chat_template: Path = typer.Option(
@@ -87,7 +94,13 @@ def regen_command(
     from spectool.training.regen import RegenConfig, RegenProgress, check_regen_output, regenerate
 
     config = RegenConfig(
-        max_new_tokens=max_new_tokens, temperature=temperature, batch_size=batch_size, seed=seed, system=system
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        batch_size=batch_size,
+        seed=seed,
+        system=system,
+        max_turns=max_turns,
+        max_prompt_tokens=max_prompt_tokens,
     )
     config.validate()
     prompts_path = Path(prompts).expanduser()
@@ -96,6 +109,8 @@ def regen_command(
     check_regen_output(out.expanduser())  # a file regen did not write is refused before anything loads
 
     conversations, report = load_conversations(prompts, require="prompt", skip_bad_rows=skip_bad_rows)
+    for note in report.notes:
+        error_console().print(Text(f"note: {note}", style="yellow"), soft_wrap=True)
     if report.rows_skipped:
         warn = error_console()
         warn.print(Text(f"warning: skipped {report.rows_skipped} malformed rows, e.g.:", style="yellow"))
@@ -154,8 +169,8 @@ def _print_regen_summary(out_console: Console, summary: RegenSummary, *, as_json
     if summary.rows_too_long:
         error_console().print(
             Text(
-                f"warning: skipped {summary.rows_too_long} rows whose prompt fills the target's "
-                f"{summary.max_positions} positions (max_position_embeddings); shorten them to regenerate them",
+                f"warning: skipped {summary.rows_too_long} rows whose prompt is longer than --max-prompt-tokens or "
+                f"fills the target's {summary.max_positions} positions (max_position_embeddings)",
                 style="yellow",
             ),
             soft_wrap=True,

@@ -152,7 +152,12 @@ def target_panel(info: TargetInfo) -> Panel:
         params = f"{human_count(total)} total, {human_count(active)} active per token (estimated from the config)"
     table.add_row("parameters", params)
     source = {"local": "local files", "hub": "the Hub", "cache": "the local Hub cache", "catalog": "built-in catalog"}
-    title = f"[bold]{info.ref}[/]  [dim]({source[info.source]})[/]"
+    where = source[info.source]
+    if info.gguf is not None:
+        where = "GGUF file"
+        table.add_row("weights", info.gguf.describe())
+        table.add_row("cached at", str(info.directory))
+    title = f"[bold]{info.ref}[/]  [dim]({where})[/]"
     return Panel(table, title=title, title_align="left")
 
 

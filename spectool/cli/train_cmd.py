@@ -15,8 +15,9 @@ from rich.text import Text
 from spectool.cli.application import app
 from spectool.cli.help import method_option
 from spectool.cli.render import console, error_console, handles_errors, human_count, print_json
+from spectool.datasets import check_data_argument
 from spectool.errors import UsageError
-from spectool.hub import check_data_argument, check_model_argument
+from spectool.hub import check_model_argument
 from spectool.paths import check_force_target, check_input_file, check_output_path, quoted, refuse_inputs_inside
 
 _HELP = (

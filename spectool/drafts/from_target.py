@@ -4,6 +4,8 @@ both start a draft here."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from spectool.checkpoint import DraftMetadata, chat_template_sha256
@@ -14,8 +16,11 @@ from spectool.registry import DraftSpec, get, methods
 
 
 def target_metadata(info: TargetInfo, spec: DraftSpec) -> DraftMetadata:
-    """What a draft records about its target (a local target is recorded by absolute path)."""
+    """What a draft records about its target: a local target by absolute path; a GGUF target by its file (a
+    packaged one by its file name alone, which finds it wherever the package is installed), not by the cache."""
     ref = str(info.directory.resolve()) if info.source == "local" and info.directory else info.ref
+    if info.gguf is not None:
+        ref = Path(info.gguf.file).name if info.gguf.package else info.gguf.file
     template = (info.tokenizer_config or {}).get("chat_template")
     if template is None and info.directory is not None and (info.directory / "chat_template.jinja").is_file():
         template = (info.directory / "chat_template.jinja").read_text(encoding="utf-8")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from spectool import datasets
 from spectool.chat_format import Message, Role
 from spectool.errors import SpectoolError, UsageError
 
@@ -72,6 +73,7 @@ class LoadReport:
     rows_loaded: int = 0
     rows_skipped: int = 0
     reasons: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # which copy of a named data set was read
 
     def skip(self, reason: str) -> None:
         self.rows_skipped += 1
@@ -103,9 +105,16 @@ def load_conversations(
     ``require="assistant"`` (training) needs an assistant turn in every row; ``require="prompt"``
     (regeneration) needs a user turn before any assistant turn and accepts plain ``{"prompt": ...}`` rows.
     A malformed row raises a `SpectoolError` naming file and line, unless ``skip_bad_rows`` counts it instead.
+    A named set (``sharegpt``: `spectool.datasets`) skips its malformed rows (ShareGPT has empty and odd-role ones)
+    and says which copy it read in the report's notes.
     """
+    report = LoadReport()
+    if datasets.is_named(str(source)):
+        named = datasets.resolve(str(source))
+        source, skip_bad_rows = named.path, True
+        report.notes.append(named.note)
     files = resolve_data_files(source, revision=revision)
-    report = LoadReport(files=[str(path) for path in files])
+    report.files = [str(path) for path in files]
     conversations: list[Conversation] = []
     for path in files:
         for raw in _read_rows(path):
@@ -233,7 +242,7 @@ def _data_files_under(directory: Path) -> list[Path]:
 
 def _download_dataset(repo_id: str, revision: str | None) -> Path:
     """Download a Hub dataset's data files (JSONL / JSON / parquet only); the cache answers when offline."""
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
@@ -243,9 +252,9 @@ def _download_dataset(repo_id: str, revision: str | None) -> Path:
         RevisionNotFoundError,
     )
 
-    from spectool.hub import _hub_unreachable
+    from spectool.hub import offline_reason
 
-    offline = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else _hub_unreachable(constants.ENDPOINT)
+    offline = offline_reason()
     patterns = [f"*{suffix}" for suffix in DATA_SUFFIXES]
     try:
         folder = snapshot_download(
@@ -321,6 +330,9 @@ def _read_json(path: Path) -> Iterator[_RawRow]:
         if exc.msg == "Extra data":  # JSON Lines saved with a .json name
             yield from _read_jsonl(path)
             return
+        if text.lstrip().startswith("[") and _ends_inside_value(text, exc):
+            yield from _read_cut_array(path, text)
+            return
         raise SpectoolError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
     if isinstance(data, dict):
         if any(key in data for key in ("messages", "conversations", "prompt")):
@@ -334,6 +346,32 @@ def _read_json(path: Path) -> Iterator[_RawRow]:
     if not isinstance(data, list):
         raise SpectoolError(f"{path}: expected a list of rows, got {_type_name(data)}")
     for number, value in enumerate(data, start=1):
+        yield _RawRow(f"{path}, row {number}", number, value=value)
+
+
+def _ends_inside_value(text: str, exc: json.JSONDecodeError) -> bool:
+    """Whether a parse failed because the text stops mid-value (a cut download or copy), not on a bad character:
+    the error sits at the end, or a string runs to the end (a string cannot span a raw newline, so an unterminated
+    one means the text ended)."""
+    return exc.msg.startswith("Unterminated string") or exc.pos >= len(text.rstrip())
+
+
+def _read_cut_array(path: Path, text: str) -> Iterator[_RawRow]:
+    """The complete rows of a JSON list whose text was cut off, then the cut row as a row error."""
+    decoder = json.JSONDecoder()
+    position = text.index("[") + 1
+    number = 0
+    while True:
+        while position < len(text) and text[position] in " \t\r\n,":
+            position += 1
+        number += 1
+        try:
+            value, position = decoder.raw_decode(text, position)
+        except json.JSONDecodeError as exc:
+            if not _ends_inside_value(text, exc):
+                raise SpectoolError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            yield _RawRow(f"{path}, row {number}", number, error="the file ends inside this row (it was cut off)")
+            return
         yield _RawRow(f"{path}, row {number}", number, value=value)
 
 

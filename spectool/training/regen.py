@@ -38,8 +38,14 @@ class RegenConfig:
     batch_size: int = 8
     seed: int = 0
     system: str | None = None  # system prompt for rows that have none
+    max_turns: int | None = None  # answer at most this many user turns per row (the row ends after the last)
+    max_prompt_tokens: int | None = None  # skip a row when a prompt it must answer is longer than this
 
     def validate(self) -> None:
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise UsageError(f"--max-prompt-tokens must be at least 1, got {self.max_prompt_tokens}")
+        if self.max_turns is not None and self.max_turns < 1:
+            raise UsageError(f"--max-turns must be at least 1, got {self.max_turns}")
         if self.max_new_tokens < 1:
             raise UsageError(f"--max-new-tokens must be at least 1, got {self.max_new_tokens}")
         if self.batch_size < 1:
@@ -58,6 +64,8 @@ def _regen_settings(model: PreTrainedModel, chat_format: ChatFormat, config: Reg
         "temperature": config.temperature,
         "seed": config.seed,
         "system": config.system,
+        "max_turns": config.max_turns,
+        "max_prompt_tokens": config.max_prompt_tokens,
     }
 
 
@@ -197,7 +205,9 @@ def regenerate(
     out = Path(out)
     handle, done, dropped = _open_output(out)
     _check_regen_settings(out, _regen_settings(model, chat_format, config), resuming=bool(done))
-    pending = [conversation for conversation in conversations if conversation.id not in done]
+    pending = _length_sorted(
+        [conversation for conversation in conversations if conversation.id not in done], config.batch_size * 16
+    )
     already = len(conversations) - len(pending)
     positions = getattr(model.config, "max_position_embeddings", None)
     stop_ids = sorted(set(chat_format.stop_token_ids) | set(_generation_eos_ids(model)))
@@ -228,6 +238,19 @@ def regenerate(
         rows_too_long=tally.too_long,
         max_positions=positions,
     )
+
+
+def _length_sorted(pending: list[Conversation], window: int) -> list[Conversation]:
+    """Rows sorted by length within consecutive windows: a batch pads to its longest prompt, so batching rows of
+    like length saves most of the padding, while the data's own order holds between windows (a run stopped early
+    has regenerated a sample of the whole set, not its shortest rows)."""
+
+    def size(conversation: Conversation) -> int:
+        return sum(len(message.content) for message in conversation.messages)
+
+    return [
+        row for first in range(0, len(pending), window) for row in sorted(pending[first : first + window], key=size)
+    ]
 
 
 def _open_output(out: Path) -> tuple[IO[str], set[str], bool]:
@@ -283,9 +306,10 @@ class _RegenRow:
     too_long: bool = False  # a prompt left no position for an answer: the row is skipped
 
 
-def _regeneration_steps(messages: Sequence[Message]) -> list[tuple[list[Message], bool]]:
+def _regeneration_steps(messages: Sequence[Message], max_turns: int | None = None) -> list[tuple[list[Message], bool]]:
     """Split a conversation into (turns to append, then generate an answer?) steps; assistant turns are
-    dropped, each replaced by a generated one, and a trailing user turn gets an answer too."""
+    dropped, each replaced by a generated one, and a trailing user turn gets an answer too. With ``max_turns`` the
+    conversation ends after that many answers."""
     steps: list[tuple[list[Message], bool]] = []
     pending: list[Message] = []
     for message in messages:
@@ -296,6 +320,10 @@ def _regeneration_steps(messages: Sequence[Message]) -> list[tuple[list[Message]
             pending.append(message)
     if pending:
         steps.append((pending, any(message.role == "user" for message in pending)))
+    if max_turns is not None:
+        answers = [index for index, (_, answer) in enumerate(steps) if answer]
+        if len(answers) > max_turns:
+            steps = steps[: answers[max_turns - 1] + 1]
     return steps
 
 
@@ -314,7 +342,7 @@ def _regenerate_batch(
         if config.system is not None and not any(message.role == "system" for message in messages):
             messages.insert(0, Message("system", config.system))
         rows.append(_RegenRow([]))
-        plans.append(_regeneration_steps(messages))
+        plans.append(_regeneration_steps(messages, config.max_turns))
     for step in range(max(len(plan) for plan in plans)):
         asking = []
         for row, plan in zip(rows, plans, strict=True):
@@ -329,9 +357,9 @@ def _regenerate_batch(
             prompts = [chat_format.prompt_ids(row.messages) for row in asking]
         except ChatTemplateError as exc:
             raise ChatTemplateError(f"{batch[0].where} (batch starting there): {exc}") from None
-        if positions is not None:
+        if positions is not None or config.max_prompt_tokens is not None:
             for row, prompt in zip(asking, prompts, strict=True):
-                row.too_long = len(prompt) >= positions
+                row.too_long = _too_long(len(prompt), positions, config.max_prompt_tokens)
             prompts = [prompt for row, prompt in zip(asking, prompts, strict=True) if not row.too_long]
             asking = [row for row in asking if not row.too_long]
             if not asking:
@@ -344,6 +372,13 @@ def _regenerate_batch(
             row.new_tokens += count
             row.cut += 0 if finished else 1
     return rows
+
+
+def _too_long(prompt_tokens: int, positions: int | None, max_prompt_tokens: int | None) -> bool:
+    """A prompt that fills the target's positions, or is longer than ``--max-prompt-tokens``, is not answered."""
+    return (positions is not None and prompt_tokens >= positions) or (
+        max_prompt_tokens is not None and prompt_tokens > max_prompt_tokens
+    )
 
 
 def _generate(

@@ -72,9 +72,10 @@ def test_regen_rows_and_greedy_fidelity(tmp_path, tiny_target_dir, target):
     result = run_regen(tiny_target_dir, prompts, out, "--batch-size", "2", "--system", "be a bot")
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith("Regenerated 5 rows (6 answers") and f"into {out}" in result.stdout
-    rows = read_rows(out)
     expected_ids = [c.id for c in load_conversations(prompts, require="prompt")[0]]
-    assert [row["id"] for row in rows] == expected_ids and expected_ids[3] == "row-4"
+    by_id = {row["id"]: row for row in read_rows(out)}  # written in batches of like length, not in input order
+    assert sorted(by_id) == sorted(expected_ids) and expected_ids[3] == "row-4"
+    rows = [by_id[row_id] for row_id in expected_ids]
     roles = [[m["role"] for m in row["messages"]] for row in rows]
     assert roles == [
         ["system", "user", "assistant"],
@@ -244,3 +245,29 @@ def test_resuming_with_other_settings_is_refused(tmp_path, tiny_target_dir):
     assert "other settings: temperature 0.0 (now 1.0)" in result.stderr and out.read_text() == before
     result = run_regen(tiny_target_dir, prompts, out)  # the same settings: the remaining rows are appended
     assert result.exit_code == 0 and "2 of 5 rows were already there" in result.stdout
+
+
+def test_max_turns_and_max_prompt_tokens(tmp_path, tiny_target_dir):
+    """--max-turns ends a row after N answers; --max-prompt-tokens skips a row whose prompt is longer; both are
+    settings of the output (resuming with others is refused)."""
+    rows = [ROWS[1], {"prompt": " ".join(["one two three"] * 10), "id": "long"}]
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", rows)
+    out = tmp_path / "out.jsonl"
+    result = run_regen(tiny_target_dir, prompts, out, "--max-turns", "1", "--max-prompt-tokens", "20", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["rows_written"] == 1 and summary["rows_too_long"] == 1 and summary["assistant_turns"] == 1
+    (row,) = read_rows(out)
+    assert [m["role"] for m in row["messages"]] == ["user", "assistant"]
+    again = run_regen(tiny_target_dir, prompts, out, "--max-turns", "2", "--max-prompt-tokens", "20")
+    assert again.exit_code == 2 and "max_turns 1 (now 2)" in again.stderr
+    bad = run_regen(tiny_target_dir, prompts, tmp_path / "x.jsonl", "--max-prompt-tokens", "0")
+    assert bad.exit_code == 2 and "--max-prompt-tokens must be at least 1" in bad.stderr
+
+
+def test_rows_are_batched_by_length_within_windows():
+    from spectool.training.conversations import Conversation
+    from spectool.training.regen import _length_sorted
+
+    rows = [Conversation([Message("user", "x" * n)], "f", i, id=str(i)) for i, n in enumerate([5, 1, 9, 3, 7, 2])]
+    assert [c.id for c in _length_sorted(rows, 3)] == ["1", "0", "2", "5", "3", "4"]
