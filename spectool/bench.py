@@ -8,68 +8,28 @@ Speedups are ratios of tokens per second measured side by side in the same proce
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from spectool import baselines as loops
+from spectool.bench_prompts import BenchPrompt
 from spectool.decoding.accept import SamplingParams
 from spectool.decoding.engine import Engine, GenerationStats
 from spectool.decoding.stops import StopStrings
-from spectool.errors import SpectoolError, UsageError
+from spectool.errors import UsageError
 from spectool.runtime import Runtime
-from spectool.training.conversations import read_utf8
 
 BASELINES = ("target", "hf", "prompt-lookup")
 #: Opt-in: the z-lab `dflash` package's own loop on the same DFlash checkpoint (engine-overhead comparison).
 OPTIONAL_BASELINES = ("dflash-package",)
 PROMPT_LOOKUP_TOKENS = 10
-
-
-def load_prompts(path: str | Path) -> list[list[dict[str, str]]]:
-    """Conversations to answer from a JSONL file of `{"prompt": ...}` or `{"messages": [...]}` rows.
-
-    A trailing assistant turn in `messages` is dropped (the benchmark generates it).
-    """
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise UsageError(f"{path} is a directory; --prompts takes a JSONL file")
-    if not path.is_file():
-        raise UsageError(f"no such prompts file: {path}")
-    text = read_utf8(path)
-    prompts: list[list[dict[str, str]]] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SpectoolError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-        if isinstance(row, dict) and isinstance(row.get("prompt"), str):
-            prompts.append([{"role": "user", "content": row["prompt"]}])
-            continue
-        messages = row.get("messages") if isinstance(row, dict) else None
-        if not isinstance(messages, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages
-        ):
-            raise SpectoolError(f'{path}:{number}: expected {{"prompt": str}} or {{"messages": [{{role, content}}]}}')
-        while messages and messages[-1]["role"] == "assistant":
-            messages = messages[:-1]
-        if not messages:
-            raise SpectoolError(f"{path}:{number}: no user turn to answer")
-        prompts.append([{"role": m["role"], "content": m["content"]} for m in messages])
-    if not prompts:
-        raise UsageError(f"{path} holds no prompts")
-    return prompts
 
 
 def cpu_name() -> str:
@@ -125,6 +85,11 @@ class BenchReport:
     lossless_vs_hf_generate: bool | None = None
     hf_mismatched_prompts: list[int] = field(default_factory=list)
     machine: str = field(default_factory=machine_description)
+    prompts: str | None = None  # the prompt set: a file path or a named set (mt-bench, humaneval)
+    turns: int = 1  # answers per prompt: MT-Bench's second turn follows the model's own first answer
+    # Per category and per turn ("turn 2"): answers, acceptance length, tokens/s and the speedup over the target
+    # alone, from the same interleaved runs.
+    categories: dict[str, dict[str, float | int | None]] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -147,7 +112,7 @@ def _timed_engine(engine: Engine, ids: list[int], **kwargs: Any) -> tuple[list[i
 
 def run_bench(
     runtime: Runtime,
-    prompts: Sequence[list[dict[str, str]]],
+    prompts: Sequence[BenchPrompt | list[dict[str, str]]],
     *,
     max_new_tokens: int = 128,
     sampling: SamplingParams | None = None,
@@ -161,10 +126,13 @@ def run_bench(
 ) -> BenchReport:
     """Run every prompt speculatively and with each baseline, interleaved, after one untimed warm-up.
 
+    A `BenchPrompt` with follow-up turns gets each asked after the speculative answer to the turn before (the same
+    conversation for every loop; lossless greedy answers equal the target's own). Mismatch indices count answers.
     ``stop_strings`` end answers in spectool's loops and in HF generate alike (the z-lab loop ignores them).
     ``max_drafts`` caps the tokens drafted per round (a weak draft's later block slots rarely pay for their
     verification)."""
     sampling = sampling or SamplingParams()
+    prompts = [p if isinstance(p, BenchPrompt) else BenchPrompt(list(p)) for p in prompts]
     unknown = [b for b in baselines if b not in BASELINES + OPTIONAL_BASELINES]
     if unknown:
         raise UsageError(
@@ -175,11 +143,13 @@ def run_bench(
     if batch_size > 1:
         if profile:
             raise UsageError("--profile measures one prompt at a time; drop --batch-size")
+        if any(p.followups for p in prompts):
+            raise UsageError("later turns follow each answer one prompt at a time; with --batch-size pass --turns 1")
         return _run_batched(
-            runtime, prompts, batch_size, max_new_tokens, sampling, baselines, seed, stop_strings, max_drafts, on_prompt
-        )
+            runtime, [p.messages for p in prompts], batch_size, max_new_tokens, sampling, baselines, seed,
+            stop_strings, max_drafts, on_prompt,
+        )  # fmt: skip
     zlab = loops.zlab_draft(runtime) if "dflash-package" in baselines else None
-    encoded = [runtime.prompt_ids(p) for p in prompts]
     kwargs = {"max_new_tokens": max_new_tokens, "sampling": sampling, "stop_token_ids": runtime.stop_token_ids}
     hf_stops: dict[str, Any] = {}
     if stop_strings:
@@ -188,8 +158,9 @@ def run_bench(
 
     spec_kwargs = {**kwargs, "max_drafts": max_drafts}
     # Warm-up (allocator, lazy init) so the first timed prompt is not penalised.
-    _timed_engine(runtime.engine, encoded[0], **{**spec_kwargs, "max_new_tokens": 8}, seed=seed)
-    _timed_engine(runtime.target_engine, encoded[0], **{**kwargs, "max_new_tokens": 8}, seed=seed)
+    first_ids = runtime.prompt_ids(prompts[0].messages)
+    _timed_engine(runtime.engine, first_ids, **{**spec_kwargs, "max_new_tokens": 8}, seed=seed)
+    _timed_engine(runtime.target_engine, first_ids, **{**kwargs, "max_new_tokens": 8}, seed=seed)
 
     # With `--verify auto`, the same draft drafting (and verifying) all it offers is the baseline that shows the gain.
     full_block = None
@@ -198,9 +169,19 @@ def run_bench(
         baselines = [*baselines, "full-block"]
 
     tally = _Tally(hf_mismatched=[] if "hf" in baselines and sampling.greedy else None)
-    for index, ids in enumerate(encoded):
-        run = _PromptRun(runtime, ids, seed + index, max_new_tokens, sampling, kwargs, spec_kwargs, hf_stops)
-        run.measure(tally, index, baselines, full_block, zlab)
+    answers = 0
+    for index, prompt in enumerate(prompts):
+        messages = list(prompt.messages)
+        for turn, followup in enumerate([None, *prompt.followups], start=1):
+            if followup is not None:
+                messages.append({"role": "user", "content": followup})
+            ids = runtime.prompt_ids(messages)
+            run = _PromptRun(runtime, ids, seed + answers, max_new_tokens, sampling, kwargs, spec_kwargs, hf_stops)
+            before = tally.snapshot()
+            out = run.measure(tally, answers, baselines, full_block, zlab)
+            tally.record([prompt.category, f"turn {turn}"] if prompt.followups else [prompt.category], before)
+            messages.append({"role": "assistant", "content": runtime.tokenizer.decode(out, skip_special_tokens=True)})
+            answers += 1
         if on_prompt:
             on_prompt(index)
 
@@ -214,9 +195,11 @@ def run_bench(
         accepted = sum(t for t, _ in tally.zlab_rounds)
         table["dflash-package"]["acceptance_length"] = accepted / verified if verified else None
     report = _report(
-        runtime, summary, tps, tally.spec_tokens, encoded, max_new_tokens, sampling, tally.mismatched, table,
+        runtime, summary, tps, tally.spec_tokens, answers, max_new_tokens, sampling, tally.mismatched, table,
         max_drafts, tally.hf_mismatched,
     )  # fmt: skip
+    report.turns = max(p.turns for p in prompts)
+    report.categories = tally.breakdown() if len(tally.parts) > 1 or report.turns > 1 else {}
     if profile:
         report.profile = cost_profile(
             runtime, tally.rounds + tally.full_rounds
@@ -239,10 +222,41 @@ class _Tally:
     seconds: Counter = field(default_factory=Counter)
     tokens: Counter = field(default_factory=Counter)
     mismatched: list[int] = field(default_factory=list)
+    # Per category / turn: [answers, spec tokens, spec seconds, target tokens, target seconds, rounds...]
+    parts: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(lambda: [0, 0.0, 0.0, 0, 0.0, []]))
 
     def add(self, name: str, out: Sequence[int], seconds: float) -> None:
         self.seconds[name] += seconds
         self.tokens[name] += len(out)
+
+    def snapshot(self) -> tuple[float, float, int, int, float]:
+        return self.spec_tokens, self.spec_seconds, len(self.rounds), self.tokens["target"], self.seconds["target"]
+
+    def record(self, keys: Sequence[str], before: tuple[float, float, int, int, float]) -> None:
+        """Add the answer measured since `before` to each of `keys` (its category, its turn)."""
+        spec_tokens, spec_seconds, rounds, target_tokens, target_seconds = before
+        for key in keys:
+            part = self.parts[key or "all"]
+            part[0] += 1
+            part[1] += self.spec_tokens - spec_tokens
+            part[2] += self.spec_seconds - spec_seconds
+            part[3] += self.tokens["target"] - target_tokens
+            part[4] += self.seconds["target"] - target_seconds
+            part[5] += self.rounds[rounds:]
+
+    def breakdown(self) -> dict[str, dict[str, float | int | None]]:
+        table: dict[str, dict[str, float | int | None]] = {}
+        for key, (answers, tokens, seconds, target_tokens, target_seconds, rounds) in sorted(self.parts.items()):
+            stats = GenerationStats(rounds, seconds)
+            tps = tokens / seconds if seconds else 0.0
+            target_tps = target_tokens / target_seconds if target_seconds else None
+            table[key] = {
+                "answers": answers,
+                "acceptance_length": stats.acceptance_length if stats.verify_rounds else None,
+                "tokens_per_second": tps,
+                "speedup_over_target": tps / target_tps if target_tps else None,
+            }
+        return table
 
 
 @dataclass
@@ -258,7 +272,8 @@ class _PromptRun:
     spec_kwargs: dict[str, Any]
     hf_stops: dict[str, Any]
 
-    def measure(self, tally: _Tally, index: int, baselines: Sequence[str], full_block: Any, zlab: Any) -> None:
+    def measure(self, tally: _Tally, index: int, baselines: Sequence[str], full_block: Any, zlab: Any) -> list[int]:
+        """Time the prompt in every loop; returns the speculative answer's tokens."""
         runtime, ids, sampling = self.runtime, self.ids, self.sampling
         out, stats = _timed_engine(runtime.engine, ids, **self.spec_kwargs, seed=self.seed)
         tally.spec_tokens += len(out)
@@ -288,6 +303,7 @@ class _PromptRun:
                 **self.hf_stops,
             )  # fmt: skip
             tally.add("prompt-lookup", pl_out, pl_seconds)
+        return out
 
 
 def _speedups(tps: float, baselines: Sequence[str], tokens: Counter, seconds: Counter) -> dict[str, dict[str, float]]:
@@ -303,7 +319,7 @@ def _report(
     summary: GenerationStats,
     tps: float,
     spec_tokens: float,
-    encoded: list[list[int]],
+    num_prompts: int,
     max_new_tokens: int,
     sampling: SamplingParams,
     mismatched: list[int],
@@ -321,7 +337,7 @@ def _report(
         verify="auto" if "full-block" in table else "full",
         target=runtime.info.ref,
         draft=str(draft.path),
-        num_prompts=len(encoded),
+        num_prompts=num_prompts,
         max_new_tokens=max_new_tokens,
         temperature=sampling.temperature,
         lossless=(not mismatched) if sampling.greedy else None,
@@ -421,7 +437,7 @@ def _run_batched(
     table = _speedups(tps, baselines, tokens, seconds)
     batched = min(batch_size, len(encoded))  # prompts really decoded together, not the --batch-size asked for
     return _report(
-        runtime, summary, tps, spec_tokens, encoded, max_new_tokens, sampling, mismatched, table, max_drafts,
+        runtime, summary, tps, spec_tokens, len(encoded), max_new_tokens, sampling, mismatched, table, max_drafts,
         hf_mismatched, batched,
     )  # fmt: skip
 

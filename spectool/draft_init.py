@@ -42,7 +42,9 @@ def init_draft(
     if info.directory is not None:
         refuse_to_replace_input(out, info.directory, "MODEL")
     # The layer-id warning is said once, as a note below.
-    spec = resolve_quietly(method, info.arch, tokenizer_length=info.tokenizer_length, **options)
+    spec = resolve_quietly(
+        method, info.arch, tokenizer_length=info.tokenizer_length, unused_token_id=info.unused_token_id, **options
+    )
     draft = new_draft(info, spec, seed=seed)
     notes = list(info.notes)
     if get(method).reads_feature_layers and unportable_ids(spec.target_layer_ids, spec.num_target_layers):

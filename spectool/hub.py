@@ -46,6 +46,9 @@ class TargetInfo:
     revision: str | None = None
     tokenizer_length: int | None = None  # len(tokenizer), when it could be read
     tokenizer_length_source: str | None = None
+    # A token id the tokenizer holds but chat never produces (a spare embedding row, else the last special token
+    # that is not bos / eos / pad / unk nor in the chat template): DFlash / DSpark's default mask token.
+    unused_token_id: int | None = None
     tokenizer_config: dict[str, Any] | None = None
     generation_config: dict[str, Any] | None = None
     notes: list[str] = field(default_factory=list)
@@ -319,6 +322,7 @@ def _attach_tokenizer_facts(info: TargetInfo, optional: dict[str, Path | None], 
         ids.update(t["id"] for t in tokens.get("added_tokens", []) if isinstance(t, dict) and "id" in t)
         if ids:
             info.tokenizer_length, info.tokenizer_length_source = len(ids), "tokenizer.json"
+            info.unused_token_id = _unused_token_id(info, tokens.get("added_tokens", []), tokenizer_json.parent)
             return
     added = (info.tokenizer_config or {}).get("added_tokens_decoder") or {}
     try:
@@ -329,6 +333,29 @@ def _attach_tokenizer_facts(info: TargetInfo, optional: dict[str, Path | None], 
     # + 1 is then len(tokenizer). Trust it only when it lands near vocab_size.
     if top is not None and 0.9 * info.arch.vocab_size <= top <= info.arch.vocab_size:
         info.tokenizer_length, info.tokenizer_length_source = top, "tokenizer_config.json added tokens"
+
+
+def _unused_token_id(info: TargetInfo, added: list[Any], directory: Path) -> int | None:
+    """A spare embedding row (``len(tokenizer)`` when the embedding is larger), else the highest special added
+    token that is not bos / eos / pad / unk and that the chat template does not write (Llama 3's reserved tokens,
+    SmolLM2's ``<empty_output>``); None when there is neither."""
+    if info.tokenizer_length is not None and info.arch.vocab_size > info.tokenizer_length:
+        return info.tokenizer_length
+    config = info.tokenizer_config or {}
+    roles = {str(config.get(name)) for name in ("bos_token", "eos_token", "pad_token", "unk_token") if config.get(name)}
+    template = str(config.get("chat_template") or "")
+    if (directory / "chat_template.jinja").is_file():
+        template += (directory / "chat_template.jinja").read_text(encoding="utf-8")
+    for token in sorted((t for t in added if isinstance(t, dict)), key=lambda t: -int(t.get("id", -1))):
+        content = str(token.get("content", ""))
+        if (
+            token.get("special")
+            and content not in roles
+            and content not in template
+            and token["id"] < info.arch.vocab_size
+        ):
+            return int(token["id"])
+    return None
 
 
 _WEIGHT_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja"]

@@ -108,6 +108,7 @@ def resolve(
     target: TargetArch | dict[str, Any],
     *,
     tokenizer_length: int | None = None,
+    unused_token_id: int | None = None,
     num_feature_layers: int | None = None,
     num_draft_layers: int | None = None,
     target_layer_ids: Sequence[int] | None = None,
@@ -147,7 +148,7 @@ def resolve(
         num_target_layers=n,
         target_layer_ids=tuple(ids),
         num_draft_layers=num_draft_layers,
-        **found.resolve_options(arch, tokenizer_length, shape_options),
+        **found.resolve_options(arch, tokenizer_length, shape_options, unused_token_id=unused_token_id),
     )
 
 

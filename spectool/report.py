@@ -100,7 +100,9 @@ def method_report(info: TargetInfo, method: str, **options: Any) -> MethodReport
     found = get(method)
     given = {k: v for k, v in options.items() if v is not None and _applies(found, k)}
     try:
-        spec = resolve(method, info.arch, tokenizer_length=info.tokenizer_length, **given)
+        spec = resolve(
+            method, info.arch, tokenizer_length=info.tokenizer_length, unused_token_id=info.unused_token_id, **given
+        )
     except UnsupportedArchitecture as exc:
         return MethodReport(method, supported=False, reason=str(exc))
     except UsageError as exc:

@@ -26,6 +26,7 @@ LAYERS = {
 APPS = {
     "spectool.runtime",
     "spectool.bench",
+    "spectool.bench_prompts",
     "spectool.baselines",
     "spectool.draft_init",
     "spectool.report",

@@ -46,10 +46,10 @@ def test_dflash_and_dspark_take_qwen3(arch):
 
 def test_unsupported_names_method_and_lists_supported():
     with pytest.raises(UnsupportedArchitecture) as info:
-        resolve("dflash", config(["LlamaForCausalLM"]))
+        resolve("dflash", config(["Phi3ForCausalLM"]))
     message = str(info.value)
-    assert message.startswith("DFlash has no draft for architectures [LlamaForCausalLM]")
-    assert "supported: Qwen3ForCausalLM, Qwen3MoeForCausalLM" in message
+    assert message.startswith("DFlash has no draft for architectures [Phi3ForCausalLM]")
+    assert "supported: Qwen3ForCausalLM, Qwen3MoeForCausalLM, LlamaForCausalLM" in message
     assert info.value.exit_code == 1
     with pytest.raises(UnsupportedArchitecture, match="none listed"):
         resolve("eagle3", config([]))

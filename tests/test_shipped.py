@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from spectool.bench import load_prompts
+from spectool.bench_prompts import load_prompts
 from spectool.decoding.engine import GenerationStats
 from spectool.hub import ASSETS_DIR, DEFAULT_MODEL_DIR
 from spectool.runtime import load_runtime

@@ -9,8 +9,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
+from spectool.bench_prompts import load_prompt_set
 from spectool.cli.application import app
 from spectool.cli.render import console, error_console, handles_errors, print_json
+from spectool.datasets import is_named
 from spectool.errors import UsageError
 from spectool.hub import ASSETS_DIR, check_model_argument
 from spectool.paths import check_input_file, resolve_draft_dir
@@ -34,7 +36,12 @@ CHOOSABLE_BASELINES = tuple(name for name in BASELINE_LABELS if name != "full-bl
 def bench_command(
     draft: Path = typer.Option(..., "--draft", "-d", help="Draft checkpoint directory."),
     target: str = typer.Option(None, "--target", "-t", help="Target MODEL (default: the one the draft records)."),
-    prompts: Path = typer.Option(None, "--prompts", "-p", help="JSONL of {prompt} or {messages} rows."),
+    prompts: str = typer.Option(
+        None, "--prompts", "-p", help="JSONL of {prompt} or {messages} rows, or a named set: mt-bench, humaneval."
+    ),
+    turns: int = typer.Option(
+        None, "--turns", help="User turns per prompt (MT-Bench has 2; later ones follow the model's answer) \\[all]."
+    ),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="Tokens to generate per prompt."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy (checked for losslessness)."),
     top_p: float = typer.Option(1.0, "--top-p", help="Sample from the smallest set of tokens holding this mass (0-1]."),
@@ -99,16 +106,25 @@ def bench_command(
 
         check_figure_path(plot)
         require_matplotlib()
+    if turns is not None and turns < 1:
+        raise UsageError(f"--turns must be at least 1, got {turns}")
     if prompts is None:
         if not DEFAULT_PROMPTS.is_file():
             raise UsageError("no --prompts given and no built-in prompt set is installed; pass --prompts FILE")
-        prompts = DEFAULT_PROMPTS
-    check_input_file(prompts, "--prompts", "a JSONL file")
+        prompts = str(DEFAULT_PROMPTS)
+    if not is_named(prompts):
+        check_input_file(prompts, "--prompts", "a JSONL file or a named set (mt-bench, humaneval)")
+    prompt_set = load_prompt_set(prompts, turns=turns)
+    if prompt_set.note and not as_json:
+        error_console().print(Text(f"note: {prompt_set.note}", style="yellow"), soft_wrap=True)
+    conversations = prompt_set.prompts[:limit]
+    if batch_size > 1 and turns is None:
+        for prompt in conversations:
+            prompt.followups = []  # a batch answers first turns (later turns follow each answer one at a time)
     # torch and transformers load here, not at start-up.
-    from spectool.bench import load_prompts, run_bench
+    from spectool.bench import run_bench
     from spectool.runtime import load_runtime
 
-    conversations = load_prompts(prompts)[:limit]
     runtime = load_runtime(draft, target, device=device, chain_length=chain_length, verify=verify, tree=tree)
     for warning in runtime.warnings:
         error_console().print(Text(f"warning: {warning}", style="yellow"), soft_wrap=True)
@@ -132,6 +148,7 @@ def bench_command(
             batch_size=batch_size,
             profile=profile,
         )
+    report.prompts = prompt_set.source
     if as_json:
         print_json(report.to_json())
     else:
@@ -163,7 +180,7 @@ def _render(report) -> None:
             label += f" (acceptance length {row['acceptance_length']:.2f})"
         table.add_row(label, f"{row['tokens_per_second']:.1f}", f"{row['speedup']:.2f}x")
     out.print(table)
-    totals = f"{report.num_prompts} prompts, {report.new_tokens} tokens"
+    totals = f"{report.num_prompts} {'answers' if report.turns > 1 else 'prompts'}, {report.new_tokens} tokens"
     if report.acceptance_length is None:  # every answer ended with the prefill's token: nothing was verified
         out.print(
             f"acceptance length n/a (no verify round: each answer ended after one token); {totals}", soft_wrap=True
@@ -193,9 +210,24 @@ def _render(report) -> None:
         out.print(
             Text(f"NOT lossless: prompts {report.hf_mismatched_prompts} differ from HF generate's output", "bold red")
         )
+    if report.categories:
+        _render_categories(out, report)
     if report.profile is not None:
         _render_profile(out, report.profile)
     out.print(Text(f"machine: {report.machine}", style="dim"), soft_wrap=True)
+
+
+def _render_categories(out, report) -> None:
+    """Per category (MT-Bench's eight) and per turn: acceptance length, tokens/s, speedup over the target alone."""
+    table = Table(show_edge=False, title=f"{report.prompts} by category and turn", title_justify="left")
+    for name, justify in (("part", "left"), ("answers", "right"), ("acceptance", "right"), ("tokens/s", "right")):
+        table.add_column(name, justify=justify)
+    table.add_column("vs target", justify="right")
+    for name, row in report.categories.items():
+        tau = f"{row['acceptance_length']:.2f}" if row["acceptance_length"] is not None else "n/a"
+        speedup = f"{row['speedup_over_target']:.2f}x" if row["speedup_over_target"] is not None else ""
+        table.add_row(name, str(row["answers"]), tau, f"{row['tokens_per_second']:.1f}", speedup)
+    out.print(table)
 
 
 def _render_profile(out, profile: dict) -> None:

@@ -44,7 +44,7 @@ def demo_command(
     """Inspect the embedded tiny target, train a DSpark draft for it briefly, answer a held-out question with the
     inline acceptance view, and benchmark it against the target alone. Everything ships with spectool."""
     _check_options(steps, prompts, max_new_tokens)  # before torch loads
-    from spectool.bench import load_prompts
+    from spectool.bench_prompts import load_prompts
     from spectool.report import method_report
     from spectool.runtime import load_runtime
 

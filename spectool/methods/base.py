@@ -155,9 +155,17 @@ class DraftMethod(ABC):
         """How many feature layers to pick when --num-feature-layers is not given (None: the rule's default)."""
         return None
 
-    def resolve_options(self, arch: TargetArch, tokenizer_length: int | None, options: dict[str, Any]) -> dict:
+    def resolve_options(
+        self,
+        arch: TargetArch,
+        tokenizer_length: int | None,
+        options: dict[str, Any],
+        *,
+        unused_token_id: int | None = None,
+    ) -> dict:
         """The method's `DraftSpec` shape fields (block size, mask token, ...) from the options given (None =
-        default), checked against the target; usage errors for values that cannot work."""
+        default), checked against the target; usage errors for values that cannot work. ``unused_token_id`` is a
+        token id the target's tokenizer holds but chat never produces (`TargetInfo.unused_token_id`), if known."""
         return {}
 
     @abstractmethod

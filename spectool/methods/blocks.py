@@ -14,7 +14,9 @@ from spectool.errors import UsageError
 from spectool.layout import Tensor, norm_tensor, qwen3_layer_tensors
 from spectool.methods.base import DraftMethod, DraftSpec
 
-QWEN3_TARGETS = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+#: Targets a block draft serves. The draft itself is Qwen3-shaped whatever the target (as z-lab's drafts for
+#: Llama-3.1-8B-Instruct are): it only needs the target's width, embedding, lm_head and feature layers.
+BLOCK_TARGETS = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "LlamaForCausalLM")
 
 
 def spare_mask_token_id(vocab_size: int, tokenizer_length: int | None) -> int | None:
@@ -39,7 +41,9 @@ class BlockMethod(DraftMethod):
     def default_block_size(self, num_target_layers: int) -> int:
         return self.upstream_block_size
 
-    def resolve_options(self, arch: Any, tokenizer_length: int | None, options: dict[str, Any]) -> dict:
+    def resolve_options(
+        self, arch: Any, tokenizer_length: int | None, options: dict[str, Any], *, unused_token_id: int | None = None
+    ) -> dict:
         block = options.get("block_size")
         block = self.default_block_size(arch.num_hidden_layers) if block is None else block
         if block < 2:
@@ -47,6 +51,8 @@ class BlockMethod(DraftMethod):
         mask = options.get("mask_token_id")
         if mask is None:
             mask = spare_mask_token_id(arch.vocab_size, tokenizer_length)
+        if mask is None:  # no spare embedding row (Llama 3, SmolLM2): a special token chat never produces
+            mask = unused_token_id
         elif not 0 <= mask < arch.vocab_size:
             raise UsageError(f"--mask-token-id {mask} is outside the target's embedding [0, {arch.vocab_size - 1}]")
         return {"block_size": block, "mask_token_id": mask}

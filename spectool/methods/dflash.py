@@ -15,7 +15,7 @@ from spectool.errors import SpectoolError
 from spectool.layers import dflash_layer_ids, zlab_dflash_layer_ids
 from spectool.layout import Tensor
 from spectool.methods.base import DraftSpec
-from spectool.methods.blocks import QWEN3_TARGETS, BlockMethod
+from spectool.methods.blocks import BLOCK_TARGETS, BlockMethod
 
 
 class DFlash(BlockMethod):
@@ -24,7 +24,7 @@ class DFlash(BlockMethod):
     name = "dflash"
     title = "DFlash"
     order = 30
-    supported = dict.fromkeys(QWEN3_TARGETS, "Qwen3DFlashDraftModel")
+    supported = dict.fromkeys(BLOCK_TARGETS, "Qwen3DFlashDraftModel")
     checkpoint_architectures = ("DFlashDraftModel", "Qwen3DFlashDraftModel")
     checkpoint_format = (
         "z-lab DFlash (DFlashDraftModel: layers.*, fc, hidden_norm, norm) for the dflash package and vLLM"

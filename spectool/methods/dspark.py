@@ -14,7 +14,7 @@ from typing import Any
 from spectool.layers import dspark_layer_ids
 from spectool.layout import Tensor
 from spectool.methods.base import DraftSpec
-from spectool.methods.blocks import QWEN3_TARGETS, BlockMethod
+from spectool.methods.blocks import BLOCK_TARGETS, BlockMethod
 
 
 class DSpark(BlockMethod):
@@ -24,7 +24,7 @@ class DSpark(BlockMethod):
     name = "dspark"
     title = "DSpark"
     order = 40
-    supported = dict.fromkeys(QWEN3_TARGETS, "Qwen3DSparkModel")
+    supported = dict.fromkeys(BLOCK_TARGETS, "Qwen3DSparkModel")
     checkpoint_architectures = ("Qwen3DSparkModel",)
     checkpoint_format = (
         "DeepSpec DSpark (Qwen3DSparkModel: DFlash keys + embed_tokens, lm_head, markov/confidence heads)"
@@ -49,9 +49,14 @@ class DSpark(BlockMethod):
     def default_layer_ids(self, num_target_layers: int, num_feature_layers: int | None) -> list[int]:
         return dspark_layer_ids(num_target_layers, 5 if num_feature_layers is None else num_feature_layers)
 
-    def resolve_options(self, arch: Any, tokenizer_length: int | None, options: dict[str, Any]) -> dict:
+    def resolve_options(
+        self, arch: Any, tokenizer_length: int | None, options: dict[str, Any], *, unused_token_id: int | None = None
+    ) -> dict:
         rank = options.get("markov_rank") or (256 if arch.hidden_size >= 1024 else 64)
-        return {**super().resolve_options(arch, tokenizer_length, options), "markov_rank": rank}
+        return {
+            **super().resolve_options(arch, tokenizer_length, options, unused_token_id=unused_token_id),
+            "markov_rank": rank,
+        }
 
     def head_tensors(self, spec: DraftSpec, arch: Any) -> list[Tensor]:
         h, v, r = arch.hidden_size, arch.vocab_size, spec.markov_rank or 0

@@ -69,7 +69,9 @@ class Eagle3(DraftMethod):
             raise UsageError(f"EAGLE-3 fuses exactly 3 feature layers (low, mid, high), got {num_feature_layers}")
         return eagle3_layer_ids(num_target_layers)
 
-    def resolve_options(self, arch: Any, tokenizer_length: int | None, options: dict[str, Any]) -> dict:
+    def resolve_options(
+        self, arch: Any, tokenizer_length: int | None, options: dict[str, Any], *, unused_token_id: int | None = None
+    ) -> dict:
         size = options.get("draft_vocab_size")
         if size is None:
             size = DRAFT_VOCAB_SIZE if arch.vocab_size > DRAFT_VOCAB_SIZE else None

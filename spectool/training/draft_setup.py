@@ -122,7 +122,13 @@ def _resolve(config: TrainConfig, info: TargetInfo, notes: list[str] | None, **o
     """`spectool.registry.resolve` for this target; layer-id warnings become ``notes`` (None: dropped)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", LayerIdWarning)
-        spec = resolve(config.method, info.arch, tokenizer_length=info.tokenizer_length, **options)
+        spec = resolve(
+            config.method,
+            info.arch,
+            tokenizer_length=info.tokenizer_length,
+            unused_token_id=info.unused_token_id,
+            **options,
+        )
     for warning in caught:
         if not issubclass(warning.category, LayerIdWarning):
             warnings.warn(warning.message, warning.category, stacklevel=2)

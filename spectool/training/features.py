@@ -402,6 +402,7 @@ def extract_features(
                 config.method,
                 info.arch,
                 tokenizer_length=info.tokenizer_length,
+                unused_token_id=info.unused_token_id,
                 target_layer_ids=config.target_layer_ids,
                 num_feature_layers=config.num_feature_layers,
                 num_draft_layers=config.num_draft_layers,

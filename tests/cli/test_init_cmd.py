@@ -99,11 +99,12 @@ def test_init_needs_a_mask_token_when_no_row_is_spare(tiny_target_dir, tmp_path)
 
 def test_init_unsupported_architecture(tmp_path):
     (tmp_path / "config.json").write_text(
-        json.dumps({"architectures": ["LlamaForCausalLM"], "num_hidden_layers": 8, "hidden_size": 64,
+        json.dumps({"architectures": ["Phi3ForCausalLM"], "num_hidden_layers": 8, "hidden_size": 64,
                     "num_attention_heads": 4, "vocab_size": 256, "intermediate_size": 128})
     )  # fmt: skip
     result = invoke("init", str(tmp_path), "-m", "dspark", "-o", str(tmp_path / "x"))
-    assert result.exit_code == 1 and "supported: Qwen3ForCausalLM, Qwen3MoeForCausalLM" in result.stderr
+    assert result.exit_code == 1
+    assert "supported: Qwen3ForCausalLM, Qwen3MoeForCausalLM, LlamaForCausalLM" in result.stderr
 
 
 def test_convert_command(tiny_target_dir, tmp_path):

@@ -108,7 +108,7 @@ def test_the_offline_catalog_covers_the_readme_families_and_lists_its_ids():
 
 
 def test_partially_supported_target_exits_0():
-    result = invoke("inspect", "meta-llama/Llama-3.1-8B-Instruct", "--json")
+    result = invoke("inspect", "microsoft/Phi-4-mini-instruct", "--json")
     assert result.exit_code == 0
     methods = json.loads(result.stdout)["methods"]
     assert methods["eagle3"]["supported"] and not methods["dflash"]["supported"]
