@@ -22,6 +22,7 @@ from spectool import baselines as loops
 from spectool.bench_prompts import BenchPrompt
 from spectool.decoding.accept import SamplingParams
 from spectool.decoding.engine import Engine, GenerationStats
+from spectool.decoding.limits import memory_bandwidth, step_weight_bytes
 from spectool.decoding.stops import StopStrings
 from spectool.errors import UsageError
 from spectool.runtime import Runtime
@@ -480,11 +481,24 @@ def cost_profile(runtime: Runtime, rounds: Sequence[Any]) -> dict[str, Any]:
             }
         )
     full = draft_cost[-1] + profile.seconds[-1]
+    weight_bytes = step_weight_bytes(runtime.model)
+    bandwidth = memory_bandwidth(runtime.model.device)
     return {
         "step_seconds": step,
+        "step_ms": round(step * 1000, 3),
+        # The machine's limit: a step reads every weight once, so it takes at least bytes / bandwidth.
+        "weight_bytes_per_step": weight_bytes,
+        "memory_bandwidth_gb_s": round(bandwidth / 1e9, 2),
+        "floor_ms": round(weight_bytes / bandwidth * 1000, 3),
+        "step_over_floor": round(step / (weight_bytes / bandwidth), 3),
         "verify_curve": [round(s / step, 3) for s in profile.seconds],  # V(n) / V(1), n = 1..
+        # A whole drafting round (every slot of the block, or a full chain), in seconds and in target steps.
         "draft_seconds": draft_cost[-1] if proposer.per_token_drafting else draft_cost[1],
         "draft_cost": round((draft_cost[-1] if proposer.per_token_drafting else draft_cost[1]) / step, 3),
+        # The same per drafted token (a chain drafts one token per draft forward; a block all of them in one).
+        "draft_steps_per_token": round(
+            (draft_cost[-1] if proposer.per_token_drafting else draft_cost[1]) / (width - 1) / step, 3
+        ),
         "per_token_drafting": bool(proposer.per_token_drafting),
         "drafting_rounds_measured": len(drafting),
         "break_even": rows,

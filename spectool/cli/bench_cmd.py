@@ -234,10 +234,17 @@ def _render_profile(out, profile: dict) -> None:
     """`--profile`: costs in units of one plain target step (V(1))."""
     step_ms = profile["step_seconds"] * 1000
     curve = " ".join(f"{v:.2f}" for v in profile["verify_curve"])
-    unit = "per drafted token" if profile["per_token_drafting"] else "per round"
+    drafted = len(profile["verify_curve"]) - 1
     out.print(
         f"cost profile (unit: one target step, {step_ms:.2f} ms): verify of n = 1.. tokens {curve}; draft "
-        f"{profile['draft_cost']:.2f} {unit} (from {profile['drafting_rounds_measured']} drafting rounds)",
+        f"{profile['draft_cost']:.2f} per round of {drafted} tokens, {profile['draft_steps_per_token']:.3f} per drafted "
+        f"token (from {profile['drafting_rounds_measured']} drafting rounds)",
+        soft_wrap=True,
+    )
+    out.print(
+        f"the machine's limit: a step reads {profile['weight_bytes_per_step'] / 2**20:,.0f} MiB of weights at "
+        f"{profile['memory_bandwidth_gb_s']:.1f} GB/s measured, so at least {profile['floor_ms']:.2f} ms; this loop's "
+        f"step is {profile['step_over_floor']:.2f}x that floor",
         soft_wrap=True,
     )
     table = Table(show_edge=False)
