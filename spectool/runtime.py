@@ -132,6 +132,8 @@ def load_runtime(
             profile, per_token_drafting=proposer.per_token_drafting, tree=proposer.tree_size is not None
         )
         scheduler = proposer.prefix_scheduler(profile)  # DSpark: cut each block by confidence too
+        if scheduler is not None:
+            scheduler.follow(controller)
     engine = Engine(frozen, proposer, scheduler, controller)
     target_engine = Engine(FrozenTarget(model, []))
     chat = ChatFormat(tokenizer) if getattr(tokenizer, "chat_template", None) else None

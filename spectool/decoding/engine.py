@@ -216,6 +216,7 @@ class Engine:
         event = commit_round(answer, [], first, 0, "prefill", ends, 0.0, time.perf_counter() - start)
         yield event
         while event.finish_reason is None:
+            catch_up = proposer.pending_positions() if proposer is not None else 0
             t0 = time.perf_counter()
             proposal, drafting = self._propose(prompt, answer, max_drafts, ends, sampling, generator)
             t1 = time.perf_counter()
@@ -225,7 +226,9 @@ class Engine:
             accepted, target_token, num_drafted, full = verify(answer[-1], proposal, sampling, generator)
             verify_seconds = time.perf_counter() - t1
             if controller is not None:
-                controller.observe(num_drafted, len(accepted), t1 - t0, len(proposal.tokens))
+                controller.observe(
+                    num_drafted, len(accepted), t1 - t0, len(proposal.tokens), ran=drafting, catch_up=catch_up
+                )
                 controller.observe_verify(1 + len(proposal.tokens), verify_seconds)
             kind = "bonus" if full else "correction"
             event = commit_round(answer, accepted, target_token, num_drafted, kind, ends, t1 - t0, verify_seconds)

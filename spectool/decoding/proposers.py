@@ -67,6 +67,10 @@ class Proposer(ABC):
         """Up to `limits[b]` draft tokens for each row b; `histories[b]` is its prompt and answer so far, whose
         last token (the one the drafts follow) has no target features yet."""
 
+    def pending_positions(self) -> int:
+        """Committed positions of the first row that the draft has not read yet (what the next round catches up)."""
+        return 0
+
     def use_scheduler(self, scheduler: PrefixScheduler | None) -> None:
         """Draft only the block prefix `scheduler` admits (DSpark with a confidence head); others take none."""
         if scheduler is not None:
@@ -122,6 +126,9 @@ class RowProposer(Proposer):
 
     def extend_context(self, row: int, features: torch.Tensor) -> None:
         self.pending[row].append(features)
+
+    def pending_positions(self) -> int:
+        return sum(f.shape[0] for f in self.pending[0]) if self.pending else 0
 
     def keep_rows(self, rows: list[int]) -> None:
         """Keep only these rows, in this order (finished rows leave a batched generation)."""
@@ -415,6 +422,9 @@ class EagleTreeProposer(Proposer):
     def extend_context(self, row: int, features: torch.Tensor) -> None:
         self.chain.extend_context(row, features)
 
+    def pending_positions(self) -> int:
+        return self.chain.pending_positions()
+
     @torch.no_grad()
     def propose(
         self, histories: list[list[int]], limits: list[int], sampling: SamplingParams, generator: torch.Generator
@@ -429,15 +439,17 @@ class EagleTreeProposer(Proposer):
         for level in range(2, min(self.depth, limits[0]) + 1):
             expand = sorted(frontier, key=lambda i: -tree.scores[i])[: self.top_k]
             base = chain.cache.lengths[0]
-            mask = torch.zeros(1, 1, len(expand), base + len(expand), dtype=torch.bool, device=device)
-            mask[..., :context_length] = True
+            # The mask is built on the host and moved once (filling a device tensor element by element costs a
+            # transfer per element on a GPU).
+            visible = [[True] * context_length + [False] * (base + len(expand) - context_length) for _ in expand]
             for row, node in enumerate(expand):
                 node_cache[node] = base + row
                 ancestor = tree.parents[node]
                 while ancestor != -1:
-                    mask[0, 0, row, node_cache[ancestor]] = True
+                    visible[row][node_cache[ancestor]] = True
                     ancestor = tree.parents[ancestor]
-                mask[0, 0, row, base + row] = True
+                visible[row][base + row] = True
+            mask = torch.tensor(visible, dtype=torch.bool).view(1, 1, len(expand), -1).to(device)
             ids = torch.tensor([[tree.tokens[i] for i in expand]], device=device)
             parent_hidden = torch.cat([frontier_hidden[i] for i in expand], dim=1)
             positions = torch.full((1, len(expand)), context_length + level - 2, device=device)

@@ -124,6 +124,12 @@ class PrefixScheduler:
         self.profile = profile
         self.temperatures = list(temperatures) if temperatures else None
         self.draft_seconds = draft_seconds  # D: None until a round has been timed
+        self.verify_seconds = lambda n: 1.0 / profile.steps_per_second(n)  # V(n); `follow` swaps in a live one
+
+    def follow(self, controller: DraftLengthController) -> None:
+        """Read V(n) from `controller`, whose live verify forwards rescale the start-up profile, so the block's
+        cut and the draft length are chosen against the same costs."""
+        self.verify_seconds = controller.verify_seconds
 
     def observe_draft(self, seconds: float) -> None:
         """Fold one round's measured drafting time into D."""
@@ -134,7 +140,7 @@ class PrefixScheduler:
 
     def round_seconds(self, num_tokens: int) -> float:
         """D + V(n): a round that verifies `num_tokens` tokens (the anchor included)."""
-        return (self.draft_seconds or 0.0) + 1.0 / self.profile.steps_per_second(num_tokens)
+        return (self.draft_seconds or 0.0) + self.verify_seconds(num_tokens)
 
     def admission(self) -> Admission:
         """A fresh left-to-right decision for one block: what lets a proposer stop drafting the block at the first
@@ -269,6 +275,7 @@ class DraftLengthController:
         self.verify_scale = _RunningMean(self.DECAY, prior=1.0)
         self.plain_rounds = 0  # k = 0 rounds since the last draft
         self.probing = False
+        self.longest_draft = 0  # the most tokens any round drafted: a steady round catches up at most that + 1
 
     def verify_seconds(self, num_tokens: int) -> float:
         """V(n): the profiled verify forward over n tokens, scaled by what the live rounds measure."""
@@ -344,6 +351,8 @@ class DraftLengthController:
             self.paying_rounds += 1
             if self.paying_rounds >= self.base_probe_every:  # drafting has paid for a while: probe eagerly again
                 self.probe_every = self.base_probe_every
+            if k < limit and not self.tree and self.paying_rounds % self.base_probe_every == 0:
+                return k + 1  # explore one position further now and then: its estimate may be stale
             return k
         self.paying_rounds = 0
         self.plain_rounds += 1
@@ -353,20 +362,37 @@ class DraftLengthController:
             return limit
         return 0
 
-    def observe(self, drafted: int, accepted: int, draft_seconds: float, tree_size: int | None = None) -> None:
+    def observe(
+        self,
+        drafted: int,
+        accepted: int,
+        draft_seconds: float,
+        tree_size: int | None = None,
+        *,
+        ran: bool | None = None,
+        catch_up: int = 1,
+    ) -> None:
         """Fold in a round that drafted ``drafted`` tokens (a tree: ``tree_size`` nodes, ``drafted`` deep) of which
-        ``accepted`` were accepted, drafting in ``draft_seconds``."""
-        if drafted <= 0:
+        ``accepted`` were accepted, drafting in ``draft_seconds``.
+
+        ``ran``: the draft forward ran (default: ``drafted > 0``); a block whose confidence cut admitted no slot
+        ran for nothing, which counts as its cost and as a miss at the first position. ``catch_up``: the committed
+        positions the draft had to read first; a round after plain steps (or the prompt) reads more than a
+        steady round ever does, so its time says nothing about the cost of drafting and is not counted."""
+        ran = drafted > 0 if ran is None else ran
+        if not ran:
             return
-        self.draft_seconds.add(draft_seconds / drafted if self.per_token_drafting else draft_seconds)
+        if catch_up <= self.longest_draft + 1:
+            self.draft_seconds.add(draft_seconds / max(drafted, 1) if self.per_token_drafting else draft_seconds)
+        self.longest_draft = max(self.longest_draft, drafted)
         if self.tree:
             self.tree_tokens.add(accepted + 1.0)
         else:
-            for j in range(min(drafted, accepted + 1)):  # the positions reached: all before them were accepted
+            for j in range(min(max(drafted, 1), accepted + 1)):  # positions reached: all before them accepted
                 while j >= len(self.rates):
                     self.rates.append(_RunningMean(self.DECAY))
                 self.rates[j].add(1.0 if j < accepted else 0.0)
-        if self.probing and self.best(drafted, tree_size) == 0:
+        if self.probing and self.best(max(drafted, 1), tree_size) == 0:
             # A probe that shows drafting still does not pay: wait twice as long for the next one. (One that pays
             # lets the draft run; the interval comes back down once drafting has paid for a while.)
             self.probe_every = min(self.max_probe_every, self.probe_every * 2)

@@ -227,3 +227,52 @@ def test_auto_sampling_follows_the_target_distribution(qwen3_target, qwen3_confi
         drafted |= {r.num_drafted for r in stats.verify_rounds}
     assert 0 in drafted and max(drafted) >= 1
     assert chi_square(counts, torch.tensor([joint[o] for o in outcomes])) < CHI2_CRIT_001[8]
+
+
+def test_a_block_cut_to_nothing_counts_its_cost_and_a_miss():
+    """A DSpark round whose confidence cut admitted no slot still ran the draft: its time is the draft's cost and
+    the round is a miss at the first position, so a draft that never passes the cut stops being run every round
+    (it used to leave no trace, and the controller asked for it again and again)."""
+    c = DraftLengthController(CPU, per_token_drafting=False)
+    assert c.choose(7) == 7  # nothing measured yet: draft fully once
+    c.observe(0, 0, 0.5, 0, ran=True, catch_up=1)
+    assert c.draft_seconds.value == 0.5 and c.rates[0].value == 0.0
+    assert [c.choose(7) for _ in range(15)] == [0] * 15
+
+
+def test_rounds_that_catch_up_after_plain_steps_do_not_count_as_drafting_cost():
+    """A round after plain steps (or the prompt) first reads every committed position the draft missed; that
+    time is not the cost of drafting k tokens, which a steady round (catching up at most k + 1) measures."""
+    c = DraftLengthController(CPU, per_token_drafting=True)
+    c.observe(4, 1, 8.0, catch_up=60)  # the prompt, unwarmed
+    assert c.draft_seconds.value is None and c.rates[0].value == 1.0
+    c.observe(4, 1, 0.4, catch_up=2)
+    assert c.draft_seconds.value == pytest.approx(0.1)
+    c.observe(4, 4, 4.0, catch_up=12)  # after 11 plain steps
+    assert c.draft_seconds.value == pytest.approx(0.1)
+    c.observe(4, 0, 0.8, catch_up=5)  # a steady round after 4 accepted
+    assert c.draft_seconds.value == pytest.approx(0.15)
+
+
+def test_positions_beyond_the_chosen_length_are_explored_now_and_then():
+    """Estimates of positions past the chosen k are never updated by rounds that stop at k; one round in every
+    `probe_every` paying rounds drafts one more so a stale pessimistic estimate can recover."""
+    c = controller_with(CPU, [0.9, 0.02], 0.01)
+    choices = [c.choose(4) for _ in range(48)]
+    assert set(choices) == {1, 2} and choices.count(2) == 3  # rounds 16, 32, 48
+    c.rates[1] = settled(0.95)  # what such explorations would reveal
+    assert c.choose(4) > 2
+
+
+def test_the_prefix_scheduler_follows_the_live_verify_cost():
+    """DSpark's prefix cut and the draft length are chosen against the same V(n): the controller's, rescaled by
+    live verify forwards (the scheduler used to keep the raw start-up profile)."""
+    from spectool.decoding.schedule import PrefixScheduler
+
+    scheduler = PrefixScheduler(CPU)
+    controller = DraftLengthController(CPU, per_token_drafting=False)
+    scheduler.follow(controller)
+    for _ in range(200):
+        controller.observe_verify(1, 3.0)  # the machine got three times slower since start-up
+    assert scheduler.round_seconds(1) == pytest.approx(3.0, rel=1e-3)
+    assert scheduler.round_seconds(5) == pytest.approx(3.0 * 2.0, rel=1e-3)
