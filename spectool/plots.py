@@ -250,12 +250,21 @@ def require_matplotlib() -> None:
         raise UsageError(f"drawing needs matplotlib: {PLOT_INSTALL}") from None
 
 
-def check_figure_path(out: str | Path) -> Path:
+def check_figure_path(out: str | Path, *, force: bool = True, option: str = "--out") -> Path:
+    """The figure's path: .png or .html, not a directory; with ``force`` False an existing figure or data CSV
+    (the same name with .csv) is refused rather than replaced."""
     out = Path(out).expanduser()
     if out.suffix.lower() not in (".png", ".html"):
         raise UsageError(f"{out}: the figure is written as .png or .html")
     if out.is_dir():
         raise UsageError(f"{out} is a directory; give a .png or .html file")
+    existing = [path for path in (out, out.with_suffix(".csv")) if path.exists()]
+    if existing and not force:
+        names = " and ".join(str(path) for path in existing)
+        raise UsageError(
+            f"{names} already exist{'s' if len(existing) == 1 else ''}; pass --force to replace, or "
+            f"choose another {option}"
+        )
     return out
 
 

@@ -75,6 +75,7 @@ def bench_command(
     plot: Path = typer.Option(
         None, "--plot", help="Also draw the results into this .png or .html (as `spectool report` does; + .csv)."
     ),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --plot figure and its .csv."),
 ) -> None:
     """Run the prompts speculatively and with each baseline, interleaved in one run, and report acceptance length
     (tokens per target forward, the bonus/correction token included), tokens/s and speedups. At temperature 0 the
@@ -104,7 +105,7 @@ def bench_command(
     if plot is not None:
         from spectool.plots import check_figure_path, require_matplotlib
 
-        check_figure_path(plot)
+        check_figure_path(plot, force=force, option="--plot")
         require_matplotlib()
     if turns is not None and turns < 1:
         raise UsageError(f"--turns must be at least 1, got {turns}")

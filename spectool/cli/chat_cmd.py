@@ -115,9 +115,7 @@ def chat_command(
     """Chat with the target through the draft: accepted draft tokens are highlighted inline, one colour per round;
     the target's own tokens (corrections and bonus tokens) are plain. The output is exactly the target's."""
     resolve_draft_dir(draft)  # before torch loads: a wrong path answers at once
-    from spectool.decoding.accept import SamplingParams
-    from spectool.decoding.stops import StopStrings
-    from spectool.runtime import load_runtime
+    from spectool.sampling import SamplingParams  # torch-free: out-of-range settings answer before torch loads
 
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
@@ -130,6 +128,9 @@ def chat_command(
     if prompt is not None and not prompt.strip():
         raise UsageError("--prompt is empty: give the text to answer, or leave --prompt out to chat interactively")
     sampling = SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k)  # a UsageError when out of range
+    from spectool.decoding.stops import StopStrings
+    from spectool.runtime import load_runtime
+
     out = Console(color_system=None, highlight=False) if plain else console()
     runtime = load_runtime(draft, target, device=device, verify=verify, tree=tree)
     for warning in runtime.warnings:

@@ -18,6 +18,7 @@ from spectool.cli.chat_session import ChatSession
 from spectool.cli.render import console, handles_errors, method_panel, target_panel
 from spectool.errors import UsageError
 from spectool.hub import ASSETS_DIR, default_model_ref, resolve_model
+from spectool.paths import check_output_path
 from spectool.registry import DEFAULT_METHOD, get
 
 DEMO_DATA = ASSETS_DIR / "data" / "demo_train.jsonl"
@@ -44,6 +45,10 @@ def demo_command(
     """Inspect the embedded tiny target, train a DSpark draft for it briefly, answer a held-out question with the
     inline acceptance view, and benchmark it against the target alone. Everything ships with spectool."""
     _check_options(steps, prompts, max_new_tokens)  # before torch loads
+    if out is not None:
+        check_output_path(out)  # a file, or a path under one, is refused before anything is printed
+        if out.is_dir() and any(out.iterdir()):
+            raise UsageError(f"--out {out} is not empty; give a new or empty directory to keep the demo's draft in")
     from spectool.bench_prompts import load_prompts
     from spectool.report import method_report
     from spectool.runtime import load_runtime

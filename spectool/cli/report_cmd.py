@@ -23,6 +23,7 @@ def report_command(
         help="Also draw them into this .png or .html (needs matplotlib: pip install 'spectool\\[plot]'); the "
         "plotted numbers go to the same name with .csv.",
     ),
+    force: bool = typer.Option(False, "--force", help="Replace an existing figure and its .csv."),
 ) -> None:
     """Summarise training runs and benchmarks: per run its steps, final loss, eval loss, acceptance length and
     tokens/s with sparklines of loss and acceptance length; per benchmark its acceptance length and tokens/s
@@ -30,7 +31,7 @@ def report_command(
     from spectool.plots import check_figure_path, load_sources, require_matplotlib, summary_tables, write_figure
 
     if out is not None:
-        check_figure_path(out)
+        check_figure_path(out, force=force)
         require_matplotlib()
     loaded = load_sources(sources)
     terminal = console()

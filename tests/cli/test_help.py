@@ -61,6 +61,10 @@ USAGE_ERRORS = [
     (["layers", "/nonexistent/model"], "no such file"),
     (["inspect", "/nonexistent/model"], "no such file"),
     (["demo", "--no-such-option"], "No such option"),
+    (["chat", "--draft", "dspark", "--temperature", "-1", "--prompt", "hi"], "--temperature must be"),
+    (["demo", "--out", __file__], "is a file, not a directory"),
+    (["demo", "--out", str(Path(__file__).parent)], "is not empty"),
+    (["bench", "--draft", "dspark", "--prompts", "mt-bench", "--turns", "0"], "--turns must be at least 1"),
     (["train", "--method", "nope", "--out", "/tmp/nw"], "Invalid value for '--method'"),
 ]  # fmt: skip
 

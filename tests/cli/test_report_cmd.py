@@ -120,8 +120,23 @@ def test_train_prints_plain_lines_then_report_draws_runs_and_a_bench(chat_target
 
     html = tmp_path / "report.html"
     result = invoke("report", str(bench), "--out", str(html))
+    assert result.exit_code == 2 and "report.csv already exists; pass --force" in result.stderr  # the PNG's data
+    result = invoke("report", str(bench), "--out", str(html), "--force")
     assert result.exit_code == 0, result.output
     assert "data:image/png;base64," in html.read_text() and (tmp_path / "report.csv").is_file()
+
+
+def test_report_never_replaces_a_file_without_force(tmp_path):
+    bench = bench_json(tmp_path / "bench.json", 100.0)
+    figure, data = tmp_path / "mine.png", tmp_path / "mine.csv"
+    figure.write_bytes(b"my own picture")
+    data.write_text("my,own,numbers\n")
+    result = invoke("report", str(bench), "--out", str(figure))
+    assert result.exit_code == 2 and "mine.png and " in result.stderr and "pass --force" in result.stderr
+    assert figure.read_bytes() == b"my own picture" and data.read_text() == "my,own,numbers\n"
+    result = invoke("report", str(bench), "--out", str(figure), "--force")
+    assert result.exit_code == 0, result.output
+    assert figure.read_bytes().startswith(b"\x89PNG") and data.read_text() != "my,own,numbers\n"
 
 
 def test_report_errors(tmp_path, monkeypatch):
