@@ -177,8 +177,21 @@ class Step:
         return self.peak_gib > self.budget_gib
 
 
+#: Runs a command and writes its peak RSS (from wait4) to a file. Linux counts the memory a process had before it
+#: exec'd into its peak, so a command started straight from a large process (a test runner that has loaded models)
+#: reports that process's size; started from this small launcher, it starts from the launcher's few MB.
+LAUNCHER = (
+    "import os, subprocess, sys\n"
+    "child = subprocess.Popen(sys.argv[2:])\n"
+    "_, status, usage = os.wait4(child.pid, 0)\n"
+    "open(sys.argv[1], 'w').write(str(usage.ru_maxrss))\n"
+    "sys.exit(os.waitstatus_to_exitcode(status))\n"
+)
+
+
 def run_step(step: Step, env: dict, timeout: float) -> Step:
-    """Run one CLI command in its own session; wall time and its peak RSS (largest process of its tree) from wait4."""
+    """Run one CLI command in its own session; wall time and its peak RSS (largest process of its tree) from wait4,
+    taken by a small launcher process (see `LAUNCHER`)."""
     if step.torchrun:
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
         command += ["-m", "spectool", *step.args]
@@ -187,6 +200,9 @@ def run_step(step: Step, env: dict, timeout: float) -> Step:
     log_dir = Path(env["REHEARSAL_LOGS"])
     stem = f"{step.target}-{step.name}".replace(" ", "_").replace("/", "_")
     out_path, err_path = log_dir / f"{stem}.out", log_dir / f"{stem}.err"
+    peak_path = log_dir / f"{stem}.maxrss"
+    peak_path.unlink(missing_ok=True)
+    command = [sys.executable, "-c", LAUNCHER, str(peak_path), *command]
     start = time.perf_counter()
     with open(out_path, "w") as out, open(err_path, "w") as err:
         process = subprocess.Popen(command, stdout=out, stderr=err, env=env, start_new_session=True)
@@ -204,7 +220,9 @@ def run_step(step: Step, env: dict, timeout: float) -> Step:
     step.seconds = time.perf_counter() - start
     step.returncode = os.waitstatus_to_exitcode(status)
     process.returncode = step.returncode
-    step.peak_gib = usage.ru_maxrss * 1024 / GIB  # KiB on Linux; includes reaped descendants (torchrun workers)
+    # KiB on Linux; includes reaped descendants (torchrun workers). The launcher's own figure if it was killed.
+    peak_kib = int(peak_path.read_text()) if peak_path.is_file() else usage.ru_maxrss
+    step.peak_gib = peak_kib * 1024 / GIB
     step.stdout, step.stderr = out_path.read_text(), err_path.read_text()
     return step
 

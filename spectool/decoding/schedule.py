@@ -342,9 +342,8 @@ class DraftLengthController:
         self.probing = False
         if limit <= 0:
             return 0
-        if self.draft_seconds.value is None:  # nothing measured yet: draft fully once
-            self.probing = True
-            return limit
+        if self.draft_seconds.value is None:  # nothing measured yet: draft fully to measure (not a probe: a
+            return limit  # first round's catch-up over the prompt is not counted, so this may take two rounds)
         k = self.best(limit, tree_size)
         if k > 0:
             self.plain_rounds = 0

@@ -106,8 +106,9 @@ def test_plain_steps_then_probes_with_a_doubling_interval():
     probes = [i for i, k in enumerate(choices) if k]
     assert probes[0] == 0 and all(choices[i] == 4 for i in probes)
     gaps = [b - a for a, b in itertools.pairwise(probes)]
-    # The measuring first round is the first probe that did not pay: a probe every 8th round, then 16th (the cap).
-    assert gaps[:4] == [8, 16, 16, 16] and set(gaps) == {8, 16}
+    # The first round measures (it is no probe); then a probe after 4 plain rounds, which does not pay: the next
+    # one after 8, then every 16th (the cap).
+    assert gaps[:4] == [4, 8, 16, 16] and set(gaps) == {4, 8, 16}
 
 
 def test_a_probe_that_pays_brings_drafting_back():
@@ -118,7 +119,7 @@ def test_a_probe_that_pays_brings_drafting_back():
     while (k := c.choose(4)) == 0:
         plain += 1
         c.observe(0, 0, 0.0)
-    assert k == 4 and plain == 3 and c.probe_every == 4
+    assert k == 4 and plain == 1 and c.probe_every == 2  # the measuring round is no probe: nothing doubled
     for _ in range(40):  # from the probe on, the draft is fast and always right (e.g. a repetitive answer)
         c.observe(k, k, 0.01)
         k = c.choose(4)
