@@ -209,6 +209,19 @@ def run_bench(
 
 
 @dataclass
+class _Part:
+    """One category's (or turn's) share of a bench: its answers, the speculative loop's tokens, seconds and rounds,
+    and the target alone's tokens and seconds on the same answers."""
+
+    answers: int = 0
+    tokens: float = 0.0
+    seconds: float = 0.0
+    target_tokens: int = 0
+    target_seconds: float = 0.0
+    rounds: list[Any] = field(default_factory=list)
+
+
+@dataclass
 class _Tally:
     """What the interleaved runs of a bench add up to: the draft's tokens, seconds and rounds; each baseline's tokens
     and seconds; the rounds of the same draft drafting fully and of the z-lab loop; the prompts whose greedy answers
@@ -223,8 +236,7 @@ class _Tally:
     seconds: Counter = field(default_factory=Counter)
     tokens: Counter = field(default_factory=Counter)
     mismatched: list[int] = field(default_factory=list)
-    # Per category / turn: [answers, spec tokens, spec seconds, target tokens, target seconds, rounds...]
-    parts: dict[str, list[Any]] = field(default_factory=lambda: defaultdict(lambda: [0, 0.0, 0.0, 0, 0.0, []]))
+    parts: dict[str, _Part] = field(default_factory=lambda: defaultdict(_Part))  # per category / turn
 
     def add(self, name: str, out: Sequence[int], seconds: float) -> None:
         self.seconds[name] += seconds
@@ -238,21 +250,21 @@ class _Tally:
         spec_tokens, spec_seconds, rounds, target_tokens, target_seconds = before
         for key in keys:
             part = self.parts[key or "all"]
-            part[0] += 1
-            part[1] += self.spec_tokens - spec_tokens
-            part[2] += self.spec_seconds - spec_seconds
-            part[3] += self.tokens["target"] - target_tokens
-            part[4] += self.seconds["target"] - target_seconds
-            part[5] += self.rounds[rounds:]
+            part.answers += 1
+            part.tokens += self.spec_tokens - spec_tokens
+            part.seconds += self.spec_seconds - spec_seconds
+            part.target_tokens += self.tokens["target"] - target_tokens
+            part.target_seconds += self.seconds["target"] - target_seconds
+            part.rounds += self.rounds[rounds:]
 
     def breakdown(self) -> dict[str, dict[str, float | int | None]]:
         table: dict[str, dict[str, float | int | None]] = {}
-        for key, (answers, tokens, seconds, target_tokens, target_seconds, rounds) in sorted(self.parts.items()):
-            stats = GenerationStats(rounds, seconds)
-            tps = tokens / seconds if seconds else 0.0
-            target_tps = target_tokens / target_seconds if target_seconds else None
+        for key, part in sorted(self.parts.items()):
+            stats = GenerationStats(part.rounds, part.seconds)
+            tps = part.tokens / part.seconds if part.seconds else 0.0
+            target_tps = part.target_tokens / part.target_seconds if part.target_seconds else None
             table[key] = {
-                "answers": answers,
+                "answers": part.answers,
                 "acceptance_length": stats.acceptance_length if stats.verify_rounds else None,
                 "tokens_per_second": tps,
                 "speedup_over_target": tps / target_tps if target_tps else None,
