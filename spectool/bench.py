@@ -495,7 +495,9 @@ def cost_profile(runtime: Runtime, rounds: Sequence[Any]) -> dict[str, Any]:
     full = draft_cost[-1] + profile.seconds[-1]
     weight_bytes = step_weight_bytes(runtime.model)
     bandwidth = memory_bandwidth(runtime.model.device)
+    plan = getattr(engine.session, "kernel_plan", None)  # the lean forward's matrix kernels (None: transformers')
     return {
+        "kernels": plan.summary() if plan is not None else None,
         "step_seconds": step,
         "step_ms": round(step * 1000, 3),
         # The machine's limit: a step reads every weight once, so it takes at least bytes / bandwidth.

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from spectool.errors import SpectoolError, UsageError
-from spectool.paths import installed_package_file
+from spectool.paths import cache_dir, installed_package_file, write_text_atomically
 
 GGUF_MAGIC = b"GGUF"
 SOURCE_FILE = "gguf_source.json"
@@ -103,12 +103,8 @@ def gguf_file_in(path: Path) -> Path | None:
 
 
 def cache_root() -> Path:
-    """``$SPECTOOL_CACHE`` or ``$XDG_CACHE_HOME/spectool`` (``~/.cache/spectool``) + ``/gguf``."""
-    base = os.environ.get("SPECTOOL_CACHE")
-    if base:
-        return Path(base).expanduser() / "gguf"
-    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(xdg) / "spectool" / "gguf"
+    """Converted GGUF models: ``gguf/`` in spectool's cache dir (``$SPECTOOL_CACHE``, else ``~/.cache/spectool``)."""
+    return cache_dir() / "gguf"
 
 
 def check_gguf_file(path: Path) -> None:
@@ -142,7 +138,7 @@ def file_sha256(path: Path) -> str:
     memo[key] = digest.hexdigest()
     try:
         memo_path.parent.mkdir(parents=True, exist_ok=True)
-        _write_atomically(memo_path, json.dumps(memo, indent=1))
+        write_text_atomically(memo_path, json.dumps(memo, indent=1))
     except OSError:
         pass  # the memo only saves time
     return memo[key]
@@ -253,12 +249,6 @@ def _load_gguf(gguf: Path):
     plain.tie_weights()
     plain.generation_config = loaded.generation_config
     return plain.eval(), tokenizer
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    staging.write_text(text, encoding="utf-8")
-    os.replace(staging, path)
 
 
 def progress_line(message: str) -> None:

@@ -222,3 +222,19 @@ def fsync_dir(directory: str | Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def cache_dir() -> Path:
+    """spectool's cache: ``$SPECTOOL_CACHE``, else ``$XDG_CACHE_HOME/spectool`` (``~/.cache/spectool``)."""
+    base = os.environ.get("SPECTOOL_CACHE")
+    if base:
+        return Path(base).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "spectool"
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one rename, so a reader sees the old file or the new one, never a part."""
+    staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    staging.write_text(text, encoding="utf-8")
+    os.replace(staging, path)

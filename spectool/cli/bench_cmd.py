@@ -248,6 +248,15 @@ def _render_profile(out, profile: dict) -> None:
         f"step is {profile['step_over_floor']:.2f}x that floor",
         soft_wrap=True,
     )
+    kernels = profile.get("kernels")
+    if kernels and kernels["chosen"]:
+        one = ", ".join(f"{kind} {forms['1']}" for kind, forms in kernels["forms"].items())
+        four = ", ".join(f"{kind} {forms['4']}" for kind, forms in kernels["forms"].items())
+        out.print(
+            f"matrix kernels timed on this CPU: at 1 token {one}; at 4 tokens {four} (SPECTOOL_KERNELS=plain: "
+            "F.linear everywhere)",
+            soft_wrap=True,
+        )
     table = Table(show_edge=False)
     table.add_column("drafted", justify="right")
     table.add_column("tokens per round to break even", justify="right")

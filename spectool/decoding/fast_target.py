@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spectool.decoding.kernels import KernelPlan, PlannedLinear, plan_for
+from spectool.gguf import progress_line
 from spectool.target import FrozenTarget
 
 #: `config.model_type` values whose decoder layer is the Llama layer (Qwen3 adds per-head q/k RMSNorm).
@@ -130,6 +132,17 @@ class _Layer:
         else:
             self.qk_norm = None
 
+    def plan(self, plan: KernelPlan) -> None:
+        """The products through the plan's kernels (`qkv_op`, `o_op`, `gate_up_op`, `down_op`)."""
+
+        def planned(kind: str, weight: torch.Tensor, bias: torch.Tensor | None) -> PlannedLinear:
+            return PlannedLinear(weight, bias, plan.tables.get(kind, {}), kind in plan.columns)
+
+        self.qkv_op = planned("qkv", self.qkv, self.qkv_bias)
+        self.o_op = planned("o", self.o, self.o_bias)
+        self.gate_up_op = planned("gate_up", self.gate_up, self.gate_up_bias)
+        self.down_op = planned("down", self.down, self.down_bias)
+
 
 class FastTargetSession:
     """`TargetSession`'s interface (forward / crop / keep / length / reset) over the lean forward.
@@ -155,6 +168,13 @@ class FastTargetSession:
         self.final_norm = target.final_norm.weight
         self.final_eps = float(target.final_norm.variance_epsilon)
         self.lm_head = target.lm_head
+        self.kernel_plan = plan_for(self.planned_weights(), report=progress_line)
+        for layer in self.layers:
+            layer.plan(self.kernel_plan)
+        head = self.lm_head
+        self.head_op = PlannedLinear(
+            head.weight, head.bias, self.kernel_plan.tables.get("lm_head", {}), "lm_head" in self.kernel_plan.columns
+        )
         self.batch_size = batch_size
         self.capacity = 0
         self.cos = self.sin = torch.empty(0)
@@ -162,6 +182,16 @@ class FastTargetSession:
         self.values: list[torch.Tensor] = []
         self.lengths = [0] * batch_size  # cached positions per row
         self._grow(_INITIAL_CAPACITY)
+
+    def planned_weights(self) -> dict[str, list[torch.Tensor]]:
+        """Each kind of product's row-major weights, one per layer (what `kernels.plan_for` times)."""
+        return {
+            "qkv": [layer.qkv for layer in self.layers],
+            "o": [layer.o for layer in self.layers],
+            "gate_up": [layer.gate_up for layer in self.layers],
+            "down": [layer.down for layer in self.layers],
+            "lm_head": [self.lm_head.weight],
+        }
 
     def reset(self, batch_size: int | None = None) -> None:
         """Forget every row; `batch_size` (batched decoding) re-shapes the cache for that many rows."""
@@ -285,7 +315,7 @@ class FastTargetSession:
             captured[-1] = x
         for index, layer in enumerate(self.layers):
             heads, kv_heads = layer.num_heads, layer.num_kv_heads
-            qkv = F.linear(_rms_norm(x, layer.input_norm, layer.eps), layer.qkv, layer.qkv_bias)
+            qkv = layer.qkv_op(_rms_norm(x, layer.input_norm, layer.eps))
             qkv = qkv.view(rows, n, heads + 2 * kv_heads, self.head_dim)
             qk = qkv[:, :, : heads + kv_heads]
             if layer.qk_norm is not None:
@@ -296,13 +326,13 @@ class FastTargetSession:
             attn = F.scaled_dot_product_attention(
                 qk[:, :heads], keys, values, attn_mask=mask, scale=self.scaling, enable_gqa=heads != kv_heads
             )
-            x = x + F.linear(attn.transpose(1, 2).reshape(rows, n, -1), layer.o, layer.o_bias)
-            gate_up = F.linear(_rms_norm(x, layer.post_norm, layer.eps), layer.gate_up, layer.gate_up_bias)
+            x = x + layer.o_op(attn.transpose(1, 2).reshape(rows, n, -1))
+            gate_up = layer.gate_up_op(_rms_norm(x, layer.post_norm, layer.eps))
             hidden = F.silu(gate_up[..., : layer.intermediate]) * gate_up[..., layer.intermediate :]
-            x = x + F.linear(hidden, layer.down, layer.down_bias)
+            x = x + layer.down_op(hidden)
             if index in wanted and index != last_layer:
                 captured[index] = x
         x = _rms_norm(x, self.final_norm, self.final_eps)
         selected = [x if i == last_layer else captured[i] for i in wanted]
         features = torch.cat(selected, dim=-1) if selected else x.new_zeros(rows, n, 0)
-        return self.lm_head(x), features
+        return self.head_op(x), features

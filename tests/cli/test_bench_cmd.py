@@ -371,6 +371,7 @@ def test_bench_profile_reports_the_cost_model(dspark_draft, prompts_file):
             r = row["break_even_rate"]
             assert sum(r**j for j in range(k + 1)) == pytest.approx(row["break_even_tokens"], abs=0.02)
     assert profile["draft_steps_per_token"] == pytest.approx(draft / (len(curve) - 1), abs=2e-3)
+    assert profile["kernels"] == {"chosen": False, "column_copies": [], "forms": {}}  # the tiny target: F.linear
     full = draft + curve[-1]
     for tau, speedup in profile["speedup_at_acceptance_length"].items():
         assert speedup == pytest.approx(float(tau) / full, abs=2e-3)

@@ -1,0 +1,172 @@
+"""Matrix kernels chosen by measurement: every form computes F.linear's product, the choice follows the timings
+(padding, column copies within their memory share, F.linear unless beaten by the margin), plans are cached per
+machine, and the lean forward through forced plans keeps the transformers forward's logits and greedy tokens."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from spectool.decoding import fast_target, kernels
+from spectool.decoding.engine import Engine
+from spectool.decoding.kernels import MEASURED_TOKENS, Choice, KernelPlan, PlannedLinear, choose, plan_for
+from spectool.target import FrozenTarget
+from tests.decoding.test_engine import PROMPTS, reference_greedy, run
+from tests.decoding.test_fast_target import CONFIGS, assert_same, both, build
+
+
+@pytest.mark.parametrize("form", kernels.FORMS)
+@pytest.mark.parametrize("bias", [False, True])
+def test_every_form_and_padding_computes_the_linear_product(form, bias):
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(48, 32, generator=gen)
+    b = torch.randn(48, generator=gen) if bias else None
+    table = {1: Choice(form, 2), 2: Choice(form, 2), 3: Choice(form, 4), 6: Choice(form, 6)}
+    linear = PlannedLinear(weight, b, table, column=form == "col")
+    for shape in ((1, 1, 32), (1, 3, 32), (2, 3, 32), (1, 5, 32), (4, 32)):  # 5 tokens: not in the table
+        x = torch.randn(*shape, generator=gen)
+        out = linear(x)
+        assert out.shape == (*shape[:-1], 48) and out.is_contiguous()
+        torch.testing.assert_close(out, F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+    x = torch.randn(1, 3, 32, generator=gen).transpose(0, 1)  # a strided input (3 rows of one token)
+    torch.testing.assert_close(linear(x), F.linear(x, weight, b), rtol=1e-5, atol=1e-5)
+
+
+def test_a_column_form_needs_the_column_copy_and_the_copy_is_made_once():
+    weight = torch.randn(8, 4)
+    with pytest.raises(ValueError, match="column-major"):
+        PlannedLinear(weight, None, {1: Choice("col", 1)}, column=False)
+    first = PlannedLinear(weight, None, {1: Choice("col", 1)}, column=True)
+    second = PlannedLinear(weight, None, {}, column=True)
+    assert first.column.data_ptr() == second.column.data_ptr()
+    assert first.column.stride() == (1, 8) and torch.equal(first.column, weight)
+
+
+def timings(linear, wx, col):
+    """Per-call seconds per form, each a list over MEASURED_TOKENS (a scalar repeats)."""
+    return {
+        form: (list(values) if isinstance(values, list) else [values] * len(MEASURED_TOKENS))
+        for form, values in (("linear", linear), ("wx", wx), ("col", col))
+    }
+
+
+def test_choose_pads_to_a_cheaper_count_and_keeps_linear_within_the_margin():
+    # wx costs 5 at 1 token and 2 from 2 tokens up; linear costs 1 per token (as measured: 1 2 3 4 5 6 7 8 10 12 16)
+    linear = [float(m) for m in MEASURED_TOKENS]
+    wx = [5.0] + [2.0] * (len(MEASURED_TOKENS) - 1)
+    plan = choose({"mlp": timings(linear, wx, 100.0)}, {"mlp": 1000})
+    table = plan.tables["mlp"]
+    assert 1 not in table  # linear (1.0) is cheapest at one token
+    assert 2 not in table  # wx ties linear at 2 tokens: a tie is no reason to leave F.linear
+    assert table[3] == Choice("wx", 3) and table[9] == Choice("wx", 10) and table[16] == Choice("wx", 16)
+    assert plan.columns == frozenset()
+    near = choose({"mlp": timings(linear, [x * 0.99 for x in linear], 100.0)}, {"mlp": 1000})
+    assert near.tables["mlp"] == {}  # 1% faster is noise: F.linear stays
+
+
+def test_choose_pads_up_when_a_larger_count_is_faster():
+    wx = [4.0, 9.0, 9.0, 3.0] + [20.0] * (len(MEASURED_TOKENS) - 4)  # 4 rows cost less than 1, 2 or 3
+    plan = choose({"head": timings(10.0, wx, 100.0)}, {"head": 1000})
+    assert [plan.tables["head"][m] for m in (1, 2, 3, 4)] == [Choice("wx", 4)] * 4
+    assert 5 not in plan.tables["head"]  # linear (10) beats padding 5 rows to 16 (20) or wx at 5 (20)
+
+
+def test_column_copies_go_to_the_best_saving_per_byte_within_the_memory_share():
+    # at one token the column copy saves 6 for "head" (600 bytes) and 3 for "mlp" (100 bytes): per byte, mlp first
+    measured = {"head": timings(10.0, 10.0, [4.0] + [50.0] * 10), "mlp": timings(5.0, 5.0, [2.0] + [50.0] * 10)}
+    sizes = {"head": 600, "mlp": 100, "rest": 1500}
+    measured["rest"] = timings(1.0, 1.0, 9.0)
+    plan = choose(measured, sizes)  # share 0.25 of 2200 = 550 bytes: mlp fits, head does not
+    assert plan.columns == frozenset({"mlp"})
+    assert plan.tables["mlp"][1] == Choice("col", 1) and 1 not in plan.tables["head"]
+    assert all(c.form != "col" for m, c in plan.tables["mlp"].items() if m > 1)  # 50 there: linear or wx win
+    bigger = choose(measured, {"head": 600, "mlp": 100, "rest": 3000})  # 925 bytes: both fit
+    assert bigger.columns == frozenset({"mlp", "head"}) and bigger.tables["head"][1] == Choice("col", 1)
+
+
+def test_a_plan_survives_its_json_and_refuses_a_malformed_one():
+    plan = KernelPlan({"qkv": {1: Choice("wx", 2), 3: Choice("col", 4)}}, frozenset({"qkv"}), {})
+    again = KernelPlan.from_json(json.loads(json.dumps(plan.to_json())))
+    assert again.tables == plan.tables and again.columns == plan.columns
+    for bad in ({**plan.to_json(), "version": 0}, {**plan.to_json(), "tables": {"qkv": {"3": ["wx", 2]}}}):
+        with pytest.raises(ValueError):
+            KernelPlan.from_json(bad)
+
+
+@pytest.fixture
+def weights(monkeypatch, tmp_path):
+    """Two small 'layers' of two kinds and a head, with the small-model rule off and a fresh cache."""
+    monkeypatch.setenv("SPECTOOL_CACHE", str(tmp_path))
+    monkeypatch.delenv("SPECTOOL_KERNELS", raising=False)
+    monkeypatch.setattr(kernels, "_PLANS", {})
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "qkv": [torch.randn(96, 32, generator=gen) for _ in range(2)],
+        "down": [torch.randn(32, 64, generator=gen) for _ in range(2)],
+        "lm_head": [torch.randn(200, 32, generator=gen)],
+    }
+
+
+def test_small_models_keep_f_linear(weights):
+    assert plan_for(weights) is kernels.PLAIN
+
+
+def test_a_plan_is_measured_once_per_machine_and_read_back(weights, monkeypatch, tmp_path):
+    monkeypatch.setattr(kernels, "SMALL_MODEL_BYTES", 0)
+    lines = []
+    plan = plan_for(weights, report=lines.append)
+    assert len(lines) == 1 and "once" in lines[0]
+    assert set(plan.timings) == {"qkv", "down", "lm_head"} and plan.measured_seconds > 0
+    assert all(len(v) == len(MEASURED_TOKENS) for t in plan.timings.values() for v in t.values())
+    stored = json.loads((tmp_path / "kernels.json").read_text())
+    (key,) = stored
+    assert kernels.cpu_name() in key and "qkv=96x32x2" in key and "lm_head=200x32x1" in key
+    assert not any(hasattr(w, kernels._COLUMN_ATTRIBUTE) for ws in weights.values() for w in ws)  # temporary copies
+
+    monkeypatch.setattr(kernels, "_PLANS", {})  # a new process: the file answers
+    monkeypatch.setattr(kernels, "measure_plan", lambda _w: pytest.fail("measured again"))
+    assert plan_for(weights, report=lines.append).tables == plan.tables and len(lines) == 1
+
+    monkeypatch.setattr(kernels, "_PLANS", {})
+    (tmp_path / "kernels.json").write_text("{not json")
+    monkeypatch.setattr(kernels, "measure_plan", lambda _w: kernels.PLAIN)
+    assert plan_for(weights) is kernels.PLAIN  # a broken cache file is measured again, not an error
+
+    monkeypatch.setattr(kernels, "_PLANS", {})
+    monkeypatch.setenv("SPECTOOL_KERNELS", "plain")
+    monkeypatch.setattr(kernels, "measure_plan", lambda _w: pytest.fail("measured"))
+    assert plan_for(weights) is kernels.PLAIN
+
+
+def forced(form: str, rows_for) -> KernelPlan:
+    """Every kind through `form`, token count m padded to rows_for(m)."""
+    table = {m: Choice(form, rows_for(m)) for m in range(1, 17)}
+    kinds = ("qkv", "o", "gate_up", "down", "lm_head")
+    return KernelPlan({k: dict(table) for k in kinds}, frozenset(kinds if form == "col" else ()), {})
+
+
+PLANS = {
+    "wx": forced("wx", lambda m: m),
+    "wx-padded": forced("wx", lambda m: 16 if m > 8 else max(2, m + m % 2)),
+    "col": forced("col", lambda m: m),
+    "linear-padded": forced("linear", lambda m: 16),
+}
+
+
+@pytest.mark.parametrize("plan", list(PLANS))
+@pytest.mark.parametrize("name", ["qwen3", "llama-biases"])
+def test_the_lean_forward_through_forced_plans_matches_transformers(plan, name, monkeypatch):
+    monkeypatch.setattr(fast_target, "plan_for", lambda *_a, **_k: PLANS[plan])
+    model = build(CONFIGS[name]())
+    slow, fast = both(model, [0, model.config.num_hidden_layers - 1])
+    assert fast.kernel_plan is PLANS[plan]
+    gen = torch.Generator().manual_seed(1)
+    prompt = torch.randint(0, 256, (1, 9), generator=gen)
+    assert_same(slow.forward(prompt), fast.forward(prompt))
+    for width in (1, 2, 3, 5, 8, 12):
+        block = torch.randint(0, 256, (1, width), generator=gen)
+        assert_same(slow.forward(block), fast.forward(block))
+    for prompt in PROMPTS:
+        tokens, _ = run(Engine(FrozenTarget(model, [])), prompt, max_new_tokens=20)
+        assert tokens == reference_greedy(model, prompt, 20)
