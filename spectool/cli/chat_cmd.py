@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.text import Text
 
 from spectool.cli.application import app
-from spectool.cli.chat_session import ROUND_STYLES, ChatSession
+from spectool.cli.chat_session import ROUND_STYLES, ChatSession, target_step_seconds
 from spectool.cli.render import console, error_console, handles_errors
 from spectool.errors import UsageError
 from spectool.paths import resolve_draft_dir, shipped_drafts, user_data_dir
@@ -103,10 +103,11 @@ def chat_command(
     plain: bool = typer.Option(False, "--plain", help="No colours or styles (also when stdout is not a terminal)."),
     tree: str = typer.Option(None, "--tree", help="EAGLE-2 dynamic tree TOP_K,DEPTH,TOTAL (EAGLE drafts)."),
     verify: str = typer.Option(
-        "auto",
+        "full",
         "--verify",
-        help="auto: choose each round how many tokens to draft (0, a plain target step, when drafting does not pay "
-        "on this machine); full: draft all the draft offers every round.",
+        help="full: draft all the draft offers every round, so its accepted tokens show (the stats line gives the "
+        "target alone's speed beside it); auto: choose each round how many tokens to draft (0, a plain target "
+        "step, where drafting does not pay on this machine), the fastest.",
     ),
     stop: list[str] = typer.Option(None, "--stop", help="End answers at this text (repeatable); eos always ends."),
     max_drafts: int = typer.Option(None, "--max-drafts", help="Draft at most N tokens per round \\[the whole block]."),
@@ -133,6 +134,9 @@ def chat_command(
 
     out = Console(color_system=None, highlight=False) if plain else console()
     runtime = load_runtime(draft, target, device=device, verify=verify, tree=tree)
+    # Drafting every round shows the draft at work but may be slower than the target alone: time a plain step
+    # once so each stats line can say so (under a second).
+    target_step = target_step_seconds(runtime) if runtime.engine.controller is None else None
     for warning in runtime.warnings:
         error_console().print(Text(f"warning: {warning}", style="yellow"), soft_wrap=True)
     stop_strings = StopStrings(runtime.tokenizer.decode, stop) if stop else None
@@ -144,6 +148,7 @@ def chat_command(
         out=out,
         stop_strings=stop_strings,
         max_drafts=max_drafts,
+        target_step=target_step,
     )
     if prompt is not None:
         session.answer(prompt)

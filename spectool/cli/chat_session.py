@@ -61,8 +61,11 @@ class ChatSession:
         out: Console,
         stop_strings: StopStrings | None = None,
         max_drafts: int | None = None,
+        target_step: float | None = None,
     ):
+        """`target_step`: seconds of one plain target step (`target_step_seconds`), for the stats line."""
         self.runtime = runtime
+        self.target_step = target_step
         self.stop_strings = stop_strings
         self.max_drafts = max_drafts
         self.system = system
@@ -165,7 +168,8 @@ class ChatSession:
             self.out.print(Text("[answer stopped by Ctrl-C]", style="yellow"))
         elif finish == "length":
             self.out.print(Text(f"[answer cut at {max_new_tokens} tokens: raise --max-new-tokens]", style="yellow"))
-        line = stats_line(stats, auto=runtime.engine.controller is not None, cap=self.max_drafts)
+        auto = runtime.engine.controller is not None
+        line = stats_line(stats, auto=auto, cap=self.max_drafts, target_step=self.target_step)
         self.out.print(Text(line, style="dim"), soft_wrap=True)
 
     def histogram(self) -> str:
@@ -186,9 +190,20 @@ def _turns(count: int) -> str:
     return f"{count} turn{'' if count == 1 else 's'}"
 
 
-def stats_line(stats: GenerationStats, *, auto: bool = False, cap: int | None = None) -> str:
+def target_step_seconds(runtime) -> float:
+    """One plain target step after a short context, timed (the median of a few; under a second)."""
+    from spectool.decoding.schedule import profile_verify_cost
+
+    return profile_verify_cost(runtime.target_engine.session, 1, budget_seconds=0.5, repeats=5).seconds[0]
+
+
+def stats_line(
+    stats: GenerationStats, *, auto: bool = False, cap: int | None = None, target_step: float | None = None
+) -> str:
     """One line after each answer: acceptance, per-position counts, how many tokens each round drafted and why
-    (``auto``: `--verify auto` chose; ``cap``: `--max-drafts`), and the speed."""
+    (``auto``: `--verify auto` chose; ``cap``: `--max-drafts`), and the speed; drafting every round (not
+    ``auto``), the target alone's speed from `target_step` seconds, and in plain words why little is highlighted
+    when the target rejected most drafted tokens."""
     accepted, drafted = stats.accepted_per_position()
     per_position = " ".join(f"{a}/{d}" for a, d in zip(accepted, drafted, strict=True)) or "-"
     tau = f"{stats.acceptance_length:.2f}" if stats.verify_rounds else "n/a"
@@ -211,8 +226,15 @@ def stats_line(stats: GenerationStats, *, auto: bool = False, cap: int | None = 
         drafted_per_round = (
             f"drafted per round {histogram} (0: a plain target step; {'; '.join(why) or 'the answer ended'}) · "
         )
+    speed = f"{stats.new_tokens} tokens in {stats.seconds:.2f}s ({stats.tokens_per_second:.1f} tok/s)"
+    if not auto and target_step:
+        speed += (
+            f" · drafting every round; the target alone: ~{1 / target_step:.1f} tok/s here "
+            "(--verify auto drafts only where it pays)"
+        )
+        if stats.verify_rounds and sum(accepted) < 0.2 * max(1, stats.new_tokens):
+            speed += " · little is highlighted: the target rejected most of the draft's tokens"
     return (
         f"acceptance length {tau} tokens/forward (incl. bonus) · "
-        f"accepted/drafted by position {per_position} · {drafted_per_round}"
-        f"{stats.new_tokens} tokens in {stats.seconds:.2f}s ({stats.tokens_per_second:.1f} tok/s)"
+        f"accepted/drafted by position {per_position} · {drafted_per_round}{speed}"
     )

@@ -154,7 +154,7 @@ def _chat(screen: Console, runtime, question: str, max_new_tokens: int) -> None:
     from spectool.decoding.engine import Engine
 
     screen.print(Text(f"you> {question}", style="bold"))
-    # The draft proposes every round here, so its accepted tokens show (`chat` itself drafts only when it pays).
+    # The draft proposes every round here, so its accepted tokens show (as `chat` does by default).
     drafting = replace(runtime, engine=Engine(runtime.engine.session.target, runtime.engine.proposer))
     session = ChatSession(drafting, system=None, sampling=SamplingParams(), max_new_tokens=max_new_tokens, out=screen)
     session.answer(question)
@@ -179,8 +179,8 @@ def _bench(screen: Console, runtime, conversations: list, max_new_tokens: int, s
     screen.print(
         f"drafting every round: acceptance length [bold]{full_tau:.2f}[/] tokens per target forward (bonus "
         f"included), {full['tokens_per_second']:.0f} tok/s, [bold]{speedup / full['speedup']:.2f}x[/] the target "
-        f"alone ({report.baselines['target']['tokens_per_second']:.0f} tok/s); --verify auto (chat's and bench's "
-        f"default) drafted in {drafted:.0%} of the rounds, where it paid on this machine: "
+        f"alone ({report.baselines['target']['tokens_per_second']:.0f} tok/s); --verify auto (bench's default, "
+        f"chat's fastest setting) drafted in {drafted:.0%} of the rounds, where it paid on this machine: "
         f"{report.tokens_per_second:.0f} tok/s, [bold]{speedup:.2f}x[/]; {verdict}"
         if full_tau is not None
         else f"{report.tokens_per_second:.0f} tok/s, [bold]{speedup:.2f}x[/] the target alone; {verdict}",
@@ -203,7 +203,7 @@ def reading(tau: float, profile: dict, auto_speedup: float) -> str:
         f"kept {tau:.2f} tokens on average where decoding alone gets 1. "
         f"On this CPU that check is not free: verifying {block + 1} tokens costs {curve[-1]:.2f}x a one-token step "
         f"and the draft's forward another {draft:.2f}x, so a full block pays only above {break_even:.2f} tokens per "
-        "round; below that, --verify auto (the default of chat and bench) mostly takes plain target steps, here "
+        "round; below that, --verify auto (bench's default) mostly takes plain target steps, here "
         f"{auto_speedup:.2f}x the target alone (its first rounds and occasional probes still draft; over longer runs "
         "it comes within a few percent). "
         "On a GPU with a large target a block costs about what one token does: there DSpark drafts reach acceptance "

@@ -247,14 +247,34 @@ def test_fitting_never_exceeds_the_positions_and_a_refusal_keeps_the_history(sho
 
 
 def test_an_answer_cut_by_the_token_cap_says_so_and_the_stats_say_why(draft_dir):
-    result = invoke("chat", "--draft", str(draft_dir), "--prompt", "hi there", "-n", "6", "--max-drafts", "2")
+    args = ("chat", "--draft", str(draft_dir), "--prompt", "hi there", "-n", "6", "--max-drafts", "2")
+    result = invoke(*args, "--verify", "auto")
     assert result.exit_code == 0, result.output
     text = " ".join(result.stdout.split())
     assert "[answer cut at 6 tokens: raise --max-new-tokens]" in text
-    assert "drafted per round" in text and "(0: a plain target step;" in text  # auto, the default, says what it did
-    assert "--verify auto" in text and "at most 2 by --max-drafts" in text
-    full = invoke("chat", "--draft", str(draft_dir), "--prompt", "hi there", "-n", "6", "--verify", "full")
-    assert "--verify auto" not in " ".join(full.stdout.split())
+    assert "drafted per round" in text and "(0: a plain target step;" in text  # auto says what it did
+    assert "--verify auto chose" in text or "--verify auto drafted" in text
+    assert "at most 2 by --max-drafts" in text and "the target alone" not in text
+    default = " ".join(invoke(*args).stdout.split())  # drafting every round: the target alone's speed beside
+    assert re.search(r"drafting every round; the target alone: ~[0-9.]+ tok/s here", default)
+    # a random dflash draft: the target rejects its tokens, and the line says that is why little is highlighted
+    assert "little is highlighted: the target rejected most of the draft's tokens" in default
+
+
+def test_chat_by_default_highlights_the_shipped_drafts_accepted_tokens():
+    """The first thing a new user runs: `spectool chat` (the embedded target, the shipped DSpark draft)."""
+    result = subprocess.run(
+        [sys.executable, "-m", "spectool", "chat", "--prompt", "Tell me about the sea.", "-n", "32"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1", "FORCE_COLOR": "1", "COLUMNS": "200"},
+    )
+    assert result.returncode == 0, result.stderr
+    tau = float(re.search(r"acceptance length ([0-9.]+)", ANSI.sub("", result.stdout)).group(1))
+    assert tau > 1.2  # the draft's tokens were proposed and accepted ...
+    highlighted = re.findall(r"\x1b\[[0-9;]*(?:;4[0-7]|48;[0-9;]+)m", result.stdout)  # ... on a background colour
+    assert len(highlighted) >= 3 and "drafting every round" in ANSI.sub("", result.stdout)
 
 
 def test_legend_says_in_plain_words_what_the_colours_mean():
