@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from spectool.cli.chat_session import ChatSession
 from spectool.cli.render import console, handles_errors, method_panel, target_panel
 from spectool.errors import UsageError
 from spectool.hub import ASSETS_DIR, default_model_ref, resolve_model
-from spectool.paths import check_output_path
+from spectool.paths import check_output_path, quoted
 from spectool.registry import DEFAULT_METHOD, get
 
 DEMO_DATA = ASSETS_DIR / "data" / "demo_train.jsonl"
@@ -40,7 +38,9 @@ def demo_command(
     ),
     prompts: int = typer.Option(8, "--prompts", help="Held-out prompts to benchmark."),
     max_new_tokens: int = typer.Option(96, "--max-new-tokens", "-n", help="Tokens per benchmark answer."),
-    out: Path = typer.Option(None, "--out", "-o", help="Keep the trained draft here (default: a temporary dir)."),
+    out: Path = typer.Option(
+        None, "--out", "-o", help="Keep the trained draft here \\[./spectool-demo, or -2, -3 ... when taken]."
+    ),
 ) -> None:
     """Inspect the embedded tiny target, train a DSpark draft for it briefly, answer a held-out question with the
     inline acceptance view, and benchmark it against the target alone. Everything ships with spectool."""
@@ -63,9 +63,10 @@ def demo_command(
     screen.print(method_panel(info, method_report(info, DEFAULT_METHOD)))
 
     screen.print(Rule(f"2. train a {get(DEFAULT_METHOD).title} draft"))
-    keep = out is not None
-    workdir = Path(out) if keep else Path(tempfile.mkdtemp(prefix="spectool-demo-"))
-    _train(screen, _train_config(target, workdir, steps))
+    workdir = Path(out) if out is not None else free_directory(Path("spectool-demo"))
+    config = _train_config(target, workdir, steps)
+    _train(screen, config)
+    screen.print(f"the draft is in {quoted(str(workdir))}", markup=False, emoji=False, highlight=False)
 
     screen.print(Rule("3. speculative chat (the output is exactly the target's)"))
     runtime = load_runtime(workdir, verify="auto")
@@ -75,10 +76,8 @@ def demo_command(
     screen.print(Rule("4. benchmark against the target alone"))
     _bench(screen, runtime, conversations[:prompts], max_new_tokens, started)
 
-    if not keep:
-        shutil.rmtree(workdir, ignore_errors=True)
     screen.print(Rule("next"))
-    print_next_commands(screen, workdir if keep else None)
+    print_next_commands(screen, workdir, train_command(config, free_directory(Path("spectool-demo"))))
 
 
 def _check_options(steps: int, prompts: int, max_new_tokens: int) -> None:
@@ -212,15 +211,46 @@ def reading(tau: float, profile: dict, auto_speedup: float) -> str:
     )
 
 
-def print_next_commands(screen: Console, draft: Path | None) -> None:
+def free_directory(wanted: Path) -> Path:
+    """`wanted` when it does not exist or is an empty directory, else the first free `wanted-2`, `wanted-3` ..."""
+    candidate, number = wanted, 1
+    while candidate.exists() and not (candidate.is_dir() and not any(candidate.iterdir())):
+        number += 1
+        candidate = wanted.with_name(f"{wanted.name}-{number}")
+    return candidate
+
+
+def train_command(config, out: Path) -> str:
+    """The `spectool train` command line that trains what `config` does, into `out`: every setting that differs
+    from TrainConfig's default, as its option (each TrainConfig field is the option of the same name)."""
+    from dataclasses import fields
+
+    words = ["spectool", "train"]
+    for field in fields(config):
+        value = str(out) if field.name == "out" else getattr(config, field.name)
+        if field.name != "out" and value == field.default:
+            continue
+        flag = "--" + field.name.replace("_", "-")
+        if isinstance(value, bool):
+            words.append(flag if value else "--no-" + flag[2:])
+        else:
+            words += [flag, str(value)]
+    return " ".join(quoted(word) for word in words)
+
+
+def print_next_commands(screen: Console, draft: Path, train: str) -> None:
     """The commands the demo suggests last, paths quoted for the shell so they paste as printed (and printed
-    without Rich markup or emoji codes, which would eat a path's `[...]` or `:x:`); `draft` is the kept draft
-    (None: it was in a temporary directory, now removed)."""
-    from spectool.paths import quoted, shipped_drafts
+    without Rich markup or emoji codes, which would eat a path's `[...]` or `:x:`): chat and bench with the kept
+    `draft`, and the `train` command (`train_command`) that trains the same draft again."""
+    from spectool.paths import shipped_drafts
 
     shipped = shipped_drafts()
-    hint = quoted(str(draft)) if draft is not None else "DIR (rerun with --out DIR to keep the draft)"
-    lines = [f"spectool chat --draft {hint}", f"spectool bench --draft {hint} --json"]
+    hint = quoted(str(draft))
+    lines = [
+        f"spectool chat --draft {hint}",
+        f"spectool bench --draft {hint} --json",
+        f"{train}   # the demo's training",
+    ]
     if shipped:
         example = DEFAULT_METHOD if DEFAULT_METHOD in shipped else shipped[0]
         lines.append(

@@ -11,7 +11,7 @@ import sys
 import pytest
 from rich.console import Console
 
-from spectool.cli.demo_cmd import print_next_commands
+from spectool.cli.demo_cmd import _train_config, free_directory, print_next_commands, train_command
 from spectool.hub import ASSETS_DIR, DEFAULT_MODEL_DIR
 
 
@@ -34,6 +34,33 @@ def test_demo_runs_end_to_end(tmp_path):
     # The bench reads both ways of running the draft: drafting every round, and --verify auto (the default).
     assert "drafting every round" in result.stdout and "--verify auto" in " ".join(result.stdout.split())
     assert (out / "model.safetensors").is_file() and (out / "spectool.json").is_file()
+    assert f"the draft is in {out}" in result.stdout
+    # the printed `spectool train` command runs as printed (2 steps here) and trains with the demo's settings
+    line = next(line for line in result.stdout.splitlines() if line.startswith("spectool train "))
+    words = shlex.split(line, comments=True)
+    again = subprocess.run(
+        [sys.executable, "-m", "spectool", *words[1:], "--max-steps", "2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
+    assert again.returncode == 0, again.stderr[-2000:]
+    retrained = tmp_path / words[words.index("--out") + 1]
+    settings = [json.loads((run / "train_config.json").read_text()) for run in (out, retrained)]
+    for run in settings:  # the step count was cut to 2 here, and the warmup follows from it
+        del run["out"], run["max_steps"], run["warmup_steps"]
+    assert settings[0] == settings[1]
+
+
+def test_the_demo_keeps_its_draft_in_a_free_directory(tmp_path):
+    wanted = tmp_path / "spectool-demo"
+    assert free_directory(wanted) == wanted
+    wanted.mkdir()
+    assert free_directory(wanted) == wanted  # empty: usable
+    (wanted / "model.safetensors").write_text("somebody's")
+    (tmp_path / "spectool-demo-2").write_text("a file")
+    assert free_directory(wanted) == tmp_path / "spectool-demo-3"
 
 
 def test_next_commands_paste_back_with_the_draft_path(tmp_path):
@@ -41,18 +68,19 @@ def test_next_commands_paste_back_with_the_draft_path(tmp_path):
     as a shell splits them."""
     draft = tmp_path / "my drafts" / "it's [bold]:smile: 1"
     screen = Console(file=io.StringIO(), width=40, highlight=False)
-    print_next_commands(screen, draft)
+    config = _train_config("tiny target", draft, 600)
+    print_next_commands(screen, draft, train_command(config, draft.parent / "again [1]"))
     lines = screen.file.getvalue().splitlines()
     commands = [shlex.split(line, comments=True) for line in lines if line.startswith("spectool ")]
     assert commands[0] == ["spectool", "chat", "--draft", str(draft)]
     assert commands[1] == ["spectool", "bench", "--draft", str(draft), "--json"]
+    train = commands[2]
+    assert train[:6] == ["spectool", "train", "--method", "dspark", "--target", "tiny target"]
+    assert train[train.index("--out") + 1] == str(draft.parent / "again [1]")
+    for flag, value in (("--num-anchors", "8"), ("--lr", "0.003"), ("--max-length", "320"), ("--l1-weight", "0.0")):
+        assert train[train.index(flag) + 1] == value
+    assert "--max-steps" in train and "--warmup-steps" not in train  # only what differs from train's defaults
     assert ["spectool", "chat", "--draft", "dspark"] in commands  # the shipped draft, by name
-
-
-def test_next_commands_without_a_kept_draft_say_how_to_keep_one():
-    screen = Console(file=io.StringIO(), width=200)
-    print_next_commands(screen, None)
-    assert "spectool chat --draft DIR (rerun with --out DIR to keep the draft)" in screen.file.getvalue()
 
 
 def _demo(out, env):
