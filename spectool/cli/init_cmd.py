@@ -12,8 +12,8 @@ from rich.text import Text
 from spectool.cli.application import app
 from spectool.cli.help import method_choice, method_option
 from spectool.cli.render import console, handles_errors, human_bytes, human_count
-from spectool.errors import UsageError
-from spectool.hub import check_model_argument
+from spectool.errors import SpectoolError, UsageError
+from spectool.hub import check_model_argument, resolve_model, weights_unreachable
 from spectool.layers import parse_layer_ids
 from spectool.paths import check_force_target, check_output_path, refuse_to_replace_input, resolve_draft_dir
 from spectool.registry import conversions, get, serving
@@ -97,6 +97,9 @@ def init_command(
     if markov_rank is not None and markov_rank < 1:
         raise UsageError(f"--markov-rank must be at least 1, got {markov_rank}")
     ids = parse_layer_ids(target_layer_ids) if target_layer_ids else None
+    info = resolve_model(model, revision=revision)  # torch-free (init_draft reads the same files again)
+    if info.source == "catalog" and get(method).stores_target_tensors:
+        raise SpectoolError(weights_unreachable(info.ref))  # before torch loads, with the next step
     from spectool.draft_init import init_draft
 
     result = init_draft(
@@ -146,8 +149,9 @@ def convert_command(
 ) -> None:
     """Re-save a draft in the layout another tool loads (names, prefixes, architecture strings, d2t/t2d), then
     load the result to prove it."""
-    resolve_draft_dir(src, "SRC")  # before torch loads
+    directory = resolve_draft_dir(src, "SRC")  # before torch loads
     refuse_to_overwrite(out, force, src, "SRC")
+    _check_layout_fits(directory, to.value)
     from spectool.checkpoint import convert
 
     loaded = convert(src, to.value, out)
@@ -160,3 +164,19 @@ def convert_command(
         "reloaded it: every weight matched",
         soft_wrap=True,
     )
+
+
+def _check_layout_fits(directory: Path, to: str) -> None:
+    """Refuse (exit 2, before torch loads) a draft whose config names a method the layout does not hold; a config
+    that names none is left to the full load, which also reads the weights."""
+    import json
+
+    from spectool.errors import SpectoolError
+    from spectool.registry import check_conversion, detect_method
+
+    try:
+        config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
+        method = detect_method(config).name
+    except (OSError, ValueError, SpectoolError):
+        return
+    check_conversion(method, to)

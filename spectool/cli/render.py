@@ -18,6 +18,7 @@ from rich.table import Table
 from rich.text import Text
 
 from spectool.errors import SpectoolError
+from spectool.hub import DEFAULT_MODEL_DIR, EMBEDDED_TARGET
 from spectool.registry import get
 
 if TYPE_CHECKING:
@@ -153,6 +154,8 @@ def target_panel(info: TargetInfo) -> Panel:
     table.add_row("parameters", params)
     source = {"local": "local files", "hub": "the Hub", "cache": "the local Hub cache", "catalog": "built-in catalog"}
     where = source[info.source]
+    if info.ref == EMBEDDED_TARGET and info.directory == DEFAULT_MODEL_DIR:
+        where = "embedded in spectool"
     if info.gguf is not None:
         where = "GGUF file"
         table.add_row("weights", info.gguf.describe())

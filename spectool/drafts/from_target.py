@@ -11,14 +11,17 @@ import torch
 from spectool.checkpoint import DraftMetadata, chat_template_sha256
 from spectool.drafts import build_draft
 from spectool.errors import UsageError
-from spectool.hub import TargetInfo, read_target_weights, transformers_config
+from spectool.hub import DEFAULT_MODEL_DIR, EMBEDDED_TARGET, TargetInfo, read_target_weights, transformers_config
 from spectool.registry import DraftSpec, get, methods
 
 
 def target_metadata(info: TargetInfo, spec: DraftSpec) -> DraftMetadata:
-    """What a draft records about its target: a local target by absolute path; a GGUF target by its file (a
-    packaged one by its file name alone, which finds it wherever the package is installed), not by the cache."""
+    """What a draft records about its target: a local target by absolute path (the embedded one by its name); a
+    GGUF target by its file (a packaged one by its file name alone, which finds it wherever the package is
+    installed), not by the cache."""
     ref = str(info.directory.resolve()) if info.source == "local" and info.directory else info.ref
+    if info.ref == EMBEDDED_TARGET and info.directory == DEFAULT_MODEL_DIR:
+        ref = EMBEDDED_TARGET
     if info.gguf is not None:
         ref = Path(info.gguf.file).name if info.gguf.package else info.gguf.file
     template = (info.tokenizer_config or {}).get("chat_template")
@@ -46,6 +49,8 @@ def new_draft(info: TargetInfo, spec: DraftSpec, *, seed: int = 0) -> torch.nn.M
             f"{info.ref}: no spare embedding row is known for the {spec.method} mask token; pass --mask-token-id "
             "(an id of the embedding that the tokenizer never produces)"
         )
+    # the target tensors first: a target whose weights cannot be had is refused before an 8B-sized draft is built
+    weights = _target_weights(info, spec.method) if method.stores_target_tensors else None
     torch.manual_seed(seed)
     draft = build_draft(
         spec.method,
@@ -58,8 +63,7 @@ def new_draft(info: TargetInfo, spec: DraftSpec, *, seed: int = 0) -> torch.nn.M
         markov_rank=spec.markov_rank,
         dtype=torch.float32,
     )
-    if method.stores_target_tensors:
-        weights = _target_weights(info, spec.method)
+    if weights is not None:
         with torch.no_grad():
             method.copy_target_tensors(draft, weights, spec)
         draft.freeze_target_copies()

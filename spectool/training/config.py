@@ -125,7 +125,10 @@ class TrainConfig:
         if self.features is None and self.data is None:
             raise UsageError("give --data FILE (conversations) or --features DIR (from `spectool data features`)")
         if self.features is None and self.target is None:
-            raise UsageError("give --target MODEL")
+            raise UsageError(
+                "give --target MODEL: a Hub id (Qwen/Qwen3-8B), a model directory, a .gguf file, or `tiny` (the "
+                "target embedded in spectool, with `--data demo`)"
+            )
         positive = {
             "batch_size": self.batch_size,
             "grad_accum": self.grad_accum,

@@ -112,7 +112,8 @@ def load_conversations(
     if datasets.is_named(str(source)):
         named = datasets.resolve(str(source))
         source, skip_bad_rows = named.path, True
-        report.notes.append(named.note)
+        if named.note:
+            report.notes.append(named.note)
     files = resolve_data_files(source, revision=revision)
     report.files = [str(path) for path in files]
     conversations: list[Conversation] = []

@@ -14,6 +14,7 @@ import typer
 from typer.testing import CliRunner
 
 from spectool.cli import app
+from spectool.paths import SHIPPED_DRAFTS_DIR
 from spectool.registry import layer_methods, method_names
 
 
@@ -66,6 +67,8 @@ USAGE_ERRORS = [
     (["demo", "--out", str(Path(__file__).parent)], "is not empty"),
     (["bench", "--draft", "dspark", "--prompts", "mt-bench", "--turns", "0"], "--turns must be at least 1"),
     (["train", "--method", "nope", "--out", "/tmp/nw"], "Invalid value for '--method'"),
+    (["convert", str(SHIPPED_DRAFTS_DIR / "dspark"), "--to", "sglang", "--out", "/tmp/nw"],
+     "a dspark draft has no sglang layout (sglang holds eagle1, eagle3 drafts)"),
 ]  # fmt: skip
 
 

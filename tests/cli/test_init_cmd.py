@@ -188,3 +188,33 @@ def test_init_says_which_engines_cannot_serve_the_last_layer(tiny_target_dir, tm
         "init", str(tiny_target_dir), "-m", "dspark", "-o", str(tmp_path / "p"), "--target-layer-ids", "1,2,4,5,6"
     )
     assert portable.exit_code == 0 and "note:" not in portable.stdout
+
+
+def test_init_tiny_records_the_embedded_target_by_name(tmp_path, monkeypatch):
+    """`spectool init tiny`: the draft names its target `tiny`, which resolves wherever spectool is installed."""
+    monkeypatch.chdir(tmp_path)
+    result = invoke("init", "tiny", "--method", "eagle3", "--out", "draft")
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "draft" / "spectool.json").read_text())["target"] == "tiny"
+    chat = invoke("chat", "--draft", "draft", "--prompt", "hi", "-n", "4")
+    assert chat.exit_code == 0, chat.output
+
+
+def test_a_catalog_target_without_weights_is_refused_before_torch_with_the_next_step(tmp_path):
+    """Offline, a target known only from the catalog: init needs its embedding / lm_head and says how to get them,
+    at once (it used to build an 8B-sized draft first, 38-45 s)."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nfrom spectool.cli import app\n"
+        "try:\n    app(sys.argv[1:], prog_name='spectool')\nexcept SystemExit as exit:\n"
+        "    print('torch' in sys.modules, exit.code)\n"
+    )
+    args = ["init", "Qwen/Qwen3-8B", "-m", "eagle3", "--out", str(tmp_path / "q")]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "NO_COLOR": "1", "COLUMNS": "300"}
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120, env=env)
+    assert result.stdout.split() == ["False", "1"], result.stderr
+    assert "the weights are needed" in result.stderr and "run `hf download Qwen/Qwen3-8B`" in result.stderr
+    assert not (tmp_path / "q").exists()

@@ -157,7 +157,7 @@ def test_default_model_is_the_embedded_tiny_target(tmp_path):
     result = run_script("inspect", "--json", tmp_path=tmp_path)  # no MODEL, run from an unrelated directory
     assert result.returncode == 0, result.stderr
     target = json.loads(result.stdout)["target"]
-    assert target["source"] == "local" and target["ref"].endswith("tiny-qwen3")
+    assert target["source"] == "local" and target["ref"] == "tiny"  # its short name, usable in every command
     assert (target["num_hidden_layers"], target["hidden_size"], target["vocab_size"]) == (8, 256, 4096)
     assert target["tokenizer_length"] == 4080
     layers = run_script("layers", "-m", "all", "--json", tmp_path=tmp_path)
