@@ -37,7 +37,10 @@ def bench_command(
     draft: Path = typer.Option(..., "--draft", "-d", help="Draft checkpoint directory."),
     target: str = typer.Option(None, "--target", "-t", help="Target MODEL (default: the one the draft records)."),
     prompts: str = typer.Option(
-        None, "--prompts", "-p", help="JSONL of {prompt} or {messages} rows, or a named set: mt-bench, humaneval, heldout \\[heldout]."
+        None,
+        "--prompts",
+        "-p",
+        help="JSONL of {prompt} or {messages} rows, or a named set: mt-bench, humaneval, heldout \\[heldout].",
     ),
     turns: int = typer.Option(
         None, "--turns", help="User turns per prompt (MT-Bench has 2; later ones follow the model's answer) \\[all]."
