@@ -117,7 +117,7 @@ def bench_command(
         check_input_file(prompts, "--prompts", f"a JSONL file or a named set ({', '.join(names('prompts'))})")
     prompt_set = load_prompt_set(prompts, turns=turns)
     if prompt_set.note and not as_json:
-        error_console().print(Text(f"note: {prompt_set.note}", style="yellow"), soft_wrap=True)
+        error_console().print(Text(f"note: {prompt_set.note}", style="yellow"))
     conversations = prompt_set.prompts[:limit]
     if batch_size > 1 and turns is None:
         for prompt in conversations:
@@ -128,7 +128,7 @@ def bench_command(
 
     runtime = load_runtime(draft, target, device=device, chain_length=chain_length, verify=verify, tree=tree)
     for warning in runtime.warnings:
-        error_console().print(Text(f"warning: {warning}", style="yellow"), soft_wrap=True)
+        error_console().print(Text(f"warning: {warning}", style="yellow"))
 
     progress = Progress(
         TextColumn("[bold]bench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -168,7 +168,7 @@ def _render(report) -> None:
     title = f"{report.method} draft {report.draft} on {report.target}"
     if report.batch_size > 1:
         title += f", {report.batch_size} prompts per batch"
-    out.print(Text(title, style="bold"), soft_wrap=True)
+    out.print(Text(title, style="bold"))
     table = Table(show_edge=False)
     table.add_column("decoder")
     table.add_column("tokens/s", justify="right")
@@ -183,22 +183,19 @@ def _render(report) -> None:
     out.print(table)
     totals = f"{report.num_prompts} {'answers' if report.turns > 1 else 'prompts'}, {report.new_tokens} tokens"
     if report.acceptance_length is None:  # every answer ended with the prefill's token: nothing was verified
-        out.print(
-            f"acceptance length n/a (no verify round: each answer ended after one token); {totals}", soft_wrap=True
-        )
+        out.print(f"acceptance length n/a (no verify round: each answer ended after one token); {totals}")
     else:
         hist = "  ".join(f"{k}:{v}" for k, v in sorted(report.acceptance_histogram.items()))
         per_position = " ".join(f"{p:.2f}" for p in report.accepted_per_position)
         out.print(
             f"acceptance length {report.acceptance_length:.2f} tokens per target forward "
             f"(bonus/correction included); {totals}",
-            soft_wrap=True,
         )
-        out.print(f"tokens per round: {hist}", soft_wrap=True)
+        out.print(f"tokens per round: {hist}")
         if report.verify == "auto":
             drafted = "  ".join(f"{k}:{v}" for k, v in sorted(report.drafted_per_round.items()))
-            out.print(f"tokens drafted per round (0: a plain target step): {drafted}", soft_wrap=True)
-        out.print(f"accept rate by draft position: {per_position}", soft_wrap=True)
+            out.print(f"tokens drafted per round (0: a plain target step): {drafted}")
+        out.print(f"accept rate by draft position: {per_position}")
     if report.lossless is True:
         out.print(Text("lossless: output identical to the target's own greedy decoding on every prompt", "green"))
     elif report.lossless is False:
@@ -215,7 +212,7 @@ def _render(report) -> None:
         _render_categories(out, report)
     if report.profile is not None:
         _render_profile(out, report.profile)
-    out.print(Text(f"machine: {report.machine}", style="dim"), soft_wrap=True)
+    out.print(Text(f"machine: {report.machine}", style="dim"))
 
 
 def _render_categories(out, report) -> None:
@@ -240,13 +237,11 @@ def _render_profile(out, profile: dict) -> None:
         f"cost profile (unit: one target step, {step_ms:.2f} ms): verify of n = 1.. tokens {curve}; draft "
         f"{profile['draft_cost']:.2f} per round of {drafted} tokens, {profile['draft_steps_per_token']:.3f} per drafted "
         f"token (from {profile['drafting_rounds_measured']} drafting rounds)",
-        soft_wrap=True,
     )
     out.print(
         f"the machine's limit: a step reads {profile['weight_bytes_per_step'] / 2**20:,.0f} MiB of weights at "
         f"{profile['memory_bandwidth_gb_s']:.1f} GB/s measured, so at least {profile['floor_ms']:.2f} ms; this loop's "
         f"step is {profile['step_over_floor']:.2f}x that floor",
-        soft_wrap=True,
     )
     kernels = profile.get("kernels")
     if kernels and kernels["chosen"]:
@@ -255,7 +250,6 @@ def _render_profile(out, profile: dict) -> None:
         out.print(
             f"matrix kernels timed on this CPU: at 1 token {one}; at 4 tokens {four} (SPECTOOL_KERNELS=plain: "
             "F.linear everywhere)",
-            soft_wrap=True,
         )
     table = Table(show_edge=False)
     table.add_column("drafted", justify="right")
@@ -266,4 +260,4 @@ def _render_profile(out, profile: dict) -> None:
         table.add_row(str(row["drafted"]), f"{row['break_even_tokens']:.2f}", rate)
     out.print(table)
     speedups = "  ".join(f"{tau}: {x:.2f}x" for tau, x in profile["speedup_at_acceptance_length"].items())
-    out.print(f"speedup over the target alone at acceptance length (drafting fully): {speedups}", soft_wrap=True)
+    out.print(f"speedup over the target alone at acceptance length (drafting fully): {speedups}")

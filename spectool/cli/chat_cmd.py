@@ -12,7 +12,7 @@ from rich.text import Text
 
 from spectool.cli.application import app
 from spectool.cli.chat_session import ROUND_STYLES, ChatSession, target_step_seconds
-from spectool.cli.render import console, error_console, handles_errors
+from spectool.cli.render import console, error_console, handles_errors, prose_wrapping
 from spectool.errors import UsageError
 from spectool.paths import resolve_draft_dir, shipped_drafts, user_data_dir
 from spectool.registry import DEFAULT_METHOD
@@ -132,13 +132,13 @@ def chat_command(
     from spectool.decoding.stops import StopStrings
     from spectool.runtime import load_runtime
 
-    out = Console(color_system=None, highlight=False) if plain else console()
+    out = prose_wrapping(Console(color_system=None, highlight=False)) if plain else console()
     runtime = load_runtime(draft, target, device=device, verify=verify, tree=tree)
     # Drafting every round shows the draft at work but may be slower than the target alone: time a plain step
     # once so each stats line can say so (under a second).
     target_step = target_step_seconds(runtime) if runtime.engine.controller is None else None
     for warning in runtime.warnings:
-        error_console().print(Text(f"warning: {warning}", style="yellow"), soft_wrap=True)
+        error_console().print(Text(f"warning: {warning}", style="yellow"))
     stop_strings = StopStrings(runtime.tokenizer.decode, stop) if stop else None
     session = ChatSession(
         runtime,
@@ -153,7 +153,7 @@ def chat_command(
     if prompt is not None:
         session.answer(prompt)
         return
-    out.print(legend_text(runtime.draft.method, runtime.info.ref), soft_wrap=True)
+    out.print(legend_text(runtime.draft.method, runtime.info.ref))
     history = user_data_dir() / HISTORY_FILE
     read_line = line_reader(sys.stdin.isatty() and sys.stdout.isatty(), history)
     while True:
@@ -182,7 +182,7 @@ def chat_command(
         try:
             session.answer(text)
         except UsageError as exc:  # this message alone does not fit the target: the session goes on
-            error_console().print(Text(f"error: {exc}", style="bold red"), soft_wrap=True)
+            error_console().print(Text(f"error: {exc}", style="bold red"))
 
 
 def legend_text(method: str, target: str) -> Text:

@@ -128,7 +128,7 @@ class ChatSession:
         return ids, budget
 
     def note(self, text: str) -> None:
-        error_console().print(Text(f"note: {text}", style="yellow"), soft_wrap=True)
+        error_console().print(Text(f"note: {text}", style="yellow"))
 
     def answer(self, user_text: str) -> None:
         from spectool.decoding.engine import GenerationStats
@@ -170,7 +170,7 @@ class ChatSession:
             self.out.print(Text(f"[answer cut at {max_new_tokens} tokens: raise --max-new-tokens]", style="yellow"))
         auto = runtime.engine.controller is not None
         line = stats_line(stats, auto=auto, cap=self.max_drafts, target_step=self.target_step)
-        self.out.print(Text(line, style="dim"), soft_wrap=True)
+        self.out.print(Text(line, style="dim"))
 
     def histogram(self) -> str:
         from spectool.decoding.engine import GenerationStats

@@ -110,12 +110,12 @@ def regen_command(
 
     conversations, report = load_conversations(prompts, require="prompt", skip_bad_rows=skip_bad_rows)
     for note in report.notes:
-        error_console().print(Text(f"note: {note}", style="yellow"), soft_wrap=True)
+        error_console().print(Text(f"note: {note}", style="yellow"))
     if report.rows_skipped:
         warn = error_console()
         warn.print(Text(f"warning: skipped {report.rows_skipped} malformed rows, e.g.:", style="yellow"))
         for reason in report.reasons:
-            warn.print(Text(f"  {reason}", style="yellow"), soft_wrap=True)
+            warn.print(Text(f"  {reason}", style="yellow"))
     if limit is not None:
         conversations = conversations[:limit]
 
@@ -165,7 +165,7 @@ def _print_regen_summary(out_console: Console, summary: RegenSummary, *, as_json
         line += "; a cut-off last line was rewritten"
     if summary.turns_cut_at_max_new_tokens:
         line += f"; {summary.turns_cut_at_max_new_tokens} answers hit --max-new-tokens or the target's last position"
-    out_console.print(line, soft_wrap=True, markup=False)
+    out_console.print(line, markup=False)
     if summary.rows_too_long:
         error_console().print(
             Text(
@@ -173,7 +173,6 @@ def _print_regen_summary(out_console: Console, summary: RegenSummary, *, as_json
                 f"fills the target's {summary.max_positions} positions (max_position_embeddings)",
                 style="yellow",
             ),
-            soft_wrap=True,
         )
 
 
@@ -269,13 +268,13 @@ def features_command(
         print_json({**asdict(summary), "tokens_per_second": round(summary.tokens_per_second, 1)})
         return
     for note in summary.notes:
-        out_console.print(Text(f"note: {note}", style="yellow"), soft_wrap=True)
+        out_console.print(Text(f"note: {note}", style="yellow"))
     skipped = prepared.load_report.rows_skipped + prepared.tokenize_report.rows_skipped
     if skipped:
         warn = error_console()
         warn.print(Text(f"warning: skipped {skipped} malformed rows, e.g.:", style="yellow"))
         for reason in (prepared.load_report.reasons + prepared.tokenize_report.reasons)[:3]:
-            warn.print(Text(f"  {reason}", style="yellow"), soft_wrap=True)
+            warn.print(Text(f"  {reason}", style="yellow"))
     line = (
         f"Stored features of layers {summary.target_layer_ids} for {summary.num_examples} examples in "
         f"{summary.num_shards} shards under {summary.out}: wrote {summary.shards_written} "
@@ -283,7 +282,7 @@ def features_command(
     )
     if summary.shards_skipped:
         line += f", {summary.shards_skipped} were already there"
-    out_console.print(line, soft_wrap=True, markup=False)
+    out_console.print(line, markup=False)
     out_console.print(
         f"train on them with: spectool train --features {quoted(summary.out)} ...", soft_wrap=True, markup=False
     )

@@ -13,7 +13,7 @@ from rich.text import Text
 
 from spectool.cli.application import app
 from spectool.cli.chat_session import ChatSession
-from spectool.cli.render import console, handles_errors, method_panel, target_panel
+from spectool.cli.render import console, handles_errors, method_panel, stats_column, target_panel
 from spectool.errors import UsageError
 from spectool.hub import ASSETS_DIR, default_model_ref, resolve_model
 from spectool.paths import check_output_path, quoted
@@ -122,11 +122,11 @@ def _train(screen: Console, config) -> None:
     from spectool.training.trainer import Trainer
 
     progress = Progress(
-        TextColumn("[bold]training"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
+        TextColumn("[bold]training"), BarColumn(bar_width=12), MofNCompleteColumn(), stats_column(screen, 40),
         TimeElapsedColumn(), console=screen, transient=False,
     )  # fmt: skip
     with progress:
-        task = progress.add_task("train", total=None, status="")
+        task = progress.add_task("train", total=None, stats="")
 
         def on_event(event) -> None:
             if event.kind == "step":
@@ -135,7 +135,7 @@ def _train(screen: Console, config) -> None:
                 row = event.row
                 progress.update(
                     task,
-                    status=f"loss {row['loss']:.3f}  tau {row.get('acceptance_length', 0):.2f}  "
+                    stats=f"loss {row['loss']:.3f}  tau {row.get('acceptance_length', 0):.2f}  "
                     f"{row['tokens_per_second']:.0f} tok/s",
                 )
 
@@ -183,12 +183,11 @@ def _bench(screen: Console, runtime, conversations: list, max_new_tokens: int, s
         f"{report.tokens_per_second:.0f} tok/s, [bold]{speedup:.2f}x[/]; {verdict}"
         if full_tau is not None
         else f"{report.tokens_per_second:.0f} tok/s, [bold]{speedup:.2f}x[/] the target alone; {verdict}",
-        soft_wrap=True,
     )
     screen.print(Text(f"machine: {report.machine}; demo took {time.perf_counter() - started:.0f}s", style="dim"))
     if full_tau is not None and report.profile is not None:
         screen.print(Rule("what this means"))
-        screen.print(reading(full_tau, report.profile, speedup), soft_wrap=True, markup=False)
+        screen.print(reading(full_tau, report.profile, speedup), markup=False)
 
 
 def reading(tau: float, profile: dict, auto_speedup: float) -> str:

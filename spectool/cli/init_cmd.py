@@ -119,7 +119,7 @@ def init_command(
     )
     out_console = console()
     for note in result.notes:
-        out_console.print(Text(f"note: {note}", style="yellow"), soft_wrap=True)
+        out_console.print(Text(f"note: {note}", style="yellow"))
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold")
     table.add_column()
@@ -157,12 +157,11 @@ def convert_command(
     loaded = convert(src, to.value, out)
     out_console = console()
     for note in loaded.notes:
-        out_console.print(Text(f"note: {note}", style="yellow"), soft_wrap=True)
+        out_console.print(Text(f"note: {note}", style="yellow"))
     params = sum(p.numel() for p in loaded.model.parameters())
     out_console.print(
         f"wrote {loaded.method} draft ({human_count(params)} parameters) for {to.value} to {loaded.path}; "
         "reloaded it: every weight matched",
-        soft_wrap=True,
     )
 
 

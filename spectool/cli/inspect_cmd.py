@@ -48,7 +48,7 @@ def inspect_command(
     else:
         out = console()
         for note in info.notes:
-            out.print(Text(f"note: {note}", style="yellow"), soft_wrap=True)
+            out.print(Text(f"note: {note}", style="yellow"))
         out.print(target_panel(info))
         for report in reports.values():
             out.print(method_panel(info, report))

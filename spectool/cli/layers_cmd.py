@@ -49,7 +49,7 @@ def layers_command(
         n, ref = info.arch.num_hidden_layers, info.ref
         for note in info.notes:
             if not as_json:
-                console().print(Text(f"note: {note}", style="yellow"), soft_wrap=True)
+                console().print(Text(f"note: {note}", style="yellow"))
     if not 1 <= num_feature_layers <= max(1, n - 1):
         raise UsageError(
             f"--num-feature-layers must be between 1 and {max(1, n - 1)} for a target with {n} layers, "
@@ -97,7 +97,7 @@ def layers_command(
     out.print(table)
     for m, served_m in served.items():
         if not served_m.portable:
-            out.print(Text(f"note: {get(m).title}: {served_m.message()}", style="yellow"), soft_wrap=True)
+            out.print(Text(f"note: {get(m).title}: {served_m.message()}", style="yellow"))
     out.print(
         Text(
             "Layer id i = output of decoder layer i (HF hidden_states[i+1]); engines (SGLang / vLLM) capture the "

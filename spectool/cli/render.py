@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import typer
 from rich.console import Console, Group
 from rich.panel import Panel
-from rich.table import Table
+from rich.progress import TextColumn
+from rich.table import Column, Table
 from rich.text import Text
 
 from spectool.errors import SpectoolError
@@ -29,12 +30,20 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def console() -> Console:
-    """Standard output console; Rich honours NO_COLOR and drops styling when stdout is not a terminal."""
-    return Console(highlight=False)
+    """Standard output console; Rich honours NO_COLOR and drops styling when stdout is not a terminal. Prose wraps
+    between words on a terminal and stays one line per message in a pipe or a log (`prose_wrapping`)."""
+    return prose_wrapping(Console(highlight=False))
 
 
 def error_console() -> Console:
-    return Console(stderr=True, highlight=False)
+    return prose_wrapping(Console(stderr=True, highlight=False))
+
+
+def prose_wrapping(out: Console) -> Console:
+    """Wrap printed text at the terminal's width between words (a terminal breaks a long line mid-word), but
+    write one line per message where the output is not a terminal (grep-able logs, test captures)."""
+    out.soft_wrap = not out.is_terminal
+    return out
 
 
 def handles_errors(command: F) -> F:
@@ -48,7 +57,7 @@ def handles_errors(command: F) -> F:
         try:
             return command(*args, **kwargs)
         except SpectoolError as exc:
-            error_console().print(Text(f"error: {exc}", style="bold red"), soft_wrap=True)
+            error_console().print(Text(f"error: {exc}", style="bold red"))
             raise typer.Exit(exc.exit_code) from None
         except (typer.Exit, typer.Abort, KeyboardInterrupt):
             raise
@@ -56,7 +65,7 @@ def handles_errors(command: F) -> F:
             if os.environ.get("SPECTOOL_DEBUG"):
                 traceback.print_exc()
             message = f"internal error: {type(exc).__name__}: {exc} (set SPECTOOL_DEBUG=1 for the traceback)"
-            error_console().print(Text(message, style="bold red"), soft_wrap=True)
+            error_console().print(Text(message, style="bold red"))
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
@@ -196,15 +205,17 @@ def method_panel(info: TargetInfo, report: MethodReport) -> Panel:
     for note in report.notes:
         facts.add_row("note", Text(note, style="yellow"))
 
+    # Names stay whole on one line (a name folded mid-word read as another row at 80 columns): ".weight" is
+    # left out (the header says so) and the role column is the one that wraps, between words.
     modules = Table(box=None, padding=(0, 1), show_edge=False, header_style="dim")
-    modules.add_column("tensor", overflow="fold")
-    modules.add_column("shape")
-    modules.add_column("params", justify="right")
-    modules.add_column("role")
+    modules.add_column("tensor (.weight)", no_wrap=True)
+    modules.add_column("shape", no_wrap=True)
+    modules.add_column("params", justify="right", no_wrap=True)
+    modules.add_column("role", min_width=8)
     for t in collapse_layers(layout.tensors):
-        modules.add_row(
-            t[0], t[1], human_count(t[2]), Text(ROLE_TEXT[t[3]] if t[3] in ROLE_TEXT else t[3], ROLE_STYLE.get(t[3]))
-        )
+        name = t[0].removesuffix(".weight")
+        role = Text(ROLE_TEXT[t[3]] if t[3] in ROLE_TEXT else t[3], ROLE_STYLE.get(t[3]))
+        modules.add_row(name, t[1], human_count(t[2]), role)
     return Panel(Group(facts, Text(""), modules), title=title, title_align="left")
 
 
@@ -224,3 +235,12 @@ def collapse_layers(tensors) -> list[tuple[str, str, int, str]]:
             if row[0].startswith("layers.*"):
                 row[1] += f" x{depth}"
     return [tuple(r) for r in rows.values()]
+
+
+def stats_column(out: Console, reserved: int = 52) -> TextColumn:
+    """A progress bar's column of running figures (`task.fields[stats]`), cut with an ellipsis so the step count,
+    the elapsed time and the eta, which take about `reserved` columns, always stay on the line."""
+    return TextColumn(
+        "{task.fields[stats]}",
+        table_column=Column(no_wrap=True, overflow="ellipsis", max_width=max(10, out.width - reserved)),
+    )

@@ -14,7 +14,7 @@ from rich.text import Text
 
 from spectool.cli.application import app
 from spectool.cli.help import method_option
-from spectool.cli.render import console, error_console, handles_errors, human_count, print_json
+from spectool.cli.render import console, error_console, handles_errors, human_count, print_json, stats_column
 from spectool.datasets import check_data_argument
 from spectool.errors import UsageError
 from spectool.hub import check_model_argument
@@ -227,6 +227,19 @@ def _saved_config(out: Path) -> dict[str, Any]:
         raise UsageError(f"cannot read {path}, which a resumed run continues from") from None
 
 
+def progress_columns(out: Any) -> tuple:
+    """The training bar: step count, bar, running figures (cut first when the line is short), elapsed, eta."""
+    return (
+        TextColumn("[bold]step"),
+        MofNCompleteColumn(),
+        BarColumn(bar_width=12),
+        stats_column(out),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+    )
+
+
 def _run(config: Any, *, resume: bool, force: bool, as_json: bool) -> None:
     from spectool.training.progress import TrainEvent, TrainingInterrupted
     from spectool.training.trainer import Trainer
@@ -235,16 +248,7 @@ def _run(config: Any, *, resume: bool, force: bool, as_json: bool) -> None:
     out_console = console()
     show = out_console.is_terminal and not as_json and main_process
     plain = not out_console.is_terminal and not as_json and main_process  # a log file: one line per logged row
-    columns = (
-        TextColumn("[bold]step"),
-        MofNCompleteColumn(),
-        BarColumn(),
-        TextColumn("{task.fields[stats]}"),
-        TimeElapsedColumn(),
-        TextColumn("eta"),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=out_console, disable=not show, transient=False) as bar:
+    with Progress(*progress_columns(out_console), console=out_console, disable=not show, transient=False) as bar:
         task = bar.add_task("train", total=None, stats="")
 
         def on_event(event: TrainEvent) -> None:
@@ -267,12 +271,12 @@ def _run(config: Any, *, resume: bool, force: bool, as_json: bool) -> None:
         except TrainingInterrupted as exc:
             bar.stop()
             if main_process:
-                error_console().print(Text(f"stopped: {exc}", style="yellow"), soft_wrap=True)
+                error_console().print(Text(f"stopped: {exc}", style="yellow"))
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             bar.stop()
             message = "stopped at once (second Ctrl-C) without saving; the last checkpoint in OUT is kept"
-            error_console().print(Text(message, style="yellow"), soft_wrap=True)
+            error_console().print(Text(message, style="yellow"))
             raise typer.Exit(130) from None
     if main_process:
         _print_result(out_console, result, config, as_json=as_json)
@@ -303,28 +307,28 @@ def _print_result(out_console: Any, result: Any, config: Any, *, as_json: bool) 
         summary += "; " + _stats_text(metrics)
         if "acceptance_length" in metrics:
             summary += " (tau: simulated acceptance length, bonus token included)"
-    out_console.print(summary, soft_wrap=True, markup=False)
+    out_console.print(summary, markup=False)
     out_console.print(
         f"wrote the draft to {result.out} (try it: spectool chat --draft {quoted(result.out)}); metrics in "
         f"{result.out / 'metrics.jsonl'}",
-        soft_wrap=True,
+        soft_wrap=True,  # a command to paste: the terminal folds it, no newline is inserted
         markup=False,
     )
     see = f"see the run: spectool report {quoted(result.out)} (--out report.png draws it)"
     if "tensorboard" in resolve_report_to(config.report_to):
         see += f"; tensorboard --logdir {quoted(result.out / 'tensorboard')}"
-    out_console.print(see, soft_wrap=True, markup=False, highlight=False)
+    out_console.print(see, soft_wrap=True, markup=False, highlight=False)  # commands to paste: never broken
 
 
 def _print_warnings(out: Any, info: dict[str, Any]) -> None:
     """Notes and skipped rows (on stderr with --json, so the JSON on stdout stays clean)."""
     for note in info.get("notes", []):
-        out.print(Text(f"note: {note}", style="yellow"), soft_wrap=True)
+        out.print(Text(f"note: {note}", style="yellow"))
     data = info.get("data", {})
     if data.get("rows_skipped"):
         out.print(Text(f"warning: skipped {data['rows_skipped']} rows, e.g.:", style="yellow"))
         for reason in data.get("skip_reasons", [])[:3]:
-            out.print(Text(f"  {reason}", style="yellow"), soft_wrap=True)
+            out.print(Text(f"  {reason}", style="yellow"))
 
 
 def _print_start(out: Any, info: dict[str, Any]) -> None:
@@ -342,7 +346,6 @@ def _print_start(out: Any, info: dict[str, Any]) -> None:
             f"{info['world_size']} process(es) on {info['device']} (target {info['target_dtype']}, draft "
             f"{info['draft_dtype']})"
         ),
-        soft_wrap=True,
     )
 
 
