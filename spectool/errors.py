@@ -18,3 +18,10 @@ class UsageError(SpectoolError):
     """Bad input on the command line (a missing path, an out-of-range option): exit code 2."""
 
     exit_code = 2
+
+
+def json_problem(exc, *, line: bool = False) -> str:
+    """A JSONDecodeError in words: "Expecting ',' delimiter at column 8" (json's own message for some errors ends
+    in "at", as in "Invalid control character at", which would read "at at column")."""
+    where = f"line {exc.lineno}, column {exc.colno}" if line else f"column {exc.colno}"
+    return f"{exc.msg.removesuffix(' at')} at {where}"

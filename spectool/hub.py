@@ -21,7 +21,7 @@ from urllib.parse import urlparse
 
 from spectool import catalog, gguf
 from spectool.arch import ConfigError, TargetArch, architectures_of
-from spectool.errors import SpectoolError, UsageError
+from spectool.errors import SpectoolError, UsageError, json_problem
 
 Source = Literal["local", "hub", "cache", "catalog"]
 
@@ -177,7 +177,7 @@ def read_json(path: Path) -> Any:
         with open(path, encoding="utf-8") as handle:
             return json.load(handle)
     except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+        raise ConfigError(f"{path}: not valid JSON ({json_problem(exc, line=True)})") from None
     except OSError as exc:
         raise SpectoolError(f"cannot read {path}: {exc.strerror or exc}") from None
 

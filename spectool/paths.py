@@ -238,3 +238,15 @@ def write_text_atomically(path: Path, text: str) -> None:
     staging = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     staging.write_text(text, encoding="utf-8")
     os.replace(staging, path)
+
+
+def short_path(path: str | os.PathLike[str]) -> str:
+    """A path as people read it: a shipped draft by its name, a path under the working directory relative to it,
+    anything else as given."""
+    resolved = Path(path).resolve()
+    if resolved.parent == SHIPPED_DRAFTS_DIR.resolve():
+        return resolved.name
+    try:
+        return str(resolved.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)

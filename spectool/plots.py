@@ -174,8 +174,9 @@ def _unique_names(sources: list[Source]) -> None:
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def sparkline(values: list[float], width: int = 30) -> str:
-    """``▁▃▅█``: the values (averaged into at most ``width`` buckets) scaled from their min to their max."""
+def sparkline(values: list[float], width: int = 30, floor: float | None = None) -> str:
+    """``▁▃▅█``: the values (averaged into at most ``width`` buckets) scaled from their min (or ``floor``, when
+    lower: acceptance lengths start at 1, so 1.06 -> 1.09 is a flat line, not a climb) to their max."""
     if not values:
         return ""
     if len(values) > width:
@@ -186,6 +187,8 @@ def sparkline(values: list[float], width: int = 30) -> str:
             if (chunk := values[int(i * size) : max(int((i + 1) * size), int(i * size) + 1)])
         ]
     low, high = min(values), max(values)
+    if floor is not None:
+        low = min(low, floor)
     span = high - low
     return "".join(_SPARKS[int((v - low) / span * (len(_SPARKS) - 1) + 0.5) if span else 0] for v in values)
 
@@ -215,7 +218,9 @@ def summary_tables(sources: list[Source]) -> list[Any]:
                 table.add_row("training minutes", f"{max(minutes.values()):,.1f}", "")
             table.add_row("loss (last)", _number(source.last("loss"), ".4f"), sparkline(loss))
             table.add_row("eval loss (last)", _number(source.last("eval_loss"), ".4f"), "")
-            table.add_row("acceptance length (last)", _number(source.last("acceptance_length"), ".3f"), sparkline(tau))
+            table.add_row(
+                "acceptance length (last)", _number(source.last("acceptance_length"), ".3f"), sparkline(tau, floor=1.0)
+            )
             if source.last("eval_acceptance_length") is not None:
                 table.add_row(
                     "eval acceptance length (last)", _number(source.last("eval_acceptance_length"), ".3f"), ""
@@ -339,6 +344,8 @@ class _Drawing:
             elif panel == "acceptance_length":
                 keys = ("acceptance_length", "eval_acceptance_length")
                 self._lines(ax, panel, keys, "acceptance length (bonus token included)", "tokens per round")
+                if ax.has_data():  # from 1 (nothing accepted): a change of 0.03 must not fill the panel
+                    ax.set_ylim(bottom=min(1.0, ax.get_ylim()[0]), top=max(ax.get_ylim()[1], 1.5))
             elif panel == "tokens_per_second":
                 self._lines(ax, panel, ("tokens_per_second",), "training tokens/s", "tokens/s")
             elif panel.startswith("positions:"):

@@ -66,7 +66,7 @@ def test_ship_copies_the_draft_into_the_package_and_its_metrics_into_examples(tm
     assert destination == repo / "spectool" / "assets" / "drafts" / "eagle3"
     assert sorted(p.name for p in destination.iterdir()) == ["config.json", "model.safetensors", "spectool.json"]
     shipped = json.loads((destination / "spectool.json").read_text())
-    assert shipped["target"] == "../../tiny-qwen3" and shipped["training"]["data"] == "examples/data/train.jsonl"
+    assert shipped["target"] == "tiny" and shipped["training"]["data"] == "examples/data/train.jsonl"
     assert (repo / "examples" / "runs" / "eagle3" / "metrics.jsonl").read_text() == metrics
     assert (repo / "examples" / "drafts" / "eagle3" / "config.json").is_file()  # the link resolves
 

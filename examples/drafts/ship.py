@@ -6,8 +6,8 @@ RUN_DIR is the output of ``spectool train --config examples/configs/NAME.toml --
 target. Only what chat, bench and the ecosystem loaders read goes into the package (config.json,
 model.safetensors, spectool.json); the run's metrics.jsonl goes to ``examples/runs/NAME/`` in the repository,
 so ``spectool report examples/runs/NAME`` draws the training run of the draft that ships; checkpoints stay
-behind. The metadata is made portable: the target becomes ``../../tiny-qwen3`` (resolved against the draft's
-own directory, so an installed spectool finds its shipped target), and paths inside this repository become
+behind. The metadata is made portable: the target becomes ``tiny`` (the embedded target's name, which an
+installed spectool resolves to its shipped target), and paths inside this repository become
 repository-relative.
 """
 
@@ -38,7 +38,7 @@ def replace_dir(staging: Path, destination: Path) -> None:
 def ship(run_dir: Path, name: str, repo: Path = REPO) -> Path:
     assets = repo / "spectool" / "assets"
     metadata = json.loads((run_dir / "spectool.json").read_text())
-    if Path(metadata["target"]).resolve() != (assets / "tiny-qwen3").resolve():
+    if metadata["target"] != "tiny" and Path(metadata["target"]).resolve() != (assets / "tiny-qwen3").resolve():
         raise SystemExit(f"{run_dir} was trained for {metadata['target']}, not the embedded tiny target")
     if not (run_dir / METRICS).is_file():
         raise SystemExit(f"{run_dir} holds no {METRICS}: ship the run directory `spectool train --out` wrote")
@@ -48,7 +48,7 @@ def ship(run_dir: Path, name: str, repo: Path = REPO) -> Path:
     staging.mkdir(parents=True)
     for file in FILES:
         shutil.copy2(run_dir / file, staging / file)
-    metadata["target"] = "../../tiny-qwen3"
+    metadata["target"] = "tiny"  # the embedded target's name, found wherever spectool is installed
     training = metadata.get("training", {})
     for key in ("data", "features"):
         training[key] = relative_to(repo, training.get(key))

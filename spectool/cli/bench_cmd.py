@@ -15,7 +15,7 @@ from spectool.cli.render import console, error_console, handles_errors, print_js
 from spectool.datasets import is_named, names
 from spectool.errors import UsageError
 from spectool.hub import check_model_argument
-from spectool.paths import check_input_file, resolve_draft_dir
+from spectool.paths import check_input_file, resolve_draft_dir, short_path
 from spectool.sampling import SamplingParams
 
 DEFAULT_PROMPTS = "heldout"  # the embedded tiny target's held-out prompts (`spectool.datasets`)
@@ -165,32 +165,48 @@ def bench_command(
 
 def _render(report) -> None:
     out = console()
-    title = f"{report.method} draft {report.draft} on {report.target}"
+    title = f"{report.method} draft {short_path(report.draft)} on {report.target}"
     if report.batch_size > 1:
         title += f", {report.batch_size} prompts per batch"
     out.print(Text(title, style="bold"))
     table = Table(show_edge=False)
     table.add_column("decoder")
     table.add_column("tokens/s", justify="right")
-    table.add_column("speculative speedup", justify="right")
+    target = report.baselines.get("target")
+    if target:  # every row against the same reference
+        table.add_column("vs target alone", justify="right")
+    else:
+        table.add_column("speculative's speedup over it", justify="right")
     verify = ", verify auto" if report.verify == "auto" else ""
-    table.add_row(f"speculative ({report.method}{verify})", f"{report.tokens_per_second:.1f}", "")
+    first = f"{report.tokens_per_second / target['tokens_per_second']:.2f}x" if target else ""
+    table.add_row(f"speculative ({report.method}{verify})", f"{report.tokens_per_second:.1f}", first)
     for name, row in report.baselines.items():
         label = BASELINE_LABELS[name]
         if row.get("acceptance_length") is not None:
             label += f" (acceptance length {row['acceptance_length']:.2f})"
-        table.add_row(label, f"{row['tokens_per_second']:.1f}", f"{row['speedup']:.2f}x")
+        ratio = row["tokens_per_second"] / target["tokens_per_second"] if target else row["speedup"]
+        table.add_row(label, f"{row['tokens_per_second']:.1f}", f"{ratio:.2f}x")
     out.print(table)
     totals = f"{report.num_prompts} {'answers' if report.turns > 1 else 'prompts'}, {report.new_tokens} tokens"
+    full = report.baselines.get("full-block", {}).get("acceptance_length")
     if report.acceptance_length is None:  # every answer ended with the prefill's token: nothing was verified
         out.print(f"acceptance length n/a (no verify round: each answer ended after one token); {totals}")
     else:
         hist = "  ".join(f"{k}:{v}" for k, v in sorted(report.acceptance_histogram.items()))
         per_position = " ".join(f"{p:.2f}" for p in report.accepted_per_position)
-        out.print(
-            f"acceptance length {report.acceptance_length:.2f} tokens per target forward "
-            f"(bonus/correction included); {totals}",
-        )
+        if report.verify == "auto" and full is not None:  # the draft's own figure first, then what auto made of it
+            rounds = sum(report.drafted_per_round.values())
+            drafting = sum(v for k, v in report.drafted_per_round.items() if k) / max(1, rounds)
+            out.print(
+                f"the draft's acceptance length (drafting every round): {full:.2f} tokens per target forward "
+                f"(bonus/correction included); under --verify auto, which drafted in {drafting:.0%} of its rounds: "
+                f"{report.acceptance_length:.2f}; {totals}"
+            )
+        else:
+            out.print(
+                f"acceptance length {report.acceptance_length:.2f} tokens per target forward "
+                f"(bonus/correction included); {totals}",
+            )
         out.print(f"tokens per round: {hist}")
         if report.verify == "auto":
             drafted = "  ".join(f"{k}:{v}" for k, v in sorted(report.drafted_per_round.items()))

@@ -42,6 +42,14 @@ def method_choice(name: str, names: list[str] | tuple[str, ...], *, extra: tuple
     return Enum(name, [(value, value) for value in (*names, *extra)], type=str)  # type: ignore[return-value]
 
 
+#: Names people reach for that are not methods of their own, and what to use instead.
+ALIASES = {
+    "eagle2": "EAGLE-2 is EAGLE-1's (or EAGLE-3's) draft decoded as a dynamic tree: train / init -m eagle1 (or "
+    "eagle3), then chat or bench with --tree TOP_K,DEPTH,TOTAL.",
+    "eagle": "EAGLE is -m eagle1 (EAGLE-1/2) or -m eagle3.",
+}
+
+
 def method_option(default: Any, *, extra: tuple[str, ...] = (), help: str = "Draft method.") -> Any:
     """The `--method` option: any method of the registry (plus ``extra``, e.g. "all"), checked when the command line
     is parsed, so a method registered after import (a plug-in, a test) is accepted; the help lists the choices."""
@@ -50,7 +58,10 @@ def method_option(default: Any, *, extra: tuple[str, ...] = (), help: str = "Dra
     def check(value: str | None) -> str | None:
         choices = [*extra, *method_names()]
         if value is not None and value not in choices:
-            raise typer.BadParameter(f"{value!r} is not one of {', '.join(repr(c) for c in choices)}.")
+            hint = ALIASES.get(value.lower().replace("-", ""))
+            raise typer.BadParameter(
+                f"{value!r} is not one of {', '.join(repr(c) for c in choices)}." + (f" {hint}" if hint else "")
+            )
         return value
 
     def complete(incomplete: str) -> list[str]:

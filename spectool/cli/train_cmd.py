@@ -250,6 +250,7 @@ def _run(config: Any, *, resume: bool, force: bool, as_json: bool) -> None:
     plain = not out_console.is_terminal and not as_json and main_process  # a log file: one line per logged row
     with Progress(*progress_columns(out_console), console=out_console, disable=not show, transient=False) as bar:
         task = bar.add_task("train", total=None, stats="")
+        first_step_shown: list[int] = []
 
         def on_event(event: TrainEvent) -> None:
             if event.kind == "start" and event.info is not None:
@@ -259,6 +260,15 @@ def _run(config: Any, *, resume: bool, force: bool, as_json: bool) -> None:
                     _print_start(bar.console, event.info)
             elif event.kind == "step":
                 bar.update(task, completed=event.step, total=event.total_steps)
+                if plain and not first_step_shown:  # a log file hears within one step that training runs
+                    first_step_shown.append(event.step)
+                    total = event.total_steps if event.total_steps is not None else "?"
+                    out_console.print(
+                        f"step {event.step}/{total} done (then a line every {config.log_every} steps)",
+                        soft_wrap=True,
+                        markup=False,
+                        highlight=False,
+                    )
             elif event.kind == "log" and event.row is not None:
                 bar.update(task, stats=_stats_text(event.row))
                 if plain:
@@ -332,7 +342,7 @@ def _print_warnings(out: Any, info: dict[str, Any]) -> None:
 
 
 def _print_start(out: Any, info: dict[str, Any]) -> None:
-    start = f" from step {info['start_step']}" if info.get("start_step") else ""
+    start = f" (resuming after step {info['start_step']})" if info.get("start_step") else ""
     steps = f"{info['total_steps']} steps"
     if info.get("max_minutes"):
         cap = f", at most {info['step_cap']}" if info.get("step_cap") else ""
@@ -341,8 +351,8 @@ def _print_start(out: Any, info: dict[str, Any]) -> None:
         Text(
             f"{info['method']} draft ({info['draft_class']}, {human_count(info['trainable_params'])} trainable) for "
             f"{info['target']}, feature layers {info['target_layer_ids']}: {info['train_examples']} training / "
-            f"{info['eval_examples']} held-out examples, {steps}{start} of "
-            f"{info['global_batch']} sequences, lr {info['lr']:g} (warmup {info['warmup_steps']}), {info['mode']}, "
+            f"{info['eval_examples']} held-out examples, {steps} of {info['global_batch']} sequences{start}, "
+            f"lr {info['lr']:g} (warmup {info['warmup_steps']}), {info['mode']}, "
             f"{info['world_size']} process(es) on {info['device']} (target {info['target_dtype']}, draft "
             f"{info['draft_dtype']})"
         ),

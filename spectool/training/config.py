@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from spectool.errors import SpectoolError, UsageError
+from spectool.errors import SpectoolError, UsageError, json_problem
 from spectool.registry import get as get_method
 from spectool.registry import method_names
 
@@ -309,7 +309,7 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise UsageError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+            raise UsageError(f"{path}: not valid JSON ({json_problem(exc, line=True)})") from None
     else:
         raise UsageError(f"{path}: config files are .toml, .yaml / .yml or .json, not {suffix or 'extensionless'}")
     if data is None:

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from spectool import datasets
 from spectool.chat_format import Message, Role
-from spectool.errors import SpectoolError, UsageError
+from spectool.errors import SpectoolError, UsageError, json_problem
 
 Requirement = Literal["assistant", "prompt"]
 
@@ -306,7 +306,7 @@ def _read_jsonl(path: Path) -> Iterator[_RawRow]:
                 try:
                     yield _RawRow(label, number, value=json.loads(line))
                 except json.JSONDecodeError as exc:
-                    yield _RawRow(label, number, error=f"not valid JSON ({exc.msg} at column {exc.colno})")
+                    yield _RawRow(label, number, error=f"not valid JSON ({json_problem(exc)})")
     except UnicodeDecodeError as exc:
         raise SpectoolError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except OSError as exc:
@@ -334,7 +334,7 @@ def _read_json(path: Path) -> Iterator[_RawRow]:
         if text.lstrip().startswith("[") and _ends_inside_value(text, exc):
             yield from _read_cut_array(path, text)
             return
-        raise SpectoolError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        raise SpectoolError(f"{path}:{exc.lineno}: not valid JSON ({json_problem(exc)})") from None
     if isinstance(data, dict):
         if any(key in data for key in ("messages", "conversations", "prompt")):
             data = [data]
@@ -370,7 +370,7 @@ def _read_cut_array(path: Path, text: str) -> Iterator[_RawRow]:
             value, position = decoder.raw_decode(text, position)
         except json.JSONDecodeError as exc:
             if not _ends_inside_value(text, exc):
-                raise SpectoolError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+                raise SpectoolError(f"{path}:{exc.lineno}: not valid JSON ({json_problem(exc)})") from None
             yield _RawRow(f"{path}, row {number}", number, error="the file ends inside this row (it was cut off)")
             return
         yield _RawRow(f"{path}, row {number}", number, value=value)

@@ -67,6 +67,7 @@ USAGE_ERRORS = [
     (["demo", "--out", str(Path(__file__).parent)], "is not empty"),
     (["bench", "--draft", "dspark", "--prompts", "mt-bench", "--turns", "0"], "--turns must be at least 1"),
     (["train", "--method", "nope", "--out", "/tmp/nw"], "Invalid value for '--method'"),
+    (["init", "tiny", "-m", "eagle2", "--out", "/tmp/nw"], "EAGLE-2 is EAGLE-1's (or EAGLE-3's) draft"),
     (["convert", str(SHIPPED_DRAFTS_DIR / "dspark"), "--to", "sglang", "--out", "/tmp/nw"],
      "a dspark draft has no sglang layout (sglang holds eagle1, eagle3 drafts)"),
 ]  # fmt: skip

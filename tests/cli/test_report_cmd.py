@@ -54,7 +54,8 @@ def test_train_prints_plain_lines_then_report_draws_runs_and_a_bench(chat_target
                     "--eval-every", "2", "--report-to", "none")  # fmt: skip
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
-    progress = [line for line in lines if line.startswith("step ")]
+    assert lines[[line.startswith("step ") for line in lines].index(True)].startswith("step 1/3 done")
+    progress = [line for line in lines if line.startswith("step ") and " done (" not in line]
     assert [line.split()[1] for line in progress] == ["1/3", "2/3", "3/3"] and all("loss" in p for p in progress)
     assert f"spectool report '{run}'" in result.stdout  # quoted: the path holds a space
     # A second run (only its metrics) and a bench file.
@@ -202,3 +203,11 @@ def test_a_bench_shares_the_colour_of_the_run_it_measured(tmp_path):
     colour = _colours(runs, benches, cycle)
     assert colour == {"eagle3": "c0", "run-b": "c1", "bench-b": "c1", "bench-shipped": "c0", "bench-other": "c2",
                       "bench-none": "c3", "bench-named-like-a-bench": "c4"}  # fmt: skip
+
+
+def test_acceptance_sparklines_start_at_one_so_a_small_change_reads_small():
+    from spectool.plots import sparkline
+
+    taus = [1.058, 1.07, 1.091]
+    assert sparkline(taus) == "▁▄█"  # min to max: a flat run looks like a climb
+    assert sparkline(taus, floor=1.0) == "▅▆█"  # from 1 (nothing accepted): it reads as it is

@@ -148,7 +148,7 @@ def test_resume(chat_target_dir, data_file, tmp_path):
     assert result.exit_code == 2 and "--batch-size 4 (saved 2)" in result.stderr
     result = invoke("train", "--out", str(out), "--resume", "--max-steps", "3")
     assert result.exit_code == 0, result.output
-    assert "from step 2" in result.stdout
+    assert "3 steps of 2 sequences (resuming after step 2)," in result.stdout
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3]
     assert load_draft(out).metadata.training["steps"] == 3
@@ -302,3 +302,18 @@ def test_max_length_beyond_the_target_positions_is_capped_with_a_note(chat_targe
     assert result.exit_code == 0, result.output
     assert "--max-length 48 is more than the target's 32 positions" in " ".join(result.output.split())
     assert saved_config(out)["max_length"] == 32
+
+
+def test_a_piped_run_says_within_one_step_that_it_trains_and_why_defaults_are_slow(
+    chat_target_dir, data_file, tmp_path
+):
+    args = ["train", "--target", str(chat_target_dir), "--method", "dspark", "--data", str(data_file)]
+    fast = [a for a in FAST if a not in ("--num-anchors", "4")]  # the method's default anchors
+    result = invoke(*args, "--out", str(tmp_path / "run"), *fast, "--log-every", "5", "--max-steps", "3")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("step 1/3 done (then a line every 5 steps)"))
+    assert first < next(i for i, line in enumerate(lines) if line.startswith("step 3/3 "))
+    assert "dspark draws up to 512 blocks per row" in result.output and "--num-anchors 8" in result.output
+    quiet = invoke(*args, "--out", str(tmp_path / "run8"), *FAST, "--max-steps", "1")
+    assert "blocks per row" not in quiet.output  # --num-anchors given: no note

@@ -154,6 +154,7 @@ def test_prompt_rows_for_regeneration_only(tmp_path):
 
 BAD_ROWS = [
     ('{"messages": [', "not valid JSON"),
+    ('{"messages": "a\tb"}', "not valid JSON (Invalid control character at column 16)"),  # json says "...at"
     ("[1, 2]", "expected a JSON object"),
     ('{"text": "hi"}', "no 'messages', 'conversations' or 'prompt'"),
     ('{"messages": []}', "non-empty list"),
@@ -190,7 +191,7 @@ def test_skip_bad_rows_counts_and_reports(tmp_path):
     path.write_text("\n".join(lines) + "\n")
     conversations, report = load_conversations(path, skip_bad_rows=True)
     assert len(conversations) == 2
-    assert (report.rows_read, report.rows_loaded, report.rows_skipped) == (12, 2, 10)
+    assert (report.rows_read, report.rows_loaded, report.rows_skipped) == (len(BAD_ROWS) + 2, 2, len(BAD_ROWS))
     assert len(report.reasons) == 5 and report.reasons[0].startswith(f"{path}:2: not valid JSON")
 
 
