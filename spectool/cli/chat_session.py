@@ -25,7 +25,9 @@ class AnswerPrinter:
     """Streams an answer token by token: accepted draft tokens highlighted per round, the target's own plain.
 
     Byte-level tokenizers can split one character over several tokens; text is printed only once it decodes
-    to complete characters, and each piece takes the style of the token that completed it.
+    to complete characters, and each piece takes the style of the token that completed it. On a terminal the
+    answer wraps between words at its width (a terminal folds a long line mid-word); elsewhere it is written as
+    it comes.
     """
 
     def __init__(self, tokenizer, out: Console) -> None:
@@ -33,6 +35,29 @@ class AnswerPrinter:
         self.out = out
         self.ids: list[int] = []
         self.shown = ""
+        self.column = 0  # where the cursor is on the terminal's line
+
+    def _wrapped(self, piece: str) -> str:
+        """`piece` with a line break before each word that would cross the terminal's right edge."""
+        if not self.out.is_terminal:
+            return piece
+        out = []
+        for part in piece.split(" ") if "\n" not in piece else [piece]:
+            if "\n" in part:
+                out.append(part)
+                self.column = len(part) - part.rfind("\n") - 1
+                continue
+            if out:  # the space between this part and the last
+                # 3 columns spare: a word's next token may carry on without a space
+                if self.column + 1 + len(part) > self.out.width - 3 and self.column:
+                    out.append("\n")
+                    self.column = 0
+                else:
+                    out.append(" ")
+                    self.column += 1
+            out.append(part)
+            self.column += len(part)
+        return "".join(out)
 
     def add(self, event: RoundEvent, round_index: int) -> None:
         for i, token in enumerate(event.tokens):
@@ -43,7 +68,7 @@ class AnswerPrinter:
             piece, self.shown = text[len(self.shown) :], text
             drafted = i < event.num_accepted and event.kind != "prefill"
             style = ROUND_STYLES[round_index % 2] if drafted else ""
-            self.out.print(Text(piece, style=style), end="", soft_wrap=True, highlight=False)
+            self.out.print(Text(self._wrapped(piece), style=style), end="", soft_wrap=True, highlight=False)
 
 
 class ChatSession:

@@ -115,3 +115,19 @@ def test_layers_and_chat_lines_fit_a_terminal(width):
             return re.sub(r"[0-9.]+", "N", " ".join(" ".join(lines).split()))  # speeds differ between runs
 
         assert words(drawn) == words(piped)
+
+
+def test_a_streamed_answer_wraps_between_words_on_a_terminal():
+    from spectool.cli.chat_session import AnswerPrinter
+
+    text = "The quick brown fox jumps over the lazy dog, again and again,\nthen rests. " * 6
+    pieces = [" " + word if i else word for i, word in enumerate(text.split(" "))]
+    for width in (40, 80):
+        out = terminal(width)
+        printer = AnswerPrinter(tokenizer=None, out=out)
+        out.print("".join(printer._wrapped(piece) for piece in pieces), end="", soft_wrap=True)
+        lines = lines_of(out)
+        assert max(len(line) for line in lines) <= width and len(lines) > text.count("\n")
+        assert_words_whole(text, lines)
+    piped = prose_wrapping(Console(file=io.StringIO(), width=40, color_system=None))
+    assert AnswerPrinter(tokenizer=None, out=piped)._wrapped(" a" * 50) == " a" * 50  # a pipe gets it as it comes
