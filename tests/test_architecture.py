@@ -29,6 +29,7 @@ APPS = {
     "spectool.bench_prompts",
     "spectool.baselines",
     "spectool.draft_init",
+    "spectool.export",
     "spectool.report",
     "spectool.plots",
 }

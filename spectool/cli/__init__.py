@@ -9,6 +9,7 @@ from spectool.cli import (  # noqa: F401
     chat_cmd,
     data_cmd,
     demo_cmd,
+    export_cmd,
     init_cmd,
     inspect_cmd,
     layers_cmd,

@@ -166,16 +166,24 @@ def convert_command(
 
 
 def _check_layout_fits(directory: Path, to: str) -> None:
-    """Refuse (exit 2, before torch loads) a draft whose config names a method the layout does not hold; a config
-    that names none is left to the full load, which also reads the weights."""
+    """Refuse (exit 2, before torch loads) a draft whose config names a method the layout does not hold."""
+    from spectool.registry import check_conversion
+
+    method = method_by_config(directory)
+    if method is not None:
+        check_conversion(method, to)
+
+
+def method_by_config(directory: Path) -> str | None:
+    """The method a draft's config.json names, read without torch; None when it names none (the full load then
+    also reads the weights)."""
     import json
 
     from spectool.errors import SpectoolError
-    from spectool.registry import check_conversion, detect_method
+    from spectool.registry import detect_method
 
     try:
         config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
-        method = detect_method(config).name
+        return detect_method(config).name
     except (OSError, ValueError, SpectoolError):
-        return
-    check_conversion(method, to)
+        return None

@@ -107,6 +107,9 @@ class DraftMethod(ABC):
     loaders: ClassVar[str]
     #: `spectool convert --to X` destinations whose layout holds this method's drafts.
     conversions: ClassVar[tuple[str, ...]] = ()
+    #: `spectool export --engine X`: how engine X names this method (vLLM's `--speculative-config` "method",
+    #: SGLang's `--speculative-algorithm`); engines not named here do not serve it.
+    engine_names: ClassVar[dict[str, str]] = {}
     #: Engines that read Hugging Face `hidden_states` and so serve every feature-layer id (`layers.serving`).
     hf_readers: ClassVar[tuple[str, ...]] = ("spectool",)
     #: Peak learning rate when --lr is not given.
@@ -171,6 +174,10 @@ class DraftMethod(ABC):
     @abstractmethod
     def layout(self, spec: DraftSpec, arch: TargetArch) -> list[Tensor]:
         """Every tensor the draft holds or borrows, with its shape and role (`spectool.layout`)."""
+
+    def serving_notes(self, config: Mapping[str, Any], engine: str) -> list[str]:
+        """What `spectool export` says about serving a draft with this `config.json` as it is in `engine`."""
+        return []
 
     def notes(self, spec: DraftSpec, *, initialised: bool) -> list[str]:
         """What `inspect` (`initialised` False) and `init` (True) say about a resolved draft beyond its shape."""

@@ -29,6 +29,7 @@ class Eagle1(DraftMethod):
     required_keys = ("fc.weight", "embed_tokens.weight")
     loaders = "SGLang, vLLM, spectool"
     conversions = ("sglang", "vllm")
+    engine_names = {"vllm": "eagle", "sglang": "EAGLE"}
     default_lr = 1e-4
     reads_feature_layers = False
     fixed_feature_count = 1

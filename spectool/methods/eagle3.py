@@ -51,6 +51,7 @@ class Eagle3(DraftMethod):
     required_keys = ("fc.weight", "norm.weight", "lm_head.weight", "d2t", "t2d")
     loaders = "SGLang, vLLM (and vLLM speculators' converter), spectool"
     conversions = ("sglang", "vllm")
+    engine_names = {"vllm": "eagle3", "sglang": "EAGLE3"}
     default_lr = 1e-4
     fixed_feature_count = NUM_FEATURE_LAYERS
     fixed_draft_layers = 1
@@ -96,6 +97,15 @@ class Eagle3(DraftMethod):
         if spec.draft_vocab_size:
             tensors += [Tensor("d2t", (vd,), "buffer", "int64"), Tensor("t2d", (v,), "buffer", "bool")]
         return tensors
+
+    def serving_notes(self, config: Mapping[str, Any], engine: str) -> list[str]:
+        if engine == "vllm" and VLLM_AUX_LAYER_IDS not in config and "eagle_config" in config:
+            return [
+                "this draft's config.json names its layers only as SGLang does (eagle_config."
+                f"{VLLM_AUX_LAYER_IDS}): vLLM would read them one layer off; pass --out DIR to write a copy vLLM "
+                "reads right"
+            ]
+        return []
 
     def notes(self, spec: DraftSpec, *, initialised: bool) -> list[str]:
         if initialised and spec.draft_vocab_size:

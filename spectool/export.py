@@ -1,0 +1,193 @@
+"""`spectool export`: from a trained draft to the command that serves it in an engine.
+
+For an engine (vLLM or SGLang) and a draft, this checks the draft is one the engine serves (its method, and feature
+layers the engine can capture: neither the embedding output nor the post-final-norm state), optionally writes the
+engine's layout (`spectool convert`, which also writes the config keys that engine reads: vLLM reads a top-level
+`eagle_aux_hidden_state_layer_ids` in its own numbering, and a config carrying only SGLang's nested key is read one
+layer off), and prints the launch command with the number of speculative tokens chosen from the draft's measured
+acceptance: a bench JSON (`spectool bench --json`) when given, else the draft's training summary.
+
+The number: the draft positions reached (every earlier one accepted too) in at least `REACH` of rounds. On a GPU
+with a large target verifying a few more tokens costs about nothing, while each drafted token costs a draft
+forward; a position reached in under a quarter of the rounds adds under 0.25 tokens per round for that forward.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from spectool.errors import SpectoolError, UsageError
+from spectool.registry import get, methods, serving
+
+#: A draft position is worth speculating when rounds reach it (all earlier positions accepted) this often.
+REACH = 0.25
+#: The most tokens an EAGLE chain is asked to draft (engines' own examples use 3 to 8).
+MAX_CHAIN = 8
+
+#: The engines `export` writes launch commands for (each method says how an engine names it: `engine_names`).
+ENGINES = ("vllm", "sglang")
+
+
+@dataclass
+class ExportPlan:
+    """What `spectool export` found: the engine, the draft to load, the target, the tokens per round and why, the
+    command, and notes."""
+
+    engine: str
+    method: str
+    draft: str  # the directory the engine is to load
+    target: str
+    num_speculative_tokens: int
+    why: str
+    command: str
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "engine": self.engine,
+            "method": self.method,
+            "draft": self.draft,
+            "target": self.target,
+            "num_speculative_tokens": self.num_speculative_tokens,
+            "why": self.why,
+            "command": self.command,
+            "notes": list(self.notes),
+        }
+
+
+def reach_from_tau(tau: float, positions: int) -> list[float]:
+    """Per-position reach r, r^2, ... of a draft whose acceptance length (bonus included) is `tau` over `positions`
+    drafted tokens, when every position is accepted at the same rate r: 1 + r + ... + r^positions = tau."""
+    if tau <= 1.0:
+        return [0.0] * positions
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        rate = (low + high) / 2
+        if sum(rate**j for j in range(positions + 1)) < tau:
+            low = rate
+        else:
+            high = rate
+    return [low**j for j in range(1, positions + 1)]
+
+
+def choose_tokens(reach: list[float], limit: int, source: str) -> tuple[int, str]:
+    """(K, why): the leading positions reached in at least REACH of rounds, 1 to `limit`."""
+    reached = 0
+    for value in reach[:limit]:
+        if value < REACH:
+            break
+        reached += 1
+    k = max(1, reached)
+    shown = " ".join(f"{v:.2f}" for v in reach[: max(k + 1, 3)][:limit])
+    why = (
+        f"{source}: draft positions 1.. are reached in {shown} of rounds; {k} token{'s' if k > 1 else ''} "
+        f"reach{'' if k > 1 else 'es'} at least {REACH:.0%} of rounds"
+    )
+    if reached == 0:
+        why += " (none does: 1, the least an engine drafts; this draft will not speed the target up)"
+    return k, why
+
+
+def reach_from_bench(path: Path) -> tuple[list[float], str]:
+    """Per-position reach from a `spectool bench --json` file (its accept rate by draft position)."""
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"--bench {path}: not a readable bench JSON ({exc})") from None
+    rates = report.get("accepted_per_position") if isinstance(report, dict) else None
+    if not isinstance(rates, list) or not rates:
+        raise UsageError(f"--bench {path}: no accepted_per_position (write it with `spectool bench --json`)")
+    return [float(r) for r in rates], f"bench {path.name} ({report.get('prompts') or 'its prompts'})"
+
+
+def reach_from_training(metadata: Any, positions: int) -> tuple[list[float], str] | None:
+    """Per-position reach from the draft's training summary: `prefix@k` (greedy acceptance through position k)
+    when logged, else its acceptance length spread over the positions; held-out figures first."""
+    final = ((metadata.training or {}).get("final_metrics") or {}) if metadata is not None else {}
+    for prefix in ("eval_", ""):
+        reach = [final.get(f"{prefix}prefix@{k}") for k in range(1, positions + 1)]
+        if reach[0] is not None:
+            return [float(v) for v in reach if v is not None], f"training ({prefix or 'train '}prefix@k)".strip()
+    for key in ("eval_acceptance_length", "acceptance_length"):
+        if final.get(key) is not None:
+            tau = float(final[key])
+            return reach_from_tau(tau, positions), f"training ({key} {tau:.2f}, spread evenly over positions)"
+    return None
+
+
+def launch_command(engine: str, method: str, target: str, draft: str, k: int) -> str:
+    """The command that serves `target` with `draft` drafting `k` tokens per round."""
+    name = get(method).engine_names[engine]
+    if engine == "vllm":
+        config = json.dumps({"method": name, "model": draft, "num_speculative_tokens": k})
+        return f"vllm serve {shlex.quote(target)} --speculative-config {shlex.quote(config)}"
+    return (
+        f"python -m sglang.launch_server --model-path {shlex.quote(target)} --speculative-algorithm {name} "
+        f"--speculative-draft-model-path {shlex.quote(draft)} --speculative-num-steps {k} "
+        f"--speculative-eagle-topk 1 --speculative-num-draft-tokens {k + 1}"
+    )
+
+
+def check_servable(engine: str, method: str, target_layer_ids: list[int], num_target_layers: int | None) -> None:
+    """Refuse (a usage error) a method the engine does not serve, or feature layers it cannot capture."""
+    if engine not in ENGINES:
+        raise UsageError(f"--engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine not in get(method).engine_names:
+        served = ", ".join(m.name for m in methods() if engine in m.engine_names)
+        raise UsageError(f"{engine} serves {served} drafts, not {method} (spectool chat / bench run it)")
+    if get(method).reads_feature_layers and num_target_layers:
+        found = serving(method, target_layer_ids, num_target_layers)
+        if not found.portable:
+            raise UsageError(f"{engine} cannot serve this draft: {found.message()}")
+
+
+def plan_export(
+    draft_dir: str | Path, engine: str, *, out: str | Path | None = None, bench: str | Path | None = None
+) -> ExportPlan:
+    """Check the draft against the engine, write its layout to `out` (when given), choose the number of
+    speculative tokens and build the launch command."""
+    from spectool.checkpoint import convert, load_draft
+
+    loaded = load_draft(draft_dir)
+    metadata = loaded.metadata
+    num_layers = metadata.num_target_layers if metadata is not None else None
+    check_servable(engine, loaded.method, list(loaded.target_layer_ids or []), num_layers)
+    if metadata is None or not metadata.target:
+        raise SpectoolError(f"{loaded.path} does not record its target (no spectool.json); export needs it")
+    notes = []
+    served = loaded
+    if out is not None:
+        served = convert(loaded.path, engine, out)
+    else:
+        notes += get(loaded.method).serving_notes(_config(loaded.path), engine)
+    positions = MAX_CHAIN
+    found = reach_from_bench(Path(bench)) if bench is not None else reach_from_training(metadata, positions)
+    if found is None:
+        k, why = 3, "no bench JSON (--bench) and no training summary in the draft: 3, the engines' usual start"
+    else:
+        k, why = choose_tokens(found[0], positions, found[1])
+    target = engine_target(metadata.target)
+    draft = str(Path(served.path).resolve())
+    command = launch_command(engine, loaded.method, target, draft, k)
+    return ExportPlan(engine, loaded.method, draft, target, k, why, command, notes)
+
+
+def engine_target(ref: str) -> str:
+    """What the engine is told to load: a Hub id as it is, a local target (or spectool's embedded one, or a GGUF
+    file's safetensors conversion) by its directory."""
+    from spectool.hub import resolve_model
+
+    info = resolve_model(ref)
+    return str(info.directory) if info.source == "local" and info.directory is not None else info.ref
+
+
+def _config(directory: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}

@@ -1,0 +1,82 @@
+"""`spectool export`: the engines' launch flags, the speculative-token choice from measured acceptance, refusals of
+what an engine cannot serve, and the vLLM copy that names its layers as vLLM reads them."""
+
+import json
+import shlex
+
+import pytest
+
+from spectool.errors import UsageError
+from spectool.export import check_servable, choose_tokens, launch_command, reach_from_tau
+from spectool.paths import SHIPPED_DRAFTS_DIR
+from tests.cli.conftest import invoke
+
+
+def test_reach_from_tau_spreads_the_acceptance_length_evenly():
+    reach = reach_from_tau(2.0, 4)  # 1 + r + r^2 + r^3 + r^4 = 2 -> r = 0.5188
+    assert reach[0] == pytest.approx(0.5188, abs=1e-4) and reach[1] == pytest.approx(0.5188**2, abs=1e-4)
+    assert 1 + sum(reach) == pytest.approx(2.0, abs=1e-9)
+    assert reach_from_tau(1.0, 3) == [0.0, 0.0, 0.0]
+
+
+def test_choose_tokens_keeps_the_positions_reached_in_a_quarter_of_rounds():
+    k, why = choose_tokens([0.8, 0.6, 0.3, 0.2, 0.1], 8, "bench b.json")
+    assert k == 3 and "bench b.json" in why and "0.80 0.60 0.30 0.20" in why
+    assert choose_tokens([0.9] * 10, 8, "x")[0] == 8  # capped
+    k, why = choose_tokens([0.1, 0.05], 8, "x")
+    assert k == 1 and "will not speed the target up" in why
+
+
+def test_launch_commands_carry_each_engines_flags():
+    vllm = shlex.split(launch_command("vllm", "eagle3", "Qwen/Qwen3-8B", "/d/e 3", 4))
+    assert vllm[:3] == ["vllm", "serve", "Qwen/Qwen3-8B"] and vllm[3] == "--speculative-config"
+    assert json.loads(vllm[4]) == {"method": "eagle3", "model": "/d/e 3", "num_speculative_tokens": 4}
+    assert json.loads(shlex.split(launch_command("vllm", "eagle1", "t", "d", 2))[4])["method"] == "eagle"
+    sglang = shlex.split(launch_command("sglang", "eagle3", "Qwen/Qwen3-8B", "/d/e 3", 4))
+    flags = dict(zip(sglang[3::2], sglang[4::2], strict=True))
+    assert sglang[:3] == ["python", "-m", "sglang.launch_server"]
+    assert flags == {
+        "--model-path": "Qwen/Qwen3-8B",
+        "--speculative-algorithm": "EAGLE3",
+        "--speculative-draft-model-path": "/d/e 3",
+        "--speculative-num-steps": "4",
+        "--speculative-eagle-topk": "1",
+        "--speculative-num-draft-tokens": "5",  # a chain: the drafted tokens and the root
+    }
+
+
+def test_what_an_engine_cannot_serve_is_refused_with_the_reason():
+    with pytest.raises(UsageError, match="serves eagle1, eagle3 drafts, not dspark"):
+        check_servable("vllm", "dspark", [1, 2], 8)
+    with pytest.raises(UsageError, match=r"layer id 7 \(the post-final-norm.*--target-layer-ids 1,3,6"):
+        check_servable("sglang", "eagle3", [1, 3, 7], 8)
+    check_servable("vllm", "eagle3", [1, 3, 6], 8)
+
+
+def test_export_writes_a_vllm_copy_and_chooses_tokens_from_a_bench(tmp_path):
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"prompts": "mt-bench", "accepted_per_position": [0.7, 0.5, 0.35, 0.2, 0.1]}))
+    out = tmp_path / "vllm-copy"
+    result = invoke("export", "eagle3", "--engine", "vllm", "--out", str(out), "--bench", str(bench), "--json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert plan["num_speculative_tokens"] == 3 and "bench bench.json (mt-bench)" in plan["why"]
+    assert plan["notes"] == []  # the copy names its layers as vLLM reads them
+    config = json.loads((out / "config.json").read_text())
+    nested = config["eagle_config"]["eagle_aux_hidden_state_layer_ids"]
+    assert config["eagle_aux_hidden_state_layer_ids"] == [i + 1 for i in nested]  # vLLM's numbering
+    words = shlex.split(plan["command"])
+    assert json.loads(words[4]) == {"method": "eagle3", "model": str(out.resolve()), "num_speculative_tokens": 3}
+    assert words[2].endswith("tiny-qwen3")  # the embedded target, by its directory
+
+    text = invoke("export", str(SHIPPED_DRAFTS_DIR / "eagle3"), "--engine", "vllm")  # served as it is
+    assert text.exit_code == 0 and "one layer off; pass --out DIR" in " ".join(text.stdout.split())
+    assert "speculative tokens per round (training" in " ".join(text.stdout.split())
+
+
+def test_export_usage_errors():
+    refused = invoke("export", "dspark", "--engine", "vllm")
+    assert refused.exit_code == 2 and "not dspark" in refused.stderr
+    assert invoke("export", "eagle3", "--engine", "tensorrt").exit_code == 2
+    missing = invoke("export", "eagle3", "--engine", "vllm", "--bench", "/nonexistent.json")
+    assert missing.exit_code == 2 and "/nonexistent.json" in missing.stderr
