@@ -247,7 +247,9 @@ def budgets(
     * features / bench / train: while loading, transformers maps the bf16 file (resident as it is read) beside
       the fp32 weights it makes from it, so the file's size counts once.
     * features / bench: the target in the dtype it runs on this CPU (fp32: no AMX), the draft in fp32, and one
-      full-vocabulary fp32 logits row per token of one batch plus hidden states of every layer.
+      full-vocabulary fp32 logits row per token of one batch plus hidden states of every layer; bench also the
+      column-major weight copies the lean forward may keep (`spectool.decoding.kernels`: at most 25% of the
+      target's weights).
     * train: the frozen target in fp32, the draft's trainable fp32 weights + gradients + two AdamW moments (16
       bytes per parameter) and its frozen ones (embedding / lm_head copies) in fp32, and a batch's activations: logits over the vocabulary for every position, 4x for the
       softmax, its gradient and the chunked recomputation, plus the target's hidden states.
@@ -263,7 +265,7 @@ def budgets(
         "layers": INTERPRETER_GIB,
         "init": INTERPRETER_GIB + vocab * hidden * 4 / GIB + 2 * draft_fp32,
         "features": INTERPRETER_GIB + target_file + target_fp32 + logits + hidden_states,
-        "bench": INTERPRETER_GIB + target_file + target_fp32 + draft_fp32 + logits + hidden_states,
+        "bench": INTERPRETER_GIB + target_file + 1.25 * target_fp32 + draft_fp32 + logits + hidden_states,
         "train": INTERPRETER_GIB
         + target_file
         + target_fp32

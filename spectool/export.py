@@ -119,12 +119,18 @@ def reach_from_training(metadata: Any, positions: int) -> tuple[list[float], str
     return None
 
 
-def launch_command(engine: str, method: str, target: str, draft: str, k: int) -> str:
-    """The command that serves `target` with `draft` drafting `k` tokens per round."""
+def launch_command(engine: str, method: str, target: str, draft: str, k: int, block: int | None = None) -> str:
+    """The command that serves `target` with `draft` drafting `k` tokens per round (a block draft: its `block`
+    slots, the anchor and k = block - 1 drafted tokens)."""
     name = get(method).engine_names[engine]
     if engine == "vllm":
         config = json.dumps({"method": name, "model": draft, "num_speculative_tokens": k})
         return f"vllm serve {shlex.quote(target)} --speculative-config {shlex.quote(config)}"
+    if block is not None:
+        return (
+            f"python -m sglang.launch_server --model-path {shlex.quote(target)} --speculative-algorithm {name} "
+            f"--speculative-draft-model-path {shlex.quote(draft)} --speculative-num-draft-tokens {block}"
+        )
     return (
         f"python -m sglang.launch_server --model-path {shlex.quote(target)} --speculative-algorithm {name} "
         f"--speculative-draft-model-path {shlex.quote(draft)} --speculative-num-steps {k} "
@@ -158,21 +164,22 @@ def plan_export(
     check_servable(engine, loaded.method, list(loaded.target_layer_ids or []), num_layers)
     if metadata is None or not metadata.target:
         raise SpectoolError(f"{loaded.path} does not record its target (no spectool.json); export needs it")
-    notes = []
-    served = loaded
-    if out is not None:
-        served = convert(loaded.path, engine, out)
+    served = convert(loaded.path, engine, out) if out is not None else loaded
+    notes = get(loaded.method).serving_notes(_config(served.path), engine)
+    block = loaded.config.get("block_size")
+    if block:  # a block is drafted in one forward: every slot, whose verify costs about nothing on a GPU
+        k = int(block) - 1
+        why = f"a block of {block} is drafted in one forward: all {k} drafted slots, as the engines' own examples"
     else:
-        notes += get(loaded.method).serving_notes(_config(loaded.path), engine)
-    positions = MAX_CHAIN
-    found = reach_from_bench(Path(bench)) if bench is not None else reach_from_training(metadata, positions)
-    if found is None:
-        k, why = 3, "no bench JSON (--bench) and no training summary in the draft: 3, the engines' usual start"
-    else:
-        k, why = choose_tokens(found[0], positions, found[1])
+        positions = MAX_CHAIN
+        found = reach_from_bench(Path(bench)) if bench is not None else reach_from_training(metadata, positions)
+        if found is None:
+            k, why = 3, "no bench JSON (--bench) and no training summary in the draft: 3, the engines' usual start"
+        else:
+            k, why = choose_tokens(found[0], positions, found[1])
     target = engine_target(metadata.target)
     draft = str(Path(served.path).resolve())
-    command = launch_command(engine, loaded.method, target, draft, k)
+    command = launch_command(engine, loaded.method, target, draft, k, int(block) if block else None)
     return ExportPlan(engine, loaded.method, draft, target, k, why, command, notes)
 
 

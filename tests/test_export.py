@@ -46,7 +46,7 @@ def test_launch_commands_carry_each_engines_flags():
 
 
 def test_what_an_engine_cannot_serve_is_refused_with_the_reason():
-    with pytest.raises(UsageError, match="serves eagle1, eagle3 drafts, not dspark"):
+    with pytest.raises(UsageError, match="serves eagle1, eagle3, dflash drafts, not dspark"):
         check_servable("vllm", "dspark", [1, 2], 8)
     with pytest.raises(UsageError, match=r"layer id 7 \(the post-final-norm.*--target-layer-ids 1,3,6"):
         check_servable("sglang", "eagle3", [1, 3, 7], 8)
@@ -80,3 +80,16 @@ def test_export_usage_errors():
     assert invoke("export", "eagle3", "--engine", "tensorrt").exit_code == 2
     missing = invoke("export", "eagle3", "--engine", "vllm", "--bench", "/nonexistent.json")
     assert missing.exit_code == 2 and "/nonexistent.json" in missing.stderr
+
+
+def test_a_dflash_block_is_served_whole_with_the_engines_note():
+    sglang = shlex.split(launch_command("sglang", "dflash", "t", "d", 15, block=16))
+    flags = dict(zip(sglang[3::2], sglang[4::2], strict=True))
+    assert flags["--speculative-algorithm"] == "DFLASH" and flags["--speculative-num-draft-tokens"] == "16"
+    assert "--speculative-num-steps" not in flags
+    result = invoke("export", "dflash", "--engine", "vllm", "--json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    config = json.loads(shlex.split(plan["command"])[4])
+    assert config["method"] == "dflash" and config["num_speculative_tokens"] == 7  # the shipped block of 8
+    assert any("vLLM from 0.19 / 0.20" in note for note in plan["notes"])

@@ -26,6 +26,7 @@ target) and non-CPU devices keep `F.linear`: there per-op overhead, not the kern
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
@@ -230,7 +231,10 @@ def measure_plan(weights: Mapping[str, Sequence[torch.Tensor]], *, sweeps: int =
     layer_bytes = sum(weights[k][0].numel() * weights[k][0].element_size() for k in layered)
     count = min(depth, max(1, -(-COLD_BYTES // max(layer_bytes, 1))))
     sample = {k: list(ws[:count]) if k in layered else list(ws) for k, ws in weights.items()}
-    columns = {k: [column_major(w) for w in ws] for k, ws in sample.items()}
+    # a kind too big for the column copies' share is never given one: its column form is not timed (nor copied)
+    bytes_per_kind = {k: sum(w.numel() * w.element_size() for w in ws) for k, ws in weights.items()}
+    allowance = COLUMN_COPY_SHARE * sum(bytes_per_kind.values())
+    columns = {k: [column_major(w) for w in ws] if bytes_per_kind[k] <= allowance else None for k, ws in sample.items()}
     calls: dict[tuple[str, str, int], list[float]] = {}
     for _ in range(sweeps):
         for tokens in MEASURED_TOKENS:
@@ -239,14 +243,16 @@ def measure_plan(weights: Mapping[str, Sequence[torch.Tensor]], *, sweeps: int =
                 order = [(k, i) for i in range(count) for k in layered]
                 order += [(k, i) for k in sample if k not in layered for i in range(len(sample[k]))]
                 for kind, i in order:
+                    if form == "col" and columns[kind] is None:
+                        calls.setdefault((kind, form, tokens), []).append(math.inf)
+                        continue
                     start = time.perf_counter()
-                    run_form(form, inputs[kind], sample[kind][i], columns[kind][i])
+                    run_form(form, inputs[kind], sample[kind][i], columns[kind][i] if columns[kind] else None)
                     calls.setdefault((kind, form, tokens), []).append(time.perf_counter() - start)
     for ws in sample.values():  # the copies the plan keeps are made again when it is applied
         for w in ws:
             drop_column_major(w)
     timings = {k: {f: [statistics.median(calls[(k, f, m)]) for m in MEASURED_TOKENS] for f in FORMS} for k in weights}
-    bytes_per_kind = {k: sum(w.numel() * w.element_size() for w in ws) for k, ws in weights.items()}
     plan = choose(timings, bytes_per_kind)
     plan.measured_seconds = round(time.perf_counter() - began, 2)
     return plan

@@ -32,6 +32,7 @@ class DFlash(BlockMethod):
     required_keys = ("fc.weight", "hidden_norm.weight", "norm.weight")
     loaders = "the z-lab dflash package (DFlashDraftModel.from_pretrained), vLLM, spectool"
     conversions = ("vllm", "dflash")
+    engine_names = {"vllm": "dflash", "sglang": "DFLASH"}  # vLLM >= 0.19 / 0.20, SGLang builds with DFLASH
     hf_readers = ("spectool", "the z-lab dflash package")
     package_baselines = ("dflash-package",)
     default_lr = 6e-4
@@ -49,6 +50,14 @@ class DFlash(BlockMethod):
 
     def default_layer_ids(self, num_target_layers: int, num_feature_layers: int | None) -> list[int]:
         return dflash_layer_ids(num_target_layers, 5 if num_feature_layers is None else num_feature_layers)
+
+    def serving_notes(self, config: Mapping[str, Any], engine: str) -> list[str]:
+        note = (
+            "DFlash is served by recent engines only: vLLM from 0.19 / 0.20 (z-lab's README recommends a build "
+            "of vLLM PR #40898; DFlash needs an attention backend with non-causal attention, e.g. "
+            "--attention-backend flash_attn) and SGLang builds whose --speculative-algorithm takes DFLASH"
+        )
+        return [note]
 
     def default_block_size(self, num_target_layers: int) -> int:
         return self.upstream_block_size if num_target_layers >= 24 else 8

@@ -102,8 +102,8 @@ class Eagle3(DraftMethod):
         if engine == "vllm" and VLLM_AUX_LAYER_IDS not in config and "eagle_config" in config:
             return [
                 "this draft's config.json names its layers only as SGLang does (eagle_config."
-                f"{VLLM_AUX_LAYER_IDS}): vLLM would read them one layer off; pass --out DIR to write a copy vLLM "
-                "reads right"
+                f"{VLLM_AUX_LAYER_IDS}): current vLLM ignores that key and captures its default layers, older "
+                "releases read it one layer off; pass --out DIR to write a copy vLLM reads right"
             ]
         return []
 
