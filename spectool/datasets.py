@@ -107,6 +107,10 @@ def is_named(ref: str) -> bool:
 
 
 def installed_copy(dataset: NamedDataset) -> Path | None:
+    """The copy an installed package ships (for the embedded sets: spectool's own file)."""
+    if dataset.embedded:
+        path = ASSETS_DIR / dataset.embedded
+        return path if path.is_file() else None
     return installed_package_file(dataset.module, dataset.package_file)
 
 
