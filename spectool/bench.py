@@ -25,6 +25,7 @@ from spectool.decoding.engine import Engine, GenerationStats
 from spectool.decoding.limits import memory_bandwidth, step_weight_bytes
 from spectool.decoding.stops import StopStrings
 from spectool.errors import UsageError
+from spectool.export import uniform_rate
 from spectool.runtime import Runtime
 
 BASELINES = ("target", "hf", "prompt-lookup")
@@ -521,15 +522,5 @@ def cost_profile(runtime: Runtime, rounds: Sequence[Any]) -> dict[str, Any]:
 
 
 def _uniform_rate(expected: float, k: int) -> float | None:
-    """The acceptance rate r, the same at every position, that gives 1 + r + ... + r^k = ``expected`` tokens per
-    round (None when even r = 1 falls short)."""
-    if expected > k + 1:
-        return None
-    low, high = 0.0, 1.0
-    for _ in range(50):
-        middle = (low + high) / 2
-        if sum(middle**j for j in range(k + 1)) < expected:
-            low = middle
-        else:
-            high = middle
-    return round(high, 3)
+    """The acceptance rate, the same at every position, that breaks even (None when even r = 1 falls short)."""
+    return None if expected > k + 1 else round(uniform_rate(expected, k), 3)

@@ -59,19 +59,24 @@ class ExportPlan:
         }
 
 
-def reach_from_tau(tau: float, positions: int) -> list[float]:
-    """Per-position reach r, r^2, ... of a draft whose acceptance length (bonus included) is `tau` over `positions`
-    drafted tokens, when every position is accepted at the same rate r: 1 + r + ... + r^positions = tau."""
-    if tau <= 1.0:
-        return [0.0] * positions
+def uniform_rate(expected: float, k: int) -> float:
+    """The acceptance rate r in [0, 1], the same at every position, that gives 1 + r + ... + r^k = `expected`
+    tokens per round (0 at 1 token or fewer; 1 when even r = 1 falls short), by bisection."""
     low, high = 0.0, 1.0
     for _ in range(60):
-        rate = (low + high) / 2
-        if sum(rate**j for j in range(positions + 1)) < tau:
-            low = rate
+        middle = (low + high) / 2
+        if sum(middle**j for j in range(k + 1)) < expected:
+            low = middle
         else:
-            high = rate
-    return [low**j for j in range(1, positions + 1)]
+            high = middle
+    return high if expected > 1.0 else 0.0
+
+
+def reach_from_tau(tau: float, positions: int) -> list[float]:
+    """Per-position reach r, r^2, ... of a draft whose acceptance length (bonus included) is `tau` over `positions`
+    drafted tokens, when every position is accepted at the same rate r (`uniform_rate`)."""
+    rate = uniform_rate(tau, positions)
+    return [rate**j for j in range(1, positions + 1)]
 
 
 def choose_tokens(reach: list[float], limit: int, source: str) -> tuple[int, str]:
