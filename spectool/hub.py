@@ -57,6 +57,11 @@ class TargetInfo:
     gguf: gguf.GgufOrigin | None = None  # set when the weights were converted from a GGUF file
 
     @property
+    def embedded(self) -> bool:
+        """Whether this is the tiny target embedded in spectool, given by its name."""
+        return self.ref == EMBEDDED_TARGET and self.directory == DEFAULT_MODEL_DIR
+
+    @property
     def hub_id(self) -> str | None:
         return None if self.source == "local" else self.ref
 

@@ -19,7 +19,6 @@ from rich.table import Column, Table
 from rich.text import Text
 
 from spectool.errors import SpectoolError
-from spectool.hub import DEFAULT_MODEL_DIR, EMBEDDED_TARGET
 from spectool.registry import get
 
 if TYPE_CHECKING:
@@ -163,7 +162,7 @@ def target_panel(info: TargetInfo) -> Panel:
     table.add_row("parameters", params)
     source = {"local": "local files", "hub": "the Hub", "cache": "the local Hub cache", "catalog": "built-in catalog"}
     where = source[info.source]
-    if info.ref == EMBEDDED_TARGET and info.directory == DEFAULT_MODEL_DIR:
+    if info.embedded:
         where = "embedded in spectool"
     if info.gguf is not None:
         where = "GGUF file"

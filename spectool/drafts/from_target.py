@@ -11,7 +11,7 @@ import torch
 from spectool.checkpoint import DraftMetadata, chat_template_sha256
 from spectool.drafts import build_draft
 from spectool.errors import UsageError
-from spectool.hub import DEFAULT_MODEL_DIR, EMBEDDED_TARGET, TargetInfo, read_target_weights, transformers_config
+from spectool.hub import TargetInfo, read_target_weights, transformers_config
 from spectool.registry import DraftSpec, get, methods
 
 
@@ -20,8 +20,8 @@ def target_metadata(info: TargetInfo, spec: DraftSpec) -> DraftMetadata:
     GGUF target by its file (a packaged one by its file name alone, which finds it wherever the package is
     installed), not by the cache."""
     ref = str(info.directory.resolve()) if info.source == "local" and info.directory else info.ref
-    if info.ref == EMBEDDED_TARGET and info.directory == DEFAULT_MODEL_DIR:
-        ref = EMBEDDED_TARGET
+    if info.embedded:
+        ref = info.ref
     if info.gguf is not None:
         ref = Path(info.gguf.file).name if info.gguf.package else info.gguf.file
     template = (info.tokenizer_config or {}).get("chat_template")
