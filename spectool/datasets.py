@@ -120,9 +120,11 @@ def resolve(name: str) -> ResolvedDataset:
     if dataset is None:
         raise SpectoolError(f"no data set named {name!r}; spectool knows {', '.join(names())}")
     if dataset.embedded:
-        path = ASSETS_DIR / dataset.embedded
-        if not path.is_file():
-            raise SpectoolError(f"this copy of spectool lacks {dataset.name} ({path}); reinstall spectool")
+        path = installed_copy(dataset)
+        if path is None:
+            raise SpectoolError(
+                f"this copy of spectool lacks {dataset.name} ({ASSETS_DIR / dataset.embedded}); reinstall spectool"
+            )
         return ResolvedDataset(dataset, path, "")
     hub_path, why_not = _hub_copy(dataset)
     if hub_path is not None:

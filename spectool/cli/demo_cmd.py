@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.rule import Rule
 from rich.text import Text
 
+from spectool import datasets
 from spectool.cli.application import app
 from spectool.cli.chat_session import ChatSession
 from spectool.cli.render import console, handles_errors, method_panel, stats_column, target_panel
@@ -19,8 +20,9 @@ from spectool.hub import ASSETS_DIR, default_model_ref, resolve_model
 from spectool.paths import check_output_path, quoted
 from spectool.registry import DEFAULT_METHOD, get
 
-DEMO_DATA = ASSETS_DIR / "data" / "demo_train.jsonl"
-DEMO_PROMPTS = ASSETS_DIR / "prompts" / "heldout.jsonl"
+#: The demo's conversations and held-out prompts: data sets embedded in spectool (`spectool.datasets`).
+DEMO_DATA = "demo"
+DEMO_PROMPTS = "heldout"
 #: Training steps of the demo's draft. Planned by steps, not by the clock, so a busy or slow machine trains the
 #: same draft (more slowly) instead of an undertrained one: a quiet 2-core Xeon ran 689 steps in 90 s (tau 1.54).
 DEMO_STEPS = 600
@@ -70,7 +72,7 @@ def demo_command(
 
     screen.print(Rule("3. speculative chat (the output is exactly the target's)"))
     runtime = load_runtime(workdir, verify="auto")
-    conversations = load_prompts(DEMO_PROMPTS)
+    conversations = load_prompts(datasets.resolve(DEMO_PROMPTS).path)
     _chat(screen, runtime, conversations[0][-1]["content"], max_new_tokens)
 
     screen.print(Rule("4. benchmark against the target alone"))
@@ -84,9 +86,11 @@ def _check_options(steps: int, prompts: int, max_new_tokens: int) -> None:
     """The counts are positive and the demo's data ships with this copy (exit 2 otherwise)."""
     if steps < 1 or prompts < 1 or max_new_tokens < 1:
         raise UsageError("--steps, --prompts and --max-new-tokens must be at least 1")
-    for needed in (DEMO_DATA, DEMO_PROMPTS):
-        if not needed.is_file():
-            raise UsageError(f"this copy of spectool lacks the demo data ({needed}); reinstall spectool")
+    for name in (DEMO_DATA, DEMO_PROMPTS):
+        dataset = datasets.lookup(name)
+        if datasets.installed_copy(dataset) is None:
+            missing = ASSETS_DIR / dataset.embedded
+            raise UsageError(f"this copy of spectool lacks the demo data ({missing}); reinstall spectool")
 
 
 def _train_config(target: str, workdir: Path, steps: int):
@@ -96,7 +100,7 @@ def _train_config(target: str, workdir: Path, steps: int):
     return TrainConfig(
         method=DEFAULT_METHOD,
         target=target,
-        data="demo",  # DEMO_DATA by its name (`spectool.datasets`)
+        data=DEMO_DATA,
         out=str(workdir),
         max_steps=steps,
         batch_size=8,
