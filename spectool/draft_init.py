@@ -9,7 +9,7 @@ import torch
 
 from spectool.checkpoint import save_draft
 from spectool.drafts.from_target import new_draft, target_metadata
-from spectool.hub import resolve_model
+from spectool.hub import TargetInfo, resolve_model
 from spectool.layers import unportable_ids
 from spectool.paths import refuse_to_replace_input
 from spectool.registry import DraftSpec, get, resolve_quietly, serving
@@ -28,7 +28,7 @@ class InitResult:
 
 
 def init_draft(
-    model: str,
+    model: str | TargetInfo,
     method: str,
     out: str | Path,
     *,
@@ -37,8 +37,8 @@ def init_draft(
     dtype: str = "bfloat16",
     **options,
 ) -> InitResult:
-    """Resolve MODEL, build a draft of `method` and write it to `out` (atomically)."""
-    info = resolve_model(model, revision=revision)
+    """Resolve MODEL (or take it resolved), build a draft of `method` and write it to `out` (atomically)."""
+    info = model if isinstance(model, TargetInfo) else resolve_model(model, revision=revision)
     if info.directory is not None:
         refuse_to_replace_input(out, info.directory, "MODEL")
     # The layer-id warning is said once, as a note below.

@@ -97,13 +97,13 @@ def init_command(
     if markov_rank is not None and markov_rank < 1:
         raise UsageError(f"--markov-rank must be at least 1, got {markov_rank}")
     ids = parse_layer_ids(target_layer_ids) if target_layer_ids else None
-    info = resolve_model(model, revision=revision)  # torch-free (init_draft reads the same files again)
+    info = resolve_model(model, revision=revision)  # torch-free; init_draft builds on it
     if info.source == "catalog" and get(method).stores_target_tensors:
         raise SpectoolError(weights_unreachable(info.ref))  # before torch loads, with the next step
     from spectool.draft_init import init_draft
 
     result = init_draft(
-        model,
+        info,
         method,
         out,
         revision=revision,
