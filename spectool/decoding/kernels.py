@@ -135,6 +135,8 @@ class PlannedLinear:
             raise ValueError("a plan that reads a column-major copy the weight does not have")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.table:  # the plain plan (small models, GPUs): no per-call bookkeeping on the hot path
+            return F.linear(x, self.weight, self.bias)
         tokens = x.numel() // x.shape[-1] if x.numel() else 0
         choice = self.table.get(tokens)
         if choice is None:
