@@ -30,6 +30,8 @@ APPS = {
     "spectool.baselines",
     "spectool.draft_init",
     "spectool.export",
+    "spectool.answers",
+    "spectool.serve",
     "spectool.report",
     "spectool.plots",
 }

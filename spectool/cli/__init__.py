@@ -14,6 +14,7 @@ from spectool.cli import (  # noqa: F401
     inspect_cmd,
     layers_cmd,
     report_cmd,
+    serve_cmd,
     train_cmd,
 )
 from spectool.cli.application import app

@@ -12,10 +12,10 @@ from rich.text import Text
 
 from spectool.cli.application import app
 from spectool.cli.chat_session import ROUND_STYLES, ChatSession, target_step_seconds
+from spectool.cli.help import draft_option
 from spectool.cli.render import console, error_console, handles_errors, prose_wrapping
 from spectool.errors import UsageError
-from spectool.paths import resolve_draft_dir, shipped_drafts, user_data_dir
-from spectool.registry import DEFAULT_METHOD
+from spectool.paths import resolve_draft_dir, user_data_dir
 
 HELP = """commands:
   /help          this help
@@ -86,13 +86,7 @@ def line_reader(interactive: bool, history: Path | None) -> Callable[[str], str]
 @app.command("chat")
 @handles_errors
 def chat_command(
-    draft: str = typer.Option(
-        DEFAULT_METHOD,
-        "--draft",
-        "-d",
-        help="Draft checkpoint directory, or the name of a draft shipped with spectool for its embedded tiny target "
-        f"({', '.join(shipped_drafts())}).",
-    ),
+    draft: str = draft_option(),
     target: str = typer.Option(None, "--target", "-t", help="Target MODEL (default: the one the draft records)."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p"),

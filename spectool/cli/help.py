@@ -73,6 +73,21 @@ def method_option(default: Any, *, extra: tuple[str, ...] = (), help: str = "Dra
     )
 
 
+def draft_option() -> Any:
+    """`--draft` of the commands that run a draft (chat, serve): a directory or a shipped draft's name, the
+    registry's default method's shipped draft when left out."""
+    from spectool.paths import shipped_drafts
+    from spectool.registry import DEFAULT_METHOD
+
+    return typer.Option(
+        DEFAULT_METHOD,
+        "--draft",
+        "-d",
+        help="Draft checkpoint directory, or the name of a draft shipped with spectool for its embedded tiny target "
+        f"({', '.join(shipped_drafts())}).",
+    )
+
+
 def choices_text(choices: list[str]) -> str:
     return "One of: " + ", ".join(choices) + "."
 
