@@ -15,10 +15,12 @@ import torch
 from spectool.chat_format import ChatFormat, Message
 from spectool.checkpoint import LoadedDraft, check_against_target, load_draft
 from spectool.decoding.engine import Engine, target_session
+from spectool.decoding.kernels import plan_draft
 from spectool.decoding.proposers import make_proposer
 from spectool.decoding.schedule import DraftLengthController, profile_verify_cost
 from spectool.device import check_device
 from spectool.errors import SpectoolError, UsageError
+from spectool.gguf import progress_line
 from spectool.hub import TargetInfo, load_model_and_tokenizer, resolve_model
 from spectool.registry import get, methods
 from spectool.target import FrozenTarget
@@ -135,6 +137,8 @@ def load_runtime(
         if scheduler is not None:
             scheduler.follow(controller)
     engine = Engine(frozen, proposer, scheduler, controller)
+    if draft is not None and getattr(getattr(engine.session, "kernel_plan", None), "tables", None):
+        plan_draft(draft.model, report=progress_line)  # the target's products have a plan: the draft's get theirs
     target_engine = Engine(FrozenTarget(model, []))
     chat = ChatFormat(tokenizer) if getattr(tokenizer, "chat_template", None) else None
     stops = stop_token_ids(model, chat, tokenizer)

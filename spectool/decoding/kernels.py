@@ -180,13 +180,18 @@ def cpu_name() -> str:
 
 
 def plan_for(
-    weights: Mapping[str, Sequence[torch.Tensor]], *, report: Callable[[str], None] | None = None
+    weights: Mapping[str, Sequence[torch.Tensor]],
+    *,
+    report: Callable[[str], None] | None = None,
+    small_bytes: int | None = None,
 ) -> KernelPlan:
     """The plan for these kinds of weight (kind -> every layer's row-major weight): PLAIN off the CPU or for a
-    model that fits in the caches; else the cached plan for this machine, measured (and cached) when missing."""
+    model under `small_bytes` (default `SMALL_MODEL_BYTES`: one that fits in the caches); else the cached plan for this machine, measured (and
+    cached) when missing."""
     first = next(iter(weights.values()))[0]
     total = sum(w.numel() * w.element_size() for ws in weights.values() for w in ws)
-    if first.device.type != "cpu" or total < SMALL_MODEL_BYTES or os.environ.get("SPECTOOL_KERNELS") == "plain":
+    small_bytes = SMALL_MODEL_BYTES if small_bytes is None else small_bytes
+    if first.device.type != "cpu" or total < small_bytes or os.environ.get("SPECTOOL_KERNELS") == "plain":
         return PLAIN
     shapes = {k: (ws[0].shape[0], ws[0].shape[1], len(ws)) for k, ws in weights.items()}
     key = machine_key(first.dtype, shapes)
@@ -208,6 +213,22 @@ def plan_for(
         except OSError:
             pass  # an unwritable cache costs a re-measure next time, nothing else
     _PLANS[key] = plan
+    return plan
+
+
+def plan_draft(draft: torch.nn.Module, *, report: Callable[[str], None] | None = None) -> KernelPlan:
+    """Run the draft's own linear layers through kernels chosen for them (each layer its own kind), for
+    decoding beside a target whose products have a plan: the draft is small, but it runs after the target's
+    forward has evicted it from the caches, at the same few-token shapes. Inference only: the layers' forward is
+    replaced (a column-major copy would not follow an optimizer's updates)."""
+    linears = {name: m for name, m in draft.named_modules() if isinstance(m, torch.nn.Linear)}
+    if not linears:
+        return PLAIN
+    plan = plan_for({f"draft.{name}": [m.weight] for name, m in linears.items()}, report=report, small_bytes=0)
+    for name, module in linears.items():
+        kind = f"draft.{name}"
+        if plan.tables.get(kind):
+            module.forward = PlannedLinear(module.weight, module.bias, plan.tables[kind], kind in plan.columns)
     return plan
 
 
@@ -256,7 +277,7 @@ def measure_plan(weights: Mapping[str, Sequence[torch.Tensor]], *, sweeps: int =
             drop_column_major(w)
     timings = {k: {f: [statistics.median(calls[(k, f, m)]) for m in MEASURED_TOKENS] for f in FORMS} for k in weights}
     plan = choose(timings, bytes_per_kind)
-    plan.measured_seconds = round(time.perf_counter() - began, 2)
+    plan.measured_seconds = round(time.perf_counter() - began, 4)
     return plan
 
 

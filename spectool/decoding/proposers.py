@@ -392,7 +392,11 @@ class Eagle3Proposer(EagleChainProposer):
         if not self.draft.pruned_vocab:
             return head_input
         full = head_input.new_full((*head_input.shape[:-1], int(self.draft.config.vocab_size)), float("-inf"))
-        index = self.draft.draft_to_target(torch.arange(head_input.shape[-1], device=head_input.device))
+        index = getattr(self, "_target_ids", None)  # the draft's vocabulary as target ids, looked up once
+        if index is None or index.device != head_input.device:
+            index = self._target_ids = self.draft.draft_to_target(
+                torch.arange(head_input.shape[-1], device=full.device)
+            )
         full[..., index] = head_input
         return full
 

@@ -170,3 +170,39 @@ def test_the_lean_forward_through_forced_plans_matches_transformers(plan, name, 
     for prompt in PROMPTS:
         tokens, _ = run(Engine(FrozenTarget(model, [])), prompt, max_new_tokens=20)
         assert tokens == reference_greedy(model, prompt, 20)
+
+
+@pytest.mark.parametrize("method", ["eagle3", "dspark", "eagle1"])
+def test_a_planned_draft_proposes_what_the_plain_draft_proposes(method, monkeypatch, qwen3_target, qwen3_config):
+    """`plan_draft` sends each of the draft's linear layers through its kind's choice (here forced to wx on an
+    even row count): the drafts and their rounds are those of the same draft without a plan."""
+    from tests.decoding.test_engine import make_engine
+
+    plain = make_engine(method, qwen3_target, qwen3_config)
+    planned = make_engine(method, qwen3_target, qwen3_config)
+    table = {m: Choice("wx", 16 if m > 8 else m + m % 2) for m in range(1, 17)}
+
+    def forced_plan(weights, **_options):
+        assert all(kind.startswith("draft.") for kind in weights) and weights
+        return KernelPlan({kind: dict(table) for kind in weights}, frozenset(), {})
+
+    monkeypatch.setattr(kernels, "plan_for", forced_plan)
+    plan = kernels.plan_draft(planned.proposer.draft)
+    linears = [m for m in planned.proposer.draft.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(plan.tables) == len(linears) and all(isinstance(m.forward, PlannedLinear) for m in linears)
+    for prompt in PROMPTS:
+        expected, expected_stats = run(plain, prompt, max_new_tokens=20)
+        tokens, stats = run(planned, prompt, max_new_tokens=20)
+        assert tokens == expected == reference_greedy(qwen3_target, prompt, 20)
+        assert [r.num_accepted for r in stats.rounds] == [r.num_accepted for r in expected_stats.rounds]
+
+
+def test_a_draft_beside_a_small_target_keeps_f_linear(weights, monkeypatch, qwen3_target, qwen3_config):
+    """`load_runtime` plans the draft only where the target's products have a plan; `plan_draft` itself times a
+    draft of any size (it runs after the target evicted it), unless kernels are turned off."""
+    from tests.decoding.test_engine import make_engine
+
+    engine = make_engine("eagle3", qwen3_target, qwen3_config)
+    assert not engine.session.kernel_plan.tables  # a tiny target: plain
+    monkeypatch.setenv("SPECTOOL_KERNELS", "plain")
+    assert kernels.plan_draft(engine.proposer.draft) is kernels.PLAIN
