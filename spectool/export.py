@@ -45,6 +45,7 @@ class ExportPlan:
     why: str
     command: str
     notes: list[str] = field(default_factory=list)
+    convert_command: str | None = None  # vLLM: the draft in the speculators format (`speculators convert`)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -56,6 +57,7 @@ class ExportPlan:
             "why": self.why,
             "command": self.command,
             "notes": list(self.notes),
+            "convert_command": self.convert_command,
         }
 
 
@@ -185,7 +187,22 @@ def plan_export(
     target = engine_target(metadata.target)
     draft = str(Path(served.path).resolve())
     command = launch_command(engine, loaded.method, target, draft, k, int(block) if block else None)
-    return ExportPlan(engine, loaded.method, draft, target, k, why, command, notes)
+    convert = speculators_command(loaded.method, draft, target, _config(served.path)) if engine == "vllm" else None
+    return ExportPlan(engine, loaded.method, draft, target, k, why, command, notes, convert)
+
+
+def speculators_command(method: str, draft: str, target: str, config: dict[str, Any]) -> str | None:
+    """The `speculators convert` command (vLLM's speculators package, 0.9.0) that rewrites the draft in its own
+    format, with what the converter does not read from the checkpoint; None where it has no converter."""
+    found = get(method)
+    if found.speculators_algorithm is None:
+        return None
+    words = ["speculators", "convert", draft, "--algorithm", found.speculators_algorithm, "--verifier", target]
+    words += ["--output-path", f"{draft}-speculators"]
+    kwargs = found.speculators_kwargs(config)
+    if kwargs:
+        words += ["--algorithm-kwargs", json.dumps(kwargs)]
+    return " ".join(shlex.quote(word) for word in words)
 
 
 def engine_target(ref: str) -> str:

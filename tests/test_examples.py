@@ -42,6 +42,9 @@ def test_startup_bench_runs_and_names_the_machine():
 def test_ship_copies_the_draft_into_the_package_and_its_metrics_into_examples(tmp_path):
     import importlib.util
 
+    import torch
+    from safetensors.torch import load_file, save_file
+
     spec = importlib.util.spec_from_file_location("ship", EXAMPLE.parent / "drafts" / "ship.py")
     ship = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ship)
@@ -54,7 +57,7 @@ def test_ship_copies_the_draft_into_the_package_and_its_metrics_into_examples(tm
                 "training": {"data": str(repo / "examples" / "data" / "train.jsonl"), "features": None}}  # fmt: skip
     (run / "spectool.json").write_text(json.dumps(metadata))
     (run / "config.json").write_text("{}")
-    (run / "model.safetensors").write_bytes(b"weights")
+    save_file({"w": torch.ones(2, 3)}, run / "model.safetensors", {"format": "pt"})
     (run / "checkpoint-1").mkdir()
     metrics = '{"step": 1, "loss": 2.0}\n'
 
@@ -69,6 +72,16 @@ def test_ship_copies_the_draft_into_the_package_and_its_metrics_into_examples(tm
     assert shipped["target"] == "tiny" and shipped["training"]["data"] == "examples/data/train.jsonl"
     assert (repo / "examples" / "runs" / "eagle3" / "metrics.jsonl").read_text() == metrics
     assert (repo / "examples" / "drafts" / "eagle3" / "config.json").is_file()  # the link resolves
+    assert load_file(destination / "model.safetensors")["w"].dtype == torch.bfloat16  # shipped in bfloat16
+
+    metadata["target"] = "SmolLM2-135M-Instruct.Q4_1.gguf"  # a packaged GGUF keeps its file name
+    (run / "spectool.json").write_text(json.dumps(metadata))
+    shipped = json.loads((ship.ship(run, "smollm2-eagle3", repo) / "spectool.json").read_text())
+    assert shipped["target"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    metadata["target"] = "/home/me/models/qwen3"  # found on one machine only: refused
+    (run / "spectool.json").write_text(json.dumps(metadata))
+    with pytest.raises(SystemExit, match="packaged GGUF"):
+        ship.ship(run, "mine", repo)
 
 
 def test_readme_images_exist_and_the_side_by_side_runs_read_in_todays_names():

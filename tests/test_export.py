@@ -93,3 +93,52 @@ def test_a_dflash_block_is_served_whole_with_the_engines_note():
     config = json.loads(shlex.split(plan["command"])[4])
     assert config["method"] == "dflash" and config["num_speculative_tokens"] == 7  # the shipped block of 8
     assert any("vLLM from 0.19 / 0.20" in note for note in plan["notes"])
+
+
+def test_the_speculators_command_passes_the_layers_the_converter_does_not_read(tmp_path):
+    out = tmp_path / "vllm-copy"
+    plan = json.loads(invoke("export", "eagle3", "--engine", "vllm", "--out", str(out), "--json").stdout)
+    words = shlex.split(plan["convert_command"])
+    assert words[:3] == ["speculators", "convert", str(out.resolve())]
+    flags = dict(zip(words[3::2], words[4::2], strict=True))
+    assert flags["--algorithm"] == "eagle3" and flags["--verifier"].endswith("tiny-qwen3")
+    config = json.loads((out / "config.json").read_text())
+    assert json.loads(flags["--algorithm-kwargs"]) == {"eagle_aux_hidden_state_layer_ids": config[
+        "eagle_aux_hidden_state_layer_ids"]}  # fmt: skip
+    dflash = json.loads(invoke("export", "dflash", "--engine", "vllm", "--json").stdout)
+    assert "--algorithm dflash" in dflash["convert_command"] and "--algorithm-kwargs" not in dflash["convert_command"]
+    sglang = json.loads(invoke("export", "eagle3", "--engine", "sglang", "--json").stdout)
+    assert sglang["convert_command"] is None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["eagle3", "dflash"])
+def test_vllm_speculators_converts_the_export(method, tmp_path):
+    """The real converter (`pip install --no-deps speculators==0.9.0 hs-connectors==0.9.0`, as `.ci/run` does) reads
+    the vLLM export and keeps the draft's feature layers in vLLM's numbering."""
+    import os
+    import subprocess
+    import sys
+
+    try:
+        import speculators  # noqa: F401
+    except ImportError:
+        if os.environ.get("CI"):
+            pytest.fail("CI must install speculators (README's test command)")
+        pytest.skip("pip install --no-deps speculators==0.9.0 hs-connectors==0.9.0")
+    out = tmp_path / "vllm"
+    plan = json.loads(invoke("export", method, "--engine", "vllm", "--out", str(out), "--json").stdout)
+    words = shlex.split(plan["convert_command"])
+    result = subprocess.run(
+        [sys.executable, "-m", "speculators", *words[1:]], capture_output=True, text=True, timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    converted = json.loads((tmp_path / "vllm-speculators" / "config.json").read_text())
+    assert converted["speculators_model_type"] == method
+    layers = converted.get("eagle_aux_hidden_state_layer_ids") or converted.get("aux_hidden_state_layer_ids")
+    exported = json.loads((out / "config.json").read_text())
+    if method == "eagle3":
+        assert layers == exported["eagle_aux_hidden_state_layer_ids"]
+    else:  # z-lab's ids + 1, the target's last layer left out (speculators captures it anyway)
+        assert layers == [i + 1 for i in exported["dflash_config"]["target_layer_ids"]][: len(layers)]

@@ -52,3 +52,6 @@ def export_command(
     screen.print(f"{plan.engine} serves this {plan.method} draft; {plan.num_speculative_tokens} speculative tokens per "
                  f"round ({plan.why})", markup=False)  # fmt: skip
     screen.print(plan.command, soft_wrap=True, markup=False, highlight=False)  # to paste: never broken
+    if plan.convert_command is not None:
+        screen.print("or in vLLM's speculators format (speculators 0.9.0 converts it):", markup=False)
+        screen.print(plan.convert_command, soft_wrap=True, markup=False, highlight=False)

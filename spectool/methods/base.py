@@ -110,6 +110,8 @@ class DraftMethod(ABC):
     #: `spectool export --engine X`: how engine X names this method (vLLM's `--speculative-config` "method",
     #: SGLang's `--speculative-algorithm`); engines not named here do not serve it.
     engine_names: ClassVar[dict[str, str]] = {}
+    #: vLLM's `speculators convert --algorithm X` for this method's drafts (None: the converter has none).
+    speculators_algorithm: ClassVar[str | None] = None
     #: Engines that read Hugging Face `hidden_states` and so serve every feature-layer id (`layers.serving`).
     hf_readers: ClassVar[tuple[str, ...]] = ("spectool",)
     #: Peak learning rate when --lr is not given.
@@ -178,6 +180,11 @@ class DraftMethod(ABC):
     def serving_notes(self, config: Mapping[str, Any], engine: str) -> list[str]:
         """What `spectool export` says about serving a draft with this `config.json` as it is in `engine`."""
         return []
+
+    def speculators_kwargs(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        """`speculators convert --algorithm-kwargs` for a draft with this vLLM-layout `config.json`: what the
+        converter does not read from the checkpoint itself."""
+        return {}
 
     def notes(self, spec: DraftSpec, *, initialised: bool) -> list[str]:
         """What `inspect` (`initialised` False) and `init` (True) say about a resolved draft beyond its shape."""

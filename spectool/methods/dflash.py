@@ -32,6 +32,7 @@ class DFlash(BlockMethod):
     required_keys = ("fc.weight", "hidden_norm.weight", "norm.weight")
     loaders = "the z-lab dflash package (DFlashDraftModel.from_pretrained), vLLM, spectool"
     conversions = ("vllm", "dflash")
+    speculators_algorithm = "dflash"  # the converter reads dflash_config.target_layer_ids (and adds 1) itself
     engine_names = {"vllm": "dflash", "sglang": "DFLASH"}  # vLLM >= 0.19 / 0.20, SGLang builds with DFLASH
     hf_readers = ("spectool", "the z-lab dflash package")
     package_baselines = ("dflash-package",)

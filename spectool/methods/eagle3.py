@@ -52,6 +52,7 @@ class Eagle3(DraftMethod):
     loaders = "SGLang, vLLM (and vLLM speculators' converter), spectool"
     conversions = ("sglang", "vllm")
     engine_names = {"vllm": "eagle3", "sglang": "EAGLE3"}
+    speculators_algorithm = "eagle3"
     default_lr = 1e-4
     fixed_feature_count = NUM_FEATURE_LAYERS
     fixed_draft_layers = 1
@@ -106,6 +107,11 @@ class Eagle3(DraftMethod):
                 "releases read it one layer off; pass --out DIR to write a copy vLLM reads right"
             ]
         return []
+
+    def speculators_kwargs(self, config: Mapping[str, Any]) -> dict[str, Any]:
+        # speculators 0.9.0 does not read the layer ids from config.json: without them it takes [2, n//2, n-3]
+        ids = config.get(VLLM_AUX_LAYER_IDS)
+        return {VLLM_AUX_LAYER_IDS: list(ids)} if ids else {}
 
     def notes(self, spec: DraftSpec, *, initialised: bool) -> list[str]:
         if initialised and spec.draft_vocab_size:
