@@ -105,6 +105,9 @@ def train_command(
     ),
     save_dtype: str = typer.Option(None, "--save-dtype", help="dtype of the final draft's weights \\[bfloat16]."),
     fsdp: bool = typer.Option(None, "--fsdp", help="Shard the draft with FSDP2 across torchrun processes."),
+    shard_target: bool = typer.Option(
+        None, "--shard-target", help="Shard the frozen target's decoder layers with FSDP2 across torchrun processes."
+    ),
     num_draft_layers: int = typer.Option(None, "--num-draft-layers", help="Decoder layers in the draft."),
     block_size: int = typer.Option(None, "--block-size", help="DFlash / DSpark block size."),
     target_layer_ids: str = typer.Option(None, "--target-layer-ids", help='Feature layer ids, e.g. "1,9,17".'),

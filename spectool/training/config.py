@@ -104,6 +104,7 @@ class TrainConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     save_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # dtype of the final draft's weights
     fsdp: bool = False  # shard the draft with FSDP2 (fully_shard) instead of replicating it (DDP)
+    shard_target: bool = False  # shard the frozen target's decoder layers over the processes with FSDP2
     # draft shape (None: the registry's default for the target)
     num_draft_layers: int | None = None
     block_size: int | None = None

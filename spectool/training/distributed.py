@@ -240,6 +240,37 @@ def wrap_model(module: DraftWithObjective, context: DistributedContext, *, fsdp:
     return DistributedDataParallel(module, device_ids=None)
 
 
+def shard_frozen_target(model: nn.Module, context: DistributedContext) -> tuple[int, int]:
+    """Shard the frozen target's decoder layers over the processes with FSDP2 ``fully_shard`` (each keeps 1/N of
+    every layer and gathers a layer for its forward); the embedding, the final norm and the lm_head stay whole
+    on every process (the objectives and the draft's copies read them directly). Every process must then run
+    the target's forward the same number of times, which the trainer's lockstep batches do. Returns (bytes of the
+    target this process keeps, bytes of the whole target)."""
+    from spectool.target import find_decoder
+
+    if not context.enabled:
+        raise UsageError(
+            "--shard-target shards the target over processes: start the run with torchrun --nproc-per-node N"
+        )
+    whole = sum(p.numel() * p.element_size() for p in model.parameters())
+    try:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in find_decoder(model).layers:
+            fully_shard(layer)
+    except (ImportError, RuntimeError, NotImplementedError, ValueError) as exc:
+        raise SpectoolError(
+            f"FSDP2 cannot shard the target on {context.device.type} with {context.backend}: "
+            f"{str(exc).splitlines()[0]}; train without --shard-target"
+        ) from None
+    kept = sum(_local(p).numel() * p.element_size() for p in model.parameters())
+    return kept, whole
+
+
+def _local(param: torch.Tensor) -> torch.Tensor:
+    return param.to_local() if hasattr(param, "to_local") else param
+
+
 def unwrap(model: nn.Module) -> DraftWithObjective:
     """The `DraftWithObjective` inside a DDP wrapper (FSDP2 modifies the module in place)."""
     inner = getattr(model, "module", model)
@@ -274,8 +305,7 @@ def trainable_weights_finite(model: nn.Module, context: DistributedContext) -> b
     broken = 0.0
     for param in model.parameters():
         if param.requires_grad:
-            local = param.to_local() if hasattr(param, "to_local") else param
-            if not bool(torch.isfinite(local.detach()).all()):
+            if not bool(torch.isfinite(_local(param).detach()).all()):
                 broken = 1.0
                 break
     return not context.sum_over_processes({"broken": broken})["broken"]

@@ -75,18 +75,27 @@ def cli_args(config) -> list[str]:
 EAGLE3 = dict(method="eagle3", ttt_steps=1, target_layer_ids=[-1, 0, 1], block_size=None, mask_token_id=None)
 
 
-@pytest.mark.parametrize("fsdp", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["ddp", "fsdp"])
-def test_two_processes_make_the_update_of_one(fsdp, tiny_target_dir, tmp_path):
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        pytest.param({"fsdp": True}, marks=pytest.mark.slow),
+        pytest.param({"shard_target": True}, marks=pytest.mark.slow),
+    ],
+    ids=["ddp", "fsdp", "shard-target"],
+)
+def test_two_processes_make_the_update_of_one(options, tiny_target_dir, tmp_path):
     """Each process takes half of every global batch (17 examples: the last batch has an odd row count, so one
     process gets a masked filler row); gradients are averaged and re-weighted by supervised counts, so the updates
     equal one process training on the whole batches. EAGLE-3 with one TTT step has no randomness to differ in."""
     data = write_jsonl(tmp_path / "data.jsonl", conversations(17))
     common = dict(max_steps=4, grad_clip=0.0, eval_fraction=0.25, eval_every=2, save_every=2, num_anchors=None)
     single = train(make_config(tiny_target_dir, data, tmp_path / "single", **EAGLE3, **common))
-    parallel_config = make_config(tiny_target_dir, data, tmp_path / "parallel", fsdp=fsdp, **EAGLE3, **common)
+    parallel_config = make_config(tiny_target_dir, data, tmp_path / "parallel", **options, **EAGLE3, **common)
     result = torchrun(cli_args(parallel_config), tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("Trained 4 steps") == 1  # only rank 0 reports
+    assert ("target sharded over 2 processes" in result.stdout + result.stderr) == bool(options.get("shard_target"))
 
     parallel_rows, single_rows = rows(tmp_path / "parallel"), rows(tmp_path / "single")
     assert [r["step"] for r in parallel_rows] == [1, 2, 3, 4]
@@ -122,3 +131,25 @@ def test_two_processes_calibrate_dspark_on_the_whole_held_out_split(tiny_target_
 
     assert summary("parallel") == summary("single")
     assert summary("single")[0] > 0
+
+
+@pytest.mark.slow
+def test_a_sharded_target_gives_every_method_the_loss_and_gradients_of_the_whole(tmp_path):
+    """`shard_target_check.py` under torchrun: per method, loss, metrics and draft gradients with the target's
+    layers sharded over 2 gloo processes equal those with the whole target (rtol 1e-5, atol 1e-6)."""
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    command.append(str(Path(__file__).with_name("shard_target_check.py")))
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [line.split()[1] for line in result.stdout.splitlines() if line.startswith("ok ")] == [
+        "eagle1", "eagle3", "dflash", "dspark"
+    ]  # fmt: skip
+
+
+def test_shard_target_needs_several_processes_and_a_running_target():
+    from spectool.training.distributed import shard_frozen_target
+
+    with pytest.raises(UsageError, match="torchrun"):
+        shard_frozen_target(torch.nn.Linear(2, 2), DistributedContext())
