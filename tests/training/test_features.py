@@ -106,3 +106,36 @@ def test_features_of_other_layers_are_refused(tiny_target_dir, data_file, tmp_pa
     config = make_config(tiny_target_dir, None, tmp_path / "run", features=str(tmp_path / "f"), target_layer_ids=[1])
     with pytest.raises(UsageError, match="holds features of layers \\[0\\]"):
         Trainer(config)
+
+
+@pytest.mark.slow
+def test_two_processes_store_every_example_once_and_a_killed_rank_is_finished_on_restart(
+    tiny_target_dir, data_file, tmp_path
+):
+    """`torchrun -m spectool data features`: each process writes its own shards (round robin). A store where one
+    process died before writing anything (here: only rank 1's shards on disk) is finished by rerunning the same
+    command, and it then holds every example exactly once, with the features one process stores."""
+    from tests.training.test_distributed import torchrun
+
+    single = tmp_path / "single"
+    extract_features(features_config(tiny_target_dir, data_file, single))
+    out = tmp_path / "parallel"
+    config = features_config(tiny_target_dir, data_file, out)
+    # what a killed rank 0 leaves: the manifest, and the shards rank 1 wrote
+    summary, _ = extract_features(features_config(tiny_target_dir, data_file, tmp_path / "scratch"))
+    out.mkdir()
+    (out / "features.json").write_text((tmp_path / "scratch" / "features.json").read_text())
+    for index in range(summary.num_shards):
+        if index % 2 == 1:
+            (out / shard_name(index)).write_bytes((tmp_path / "scratch" / shard_name(index)).read_bytes())
+    assert sorted(p.name for p in out.glob("shard-*")) == [shard_name(1), shard_name(3)]
+    args = ["data", "features", "--target", config.target, "--method", config.method, "--data", config.data]
+    args += ["--out", str(out), "--max-length", "48", "--shard-size", "5", "--batch-size", "3", "--device", "cpu"]
+    result = torchrun(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("Stored features") == 1  # rank 0 reports, for both processes
+    stored, reference = FeatureStore(out), FeatureStore(single)
+    assert [e.input_ids for e in stored.examples] == [e.input_ids for e in reference.examples]
+    for index in range(len(reference.examples)):
+        for a, b in zip(stored.features(index), reference.features(index), strict=True):
+            assert torch.equal(a, b), index
