@@ -68,7 +68,9 @@ def load_inputs(config: TrainConfig, device: torch.device) -> TrainingInputs:
             {"features": str(store.directory)},
             notes,
         )
-    model, tokenizer = load_model_and_tokenizer(info, dtype=target_dtype, device=str(device))
+    # a target to shard loads on the CPU: each decoder layer then goes to the device as its 1/N shard
+    load_device = "cpu" if config.shard_target else str(device)
+    model, tokenizer = load_model_and_tokenizer(info, dtype=target_dtype, device=load_device)
     prepared = prepare_examples(config, tokenizer)
     data_report = {
         "rows_read": prepared.load_report.rows_read,

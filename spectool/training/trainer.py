@@ -147,6 +147,7 @@ class Trainer(CheckpointSteps):
             if inputs.target_model is None:
                 raise UsageError("--shard-target shards the target's forward; with --features the target does not run")
             kept, whole = shard_frozen_target(inputs.target_model, self.context)
+            inputs.target_model.to(self.device)  # the parts kept whole (the layers' shards are there already)
             self.notes.append(
                 f"target sharded over {self.context.world_size} processes: each keeps {kept / 2**20:.1f} MiB of its "
                 f"{whole / 2**20:.1f} MiB (the embedding and lm_head whole)"
