@@ -5,11 +5,11 @@ embeddings, Llama 3 rope scaling) with random weights, saved in bf16 as safetens
 ChatML tokenizer built here (its vocabulary is much smaller than the model's, as real Qwen3's 151,669 tokens are
 smaller than its 151,936 rows). Then runs each command through the CLI in its own process (`python -m spectool
 ...`): inspect, layers, init for each supported method, data features, train for 2 steps (and 2-process
-`torchrun ... --fsdp` on gloo), bench (1 prompt x 8 tokens against the target alone) and convert. Nothing is
+`torchrun ... --fsdp` and `--shard-target` on gloo), bench (1 prompt x 8 tokens against the target alone) and convert. Nothing is
 downloaded.
 
 Prints a Markdown table of each step's wall time and peak resident memory (the high-water mark of the process,
-from wait4; for torchrun the largest single process), with a memory budget per step and a flag where the peak
+from wait4; for torchrun the largest single process, so a per-process figure), with a memory budget per step and a flag where the peak
 exceeds it.
 
     python examples/rehearsal.py --out /tmp/rehearsal                 # everything, both targets
@@ -277,6 +277,14 @@ def budgets(
     }
 
 
+def sharded_train_budget(budget: float, target_params: int, vocab: int, hidden: int, tied: bool, ranks: int) -> float:
+    """The `train` budget of one of ``ranks`` processes with `--shard-target`: the same, less the decoder layers'
+    fp32 bytes that the other processes hold (the embedding and lm_head stay whole on every process)."""
+    outside = vocab * hidden * (1 if tied else 2)
+    layers = max(0, target_params - outside)
+    return budget - layers * 4 / GIB * (1 - 1 / ranks)
+
+
 def plan(
     name: str, work: Path, methods: tuple[str, ...], *, fsdp: bool, target_params: int, quick: bool = False
 ) -> list[Step]:
@@ -371,6 +379,20 @@ def plan(
                 ["train", *common, "--method", fsdp_method, "--out", str(run / f"fsdp-{fsdp_method}"), *train_common]
                 + ["--fsdp"],
                 budget("train", fsdp_method),
+                torchrun=True,
+            )
+        )
+        sharded = sharded_train_budget(
+            budget("train", fsdp_method), target_params, facts["vocab_size"], facts["hidden_size"],
+            facts["tie_word_embeddings"], 2,
+        )  # fmt: skip
+        steps.append(
+            Step(
+                name,
+                f"torchrun x2 train {fsdp_method} --shard-target",
+                ["train", *common, "--method", fsdp_method, "--out", str(run / f"shard-{fsdp_method}"), *train_common]
+                + ["--shard-target"],
+                sharded,
                 torchrun=True,
             )
         )

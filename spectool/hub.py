@@ -413,12 +413,25 @@ def load_model_and_tokenizer(info: TargetInfo, *, dtype: str | None = None, devi
     """(model, tokenizer) for a resolved target, frozen and in eval mode. `dtype` None keeps float32 on CPU
     and uses bfloat16 on CUDA."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # a per-tensor bar for a local load is noise; downloads keep theirs
     directory = model_directory(info)
     torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    tokenizer = load_tokenizer(info, directory)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype)
+    except OSError as exc:
+        raise SpectoolError(f"cannot load {info.ref} from {directory}: {str(exc).splitlines()[0]}") from None
+    model.to(device).eval().requires_grad_(False)
+    return model, tokenizer
+
+
+def load_tokenizer(info: TargetInfo, directory: Path):
+    """The tokenizer in the target's local `directory` (`model_directory`), or a one-line error."""
+    from transformers import AutoTokenizer
+
     folder = Path(directory)
     if not any((folder / name).is_file() for name in TOKENIZER_FILES) and not any(folder.glob("*.tiktoken")):
         raise SpectoolError(
@@ -426,16 +439,10 @@ def load_model_and_tokenizer(info: TargetInfo, *, dtype: str | None = None, devi
             "tokenizer files there"
         )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory)
+        return AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SpectoolError(f"cannot load the tokenizer of {info.ref} from {directory}: {first}") from None
-    try:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype)
-    except OSError as exc:
-        raise SpectoolError(f"cannot load {info.ref} from {directory}: {str(exc).splitlines()[0]}") from None
-    model.to(device).eval().requires_grad_(False)
-    return model, tokenizer
 
 
 def transformers_config(info: TargetInfo):

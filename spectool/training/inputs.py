@@ -14,6 +14,7 @@ from spectool.errors import SpectoolError, UsageError
 from spectool.hub import TargetInfo
 from spectool.training.batches import pad_token_id, split_heldout
 from spectool.training.config import TrainConfig
+from spectool.training.distributed import DistributedContext
 from spectool.training.features import FeatureStore, prepare_examples
 
 
@@ -38,11 +39,14 @@ class TrainingInputs:
     notes: list[str] = field(default_factory=list)
 
 
-def load_inputs(config: TrainConfig, device: torch.device) -> TrainingInputs:
-    """Resolve and load the target (or open the feature store) and tokenize the data for ``config``."""
+def load_inputs(config: TrainConfig, device: torch.device, context: DistributedContext | None = None) -> TrainingInputs:
+    """Resolve and load the target (or open the feature store) and tokenize the data for ``config``; with
+    ``config.shard_target``, the target is built sharded over ``context``'s processes (`sharded_target`)."""
     from spectool.hub import load_model_and_tokenizer, resolve_model
 
     store = FeatureStore(config.features) if config.features else None
+    if store is not None and config.shard_target:
+        raise UsageError("--shard-target shards the target's forward; with --features the target does not run")
     info = resolve_model(config.target or (store.manifest["target"] if store else None))
     target_dtype = precision.target_dtype(device, config.dtype)
     notes: list[str] = []
@@ -68,9 +72,18 @@ def load_inputs(config: TrainConfig, device: torch.device) -> TrainingInputs:
             {"features": str(store.directory)},
             notes,
         )
-    # a target to shard loads on the CPU: each decoder layer then goes to the device as its 1/N shard
-    load_device = "cpu" if config.shard_target else str(device)
-    model, tokenizer = load_model_and_tokenizer(info, dtype=target_dtype, device=load_device)
+    if config.shard_target:
+        from spectool.training.sharded_target import load_sharded_target
+
+        model, tokenizer, kept, whole = load_sharded_target(
+            info, dtype=target_dtype, context=context or DistributedContext()
+        )
+        notes.append(
+            f"target sharded over {context.world_size} processes: each keeps {kept / 2**20:.1f} MiB of its "
+            f"{whole / 2**20:.1f} MiB (the embedding and lm_head whole)"
+        )
+    else:
+        model, tokenizer = load_model_and_tokenizer(info, dtype=target_dtype, device=str(device))
     prepared = prepare_examples(config, tokenizer)
     data_report = {
         "rows_read": prepared.load_report.rows_read,

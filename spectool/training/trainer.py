@@ -43,7 +43,6 @@ from spectool.training.distributed import (
     gradient_sync,
     init_distributed,
     is_fsdp,
-    shard_frozen_target,
     shutdown,
     unwrap,
     wrap_model,
@@ -138,20 +137,11 @@ class Trainer(CheckpointSteps):
 
     def _load_inputs(self) -> None:
         """The target and the examples (`spectool.training.inputs`), split into training and held-out rows."""
-        self.inputs = inputs = load_inputs(self.config, self.device)
+        self.inputs = inputs = load_inputs(self.config, self.device, self.context)
         # --max-length may have been capped to the target's positions
         self.config, self.info, self.store = inputs.config, inputs.info, inputs.store
         self.target_model, self.target_lm_head = inputs.target_model, inputs.target_lm_head
         self.notes.extend(inputs.notes)
-        if self.config.shard_target:
-            if inputs.target_model is None:
-                raise UsageError("--shard-target shards the target's forward; with --features the target does not run")
-            kept, whole = shard_frozen_target(inputs.target_model, self.context)
-            inputs.target_model.to(self.device)  # the parts kept whole (the layers' shards are there already)
-            self.notes.append(
-                f"target sharded over {self.context.world_size} processes: each keeps {kept / 2**20:.1f} MiB of its "
-                f"{whole / 2**20:.1f} MiB (the embedding and lm_head whole)"
-            )
         self.split = split_examples(inputs.examples, self.config.eval_fraction, seed=self.config.seed)
         self.train_examples, self.eval_examples = self.split.train, self.split.held_out
 
