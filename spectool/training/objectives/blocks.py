@@ -17,7 +17,7 @@ from torch import nn
 from spectool.drafts import block_position_ids, build_block_attention_mask
 from spectool.target import TargetBatch
 
-from .base import Documents, Objective, ObjectiveOutput, shift_left, uniform
+from .base import Documents, Objective, ObjectiveOutput, map_row_chunks, project, shift_left, uniform
 
 # Published loss decays, keyed by the number of drafted tokens per block: DFlash B = 8, 10, 16 (B - 1 drafts) and
 # DSpark B = 7 (B drafts) give (7, 4), (9, 5), (15, 7).
@@ -108,6 +108,19 @@ def slot_labels(
     labels = input_ids.gather(1, flat).view_as(positions)
     is_label = loss_mask.bool().gather(1, flat).view_as(positions)
     return labels, anchor_ok[..., None] & inside & is_label
+
+
+@torch.no_grad()
+def target_choices(
+    lm_head: nn.Module, last_hidden: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, width: int
+) -> torch.Tensor:
+    """The target's greedy token after each (``rows``, ``positions``) pair: the argmax of its lm_head over the
+    post-norm hidden state there (what greedy verification accepts), each distinct position projected once."""
+    flat = rows * last_hidden.shape[1] + positions
+    unique, inverse = torch.unique(flat, return_inverse=True)
+    hidden = last_hidden.flatten(0, 1)[unique]
+    (top,) = map_row_chunks(lambda h: (project(lm_head, h).float().argmax(-1),), hidden, width=width)
+    return top[inverse]
 
 
 class BlockObjective(Objective):

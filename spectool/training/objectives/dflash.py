@@ -13,8 +13,8 @@
    published 4 / 5 / 7 for B = 8 / 10 / 16, piecewise linear in between and beyond.
 
 Metrics: ``ce`` (= the loss); for slots k = 1..B-1, over blocks whose slots 1..k are all valid: ``acc@k``, the rate
-at which slot k predicts the data's token, and ``prefix@k``, the rate at which slots 1..k ALL do (greedy prefix
-hits); ``acceptance_length = 1 + sum_k prefix@k``, the expected greedy acceptance length of a block (estimated on
+at which slot k's argmax is the target's own greedy token after x_{a+k-1} (what verification accepts, as every
+method scores a hit), and ``prefix@k``, the rate at which slots 1..k ALL are (greedy prefix hits); ``acceptance_length = 1 + sum_k prefix@k``, the expected greedy acceptance length of a block (estimated on
 the sampled blocks); ``anchors``, the valid blocks.
 """
 
@@ -37,7 +37,7 @@ from .base import (
     rate_metrics,
     weighted_row_chunks,
 )
-from .blocks import BlockObjective, block_layout, default_gamma, slot_labels
+from .blocks import BlockObjective, block_layout, default_gamma, slot_labels, target_choices
 
 
 class DFlashObjective(BlockObjective):
@@ -97,9 +97,12 @@ class DFlashObjective(BlockObjective):
             width=width,
         )
 
-        with torch.no_grad():
+        with torch.no_grad():  # a hit is the target's own greedy token, what verification accepts
+            rows, blocks, slots = valid.nonzero(as_tuple=True)
+            before = anchors[rows, blocks] + offsets[slots] - 1  # slot k's token follows position a + k - 1
+            choices = target_choices(target_lm_head, batch.target_last_hidden_states, rows, before, width)
             hits = torch.zeros_like(valid)
-            hits[valid] = top == labels[valid]
+            hits[valid] = top == choices
             accuracy, prefix, _ = chain_statistics(hits.flatten(0, 1), valid.flatten(0, 1))
         metrics = {
             "ce": loss,

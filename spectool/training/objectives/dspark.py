@@ -18,7 +18,8 @@ Markov head and a confidence head.
    and the same rule in the number of drafted tokens as DFlash (B drafts here, B-1 there).
 
 Metrics (draft position k = slot k-1, k = 1..B): ``ce``, ``l1``, ``conf``; ``accept_rate@k`` (mean accept_k over the
-supervised slots); over blocks supervised through k, ``acc@k`` (slot k's argmax is the data's token) and
+supervised slots); over blocks supervised through k, ``acc@k`` (slot k's argmax is the teacher's, the target's
+own greedy token: what verification accepts, as every method scores a hit) and
 ``prefix@k`` (greedy prefix hits: slots up to k all are); ``acceptance_length`` = 1 + sum_k prefix@k, the greedy
 acceptance length as every method reports it; ``sampled_acceptance_length`` = 1 + sum_k E[prod_{j<=k} accept_j],
 the expected acceptance length under rejection sampling at temperature 1, each term averaged over the blocks
@@ -118,12 +119,12 @@ class DSparkObjective(BlockObjective):
                 teacher = torch.softmax(project(target_lm_head, teacher_hidden).float(), dim=-1)
             with torch.set_grad_enabled(torch.is_grad_enabled() and self.l1_weight > 0):  # no backward of a 0 term
                 l1 = (log_q.exp() - teacher).abs().sum(-1)
-            return ce, l1, log_q.detach().argmax(-1)
+            return ce, l1, log_q.detach().argmax(-1), teacher.argmax(-1)
 
         width = int(draft.config.vocab_size)
         weights = torch.exp(-offsets.float() / self.gamma).expand(eval_mask.shape)[eval_mask]
         heads = (*draft.lm_head.parameters(), *draft.markov_head.parameters())
-        loss, ce, l1, top = weighted_row_chunks(
+        loss, ce, l1, top, teacher_top = weighted_row_chunks(
             slot_terms,
             slot_hidden,
             prev,
@@ -146,7 +147,7 @@ class DSparkObjective(BlockObjective):
             per_slot_accept = torch.zeros(eval_mask.shape, device=accept.device)
             per_slot_accept[eval_mask] = accept
             hits = torch.zeros_like(eval_mask)
-            hits[eval_mask] = top == target_tokens
+            hits[eval_mask] = top == teacher_top  # the target's greedy token: what verification accepts
             flat_mask = eval_mask.flatten(0, 1)
             supervised = flat_mask.sum(0).clamp_min(1)
             accuracy, prefix, _ = chain_statistics(hits.flatten(0, 1), flat_mask)

@@ -51,8 +51,9 @@ def reference(draft, batch, document_ids, anchors, valid, head):
                 sums["conf"] += weight * bce_with_logits(confidence, accept)
                 sums["weight"] += weight
                 survival *= accept
-                all_hit = all_hit and argmax(log_q) == label
-                hits[k] += argmax(log_q) == label
+                greedy = argmax(teacher)  # the target's own token: what verification accepts
+                all_hit = all_hit and argmax(log_q) == greedy
+                hits[k] += argmax(log_q) == greedy
                 accept_sum[k] += accept
                 survival_sum[k] += survival
                 prefix[k] += all_hit
