@@ -1,6 +1,6 @@
 """Every on-disk draft format: save (atomically), load with validation, check against a target, convert.
 
-Formats (SPEC §5) are told apart by config.json's `architectures` (`DraftMethod.checkpoint_architectures`: the
+Formats are told apart by config.json's `architectures` (`DraftMethod.checkpoint_architectures`: the
 first is written, all are read); what a method's published layouts need (renamed keys, config fields kept
 elsewhere, buffers engines expect) is that method's own hooks in `spectool/methods/`. NeMo AutoModel exports prefix
 keys with `model.`; DDP saves with `module.`; both are stripped. Missing or unexpected weights are an error that
@@ -130,7 +130,7 @@ def read_state_dict(directory: Path) -> dict[str, torch.Tensor]:
 
 
 def _normalise_keys(method: DraftMethod, tensors: dict[str, torch.Tensor], notes: list[str]) -> dict[str, torch.Tensor]:
-    """Published layouts -> spectool's module names (which are the ecosystem keys of SPEC §5)."""
+    """Published layouts -> spectool's module names (which are the published layouts' keys)."""
     out: dict[str, torch.Tensor] = {}
     stripped = renamed = False
     for key, value in tensors.items():

@@ -3,7 +3,7 @@
 
 `spectool inspect` uses this to show what `init` will build without importing torch or building a model
 (it answers in a fraction of a second); a test checks it against the real draft modules, tensor by tensor.
-Names are the keys of the method's on-disk format (SPEC §5); `spectool.registry.draft_layout` builds one.
+Names are the keys of the method's on-disk format (its published layout); `spectool.registry.draft_layout` builds one.
 """
 
 from __future__ import annotations

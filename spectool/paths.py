@@ -8,6 +8,7 @@ marker is entirely the user's (a `config.json` + `model.safetensors` beside no `
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
 from collections.abc import Iterable, Mapping
@@ -17,10 +18,12 @@ from spectool.errors import SpectoolError, UsageError
 
 #: The files of a draft directory that spectool writes (`spectool.checkpoint.save_draft`).
 DRAFT_FILES = ("model.safetensors", "config.json", "spectool.json")
+#: A training run's metrics, one JSON row per log step (`spectool.training.rundir` writes, `spectool report` reads).
+METRICS_FILE = "metrics.jsonl"
 #: What a training run adds beside its final draft (`spectool.training.rundir`).
 RUN_FILES = (
     "train_config.json",
-    "metrics.jsonl",
+    METRICS_FILE,
     "checkpoints",
     ".final-draft",
     "tensorboard",
@@ -41,6 +44,18 @@ def shipped_drafts() -> list[str]:
     if not SHIPPED_DRAFTS_DIR.is_dir():
         return []
     return sorted(p.name for p in SHIPPED_DRAFTS_DIR.iterdir() if (p / "config.json").is_file())
+
+
+def shipped_drafts_by_target() -> dict[str, list[str]]:
+    """The shipped drafts grouped by the target each records (``tiny``, or a packaged GGUF's file name)."""
+    groups: dict[str, list[str]] = {}
+    for name in shipped_drafts():
+        try:
+            target = json.loads((SHIPPED_DRAFTS_DIR / name / "spectool.json").read_text(encoding="utf-8"))["target"]
+        except (OSError, ValueError, KeyError, TypeError):
+            target = "?"
+        groups.setdefault(str(target), []).append(name)
+    return groups
 
 
 def resolve_draft_dir(path: str | os.PathLike[str], option: str = "--draft") -> Path:

@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from spectool.errors import UsageError
+from spectool.paths import METRICS_FILE
 
-METRICS_FILE = "metrics.jsonl"
 PLOT_INSTALL = "pip install 'spectool[plot]'"
 _SPARKS = "▁▂▃▄▅▆▇█"
 _POSITION = re.compile(r"^(prefix|acc)@(\d+)$")

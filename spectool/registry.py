@@ -3,7 +3,7 @@
 
 Each method is declared once, in `spectool/methods/<name>.py` (see `spectool.methods.base.DraftMethod`); this module
 collects them. Every table, `--method` choice, help list, layer report and JSON key is built from `methods()`.
-Dispatch on a target is on its config's `architectures` (SPEC §1): the first string the method knows wins.
+Dispatch on a target is on its config's `architectures`: the first string the method knows wins.
 Adding a target family whose draft fits the config-driven shape is a one-line append, e.g.
 ``get("dflash").architectures["Qwen3NextForCausalLM"] = "Qwen3DFlashDraftModel"``; adding a method is
 ``register(MyMethod())`` (ARCHITECTURE.md, "Adding a method").
@@ -160,7 +160,7 @@ def resolve_quietly(method: str, target: TargetArch | dict[str, Any], **options:
 
 
 def default_layer_ids(method: str, num_target_layers: int, num_feature_layers: int | None = None) -> list[int]:
-    """The feature-layer ids `method` picks for an N-layer target (its formula, SPEC §2)."""
+    """The feature-layer ids `method` picks for an N-layer target (its formula)."""
     return get(method).default_layer_ids(num_target_layers, num_feature_layers)
 
 

@@ -1,7 +1,7 @@
-"""The frozen target and its hidden-state capture (SPEC §3).
+"""The frozen target and its hidden-state capture.
 
 One forward pass of the target with forward hooks collects exactly the features a draft needs, without
-``output_hidden_states=True`` (which keeps all N+1 hidden states alive). Layer ids follow SPEC conventions:
+``output_hidden_states=True`` (which keeps all N+1 hidden states alive). Layer ids follow one convention:
 
 * id ``i`` in ``[0, N-2]``: the OUTPUT of decoder layer i, i.e. HF ``hidden_states[i + 1]``;
 * id ``-1``: the embedding output, i.e. the stream entering layer 0 (HF ``hidden_states[0]``);

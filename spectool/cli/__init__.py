@@ -1,4 +1,4 @@
-"""The `spectool` command line: the Typer app in `app.py`, one small module per command, rendering helpers and the
+"""The `spectool` command line: the Typer app in `application.py`, one small module per command, rendering helpers and the
 shared panels in `render.py`."""
 
 from __future__ import annotations

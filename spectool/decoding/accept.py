@@ -1,4 +1,4 @@
-"""Lossless acceptance rules for one speculative round (SPEC §6).
+"""Lossless acceptance rules for one speculative round.
 
 Greedy: accept the longest prefix of draft tokens that equal the target's argmax, then emit the target's own
 token at the first mismatch (or the bonus token after a full accept): the output is exactly the target's

@@ -1,6 +1,6 @@
 """The speculative decoding loop that every command (chat, bench, demo) and the tests drive.
 
-One round (SPEC §6): the proposer drafts up to k tokens after the last committed token; the target runs ONE
+One round: the proposer drafts up to k tokens after the last committed token; the target runs ONE
 forward over ``[last token | drafts]`` with its KV cache; the acceptance rule keeps a prefix of the drafts and
 adds the target's own token (the correction at the first mismatch, or the bonus after a full accept); the
 target's cache is cropped to the committed length and the features of the committed positions go to the

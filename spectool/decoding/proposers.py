@@ -278,7 +278,7 @@ class DSparkProposer(BlockProposer):
 class EagleChainProposer(RowProposer):
     """EAGLE-1 and EAGLE-3 chains: one draft step per token, each fed the previous step's own hidden state.
 
-    Alignment (SPEC §4): the draft's position t reads the target feature f_t and the token x_{t+1}, and predicts
+    Alignment: the draft's position t reads the target feature f_t and the token x_{t+1}, and predicts
     x_{t+2}. Each row's committed context is fed once (teacher-forced with real target features); the chain's own
     positions are dropped from the draft cache when the next round's real features arrive. How one step runs the
     draft (`draft_step`) and reaches the target vocabulary (`target_logits`) is the method's own.

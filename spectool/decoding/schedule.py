@@ -197,7 +197,7 @@ def expected_calibration_error(predicted: torch.Tensor, observed: torch.Tensor, 
 def calibrate_temperatures(
     confidence_logits: torch.Tensor, accepted: torch.Tensor, supervised: torch.Tensor
 ) -> list[float]:
-    """Sequential temperature scaling (SPEC §4): left to right, the temperature of position j minimises the ECE of
+    """Sequential temperature scaling: left to right, the temperature of position j minimises the ECE of
     the survival ``a_j = prod_{i<=j} sigmoid(c_i / T_i)`` against "slots 1..j all accepted", earlier positions'
     temperatures fixed.
 

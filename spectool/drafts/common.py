@@ -310,7 +310,7 @@ def causal_mask(
 class DraftKVCache:
     """Per-layer keys/values ``[B, kv_heads, L, head_dim]`` of a draft, grown by appending, cut back by ``crop``.
 
-    The decoding loop crops it to the committed length after each verification (SPEC §6); the rotary is
+    The decoding loop crops it to the committed length after each verification (the decoding rules); the rotary is
     applied before caching, so a cropped cache stays valid.
     """
 
@@ -355,7 +355,7 @@ class DraftKVCache:
 class DraftModelMixin:
     """Trainable/frozen bookkeeping shared by the drafts.
 
-    ``frozen_parameter_prefixes`` names the parameters copied from the target and never trained (SPEC §4).
+    ``frozen_parameter_prefixes`` names the parameters copied from the target and never trained (the method's paper).
     """
 
     frozen_parameter_prefixes: ClassVar[tuple[str, ...]] = ()

@@ -1,4 +1,4 @@
-"""DFlash draft (arXiv 2602.06036): block diffusion over target features, z-lab layout (SPEC §4, §5).
+"""DFlash draft (arXiv 2602.06036): block diffusion over target features, z-lab layout.
 
 The target's K captured layers are fused once: ``ctx = hidden_norm(fc(cat(f_1..f_K)))`` (fc: K*H -> H, no bias).
 A block ``[anchor, MASK x (B-1)]``, embedded with the TARGET's embedding, runs through N_d Qwen3 decoder layers.
@@ -123,7 +123,7 @@ class BlockDraftConfigMixin:
 
 
 class DFlashDraftConfig(BlockDraftConfigMixin, Qwen3Config):
-    """Qwen3 config of a DFlash draft; ``to_dict`` writes the z-lab ``dflash_config`` block (SPEC §5)."""
+    """Qwen3 config of a DFlash draft; ``to_dict`` writes the z-lab ``dflash_config`` block."""
 
     block_size: int = 16
     mask_token_id: int | None = None

@@ -1,4 +1,4 @@
-"""DSpark draft (arXiv 2607.05147), DeepSpec layout (SPEC §4, §5).
+"""DSpark draft (arXiv 2607.05147), DeepSpec layout.
 
 DSpark keeps the DFlash backbone and block mask but makes the anchor slot a prediction: slot k (0-based) of a
 block ``[x_a, MASK x (B-1)]`` predicts x_{a+k+1}, so a block of B yields B draft tokens. On top of the target's
@@ -36,7 +36,7 @@ MARKOV_HEAD_TYPES = ("vanilla",)
 
 
 class DSparkDraftConfig(BlockDraftConfigMixin, Qwen3Config):
-    """Qwen3 config of a DSpark draft with the DeepSpec fields at top level (SPEC §5)."""
+    """Qwen3 config of a DSpark draft with the DeepSpec fields at top level (the published checkpoint layouts)."""
 
     block_size: int = 7
     mask_token_id: int | None = None

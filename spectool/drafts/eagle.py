@@ -1,4 +1,4 @@
-"""EAGLE-1 / EAGLE-2 draft (arXiv 2401.15077), keys in the SafeAILab EAGLE layout (SPEC §4).
+"""EAGLE-1 / EAGLE-2 draft (arXiv 2401.15077), keys in the SafeAILab EAGLE layout (the method's paper).
 
 The draft extrapolates features: ``h = fc(cat(embed(x_{t+1}), f_t))`` (fc: 2H -> H, with bias), then N causal
 Llama decoder layers (default 1) and a final ``norm``; the result regresses ``f_{t+1}``, the target's post-norm
@@ -9,7 +9,7 @@ On disk (safetensors), following SafeAILab's ``cnets``: ``embed_tokens.weight`` 
 target's, saved), ``fc.weight`` [H, 2H], ``fc.bias`` [H], ``layers.{i}.self_attn.{q,k,v,o}_proj.weight``,
 ``layers.{i}.mlp.{gate,up,down}_proj.weight``, ``layers.{i}.post_attention_layernorm.weight``, and
 ``layers.{i}.input_layernorm.weight`` for i >= 1 only (SafeAILab feeds the fc output to layer 0 unnormed).
-``norm.weight`` is the final norm of SPEC §4; SafeAILab checkpoints have none (``final_norm=False`` reads them).
+``norm.weight`` is the EAGLE paper's final norm; SafeAILab checkpoints have none (``final_norm=False`` reads them).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""EAGLE-3 draft (arXiv 2503.01840), saved in the SGLang / vLLM / SpecForge layout (SPEC §4, §5).
+"""EAGLE-3 draft (arXiv 2503.01840), saved in the SGLang / vLLM / SpecForge layout.
 
 The draft fuses three target layers (low, mid, high) into one feature ``g = fc(cat(f_low, f_mid, f_high))`` and
 runs ONE decoder layer (``midlayer``) whose attention input is ``cat(input_layernorm(embed(x)), hidden_norm(g))``
@@ -50,7 +50,7 @@ EAGLE3_ARCHITECTURE = "LlamaForCausalLMEagle3"
 
 
 class Eagle3DraftConfig(LlamaConfig):
-    """Llama config of an EAGLE-3 draft; ``config.json`` is what SGLang/vLLM read (SPEC §5).
+    """Llama config of an EAGLE-3 draft; ``config.json`` is what SGLang/vLLM read (the published checkpoint layouts).
 
     ``target_layer_ids`` (output-of-layer ids) is written as ``eagle_config.eagle_aux_hidden_state_layer_ids`` (SGLang
     adds 1 when capturing; ``spectool.checkpoint.save_draft`` also writes vLLM's top-level
@@ -251,7 +251,7 @@ class LlamaEagle3DraftModel(DraftModelMixin, PreTrainedModel):
     def set_vocab_mapping(self, target_ids: torch.Tensor) -> None:
         """Keep these target token ids (the most frequent supervised ones) as the draft vocabulary.
 
-        Writes ``d2t[draft_id] = target_id - draft_id`` and ``t2d`` membership (SPEC §4); ids are sorted first.
+        Writes ``d2t[draft_id] = target_id - draft_id`` and ``t2d`` membership; ids are sorted first.
         """
         if not self.pruned_vocab:
             raise SpectoolError("the draft vocabulary equals the target's; there is no mapping to set")
@@ -355,7 +355,7 @@ class LlamaEagle3DraftModel(DraftModelMixin, PreTrainedModel):
         """The training-time-test unroll over ``ttt_steps`` steps (``return_logits=False`` leaves the vocabulary
         projection to the caller, which may need it at a few positions only).
 
-        ``input_ids`` ``[B, S]`` holds x_{t+1} at position t (already shifted once, per SPEC §4) and
+        ``input_ids`` ``[B, S]`` holds x_{t+1} at position t (already shifted once, as the method's paper does) and
         ``target_hidden_states`` ``[B, S, K*H_target]`` holds feature t. Step i reads ``input_ids`` shifted left
         by i more positions (the tail is padded with id 0; those positions must be masked out of the loss).
         ``attention_mask`` ``[B, S]`` (1 = real) hides padded keys; a boolean ``[B, 1, S, S]`` mask (True = may

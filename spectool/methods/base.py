@@ -99,7 +99,7 @@ class DraftMethod(ABC):
     supported: ClassVar[Mapping[str, str]]
     #: config.json `architectures` of this method's checkpoints: the first is written, all are read.
     checkpoint_architectures: ClassVar[tuple[str, ...]]
-    #: One line on the on-disk layout `init` / `train` write (SPEC §5).
+    #: One line on the on-disk layout `init` / `train` write (the published checkpoint layouts).
     checkpoint_format: ClassVar[str]
     #: Keys a loader needs and silently misses otherwise; writing a checkpoint without them is refused.
     required_keys: ClassVar[tuple[str, ...]]

@@ -23,7 +23,7 @@ from spectool.methods.eagle1 import DENSE_TARGETS
 
 #: EAGLE-3 prunes the draft vocabulary to this many of the most frequent supervised tokens by default.
 DRAFT_VOCAB_SIZE = 32000
-#: Keys of config.json that say where the feature layers come from (SPEC §5).
+#: Keys of config.json that say where the feature layers come from (the published checkpoint layouts).
 EAGLE_CONFIG = "eagle_config"
 VLLM_AUX_LAYER_IDS = "eagle_aux_hidden_state_layer_ids"
 NUM_FEATURE_LAYERS = 3

@@ -33,12 +33,11 @@ from torch import nn
 
 from spectool.checkpoint import DraftMetadata, save_draft
 from spectool.errors import SpectoolError, UsageError
-from spectool.paths import check_force_target, fsync_dir, make_output_dir, refuse_inputs_inside
+from spectool.paths import METRICS_FILE, check_force_target, fsync_dir, make_output_dir, refuse_inputs_inside
 from spectool.training.config import TrainConfig
 from spectool.training.distributed import DistributedContext
 
 CONFIG_FILE = "train_config.json"
-METRICS_FILE = "metrics.jsonl"
 CHECKPOINTS_DIR = "checkpoints"
 STATE_FILE = "trainer_state.pt"
 FINAL_FILES = ("model.safetensors", "config.json", "spectool.json")

@@ -13,7 +13,7 @@ Conventions of all objectives:
   are fixed weighted means of per-row terms): at most ``VOCAB_CHUNK_ELEMENTS`` rows x vocabulary floats at a time,
   so a 150k-token vocabulary over tens of thousands of supervised positions never sits in memory whole.
 * ``acceptance_length`` counts the bonus token: it estimates the tokens emitted per target verify forward
-  (SPEC §6), 1 for a useless draft.
+  (what greedy verification accepts), 1 for a useless draft.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""DFlash objective (SPEC §4): block diffusion over target features, hard cross entropy with decaying slot weights.
+"""DFlash objective (its paper): block diffusion over target features, hard cross entropy with decaying slot weights.
 
 1. Anchors: up to ``num_anchors`` per row, sampled uniformly without replacement (``generator``) among positions a
    where x_a and x_{a+1} are labels of a's document (``blocks.anchor_candidates``, the reference rule). A block that

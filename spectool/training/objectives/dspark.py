@@ -1,4 +1,4 @@
-"""DSpark objective (SPEC §4): the DFlash backbone, every slot a prediction, distilled towards the target with a
+"""DSpark objective (its paper): the DFlash backbone, every slot a prediction, distilled towards the target with a
 Markov head and a confidence head.
 
 1. Anchors as DFlash (``blocks.anchor_candidates``: x_a and x_{a+1} labels of one document), so every valid block

@@ -1,4 +1,4 @@
-"""EAGLE-1/2 objective (SPEC §4; EAGLE-2 trains identically): regress the target's next feature and distil its
+"""EAGLE-1/2 objective (the EAGLE paper; EAGLE-2 trains identically): regress the target's next feature and distil its
 next-token distribution through the target's lm_head.
 
 Alignment: draft position t reads token x_{t+1} and the target's post-norm last hidden state f_t (plus uniform

@@ -1,4 +1,4 @@
-"""EAGLE-3 objective (SPEC §4): training-time test (TTT) with per-step soft cross entropy against the target.
+"""EAGLE-3 objective (its paper): training-time test (TTT) with per-step soft cross entropy against the target.
 
 Alignment: position t reads feature t and token x_{t+1} and predicts x_{t+2}. ``draft.ttt_forward`` unrolls
 ``ttt_steps`` steps: step 0 is teacher-forced, step i feeds the draft its own step i-1 output and reads tokens i
@@ -15,7 +15,7 @@ Metrics: ``ce@k`` (L_{k-1}); ``acc@k``, the top-1 hit rate of step k-1 (the draf
 against the target's argmax over the FULL vocabulary, so a token outside the draft vocabulary counts as a miss) over
 chains whose labels x_{t+2..t+1+k} are all supervised; ``prefix@k``, the rate at which steps 0..k-1 ALL hit over
 the same chains; ``acceptance_length = 1 + sum_k prefix@k`` (prefix hits at step k / valid at step k), the simulated
-greedy acceptance length (SPEC §4).
+greedy acceptance length (the method's paper).
 
 Also here: ``count_supervised_tokens`` and ``build_draft_vocab`` pick the pruned draft vocabulary (the most frequent
 supervised tokens); the trainer passes the ids to ``draft.set_vocab_mapping`` and re-initialises ``lm_head`` from the
