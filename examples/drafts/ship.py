@@ -48,6 +48,7 @@ def save_bfloat16(source: Path, destination: Path) -> None:
         metadata = handle.metadata()
     tensors = load_file(source)
     save_file({k: v.bfloat16() if v.is_floating_point() else v for k, v in tensors.items()}, destination, metadata)
+    destination.chmod(0o644)  # safetensors writes 0600; a package's files are world-readable
 
 
 def replace_dir(staging: Path, destination: Path) -> None:
@@ -75,7 +76,9 @@ def ship(run_dir: Path, name: str, repo: Path = REPO) -> Path:
     record_staging = run_record.with_name(f".{name}.staging")
     shutil.rmtree(record_staging, ignore_errors=True)
     record_staging.mkdir(parents=True)
-    shutil.copy2(run_dir / METRICS, record_staging / METRICS)
+    for record in (METRICS, "train_config.json"):  # what `spectool report` draws, and how to train it again
+        if (run_dir / record).is_file():
+            shutil.copy2(run_dir / record, record_staging / record)
     replace_dir(staging, destination)
     replace_dir(record_staging, run_record)
     link = repo / "examples" / "drafts" / name

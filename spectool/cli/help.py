@@ -76,15 +76,18 @@ def method_option(default: Any, *, extra: tuple[str, ...] = (), help: str = "Dra
 def draft_option() -> Any:
     """`--draft` of the commands that run a draft (chat, serve): a directory or a shipped draft's name, the
     registry's default method's shipped draft when left out."""
-    from spectool.paths import shipped_drafts
+    from spectool.paths import shipped_drafts_by_target
     from spectool.registry import DEFAULT_METHOD
 
+    groups = [
+        f"{', '.join(names)} ({'the embedded tiny target' if target == 'tiny' else target})"
+        for target, names in shipped_drafts_by_target().items()
+    ]
     return typer.Option(
         DEFAULT_METHOD,
         "--draft",
         "-d",
-        help="Draft checkpoint directory, or the name of a draft shipped with spectool for its embedded tiny target "
-        f"({', '.join(shipped_drafts())}).",
+        help=f"Draft checkpoint directory, or the name of a draft shipped with spectool: {'; '.join(groups)}.",
     )
 
 
