@@ -126,6 +126,13 @@ class AnswerWorker:
         self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
         self.answered = 0
         self.busy = False
+        # the server's event loop encodes prompts while this thread decodes answers: one tokenizer call at a time
+        # (a fast tokenizer's Rust object may refuse a second borrow)
+        self.tokenizer_lock = threading.Lock()
+
+    def decode(self, ids: list[int]) -> str:
+        with self.tokenizer_lock:
+            return self.runtime.decode(ids)
 
     def start(self) -> None:
         self.thread.start()
@@ -157,8 +164,8 @@ class AnswerWorker:
 
     def _answer(self, job: Job) -> None:
         runtime = self.runtime
-        stream = TextStream(runtime.decode, job.stops)
-        stop_strings = StopStrings(runtime.decode, job.stops) if job.stops else None
+        stream = TextStream(self.decode, job.stops)
+        stop_strings = StopStrings(self.decode, job.stops) if job.stops else None
         rounds: list[RoundEvent] = []
         left = False
         start = time.perf_counter()

@@ -180,7 +180,8 @@ class Server:
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in body.messages]
         if self.runtime.chat is None:
             raise ApiError(400, "the target's tokenizer has no chat template: use /v1/completions")
-        ids = self.runtime.prompt_ids(messages)
+        with self.worker.tokenizer_lock:
+            ids = self.runtime.prompt_ids(messages)
         limit = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         job = self._job(body, ids, limit, default_tokens=None)
         return await self._respond(job, body, request, chat=True)
@@ -194,7 +195,8 @@ class Server:
             raise ApiError(400, "echo is not supported", param="echo")
         if not prompts[0]:
             raise ApiError(400, "the prompt is empty", param="prompt")
-        ids = list(self.runtime.tokenizer(prompts[0])["input_ids"])
+        with self.worker.tokenizer_lock:
+            ids = list(self.runtime.tokenizer(prompts[0])["input_ids"])
         job = self._job(body, ids, body.max_tokens, default_tokens=16)  # OpenAI's default for completions
         return await self._respond(job, body, request, chat=False)
 

