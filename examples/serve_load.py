@@ -1,10 +1,11 @@
 """Throughput of `spectool serve` with 1 and with N concurrent clients, measured with the `openai` client.
 
 Starts `spectool serve --port 0 --draft DRAFT` in a subprocess, asks each of the first PROMPTS MT-Bench questions
-(first turns, greedy, `--max-tokens` each) once with one client at a time, then all at once from N threads, and
-prints the completion tokens per second of each run (all answers' tokens over the wall time), the slowest answer's
-wall time, and the server's own acceptance figures. Greedy answers must not depend on the concurrency: the script
-checks that each concurrent answer equals its one-client answer.
+(first turns, greedy, `--max-tokens` each) once with one client at a time, then REQUESTS requests (cycling over
+the questions) from N threads at once, and prints the completion tokens per second of each run (all answers'
+tokens over the wall time), the slowest answer's wall time, and the server's own acceptance figures. Greedy
+answers must not depend on the concurrency: the script counts errors and answers that differ from their
+one-client answer (exit 1 if any).
 
     python examples/serve_load.py --draft smollm2-eagle3 --clients 8 --max-tokens 64 --json
 """
@@ -36,6 +37,7 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--requests", type=int, help="concurrent requests in all, cycling over the prompts [prompts]")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
@@ -52,27 +54,36 @@ def main() -> int:
 
         def ask(messages):
             started = time.perf_counter()
-            answer = client.chat.completions.create(
-                model=model, messages=messages, temperature=0, max_tokens=args.max_tokens
-            )
+            try:
+                answer = client.chat.completions.create(
+                    model=model, messages=messages, temperature=0, max_tokens=args.max_tokens
+                )
+            except openai.OpenAIError:
+                return None, time.perf_counter() - started
             return answer, time.perf_counter() - started
 
         ask(questions[0])  # warm-up: kernel plans, caches
-        runs = {}
-        for clients in (1, args.clients):
+        requests = args.requests or len(questions)
+        runs, errors = {}, 0
+        cycled = [questions[i % len(questions)] for i in range(requests)]
+        for clients, batch in ((1, questions), (args.clients, cycled)):
             started = time.perf_counter()
             with ThreadPoolExecutor(clients) as pool:
-                results = list(pool.map(ask, questions))
+                results = list(pool.map(ask, batch))
             wall = time.perf_counter() - started
-            tokens = sum(a.usage.completion_tokens for a, _ in results)
-            extension = [a.model_extra["spectool"] for a, _ in results]
+            errors += sum(a is None for a, _ in results)
+            answered = [a for a, _ in results if a is not None]
+            extension = [a.model_extra["spectool"] for a in answered]
             runs[clients] = {
-                "tokens_per_second": round(tokens / wall, 2),
+                "requests": len(batch),
+                "tokens_per_second": round(sum(a.usage.completion_tokens for a in answered) / wall, 2),
                 "slowest_answer_seconds": round(max(s for _, s in results), 2),
                 "acceptance_length": round(sum(e["acceptance_length"] or 1 for e in extension) / len(extension), 3),
-                "texts": [a.choices[0].message.content for a, _ in results],
+                "texts": [a.choices[0].message.content if a is not None else None for a, _ in results],
             }
-        same = runs[1]["texts"] == runs[args.clients]["texts"]
+        alone = runs[1]["texts"]
+        mismatches = sum(t != alone[i % len(alone)] for i, t in enumerate(runs[args.clients]["texts"]))
+        same = mismatches == 0 and errors == 0
     finally:
         process.terminate()
         process.wait(timeout=60)
@@ -83,6 +94,8 @@ def main() -> int:
         "max_tokens": args.max_tokens,
         "machine": machine_description(),
         "runs": {str(k): {key: v for key, v in run.items() if key != "texts"} for k, run in runs.items()},
+        "errors": errors,
+        "mismatches": mismatches,
         "answers_equal_across_concurrency": same,
     }
     if args.json:
@@ -93,7 +106,7 @@ def main() -> int:
                 f"{clients} client(s): {run['tokens_per_second']} tok/s, slowest answer {run['slowest_answer_seconds']} s,"
                 f" acceptance length {run['acceptance_length']}"
             )
-        print(f"answers equal across concurrency: {same}; {report['machine']}")
+        print(f"{errors} errors, {mismatches} mismatches against one-client answers; {report['machine']}")
     return 0 if same else 1
 
 
