@@ -13,6 +13,7 @@ import json
 import os
 import re
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -467,6 +468,20 @@ def weights_unreachable(ref: str) -> str:
     )
 
 
+def weight_index(locate: Callable[[str], Path]) -> dict[str, str]:
+    """Checkpoint key -> the safetensors file (a name in the model's folder) that holds it, from
+    model.safetensors.index.json, else from the single model.safetensors; `locate` turns a name into a local path
+    (a directory's file, or a Hub download)."""
+    from safetensors import safe_open
+
+    try:
+        return read_json(locate("model.safetensors.index.json"))["weight_map"]
+    except (OSError, SpectoolError, KeyError):
+        pass
+    with safe_open(locate("model.safetensors"), framework="pt") as handle:
+        return dict.fromkeys(handle.keys(), "model.safetensors")
+
+
 def read_target_weights(info: TargetInfo) -> dict[str, Any]:
     """The target's input embedding and lm_head weights ("embed_tokens", "lm_head"), read straight from its
     safetensors files: for a Hub target only the shard(s) holding them are downloaded, and no model is built.
@@ -486,14 +501,7 @@ def read_target_weights(info: TargetInfo) -> dict[str, Any]:
                 hf_hub_download(info.ref, name, revision=info.revision, local_files_only=info.source == "cache")
             )
 
-    try:
-        index = read_json(locate("model.safetensors.index.json"))["weight_map"]
-    except (OSError, SpectoolError, KeyError):
-        index = None
-    if index is None:
-        single = locate("model.safetensors")
-        with safe_open(single, framework="pt") as handle:
-            index = {key: "model.safetensors" for key in handle.keys()}  # noqa: SIM118
+    index = weight_index(locate)
 
     def find(suffix: str) -> str | None:
         matches = sorted((k for k in index if k.endswith(suffix)), key=len)

@@ -10,7 +10,6 @@ rather than stored (the rotary inverse frequencies) are computed again on the re
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +17,7 @@ import torch
 from torch import nn
 
 from spectool.errors import SpectoolError
-from spectool.hub import TargetInfo, load_tokenizer, model_directory
+from spectool.hub import TargetInfo, load_tokenizer, model_directory, weight_index
 from spectool.training.distributed import DistributedContext, shard_frozen_target
 
 
@@ -41,18 +40,10 @@ def load_sharded_target(info: TargetInfo, *, dtype: str, context: DistributedCon
 
 
 def _weight_files(directory: Path) -> dict[str, Path]:
-    """Checkpoint key -> the safetensors file holding it."""
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        return {key: directory / name for key, name in weight_map.items()}
-    from safetensors import safe_open
-
-    single = directory / "model.safetensors"
-    if not single.is_file():
+    """Checkpoint key -> the safetensors file holding it (`hub.weight_index`)."""
+    if not (directory / "model.safetensors").is_file() and not (directory / "model.safetensors.index.json").is_file():
         raise SpectoolError(f"{directory} holds no safetensors weights; --shard-target reads them tensor by tensor")
-    with safe_open(str(single), framework="pt") as handle:
-        return dict.fromkeys(handle.keys(), single)
+    return {key: directory / name for key, name in weight_index(directory.__truediv__).items()}
 
 
 @torch.no_grad()
