@@ -72,7 +72,7 @@ def train_command(
     max_minutes: float = typer.Option(
         None,
         "--max-minutes",
-        help="Time budget: plan the steps from the measured speed (with --max-steps/--epochs as caps).",
+        help="Wall-clock budget, loading and evaluations included: plan the steps from the measured speed (with --max-steps/--epochs as caps).",
     ),
     batch_size: int = typer.Option(None, "--batch-size", "-b", help="Sequences per micro-batch, all processes [8]."),
     grad_accum: int = typer.Option(None, "--grad-accum", help="Micro-batches per optimizer step [1]."),

@@ -87,6 +87,8 @@ class CheckpointSteps:
             "step": self.step,
             "tokens": self.tokens,
             "seconds": self.seconds,
+            "overhead_seconds": self.overhead_seconds,
+            "once_seconds": self.once_seconds,
             "total_steps": self.total_steps,
             "optimizer": optim,
             "scheduler": self.scheduler.state_dict(),
@@ -106,6 +108,8 @@ class CheckpointSteps:
         self.scheduler.load_state_dict(state["scheduler"])
         self.batches.load_state_dict(state["data"])
         self.step, self.tokens, self.seconds = int(state["step"]), int(state["tokens"]), float(state["seconds"])
+        self.overhead_seconds = float(state.get("overhead_seconds", 0.0))  # absent before 2026-12-07
+        self.once_seconds = float(state.get("once_seconds", 0.0))
         self._restore_rng(state["rng"])
         if self.config.max_minutes:
             self._plan()  # the budget counts the time already spent

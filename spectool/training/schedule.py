@@ -133,9 +133,21 @@ def plan_due(config: TrainConfig, step: int) -> bool:
     )
 
 
-def planned_steps(step: int, seconds: float, budget_seconds: float, cap: int | None) -> int:
-    """Steps that fit ``budget_seconds`` at the speed so far (``seconds`` for ``step`` steps), at most ``cap``;
-    never fewer than ``step`` (the run then ends now)."""
-    per_step = seconds / max(1, step)
-    total = step + max(0, math.floor((budget_seconds - seconds) / per_step)) if per_step > 0 else step
+def planned_steps(
+    step: int,
+    seconds: float,
+    budget_seconds: float,
+    cap: int | None,
+    *,
+    overhead: float = 0.0,
+    once: float = 0.0,
+    reserve: float = 0.0,
+) -> int:
+    """Steps that fit ``budget_seconds`` of wall-clock time, at most ``cap``; never fewer than ``step`` (the run
+    then ends now). ``seconds`` went into ``step`` optimizer steps, ``overhead`` into the evaluations, checkpoints
+    and logging between them (expected to go on at the same rate per step) and ``once`` into loading; ``reserve``
+    is kept for what follows the last step (the final evaluation and saves)."""
+    per_step = (seconds + overhead) / max(1, step)
+    left = budget_seconds - seconds - overhead - once - reserve
+    total = step + max(0, math.floor(left / per_step)) if per_step > 0 else step
     return min(total, cap) if cap is not None else total

@@ -86,6 +86,7 @@ class Trainer(CheckpointSteps):
         self.out = Path(config.out).expanduser()
         self.context: DistributedContext = init_distributed(config.device)
         self.device = self.context.device
+        self.created = self._now()  # --max-minutes counts loading too
         self.notes: list[str] = []
         self.stop_requests = StopRequests(several_processes=self.context.enabled)
         try:
@@ -182,6 +183,9 @@ class Trainer(CheckpointSteps):
         self.scheduler = make_scheduler(self.optimizer, plan, config.min_lr_ratio)
         self.generator = torch.Generator(self.device).manual_seed(config.seed * 1_000_003 + self.context.rank)
         self.step, self.tokens, self.seconds = 0, 0, 0.0
+        # Wall-clock time besides the steps, for --max-minutes: evaluations, checkpoints and logging between steps
+        # (``overhead``), loading (``once``), and the last evaluation's and checkpoint's durations (the end repeats them).
+        self.overhead_seconds = self.once_seconds = self.eval_seconds = self.save_seconds = 0.0
         self.resolved_config = resolved_config(config, self.spec, target=self.info.ref, warmup_steps=self.warmup_steps)
         self.reporter: Reporter | None = None
         self.finish_only = False  # a resumed run whose steps are all done but whose final draft is not
@@ -226,6 +230,7 @@ class Trainer(CheckpointSteps):
             hparams = {**self.resolved_config.to_json(), "total_steps": self.total_steps}
             self.reporter = open_reporter(self.resolved_config.report_to, self.out, hparams, start_step=self.step)
         self._emit("start", info=self.describe())
+        self.once_seconds += self._now() - self.created
         window = MetricsWindow()
         last_row: dict[str, Any] = {}
         eval_row: dict[str, Any] = {}
@@ -235,6 +240,7 @@ class Trainer(CheckpointSteps):
             eval_row = self.evaluate() if self.eval_examples else {}
         while self.step < self.total_steps:
             stats = self.train_step()
+            between = self._now()
             self.step += 1
             idle = idle + 1 if not stats["supervised"] else 0
             self._check_learning(idle)
@@ -250,6 +256,7 @@ class Trainer(CheckpointSteps):
                 (last_row, evaluated), window = logged, MetricsWindow()
                 eval_row = evaluated if evaluated is not None else eval_row
             self._checkpoint_if_due(final)
+            self.overhead_seconds += self._now() - between
         self._calibrate_confidence()
         path = self.save_final(last_row, eval_row)
         self._emit("done", path=str(path))
@@ -286,7 +293,9 @@ class Trainer(CheckpointSteps):
         stop = not final and self.stop_requests.requested()
         if not ((config.save_every and self.step % config.save_every == 0) or stop or (final and config.save_every)):
             return
+        started = self._now()
         path = self.save_checkpoint()
+        self.save_seconds = self._now() - started
         if stop:
             received = self.stop_requests.received or signal.SIGTERM  # another process got it: torchrun stops us all
             raise TrainingInterrupted(
@@ -307,7 +316,17 @@ class Trainer(CheckpointSteps):
     def _plan(self) -> None:
         """Re-plan ``total_steps`` for the --max-minutes budget from the speed so far (rank 0 decides)."""
         budget = self.config.max_minutes * 60.0
-        total = self.context.decide_on_main(lambda: planned_steps(self.step, self.seconds, budget, self.step_cap))
+        total = self.context.decide_on_main(
+            lambda: planned_steps(
+                self.step,
+                self.seconds,
+                budget,
+                self.step_cap,
+                overhead=self.overhead_seconds,
+                once=self.once_seconds,
+                reserve=self.eval_seconds + self.save_seconds,
+            )
+        )
         self.total_steps, self.length_known = total, True
         set_total_steps(self.scheduler, total)
 
@@ -410,9 +429,11 @@ class Trainer(CheckpointSteps):
     def evaluate(self) -> dict[str, float]:
         """Loss and metrics on the held-out split, ``eval_``-prefixed (`evaluation.evaluate`)."""
         config = self.config
+        started = self._now()
         result = evaluate(
             self.model, self.feed, seed=config.seed, batch_size=config.batch_size, limit=config.eval_batches
         )
+        self.eval_seconds = self._now() - started
         self.calibration_data = result.calibration
         return result.row
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
 import random
@@ -301,17 +300,52 @@ def test_planned_steps():
     assert planned_steps(10, 5.0, 60.0, None) == 120  # 0.5 s per step, 55 s left
     assert planned_steps(10, 5.0, 60.0, 50) == 50
     assert planned_steps(10, 70.0, 60.0, None) == 10  # over budget: stop now
+    # 1 s per step plus 0.5 s of evaluations per step; 4 s of loading and 6 s kept for the end: 30 s left at 1.5
+    assert planned_steps(10, 10.0, 55.0, None, overhead=5.0, once=4.0, reserve=6.0) == 30
 
 
-def test_max_minutes_plans_the_steps_from_the_measured_speed(tiny_target_dir, data_file, tmp_path, monkeypatch):
-    clock = itertools.count()  # every reading of the trainer's clock is one second later: a step takes 3 s
-    monkeypatch.setattr(Trainer, "_now", lambda self: float(next(clock)))
-    options = dict(max_steps=None, max_minutes=1.0, warmup_steps=None, log_every=5)
+class HandClock:
+    """The trainer's clock, moved only by hand: loading takes 6 s, a step 3 s, an evaluation 10 s, a checkpoint 2 s."""
+
+    def __init__(self, monkeypatch):
+        import spectool.training.trainer as trainer_module
+
+        self.now = 0.0
+        monkeypatch.setattr(Trainer, "_now", lambda trainer: self.now)
+        self.wrap(monkeypatch, Trainer, "_setup", 6.0)
+        self.wrap(monkeypatch, Trainer, "save_checkpoint", 2.0)
+        self.wrap(monkeypatch, trainer_module, "evaluate", 10.0)
+        original_step = Trainer.train_step
+
+        def train_step(trainer):
+            stats = original_step(trainer)
+            self.now += 3.0
+            return {**stats, "seconds": 3.0}
+
+        monkeypatch.setattr(Trainer, "train_step", train_step)
+
+    def wrap(self, monkeypatch, owner, name, seconds):
+        original = getattr(owner, name)
+
+        def timed(*args, **kwargs):
+            result = original(*args, **kwargs)
+            self.now += seconds
+            return result
+
+        monkeypatch.setattr(owner, name, timed)
+
+
+def test_max_minutes_counts_loading_evaluations_and_checkpoints(tiny_target_dir, data_file, tmp_path, monkeypatch):
+    clock = HandClock(monkeypatch)
+    options = dict(max_steps=None, max_minutes=1.5, warmup_steps=None, log_every=5, eval_every=5, save_every=5)
+    options["eval_fraction"] = 0.25
     result = Trainer(make_config(tiny_target_dir, data_file, tmp_path / "budget", **options)).run()
-    assert (result.steps, result.seconds) == (20, 60.0)  # planned at step 10: 30 s used, 30 s left
-    assert rows(tmp_path / "budget")[-1]["lr"] == pytest.approx(3e-3 * 0.1)  # the cosine reached its floor
-    capped = Trainer(make_config(tiny_target_dir, data_file, tmp_path / "capped", **{**options, "max_steps": 14}))
-    assert capped.run().steps == 14
+    # Planned at step 10 (30 s of steps, 24 s of two evaluations + checkpoints, 6 s loading, 12 s kept for the end:
+    # 18 s left at 4.2 s a step -> 17), then at step 15 (45 + 36 + 6 + 12 > 90 - 4.6: stop at 15).
+    assert result.steps == 15 and result.seconds == 45.0
+    assert clock.now == 87.0  # 6 + 15 x 3 + 3 x (10 + 2): within the 90 s
+    capped = Trainer(make_config(tiny_target_dir, data_file, tmp_path / "capped", **{**options, "max_steps": 7}))
+    assert capped.run().steps == 7
 
     def interrupt_at_step_12(event):
         if event.kind == "step" and event.step == 12:
@@ -321,8 +355,9 @@ def test_max_minutes_plans_the_steps_from_the_measured_speed(tiny_target_dir, da
     with pytest.raises(TrainingInterrupted):
         Trainer(config, callback=interrupt_at_step_12).run()
     resumed = Trainer(config, resume=True)
-    assert resumed.total_steps == 20  # 36 s spent at step 12, 24 s left at 3 s per step
-    assert resumed.run().steps == 20
+    # The state holds 36 s of steps, 24 s of evaluations and checkpoints and 6 s of loading: 5 s a step, 24 s left
+    assert resumed.total_steps == 16
+    assert resumed.run().steps == 16
 
 
 def test_dspark_confidence_temperatures_are_calibrated_on_the_held_out_split(tiny_target_dir, data_file, tmp_path):
