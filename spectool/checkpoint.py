@@ -279,9 +279,7 @@ def check_against_target(loaded: LoadedDraft, arch: TargetArch, tokenizer_length
     ids = loaded.target_layer_ids
     if ids and not all(-1 <= i <= arch.num_hidden_layers - 1 for i in ids):
         problems.append(f"its feature layers {ids} are outside the target's [-1, {arch.num_hidden_layers - 1}]")
-    mask = getattr(cfg, "mask_token_id", None)
-    if mask is not None and not 0 <= mask < arch.vocab_size:
-        problems.append(f"its mask token {mask} is outside the target's embedding [0, {arch.vocab_size - 1}]")
+    problems += get(loaded.method).target_fit_problems(cfg, arch)
     if problems:
         raise SpectoolError(
             f"the {loaded.method} draft at {loaded.path} does not fit this target: " + "; ".join(problems)

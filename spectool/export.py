@@ -173,7 +173,7 @@ def plan_export(
         raise SpectoolError(f"{loaded.path} does not record its target (no spectool.json); export needs it")
     served = convert(loaded.path, engine, out) if out is not None else loaded
     notes = get(loaded.method).serving_notes(_config(served.path), engine)
-    block = loaded.config.get("block_size")
+    block = get(loaded.method).block_length(loaded.config)
     if block:  # a block is drafted in one forward: every slot, whose verify costs about nothing on a GPU
         k = int(block) - 1
         why = f"a block of {block} is drafted in one forward: all {k} drafted slots, as the engines' own examples"

@@ -25,6 +25,7 @@ from spectool.layers import LayerIdWarning, Serving, validate_layer_ids
 from spectool.layers import serving as engine_serving
 from spectool.layout import DraftLayout
 from spectool.methods.base import DraftMethod, DraftSpec
+from spectool.methods.options import MethodOption, merged
 
 _METHODS: dict[str, DraftMethod] = {}
 
@@ -86,6 +87,17 @@ def get(name: str) -> DraftMethod:
         raise UsageError(f"unknown method {name!r}; choose one of {', '.join(_METHODS)}") from None
 
 
+def declared_options(part: str | None = None) -> dict[str, MethodOption]:
+    """Every registered method's own options (of one part: "shape" or "objective"), each name once, in the
+    methods' order: what `init` / `train` / `inspect` take on the command line and `TrainConfig` holds."""
+    return merged([option for method in methods() for option in method.options if part in (None, option.part)])
+
+
+def declaring_methods(name: str) -> list[DraftMethod]:
+    """The registered methods that declare the option `name`."""
+    return [method for method in methods() if name in method.option_names()]
+
+
 def layer_methods() -> list[DraftMethod]:
     """Methods that read chosen target layers, in the order `spectool layers` shows them (DSpark first)."""
     return [m for m in reversed(methods()) if m.reads_feature_layers]
@@ -117,15 +129,15 @@ def resolve(
     """Resolve `method` against a target: registry match, default or validated layer ids, draft shape.
 
     Every option left as None takes the method's default scaled to the target (`spectool.methods.*`: e.g. DFlash /
-    DSpark use fewer layers (depth // 4, at most 5) and DFlash a block of 8 instead of 16 on targets under 24
-    layers; DSpark uses a Markov rank of 64 below hidden size 1024). `shape_options` are the method's own
-    (`DraftMethod.shape_options`: block_size, mask_token_id, draft_vocab_size, markov_rank).
+    DSpark use fewer layers (depth // 4, at most 5)). `shape_options` are the method's own (`DraftMethod.options`
+    of part "shape", checked against their ranges); another method's are refused when given.
     """
     found = get(method)
     arch = target if isinstance(target, TargetArch) else TargetArch.from_config(target)
     architecture, draft_class = match_architecture(method, arch.architectures)
     for option, value in shape_options.items():
         found.check_option(option, value)
+    found.check_options(shape_options)
     n = arch.num_hidden_layers
     if num_draft_layers is None:
         num_draft_layers = found.default_num_draft_layers(n)
@@ -148,7 +160,7 @@ def resolve(
         num_target_layers=n,
         target_layer_ids=tuple(ids),
         num_draft_layers=num_draft_layers,
-        **found.resolve_options(arch, tokenizer_length, shape_options, unused_token_id=unused_token_id),
+        options=found.resolve_options(arch, tokenizer_length, shape_options, unused_token_id=unused_token_id),
     )
 
 

@@ -12,7 +12,16 @@ from spectool.errors import UsageError
 from spectool.hub import TargetInfo
 from spectool.layers import unportable_ids
 from spectool.layout import DraftLayout
-from spectool.registry import DraftSpec, UnsupportedArchitecture, draft_layout, get, method_names, resolve, serving
+from spectool.registry import (
+    DraftSpec,
+    UnsupportedArchitecture,
+    declared_options,
+    draft_layout,
+    get,
+    method_names,
+    resolve,
+    serving,
+)
 
 
 @dataclass
@@ -44,10 +53,8 @@ class MethodReport:
                 else None
             ),
             "num_draft_layers": spec.num_draft_layers if spec else None,
-            "block_size": spec.block_size if spec else None,
-            "mask_token_id": spec.mask_token_id if spec else None,
-            "draft_vocab_size": spec.draft_vocab_size if spec else None,
-            "markov_rank": spec.markov_rank if spec else None,
+            # every method's shape options, each method's own resolved (None: not one of its options)
+            **{name: spec.option(name) if spec else None for name in declared_options("shape")},
             "checkpoint_format": spec.checkpoint_format if spec else None,
             "trainable_params": layout.trainable_params if layout else None,
             "frozen_params": layout.frozen_params if layout else None,
@@ -123,7 +130,7 @@ def _applies(method: Any, option: str) -> bool:
         return method.fixed_feature_count is None
     if option in ("num_draft_layers", "target_layer_ids"):
         return True
-    return option in method.shape_options
+    return option in method.option_names("shape")
 
 
 def inspect_report(info: TargetInfo, methods: list[str] | None = None, **options: Any) -> dict[str, MethodReport]:

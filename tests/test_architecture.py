@@ -1,5 +1,6 @@
 """The house rules of ARCHITECTURE.md, checked on the code: imports only run down the layers and never in a circle,
-a method's name is spelled only in its own modules, and no file or function outgrows what one reading holds."""
+a method's name and its options' names are spelled only in its own modules, and no file or function outgrows what
+one reading holds."""
 
 from __future__ import annotations
 
@@ -132,6 +133,60 @@ def test_method_names_are_spelled_only_in_their_own_modules():
             for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
                 if literal.search(line):
                     found.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert not found, "\n".join(found)
+
+
+def declared_modules(method: str) -> set[Path]:
+    """The modules a method names as its own: its declaration (and its bases' in `spectool.methods`, less the
+    abstract `base`) and those of its draft model, config, objective and proposer."""
+    found, files = registry.get(method), module_files()
+    names = {cls.__module__ for cls in type(found).__mro__ if cls.__module__.startswith("spectool.methods.")}
+    names -= {"spectool.methods.base"}
+    for reference in (found.draft_model, found.draft_config, found.objective, found.proposer):
+        names.add(reference.partition(":")[0] if isinstance(reference, str) else reference.__module__)
+    return {files[name] for name in names if name in files}
+
+
+def sibling_imports(path: Path) -> set[Path]:
+    """The modules of its own package that the module at `path` imports."""
+    files = module_files()
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            name = f"{package}.{node.module}" if node.level == 1 else node.module
+            if name.rsplit(".", 1)[0] == package and name in files:
+                found.add(files[name])
+    return found
+
+
+def option_homes(name: str) -> set[Path]:
+    """Where option `name` may be spelled: the declared modules of the methods that declare it, and the helpers
+    those import that only such methods import (the block methods' shared modules, not every method's base)."""
+    declaring = {method.name for method in registry.declaring_methods(name)}
+    homes = {path for method in declaring for path in declared_modules(method)}
+    importers: dict[Path, set[str]] = {}
+    for method in registry.method_names():
+        for path in declared_modules(method):
+            for helper in sibling_imports(path):
+                importers.setdefault(helper, set()).add(method)
+    return homes | {helper for helper, methods in importers.items() if methods <= declaring}
+
+
+def test_method_options_are_spelled_only_in_their_methods_modules():
+    """A method's option (`DraftMethod.options`) is named only where the methods that declare it live: the command
+    line, `TrainConfig`, `DraftSpec`, `inspect` and the resume check are built from the declarations."""
+    found = []
+    for name in registry.declared_options():
+        homes = option_homes(name)
+        word = re.compile(rf"\b{name}\b")
+        for path in PACKAGE.rglob("*.py"):
+            if path in homes:
+                continue
+            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if word.search(line):
+                    found.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert registry.declared_options(), "no method declares an option: the check would pass vacuously"
     assert not found, "\n".join(found)
 
 

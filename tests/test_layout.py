@@ -30,9 +30,9 @@ def test_layout_matches_built_draft(hub_id, method):
     arch = TargetArch.from_config(entry.config)
     spec = resolve(method, arch, tokenizer_length=entry.tokenizer_length, mask_token_id=None)
     info = TargetInfo(ref=hub_id, source="catalog", config=entry.config, arch=arch)
-    shape = {"block_size": spec.block_size, "draft_vocab_size": spec.draft_vocab_size, "markov_rank": spec.markov_rank}
-    if get(method).needs_mask_token:
-        shape["mask_token_id"] = spec.mask_token_id if spec.mask_token_id is not None else arch.vocab_size - 1
+    shape = dict(spec.options)
+    if "mask_token_id" in shape and shape["mask_token_id"] is None:
+        shape["mask_token_id"] = arch.vocab_size - 1
     draft = build_draft(
         method,
         transformers_config(info),

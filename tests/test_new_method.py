@@ -1,7 +1,8 @@
 """A fifth method added from outside spectool/, as ARCHITECTURE.md's checklist says: a Medusa-style draft (independent
 heads on the target's last hidden state, head k guessing the token k+1 places after the last committed one), its
 objective and its proposer, declared and registered here. `init`, `train`, `chat` and `bench` then run it through
-the command line with nothing in spectool/ changed, and its greedy answers equal the target's."""
+the command line with nothing in spectool/ changed, and its greedy answers equal the target's. Its one option
+(`--num-heads`, declared with the method) reaches `init`, `train` and `inspect` the same way."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from spectool.decoding.proposers import Proposal, Proposer, draw
 from spectool.drafts.common import DraftModelMixin, text_config
 from spectool.layout import Tensor
 from spectool.methods.base import DraftMethod, DraftSpec
+from spectool.methods.options import MethodOption
 from spectool.training.objectives.base import Documents, Objective, chain_statistics, finish, rate_metrics
 from tests.cli.conftest import data_file, invoke  # noqa: F401 (data_file is a fixture)
 
@@ -140,11 +142,22 @@ class Medusa(DraftMethod):
     draft_config = MedusaConfig
     objective = MedusaObjective
     proposer = MedusaProposer
+    options = (
+        MethodOption(
+            "num_heads", int, f"heads, head k guessing the token k+1 places on [{NUM_HEADS}].", "shape", minimum=1
+        ),
+    )
+
+    def resolve_options(self, arch: Any, tokenizer_length: Any, options: dict[str, Any], **unused: Any) -> dict:
+        return {"num_heads": options.get("num_heads") or NUM_HEADS}
+
+    def shape_phrases(self, spec: DraftSpec, arch: Any) -> list[str]:
+        return [f"{spec.option('num_heads')} heads"]
 
     def layout(self, spec: DraftSpec, arch: Any) -> list[Tensor]:
         h, v = arch.hidden_size, arch.vocab_size
         tensors = []
-        for k in range(NUM_HEADS):
+        for k in range(spec.option("num_heads")):
             tensors += [
                 Tensor(f"heads.{k}.block.weight", (h, h), "trainable"),
                 Tensor(f"heads.{k}.block.bias", (h,), "trainable"),
@@ -154,7 +167,9 @@ class Medusa(DraftMethod):
 
     def build_config(self, target_config: Any, ids: list[int] | None, options: dict[str, Any]) -> MedusaConfig:
         cfg = text_config(target_config)
-        return MedusaConfig(cfg.hidden_size, cfg.vocab_size, NUM_HEADS, cfg.num_hidden_layers)
+        return MedusaConfig(
+            cfg.hidden_size, cfg.vocab_size, options.get("num_heads") or NUM_HEADS, cfg.num_hidden_layers
+        )
 
     def check_config(self, config: Any) -> None:
         if config.num_heads < 1:
@@ -177,14 +192,25 @@ def greedy_answers(prompts: Sequence[str], runtime: Any, tokens: int) -> list[li
 
 def test_a_fifth_method_runs_init_train_chat_and_bench(medusa, chat_target_dir, data_file, tmp_path):  # noqa: F811
     assert "medusa" in registry.method_names()
-    result = invoke("inspect", str(chat_target_dir), "--method", "medusa", "--json")
+    result = invoke("inspect", str(chat_target_dir), "--method", "medusa", "--num-heads", "4", "--json")
     assert result.exit_code == 0, result.output
-    assert json.loads(result.stdout)["methods"]["medusa"]["supported"] is True
+    report = json.loads(result.stdout)["methods"]["medusa"]
+    assert report["supported"] is True and report["num_heads"] == 4 and len(report["modules"]) == 4 * 3
+    assert "--num-heads" in invoke("init", "--help").stdout
+    result = invoke(
+        "init", str(chat_target_dir), "--method", "medusa", "--num-heads", "0", "--out", str(tmp_path / "x")
+    )
+    assert result.exit_code == 2 and "--num-heads must be at least 1, got 0" in result.output
+    result = invoke(
+        "init", str(chat_target_dir), "--method", "eagle3", "--num-heads", "2", "--out", str(tmp_path / "x")
+    )
+    assert result.exit_code == 2 and "--num-heads does not apply to EAGLE-3 drafts" in result.output
 
     draft = tmp_path / "medusa-init"
-    result = invoke("init", str(chat_target_dir), "--method", "medusa", "--out", str(draft))
+    result = invoke("init", str(chat_target_dir), "--method", "medusa", "--num-heads", "2", "--out", str(draft))
     assert result.exit_code == 0, result.output
-    assert json.loads((draft / "config.json").read_text())["architectures"] == ["MedusaDraftModel"]
+    config = json.loads((draft / "config.json").read_text())
+    assert config["architectures"] == ["MedusaDraftModel"] and config["num_heads"] == 2
 
     run = tmp_path / "medusa-run"
     args = ["--target", str(chat_target_dir), "--method", "medusa", "--data", str(data_file), "--out", str(run)]
@@ -192,6 +218,11 @@ def test_a_fifth_method_runs_init_train_chat_and_bench(medusa, chat_target_dir, 
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["steps"] == 2 and summary["metrics"]["loss"] > 0 and "acceptance_length" in summary["metrics"]
+    assert json.loads((run / "train_config.json").read_text())["num_heads"] == NUM_HEADS  # resolved, at the top
+    two = tmp_path / "medusa-two"
+    result = invoke("train", *args[:-1], str(two), "--num-heads", "2", "--max-steps", "1", "--batch-size", "2")
+    assert result.exit_code == 0, result.output
+    assert json.loads((two / "config.json").read_text())["num_heads"] == 2
 
     result = invoke("chat", "--draft", str(run), "--prompt", "hi there", "-n", "12", "--verify", "full")
     assert result.exit_code == 0, result.output
@@ -225,4 +256,5 @@ def test_the_fifth_method_is_lossless_against_the_target(medusa, chat_target_dir
 def test_unregistered_it_is_gone(medusa):
     registry.unregister("medusa")
     assert "medusa" not in registry.method_names()
+    assert "--num-heads" not in invoke("init", "--help").stdout
     registry.register(medusa)  # the fixture removes it again

@@ -75,31 +75,31 @@ def test_adding_a_family_is_one_line(monkeypatch):
 def test_defaults_on_qwen3_8b():
     cfg = catalog.lookup("Qwen/Qwen3-8B").config
     dflash = resolve("dflash", cfg, tokenizer_length=151669)
-    assert (dflash.num_draft_layers, dflash.block_size, dflash.mask_token_id) == (5, 16, 151669)
+    assert (dflash.num_draft_layers, dflash.option("block_size"), dflash.option("mask_token_id")) == (5, 16, 151669)
     assert dflash.target_layer_ids == (1, 9, 17, 25, 33)
     dspark = resolve("dspark", cfg, tokenizer_length=151669)
-    assert (dspark.num_draft_layers, dspark.block_size, dspark.markov_rank) == (5, 7, 256)
+    assert (dspark.num_draft_layers, dspark.option("block_size"), dspark.option("markov_rank")) == (5, 7, 256)
     assert dspark.target_layer_ids == (1, 10, 18, 26, 35)
     eagle3 = resolve("eagle3", cfg)
-    assert eagle3.target_layer_ids == (1, 17, 32) and eagle3.draft_vocab_size == 32000
+    assert eagle3.target_layer_ids == (1, 17, 32) and eagle3.option("draft_vocab_size") == 32000
     assert resolve("eagle1", cfg).target_layer_ids == (35,)
 
 
 def test_defaults_scale_down_on_a_shallow_target():
     cfg = config(["Qwen3ForCausalLM"], layers=8, vocab=4096, hidden=256)
     dflash = resolve("dflash", cfg, tokenizer_length=4080)
-    assert (dflash.num_draft_layers, dflash.block_size, dflash.mask_token_id) == (2, 8, 4080)
+    assert (dflash.num_draft_layers, dflash.option("block_size"), dflash.option("mask_token_id")) == (2, 8, 4080)
     assert dflash.target_layer_ids == (1, 5)  # K defaults to the draft depth: round(1 + i*4/1)
     dspark = resolve("dspark", cfg, tokenizer_length=4080)
-    assert dspark.markov_rank == 64 and dspark.target_layer_ids == (1, 2, 4, 6, 7)
-    assert resolve("eagle3", cfg).draft_vocab_size is None  # vocab 4096 <= 32000: no pruning
+    assert dspark.option("markov_rank") == 64 and dspark.target_layer_ids == (1, 2, 4, 6, 7)
+    assert resolve("eagle3", cfg).option("draft_vocab_size") is None  # vocab 4096 <= 32000: no pruning
 
 
 def test_mask_token_unknown_without_spare_rows():
     cfg = config(["Qwen3ForCausalLM"], vocab=1000)
-    assert resolve("dflash", cfg, tokenizer_length=1000).mask_token_id is None
-    assert resolve("dflash", cfg).mask_token_id is None
-    assert resolve("dflash", cfg, mask_token_id=7).mask_token_id == 7
+    assert resolve("dflash", cfg, tokenizer_length=1000).option("mask_token_id") is None
+    assert resolve("dflash", cfg).option("mask_token_id") is None
+    assert resolve("dflash", cfg, mask_token_id=7).option("mask_token_id") == 7
 
 
 def test_user_layer_ids_are_validated():
@@ -116,7 +116,7 @@ def test_user_layer_ids_are_validated():
 @pytest.mark.parametrize(
     ("method", "options", "message"),
     [
-        ("dflash", {"block_size": 1}, "--block-size must be at least 2"),
+        ("dflash", {"block_size": 1}, "--block-size must be between 2 and 64"),
         ("dflash", {"mask_token_id": 151936}, "outside the target's embedding"),
         ("eagle3", {"draft_vocab_size": 0}, "--draft-vocab-size"),
         ("dspark", {"num_draft_layers": 0}, "--num-draft-layers"),

@@ -113,13 +113,10 @@ def _train_config(target: str, workdir: Path, steps: int):
         max_steps=steps,
         batch_size=8,
         lr=3e-3,
-        # Short answers (~50 supervised tokens) and 90 s of CPU: 8 blocks per row and one draft layer buy the most
-        # steps; in side-by-side 1.5-minute runs on the earlier, documentation-only target 48 blocks reached
-        # acceptance 1.14, 16 1.19, 8 1.22, and 8 blocks with one layer 1.26 (512 upstream is for 4k-token GPU batches).
-        num_anchors=8,
+        # Short answers and 90 s of CPU: one draft layer, and the method's options for a short CPU run (DSpark: 8
+        # blocks per row, cross entropy alone; its module says what they bought in side-by-side runs).
         num_draft_layers=1,
-        ce_weight=1.0,  # cross entropy alone lifts greedy acceptance faster than the published CE + L1 mix here
-        l1_weight=0.0,
+        method_options=dict(get(DEFAULT_METHOD).quick_run_options),
         max_length=320,
         eval_fraction=0.0,
         save_every=0,
@@ -275,15 +272,17 @@ def free_directory(wanted: Path) -> Path:
 
 def train_command(config, out: Path) -> str:
     """The `spectool train` command line that trains what `config` does, into `out`: every setting that differs
-    from TrainConfig's default, as its option (each TrainConfig field is the option of the same name)."""
+    from its default, as its option (each key of train_config.json is the option of the same name; the method's
+    own options default to None)."""
     from dataclasses import fields
 
+    defaults = {field.name: field.default for field in fields(config)}
     words = ["spectool", "train"]
-    for field in fields(config):
-        value = str(out) if field.name == "out" else getattr(config, field.name)
-        if field.name != "out" and value == field.default:
+    for name, value in config.to_json().items():
+        value = str(out) if name == "out" else value
+        if name != "out" and value == defaults.get(name):
             continue
-        flag = "--" + field.name.replace("_", "-")
+        flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):
             words.append(flag if value else "--no-" + flag[2:])
         else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import inspect
 from enum import Enum
-from typing import Any, get_type_hints
+from typing import Any
 
 import typer
 from typer.models import ArgumentInfo, OptionInfo
@@ -102,16 +102,15 @@ def tidy_help(app: typer.Typer) -> None:
         text = command.help or inspect.getdoc(callback)
         if isinstance(text, str) and text:
             command.help = unwrapped(text)
-        hints = get_type_hints(callback)
-        for name, parameter in inspect.signature(callback).parameters.items():
+        for parameter in inspect.signature(callback, eval_str=True).parameters.values():
             info: Any = parameter.default
-            kind = hints.get(name)
+            kind = parameter.annotation
             if not isinstance(info, (OptionInfo, ArgumentInfo)) or not (
                 isinstance(kind, type) and issubclass(kind, Enum)
             ):
                 continue
             if info.metavar is None:
-                info.metavar = name.upper()
+                info.metavar = parameter.name.upper()
             listed = choices_text([str(member.value) for member in kind])
             if listed not in (info.help or ""):
                 info.help = f"{info.help} {listed}" if info.help else listed

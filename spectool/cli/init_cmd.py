@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -11,8 +12,9 @@ from rich.text import Text
 
 from spectool.cli.application import app
 from spectool.cli.help import method_choice, method_option
+from spectool.cli.method_options import with_method_options
 from spectool.cli.render import console, handles_errors, human_bytes, human_count
-from spectool.errors import SpectoolError, UsageError
+from spectool.errors import SpectoolError
 from spectool.hub import check_model_argument, resolve_model, weights_unreachable
 from spectool.layers import parse_layer_ids
 from spectool.paths import check_force_target, check_output_path, refuse_to_replace_input, resolve_draft_dir
@@ -39,11 +41,6 @@ def loaders_for(method: str, ids: list[int], num_target_layers: int) -> str:
     return f"{', '.join(served.served_by)} (not vLLM or SGLang: they cannot capture layer {list(served.unportable)})"
 
 
-#: Largest --block-size accepted: published DFlash / DSpark blocks are 7 to 16 tokens, and every block costs the
-#: target a verify forward of that many positions.
-MAX_BLOCK_SIZE = 64
-
-
 def refuse_to_overwrite(out: Path, force: bool, source: str | Path | None = None, name: str = "SRC") -> None:
     """Never replace a user's non-empty directory unless they said --force, and then only one that holds nothing
     but what spectool wrote; never the command's own input (the directory `source`, called `name` on the command
@@ -55,12 +52,12 @@ def refuse_to_overwrite(out: Path, force: bool, source: str | Path | None = None
     check_force_target(out, force=force)  # what it lists is replaced by save_draft's swap, after every check
 
 
-def check_block_size(block_size: int | None) -> None:
-    """--block-size must lie in [2, MAX_BLOCK_SIZE] (exit 2)."""
-    if block_size is not None and not 2 <= block_size <= MAX_BLOCK_SIZE:
-        raise UsageError(
-            f"--block-size must be between 2 and {MAX_BLOCK_SIZE} (published blocks are 7 to 16), got {block_size}"
-        )
+def check_method_options(method: str, method_options: dict[str, Any], part: str = "shape") -> None:
+    """The methods' own options given: each one `method` takes (of `part`), in its range (exit 2, before torch)."""
+    found = get(method)
+    for name, value in method_options.items():
+        found.check_option(name, value, part)
+    found.check_options(method_options)
 
 
 #: `spectool convert --to` choices: every layout some registered method converts to.
@@ -69,17 +66,15 @@ ConvertTarget = method_choice("ConvertTarget", list(conversions()))
 
 @app.command("init")
 @handles_errors
+@with_method_options("shape")
 def init_command(
     model: str = typer.Argument(..., metavar="MODEL", help="Target: Hub id, model directory or config.json."),
     method: str = method_option(...),
     out: Path = typer.Option(..., "--out", "-o", help="Directory to write the draft checkpoint to."),
     num_draft_layers: int = typer.Option(None, "--num-draft-layers", help="Decoder layers in the draft."),
-    block_size: int = typer.Option(None, "--block-size", help="DFlash / DSpark block size."),
     target_layer_ids: str = typer.Option(None, "--target-layer-ids", help='Feature layer ids, e.g. "1,9,17".'),
     num_feature_layers: int = typer.Option(None, "--num-feature-layers", "-k", help="DFlash / DSpark feature layers."),
-    draft_vocab_size: int = typer.Option(None, "--draft-vocab-size", help="EAGLE-3 draft vocabulary size."),
-    mask_token_id: int = typer.Option(None, "--mask-token-id", help="DFlash / DSpark mask token (an unused row)."),
-    markov_rank: int = typer.Option(None, "--markov-rank", help="DSpark Markov head rank."),
+    method_options: dict[str, Any] | None = None,
     seed: int = typer.Option(0, "--seed", help="Seed of the random initialisation."),
     dtype: DType = typer.Option(DType.bfloat16, "--dtype", help="dtype of the written weights."),
     revision: str = typer.Option(None, "--revision", help="Hub revision of the target."),
@@ -93,9 +88,7 @@ def init_command(
     """
     check_model_argument(model)  # everything here is checked before torch loads
     refuse_to_overwrite(out, force, model, "MODEL")
-    check_block_size(block_size)
-    if markov_rank is not None and markov_rank < 1:
-        raise UsageError(f"--markov-rank must be at least 1, got {markov_rank}")
+    check_method_options(method, method_options or {})
     ids = parse_layer_ids(target_layer_ids) if target_layer_ids else None
     info = resolve_model(model, revision=revision)  # torch-free; init_draft builds on it
     if info.source == "catalog" and get(method).stores_target_tensors:
@@ -108,13 +101,10 @@ def init_command(
         out,
         revision=revision,
         num_draft_layers=num_draft_layers,
-        block_size=block_size,
         target_layer_ids=ids,
         num_feature_layers=num_feature_layers,
-        draft_vocab_size=draft_vocab_size,
-        mask_token_id=mask_token_id,
-        markov_rank=markov_rank,
         seed=seed,
+        **(method_options or {}),
         dtype=dtype.value,
     )
     out_console = console()

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import typer
 from rich.text import Text
 
 from spectool.cli.application import app
 from spectool.cli.help import method_option
+from spectool.cli.method_options import with_method_options
 from spectool.cli.render import console, handles_errors, method_panel, print_json, target_panel
 from spectool.hub import default_model_ref, resolve_model
 from spectool.registry import UnsupportedArchitecture, get, method_names
@@ -15,6 +18,7 @@ from spectool.report import inspect_report, target_json
 
 @app.command("inspect")
 @handles_errors
+@with_method_options("shape")
 def inspect_command(
     model: str = typer.Argument(
         None, metavar="MODEL", help="Hub id, model directory or config.json (default: the embedded tiny target)."
@@ -24,7 +28,7 @@ def inspect_command(
         None, "--num-feature-layers", "-k", help="Feature layers for DFlash / DSpark (EAGLE-3 always uses 3)."
     ),
     num_draft_layers: int = typer.Option(None, "--num-draft-layers", help="Decoder layers in the draft."),
-    block_size: int = typer.Option(None, "--block-size", help="DFlash / DSpark block size."),
+    method_options: dict[str, Any] | None = None,
     revision: str = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of the Rich view."),
 ) -> None:
@@ -41,7 +45,7 @@ def inspect_command(
         methods,
         num_feature_layers=num_feature_layers,
         num_draft_layers=num_draft_layers,
-        block_size=block_size,
+        **(method_options or {}),
     )
     if as_json:
         print_json({"target": target_json(info), "methods": {m: r.to_json() for m, r in reports.items()}})

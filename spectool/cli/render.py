@@ -188,12 +188,8 @@ def method_panel(info: TargetInfo, report: MethodReport) -> Panel:
     bar.append(f"  ids {list(spec.target_layer_ids)} of 0..{n - 1}")
     facts.add_row("feature layers", bar)
     shape = f"{spec.num_draft_layers} decoder layer{'s' if spec.num_draft_layers != 1 else ''}"
-    if spec.block_size:
-        shape += f", block size {spec.block_size}"
     for phrase in get(spec.method).shape_phrases(spec, info.arch):
         shape += f", {phrase}"
-    if spec.markov_rank:
-        shape += f", Markov rank {spec.markov_rank}"
     facts.add_row("draft", shape)
     facts.add_row(
         "parameters",

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from rich.text import Text
 
 from spectool.cli.application import app
 from spectool.cli.help import method_option
+from spectool.cli.method_options import with_method_options
 from spectool.cli.render import console, error_console, handles_errors, human_count, print_json, stats_column
 from spectool.datasets import check_data_argument
 from spectool.errors import UsageError
@@ -35,19 +35,9 @@ _HELP = (
 )
 
 
-#: The command's options that steer the command itself; every other option is a `TrainConfig` field.
-_NOT_CONFIG = ("config_file", "resume", "force", "as_json")
-
-
-def _option_values(**values: Any) -> dict[str, Any]:
-    """The options actually given (Typer passes None for the others)."""
-    return {
-        name: value.value if isinstance(value, Enum) else value for name, value in values.items() if value is not None
-    }
-
-
 @app.command("train", help=_HELP)
 @handles_errors
+@with_method_options("shape", "objective")
 def train_command(
     target: str = typer.Option(None, "--target", "-t", help="Target model: Hub id or model directory."),
     method: str = method_option(None),
@@ -109,24 +99,54 @@ def train_command(
         None, "--shard-target", help="Shard the frozen target's decoder layers with FSDP2 across torchrun processes."
     ),
     num_draft_layers: int = typer.Option(None, "--num-draft-layers", help="Decoder layers in the draft."),
-    block_size: int = typer.Option(None, "--block-size", help="DFlash / DSpark block size."),
     target_layer_ids: str = typer.Option(None, "--target-layer-ids", help='Feature layer ids, e.g. "1,9,17".'),
     num_feature_layers: int = typer.Option(None, "--num-feature-layers", "-k", help="DFlash / DSpark feature layers."),
-    draft_vocab_size: int = typer.Option(None, "--draft-vocab-size", help="EAGLE-3 draft vocabulary size."),
-    mask_token_id: int = typer.Option(None, "--mask-token-id", help="DFlash / DSpark mask token (an unused row)."),
-    markov_rank: int = typer.Option(None, "--markov-rank", help="DSpark Markov head rank."),
-    gamma: float = typer.Option(None, "--gamma", help="DFlash / DSpark slot-weight decay \\[from the block size]."),
-    num_anchors: int = typer.Option(None, "--num-anchors", help="DFlash / DSpark blocks per sequence [512]."),
-    ttt_steps: int = typer.Option(None, "--ttt-steps", help="EAGLE-3 training-time-test steps [7]."),
-    ce_weight: float = typer.Option(None, "--ce-weight", help="DSpark cross-entropy weight [0.1]."),
-    l1_weight: float = typer.Option(None, "--l1-weight", help="DSpark L1 (distribution distance) weight [0.9]."),
+    method_options: dict[str, Any] | None = None,
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON object."),
 ) -> None:
-    options = dict(locals())  # every option as Typer passed it (None: not given); first, before other names exist
     from spectool.training.config import read_config_file, resolve_config
 
-    options["out"] = str(out) if out is not None else None
-    given = _option_values(**{name: value for name, value in options.items() if name not in _NOT_CONFIG})
+    options: dict[str, Any] = {  # `TrainConfig`'s fields, as given (None: not given)
+        "target": target,
+        "method": method,
+        "data": data,
+        "out": str(out) if out is not None else None,
+        "features": features,
+        "init": init,
+        "max_steps": max_steps,
+        "epochs": epochs,
+        "max_minutes": max_minutes,
+        "batch_size": batch_size,
+        "grad_accum": grad_accum,
+        "lr": lr,
+        "warmup_steps": warmup_steps,
+        "min_lr_ratio": min_lr_ratio,
+        "weight_decay": weight_decay,
+        "grad_clip": grad_clip,
+        "max_length": max_length,
+        "pack": pack,
+        "assistant_turns": assistant_turns,
+        "chat_template": chat_template,
+        "skip_bad_rows": skip_bad_rows,
+        "eval_fraction": eval_fraction,
+        "eval_every": eval_every,
+        "eval_batches": eval_batches,
+        "save_every": save_every,
+        "keep_last": keep_last,
+        "log_every": log_every,
+        "report_to": report_to,
+        "seed": seed,
+        "device": device,
+        "dtype": dtype,
+        "save_dtype": save_dtype,
+        "fsdp": fsdp,
+        "shard_target": shard_target,
+        "num_draft_layers": num_draft_layers,
+        "target_layer_ids": target_layer_ids,
+        "num_feature_layers": num_feature_layers,
+        **(method_options or {}),  # the method's own options, named at the top level as in a config file
+    }
+    given = {name: value for name, value in options.items() if value is not None}
     file_values = read_config_file(config_file) if config_file is not None else {}
     if "method" not in given and "method" not in file_values and given.get("features") and not resume:
         method_of_features = _features_method(Path(given["features"]).expanduser())

@@ -50,13 +50,9 @@ def build_draft(
     *,
     target_layer_ids: Sequence[int] | None,
     num_draft_layers: int | None = None,
-    block_size: int | None = None,
-    mask_token_id: int | None = None,
-    draft_vocab_size: int | None = None,
-    markov_rank: int | None = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device | None = None,
-    **config_overrides: Any,
+    **options: Any,
 ) -> PreTrainedModel:
     """A freshly initialised draft of ``method`` (a registered method's name) for a target config.
 
@@ -64,17 +60,19 @@ def build_draft(
     feature layer (5 with the upstream ids); block size 16 (dflash) / 7 (dspark); the mask token is the target's
     first unused embedding row when known (Qwen3), otherwise a ``SpectoolError`` asks for --mask-token-id.
     ``target_layer_ids`` are output-of-layer ids (eagle1 uses the last hidden state: pass None or [N-1]).
-    ``config_overrides`` change the draft's own shape (e.g. ``num_attention_heads``, ``intermediate_size``, or
-    ``hidden_size`` for eagle3) where the method allows; a shape option the method does not take is refused.
+    ``options`` are the method's shape options (`DraftMethod.options`; another method's are refused when given) and
+    overrides of the draft's own config (e.g. ``num_attention_heads``, ``intermediate_size``, or ``hidden_size`` for
+    eagle3) where the method allows.
     ``device="meta"`` builds without allocating (for
     counting parameters). Weights copied from the target (EAGLE-1 embeddings, DSpark embeddings and lm_head)
     are left to the method's ``copy_target_tensors``.
     """
-    from spectool.registry import get
+    from spectool.registry import declared_options, get
 
     found = get(method)
-    shape = {"block_size": block_size, "mask_token_id": mask_token_id, "draft_vocab_size": draft_vocab_size}
-    shape["markov_rank"] = markov_rank
+    shape_names = declared_options("shape")
+    shape = {name: value for name, value in options.items() if name in shape_names}
+    config_overrides = {name: value for name, value in options.items() if name not in shape_names}
     for option, value in shape.items():
         found.check_option(option, value)
     if num_draft_layers is not None and num_draft_layers < 1:

@@ -44,11 +44,7 @@ def target_metadata(info: TargetInfo, spec: DraftSpec) -> DraftMetadata:
 def new_draft(info: TargetInfo, spec: DraftSpec, *, seed: int = 0) -> torch.nn.Module:
     """A draft for `spec` with random weights (seeded) and the target tensors its format stores copied in."""
     method = get(spec.method)
-    if method.needs_mask_token and spec.mask_token_id is None:
-        raise UsageError(
-            f"{info.ref}: no spare embedding row is known for the {spec.method} mask token; pass --mask-token-id "
-            "(an id of the embedding that the tokenizer never produces)"
-        )
+    method.check_spec(spec, info.ref)
     # the target tensors first: a target whose weights cannot be had is refused before an 8B-sized draft is built
     weights = _target_weights(info, spec.method) if method.stores_target_tensors else None
     torch.manual_seed(seed)
@@ -57,11 +53,8 @@ def new_draft(info: TargetInfo, spec: DraftSpec, *, seed: int = 0) -> torch.nn.M
         transformers_config(info),
         target_layer_ids=list(spec.target_layer_ids),
         num_draft_layers=spec.num_draft_layers,
-        block_size=spec.block_size,
-        mask_token_id=spec.mask_token_id,
-        draft_vocab_size=spec.draft_vocab_size,
-        markov_rank=spec.markov_rank,
         dtype=torch.float32,
+        **spec.options,
     )
     if weights is not None:
         with torch.no_grad():

@@ -17,11 +17,12 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from spectool.errors import SpectoolError, UsageError
 from spectool.layers import check_depth
+from spectool.methods.options import MethodOption
 
 if TYPE_CHECKING:
     from spectool.arch import TargetArch
@@ -30,7 +31,9 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class DraftSpec:
-    """A draft resolved against one target: its class, feature layers and shape options."""
+    """A draft resolved against one target: its class, feature layers, depth and the method's own shape options
+    (`DraftMethod.options` of part "shape", resolved by `DraftMethod.resolve_options`; None = not applicable or
+    unknown, as the method says)."""
 
     method: str
     architecture: str  # the target architecture string that matched the registry
@@ -39,10 +42,11 @@ class DraftSpec:
     num_target_layers: int
     target_layer_ids: tuple[int, ...]
     num_draft_layers: int
-    block_size: int | None = None  # block drafts (DFlash / DSpark)
-    mask_token_id: int | None = None  # block drafts; None = unknown, must be given
-    draft_vocab_size: int | None = None  # EAGLE-3; None = the full target vocabulary
-    markov_rank: int | None = None  # DSpark
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def option(self, name: str) -> Any:
+        """The resolved value of one of the method's shape options (None when it has none of that name)."""
+        return self.options.get(name)
 
 
 def load_reference(reference: Any) -> Any:
@@ -124,15 +128,17 @@ class DraftMethod(ABC):
     fixed_draft_layers: ClassVar[int | None] = None
     #: Whether the checkpoint stores copies of target tensors (so `init` must read the target's weights).
     stores_target_tensors: ClassVar[bool] = False
-    #: Whether the draft needs a mask token (a spare embedding row).
-    needs_mask_token: ClassVar[bool] = False
     #: `spectool bench --baselines` names of the method's reference package loops that read its checkpoints.
     package_baselines: ClassVar[tuple[str, ...]] = ()
     #: Whether EAGLE-2's dynamic tree can draft with it (`--tree`).
     supports_tree: ClassVar[bool] = False
-    #: `resolve` options this method takes besides target_layer_ids and num_draft_layers; others are ignored by
-    #: `spectool inspect` (which passes every option to every method) and refused elsewhere.
-    shape_options: ClassVar[tuple[str, ...]] = ()
+    #: The method's own options (`spectool.methods.options`): the command line, `TrainConfig`, `DraftSpec` and
+    #: the resume check are built from them. Shape options go to `resolve` besides target_layer_ids and
+    #: num_draft_layers (`spectool inspect` passes every method's to every method, which ignores others' options);
+    #: objective options to the objective's constructor.
+    options: ClassVar[tuple[MethodOption, ...]] = ()
+    #: Options for a short CPU run on short answers (the demo's), where the published ones are sized for GPUs.
+    quick_run_options: ClassVar[dict[str, Any]] = {}
     #: References to the heavier parts, imported on first use.
     draft_model: ClassVar[Any]
     draft_config: ClassVar[Any]
@@ -207,7 +213,7 @@ class DraftMethod(ABC):
     @abstractmethod
     def build_config(self, target_config: Any, ids: list[int] | None, options: dict[str, Any]) -> Any:
         """A draft config on a target whose transformers config is `target_config`: feature layers `ids` (checked),
-        `options` = num_draft_layers, the method's `shape_options` (None = default) and config overrides."""
+        `options` = num_draft_layers, the method's shape options given and ``overrides`` (of the config)."""
 
     def copy_target_tensors(self, draft: Any, weights: Mapping[str, Any], spec: DraftSpec) -> None:
         """Copy the target tensors the format stores (`weights`: `embed_tokens`, `lm_head`) into a new draft."""
@@ -309,7 +315,36 @@ class DraftMethod(ABC):
         """The decoding proposer's class."""
         return load_reference(self.proposer)
 
-    def check_option(self, option: str, value: Any) -> None:
-        """Refuse a `resolve` option this method does not take (a usage error naming the method)."""
-        if value is not None and option not in self.shape_options:
+    # -- its options -----------------------------------------------------------------------------------------------
+
+    def option_names(self, part: str | None = None) -> tuple[str, ...]:
+        """The names of the method's options (of one part: "shape" or "objective")."""
+        return tuple(option.name for option in self.options if part is None or option.part == part)
+
+    def check_option(self, option: str, value: Any, part: str = "shape") -> None:
+        """Refuse an option (of `part`) this method does not take when it is given (a usage error naming it)."""
+        if value is not None and option not in self.option_names(part):
             raise UsageError(f"--{option.replace('_', '-')} does not apply to {self.title} drafts")
+
+    def check_options(self, values: Mapping[str, Any], *, max_length: int | None = None) -> None:
+        """Usage errors for option values out of range or that cannot work together (None = not given);
+        ``max_length``: the tokens of a training example, when training."""
+        for option in self.options:
+            option.check(values.get(option.name))
+
+    def check_spec(self, spec: DraftSpec, target: str) -> None:
+        """Refuse (a usage error) to build a draft whose resolved spec lacks what the method cannot default."""
+        return None
+
+    def training_notes(self, given: Mapping[str, Any], objective: Any, device_type: str) -> list[str]:
+        """What `train` says about the options given (``given``) and the objective built from them on a device."""
+        return []
+
+    def block_length(self, config: Mapping[str, Any]) -> int | None:
+        """Tokens one draft forward proposes together (a block drafter's block, from its config.json); None for
+        drafters that propose a token per forward."""
+        return None
+
+    def target_fit_problems(self, config: Any, arch: TargetArch) -> list[str]:
+        """What in a loaded draft config does not fit the target, beyond width, vocabulary, depth and layers."""
+        return []

@@ -13,10 +13,44 @@ from typing import Any
 from spectool.errors import UsageError
 from spectool.layout import Tensor, norm_tensor, qwen3_layer_tensors
 from spectool.methods.base import DraftMethod, DraftSpec
+from spectool.methods.options import MethodOption
 
 #: Targets a block draft serves. The draft itself is Qwen3-shaped whatever the target (as z-lab's drafts for
 #: Llama-3.1-8B-Instruct are): it only needs the target's width, embedding, lm_head and feature layers.
 BLOCK_TARGETS = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM", "LlamaForCausalLM")
+
+
+#: Largest --block-size accepted: published DFlash / DSpark blocks are 7 to 16 tokens, and every block costs the
+#: target a verify forward of that many positions.
+MAX_BLOCK_SIZE = 64
+
+
+def block_size_option(default: str) -> MethodOption:
+    """--block-size, with the method's own default in its help."""
+    return MethodOption(
+        "block_size",
+        int,
+        f"block size [{default}].",
+        "shape",
+        minimum=2,
+        maximum=MAX_BLOCK_SIZE,
+        range_note="published blocks are 7 to 16",
+    )
+
+
+MASK_TOKEN = MethodOption(
+    "mask_token_id",
+    int,
+    "mask token (an unused row) [the first spare embedding row, else a special token chat never writes].",
+    "shape",
+    minimum=0,
+)
+GAMMA = MethodOption("gamma", float, "slot-weight decay [from the block size].", "objective", minimum=0, exclusive=True)
+
+
+def anchors_option(default: str) -> MethodOption:
+    """--num-anchors, with the method's own default in its help."""
+    return MethodOption("num_anchors", int, f"blocks per sequence [{default}].", "objective", minimum=1)
 
 
 def spare_mask_token_id(vocab_size: int, tokenizer_length: int | None) -> int | None:
@@ -29,8 +63,6 @@ def spare_mask_token_id(vocab_size: int, tokenizer_length: int | None) -> int | 
 class BlockMethod(DraftMethod):
     """A block-drafting method: `upstream_block_size`, `head_tensors` and `default_block_size` are its own."""
 
-    needs_mask_token = True
-    shape_options: tuple[str, ...] = ("block_size", "mask_token_id")
     #: The block size the method's reference code uses.
     upstream_block_size: int = 16
 
@@ -46,8 +78,6 @@ class BlockMethod(DraftMethod):
     ) -> dict:
         block = options.get("block_size")
         block = self.default_block_size(arch.num_hidden_layers) if block is None else block
-        if block < 2:
-            raise UsageError(f"--block-size must be at least 2, got {block}")
         mask = options.get("mask_token_id")
         if mask is None:
             mask = spare_mask_token_id(arch.vocab_size, tokenizer_length)
@@ -72,13 +102,52 @@ class BlockMethod(DraftMethod):
         """The embedding and output head (and any other heads) the draft keeps or borrows."""
 
     def notes(self, spec: DraftSpec, *, initialised: bool) -> list[str]:
-        if not initialised and spec.mask_token_id is None:
+        if not initialised and spec.option("mask_token_id") is None:
             return ["no spare embedding row is known: pass --mask-token-id to init / train"]
         return []
 
     def shape_phrases(self, spec: DraftSpec, arch: Any) -> list[str]:
-        mask = spec.mask_token_id if spec.mask_token_id is not None else "? (pass --mask-token-id)"
-        return [f"mask token {mask}"]
+        mask = spec.option("mask_token_id")
+        return [
+            f"block size {spec.option('block_size')}",
+            f"mask token {'? (pass --mask-token-id)' if mask is None else mask}",
+        ]
+
+    def check_options(self, values: Mapping[str, Any], *, max_length: int | None = None) -> None:
+        super().check_options(values)
+        block = values.get("block_size")
+        if block is not None and max_length is not None and block >= max_length:
+            raise UsageError(
+                f"--block-size {block} leaves no room in --max-length {max_length}: a block must fit inside one "
+                "example after its anchor; lower --block-size or raise --max-length"
+            )
+
+    def check_spec(self, spec: DraftSpec, target: str) -> None:
+        if spec.option("mask_token_id") is None:
+            raise UsageError(
+                f"{target}: no spare embedding row is known for the {spec.method} mask token; pass --mask-token-id "
+                "(an id of the embedding that the tokenizer never produces)"
+            )
+
+    def training_notes(self, given: Mapping[str, Any], objective: Any, device_type: str) -> list[str]:
+        anchors = getattr(objective, "num_anchors", None)
+        if anchors and given.get("num_anchors") is None and device_type == "cpu":
+            return [
+                f"{self.name} draws up to {anchors} blocks per row (the published setting, sized for long rows on "
+                "GPUs): on a CPU and short rows that is up to ~9x slower per token than --num-anchors 8, what the "
+                "demo trains with"
+            ]
+        return []
+
+    def block_length(self, config: Mapping[str, Any]) -> int | None:
+        block = config.get("block_size")
+        return int(block) if block else None
+
+    def target_fit_problems(self, config: Any, arch: Any) -> list[str]:
+        mask = getattr(config, "mask_token_id", None)
+        if mask is not None and not 0 <= mask < arch.vocab_size:
+            return [f"its mask token {mask} is outside the target's embedding [0, {arch.vocab_size - 1}]"]
+        return []
 
     def build_config(self, target_config: Any, ids: list[int] | None, options: dict[str, Any]) -> Any:
         if ids is None:

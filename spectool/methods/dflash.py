@@ -15,7 +15,7 @@ from spectool.errors import SpectoolError
 from spectool.layers import dflash_layer_ids, zlab_dflash_layer_ids
 from spectool.layout import Tensor
 from spectool.methods.base import DraftSpec
-from spectool.methods.blocks import BLOCK_TARGETS, BlockMethod
+from spectool.methods.blocks import BLOCK_TARGETS, GAMMA, MASK_TOKEN, BlockMethod, anchors_option, block_size_option
 
 
 class DFlash(BlockMethod):
@@ -39,6 +39,7 @@ class DFlash(BlockMethod):
     default_lr = 6e-4
     #: Targets under 24 layers get 8 by default (`default_block_size`).
     upstream_block_size = 16
+    options = (block_size_option("16; 8 on targets under 24 layers"), MASK_TOKEN, GAMMA, anchors_option("512"))
     draft_model = "spectool.drafts.dflash:Qwen3DFlashDraftModel"
     draft_config = "spectool.drafts.dflash:DFlashDraftConfig"
     objective = "spectool.training.objectives.dflash:DFlashObjective"

@@ -20,6 +20,7 @@ from spectool.layers import eagle3_layer_ids, engine_default_eagle3_ids, engine_
 from spectool.layout import Tensor, attention_tensors, mlp_tensors, norm_tensor
 from spectool.methods.base import DraftMethod, DraftSpec, feature_count, int_list, load_reference
 from spectool.methods.eagle1 import DENSE_TARGETS
+from spectool.methods.options import MethodOption
 
 #: EAGLE-3 prunes the draft vocabulary to this many of the most frequent supervised tokens by default.
 DRAFT_VOCAB_SIZE = 32000
@@ -58,7 +59,16 @@ class Eagle3(DraftMethod):
     fixed_draft_layers = 1
     stores_target_tensors = True
     supports_tree = True
-    shape_options = ("draft_vocab_size",)
+    options = (
+        MethodOption(
+            "draft_vocab_size",
+            int,
+            f"draft vocabulary size [{DRAFT_VOCAB_SIZE}, or the target's when smaller].",
+            "shape",
+            minimum=1,
+        ),
+        MethodOption("ttt_steps", int, "training-time-test steps [7].", "objective", minimum=1),
+    )
     draft_model = "spectool.drafts.eagle3:LlamaEagle3DraftModel"
     draft_config = "spectool.drafts.eagle3:Eagle3DraftConfig"
     objective = "spectool.training.objectives.eagle3:Eagle3Objective"
@@ -83,7 +93,7 @@ class Eagle3(DraftMethod):
 
     def layout(self, spec: DraftSpec, arch: Any) -> list[Tensor]:
         h, v = arch.hidden_size, arch.vocab_size
-        vd = spec.draft_vocab_size or v
+        vd = spec.option("draft_vocab_size") or v
         tensors = [Tensor("embed_tokens.weight", (v, h), "borrowed")]
         tensors += attention_tensors("midlayer.self_attn", arch, 2 * h, qk_norm=False)
         tensors += mlp_tensors("midlayer.mlp", arch)
@@ -95,7 +105,7 @@ class Eagle3(DraftMethod):
             norm_tensor("norm", arch),
             Tensor("lm_head.weight", (vd, h), "trainable"),
         ]
-        if spec.draft_vocab_size:
+        if spec.option("draft_vocab_size"):
             tensors += [Tensor("d2t", (vd,), "buffer", "int64"), Tensor("t2d", (v,), "buffer", "bool")]
         return tensors
 
@@ -114,17 +124,17 @@ class Eagle3(DraftMethod):
         return {VLLM_AUX_LAYER_IDS: list(ids)} if ids else {}
 
     def notes(self, spec: DraftSpec, *, initialised: bool) -> list[str]:
-        if initialised and spec.draft_vocab_size:
+        if initialised and spec.option("draft_vocab_size"):
             return [
-                f"draft vocabulary = target ids 0..{spec.draft_vocab_size - 1} for now; `spectool train` rebuilds it "
+                f"draft vocabulary = target ids 0..{spec.option('draft_vocab_size') - 1} for now; `spectool train` rebuilds it "
                 "from the most frequent supervised tokens of your data"
             ]
-        if not initialised and spec.draft_vocab_size is None:
+        if not initialised and spec.option("draft_vocab_size") is None:
             return ["draft vocabulary = the full target vocabulary (no pruning, no d2t / t2d)"]
         return []
 
     def shape_phrases(self, spec: DraftSpec, arch: Any) -> list[str]:
-        return [f"draft vocab {spec.draft_vocab_size or arch.vocab_size}"]
+        return [f"draft vocab {spec.option('draft_vocab_size') or arch.vocab_size}"]
 
     # -- building -------------------------------------------------------------------------------------------------
 
@@ -150,10 +160,10 @@ class Eagle3(DraftMethod):
     def copy_target_tensors(self, draft: Any, weights: Mapping[str, Any], spec: DraftSpec) -> None:
         """The lm_head rows of the draft vocabulary (all rows when it is not pruned)."""
         head = weights["lm_head"]
-        if spec.draft_vocab_size:
+        if spec.option("draft_vocab_size"):
             import torch
 
-            head = head[draft.draft_to_target(torch.arange(spec.draft_vocab_size))]
+            head = head[draft.draft_to_target(torch.arange(spec.option("draft_vocab_size")))]
         draft.lm_head.weight.data.copy_(head)
 
     # -- checkpoints ----------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from spectool.checkpoint import DraftMetadata
 from spectool.drafts.from_target import target_metadata
 from spectool.errors import UsageError
 from spectool.training import rundir
-from spectool.training.config import RESUME_LOCKED
+from spectool.training.config import resume_locked
 from spectool.training.distributed import (
     exportable_draft,
     full_model_state,
@@ -103,7 +103,9 @@ class CheckpointSteps:
         with the draft)."""
         state = self.checked.resume_state if self.checked.resume_state is not None else rundir.read_trainer_state(path)
         self.checked.resume_state = None
-        rundir.check_resume_settings(path, state["config"], self.resolved_config.to_json(), RESUME_LOCKED)
+        rundir.check_resume_settings(
+            path, state["config"], self.resolved_config.to_json(), resume_locked(self.config.method)
+        )
         load_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.batches.load_state_dict(state["data"])

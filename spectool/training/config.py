@@ -5,8 +5,9 @@ run starts from the run's own ``train_config.json``; options that would change w
 (data, model shape, batch, seed...) may not change on resume.
 
 Options left unset take the method's defaults, declared with the method (`spectool/methods/<name>.py`: its
-`default_lr`, and the draft shape `spectool.registry.resolve` scales to the target). Small targets often want a
-higher lr (1e-3 .. 3e-3 for a 64-wide toy).
+`default_lr`, and the draft shape `spectool.registry.resolve` scales to the target). A method's own options
+(`DraftMethod.options`: DSpark's Markov rank, EAGLE-3's training-time-test steps ...) are held in
+``method_options``; train_config.json and config files name them at the top level like every other option.
 
 Warmup defaults to ``min(max(20, steps // 50), steps // 10)`` steps: at least the 20 upstream asks for, at most a
 tenth of a short run. Small targets often want a higher lr (1e-3 .. 3e-3 for a 64-wide toy).
@@ -19,15 +20,16 @@ import json
 import math
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from spectool.errors import SpectoolError, UsageError, json_problem
+from spectool.registry import declared_options, method_names
 from spectool.registry import get as get_method
-from spectool.registry import method_names
 
-#: Fields that fix what a checkpoint's state means: a resumed run may not change them.
+#: Fields that fix what a checkpoint's state means: a resumed run may not change them (nor the method's own
+#: options, unless the method declares one resumable: `resume_locked`).
 RESUME_LOCKED = (
     "method",
     "target",
@@ -44,19 +46,15 @@ RESUME_LOCKED = (
     "eval_fraction",
     "seed",
     "num_draft_layers",
-    "block_size",
     "target_layer_ids",
     "num_feature_layers",
-    "draft_vocab_size",
-    "mask_token_id",
-    "markov_rank",
-    "gamma",
-    "num_anchors",
-    "ttt_steps",
-    "ce_weight",
-    "l1_weight",
     "fsdp",
 )
+
+
+def resume_locked(method: str) -> tuple[str, ...]:
+    """`RESUME_LOCKED` and the options of `method` that a resumed run may not change."""
+    return RESUME_LOCKED + tuple(option.name for option in get_method(method).options if not option.resumable)
 
 
 @dataclass
@@ -107,22 +105,19 @@ class TrainConfig:
     shard_target: bool = False  # shard the frozen target's decoder layers over the processes with FSDP2
     # draft shape (None: the registry's default for the target)
     num_draft_layers: int | None = None
-    block_size: int | None = None
     target_layer_ids: list[int] | None = None
     num_feature_layers: int | None = None
-    draft_vocab_size: int | None = None
-    mask_token_id: int | None = None
-    markov_rank: int | None = None
-    # objective hyper-parameters (None: the objective's default)
-    gamma: float | None = None
-    num_anchors: int | None = None
-    ttt_steps: int | None = None
-    ce_weight: float | None = None  # DSpark: weight of the cross entropy with the data's token [0.1]
-    l1_weight: float | None = None  # DSpark: weight of the L1 distance to the target's distribution [0.9]
+    # the method's own options (`DraftMethod.options`: its draft shape and objective), those given: name -> value;
+    # the rest take the method's defaults. `from_dict` sorts them out of a flat mapping of options.
+    method_options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> None:
         """Raise a `UsageError` naming the option for any value out of range."""
-        get_method(self.method)  # a usage error listing the methods
+        method = get_method(self.method)  # a usage error listing the methods
+        for name, value in self.method_options.items():
+            if name not in method.option_names() and value is not None:
+                raise UsageError(f"--{_flag(name)} does not apply to {method.title} drafts")
+        method.check_options(self.method_options, max_length=self.max_length)
         if self.features is None and self.data is None:
             raise UsageError("give --data FILE (conversations) or --features DIR (from `spectool data features`)")
         if self.features is None and self.target is None:
@@ -144,31 +139,17 @@ class TrainConfig:
             "lr": self.lr,
             "eval_batches": self.eval_batches,
             "num_draft_layers": self.num_draft_layers,
-            "draft_vocab_size": self.draft_vocab_size,
-            "markov_rank": self.markov_rank,
-            "gamma": self.gamma,
-            "num_anchors": self.num_anchors,
-            "ttt_steps": self.ttt_steps,
             "num_feature_layers": self.num_feature_layers,
         }
         for name, value in {**positive, **optional_positive}.items():
             if value is not None and not value > 0:
                 raise UsageError(f"--{_flag(name)} must be positive, got {value}")
-        for name in ("save_every", "eval_every", "warmup_steps", "ce_weight", "l1_weight"):
+        for name in ("save_every", "eval_every", "warmup_steps"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise UsageError(f"--{_flag(name)} must be 0 or more, got {value}")
-        if self.ce_weight == 0 and self.l1_weight == 0:
-            raise UsageError("--ce-weight and --l1-weight are both 0: nothing would be learned")
         if self.max_length < 2:
             raise UsageError(f"--max-length must be at least 2, got {self.max_length}")
-        if self.block_size is not None and self.block_size < 2:
-            raise UsageError(f"--block-size must be at least 2, got {self.block_size}")
-        if self.block_size is not None and self.block_size >= self.max_length:
-            raise UsageError(
-                f"--block-size {self.block_size} leaves no room in --max-length {self.max_length}: a block must fit "
-                "inside one example after its anchor; lower --block-size or raise --max-length"
-            )
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise UsageError(f"--min-lr-ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.weight_decay < 0 or self.grad_clip < 0:
@@ -187,48 +168,62 @@ class TrainConfig:
     def peak_lr(self) -> float:
         return self.lr if self.lr is not None else get_method(self.method).default_lr
 
-    def objective_hparams(self) -> dict[str, Any]:
-        """The objective options that were set (the objective supplies its own defaults for the rest)."""
-        values = {
-            "gamma": self.gamma,
-            "num_anchors": self.num_anchors,
-            "ttt_steps": self.ttt_steps,
-            "ce_weight": self.ce_weight,
-            "l1_weight": self.l1_weight,
-        }
-        return {name: value for name, value in values.items() if value is not None}
+    def options_of(self, part: str) -> dict[str, Any]:
+        """The method's own options of one part ("shape": for `resolve`; "objective": for the objective's
+        constructor) that were set; the method supplies its defaults for the rest."""
+        names = get_method(self.method).option_names(part)
+        return {name: value for name, value in self.method_options.items() if name in names and value is not None}
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """train_config.json: every option at the top level, the method's own (all of them, None when unset) last."""
+        values = dataclasses.asdict(self)
+        del values["method_options"]
+        return {**values, **{name: self.method_options.get(name) for name in get_method(self.method).option_names()}}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], *, where: str = "config") -> TrainConfig:
-        """Build from a mapping of field names (dashes or underscores), checking names and value types."""
+        """Build from a flat mapping of option names (dashes or underscores), checking names and value types; the
+        method's own options go to ``method_options``. Another method's option is refused unless it is None (an
+        older train_config.json listed every method's)."""
         checked = check_values(values, where=where)
         if "method" not in checked:
             raise UsageError(f"give --method ({', '.join(method_names())})")
-        return cls(**checked)
+        method = get_method(checked["method"])
+        fields, own = {}, {}
+        for name, value in checked.items():
+            if name in FIELD_NAMES:
+                fields[name] = value
+            elif name in method.option_names():
+                own[name] = value
+            elif value is not None:
+                raise UsageError(f"{where}: --{_flag(name)} does not apply to {method.title} drafts")
+        return cls(**fields, method_options=own)
 
 
 def _flag(name: str) -> str:
     return name.replace("_", "-")
 
 
-FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig))
+#: The options `TrainConfig` names itself; the methods' own options come from the registry (`declared_options`).
+FIELD_NAMES = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "method_options")
 _DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
 _HINTS = typing.get_type_hints(TrainConfig)
 
 
 def check_values(values: dict[str, Any], *, where: str = "config") -> dict[str, Any]:
-    """Normalise keys (``max-steps`` -> ``max_steps``) and coerce values to the field types.
+    """Normalise keys (``max-steps`` -> ``max_steps``) and coerce values to the option types (the methods' own
+    options to the type they declare).
 
     Unknown keys are a `UsageError` that names them all; so is a value of the wrong type.
     """
     normalised = {str(key).replace("-", "_"): value for key, value in values.items()}
-    unknown = sorted(key for key in normalised if key not in FIELD_NAMES)
+    options = declared_options()
+    hints = {**_HINTS, **{name: option.kind | None for name, option in options.items()}}
+    valid = (*FIELD_NAMES, *options)
+    unknown = sorted(key for key in normalised if key not in valid)
     if unknown:
-        raise UsageError(f"{where}: unknown keys {', '.join(unknown)} (valid keys: {', '.join(FIELD_NAMES)})")
-    return {key: _coerce(value, _HINTS[key], f"{where}: {key}") for key, value in normalised.items()}
+        raise UsageError(f"{where}: unknown keys {', '.join(unknown)} (valid keys: {', '.join(valid)})")
+    return {key: _coerce(value, hints[key], f"{where}: {key}") for key, value in normalised.items()}
 
 
 def _coerce(value: Any, hint: Any, label: str) -> Any:
@@ -340,7 +335,9 @@ def resolve_config(
     else:
         base = check_values(saved, where="train_config.json")
         changed = [
-            name for name in RESUME_LOCKED if name in given and given[name] != base.get(name, _DEFAULTS.get(name))
+            name
+            for name in resume_locked(base.get("method", given.get("method")))
+            if name in given and given[name] != base.get(name, _DEFAULTS.get(name))
         ]
         if changed:
             detail = "; ".join(f"--{_flag(n)} {given[n]!r} (saved {base.get(n)!r})" for n in changed)
@@ -380,6 +377,7 @@ def _absolute_paths(values: dict[str, Any]) -> dict[str, Any]:
 
 __all__ = [
     "RESUME_LOCKED",
+    "resume_locked",
     "TrainConfig",
     "check_values",
     "read_config_file",

@@ -59,10 +59,7 @@ def setup_draft(
             num_feature_layers=config.num_feature_layers,
             num_draft_layers=config.num_draft_layers,
             target_layer_ids=ids if method.reads_feature_layers else None,
-            block_size=config.block_size,
-            mask_token_id=config.mask_token_id,
-            draft_vocab_size=config.draft_vocab_size,
-            markov_rank=config.markov_rank,
+            **config.options_of("shape"),
         )
         draft = new_draft(info, spec, seed=config.seed)
     if resume_from is None:
@@ -85,10 +82,7 @@ def resolved_config(config: TrainConfig, spec: DraftSpec, *, target: str, warmup
         warmup_steps=warmup_steps,
         target_layer_ids=list(spec.target_layer_ids),
         num_draft_layers=None if get(config.method).fixed_draft_layers else spec.num_draft_layers,
-        block_size=spec.block_size,
-        mask_token_id=spec.mask_token_id,
-        draft_vocab_size=spec.draft_vocab_size,
-        markov_rank=spec.markov_rank,
+        method_options={**config.method_options, **spec.options},
         report_to=",".join(resolve_report_to(config.report_to)) or "none",
     )
 
@@ -113,7 +107,7 @@ def _load(
         target_layer_ids=ids if method.reads_feature_layers else None,
         num_feature_layers=len(ids) if ids and method.fixed_feature_count is None else None,
         num_draft_layers=cfg.num_hidden_layers,
-        **{option: getattr(cfg, option, None) for option in method.shape_options},
+        **{option: getattr(cfg, option, None) for option in method.option_names("shape")},
     )
     return loaded.model, spec
 

@@ -34,6 +34,7 @@ import torch
 from spectool import device as precision
 from spectool.errors import SpectoolError, UsageError
 from spectool.paths import quoted, remove_entries
+from spectool.registry import get
 from spectool.training import rundir
 from spectool.training.checkpointing import CheckpointSteps
 from spectool.training.config import TrainConfig
@@ -163,13 +164,7 @@ class Trainer(CheckpointSteps):
         if not config.fsdp:  # one copy of the target's embedding / lm_head, not one per holder
             share_target_copies(self.draft, self.target_lm_head, self.inputs.target_embed)
         self.objective = self._make_objective()
-        anchors = getattr(self.objective, "num_anchors", None)
-        if anchors and config.num_anchors is None and self.device.type == "cpu":
-            self.notes.append(
-                f"{self.spec.method} draws up to {anchors} blocks per row (the published setting, sized for long "
-                "rows on GPUs): on a CPU and short rows that is up to ~9x slower per token than --num-anchors 8, what "
-                "the demo trains with"
-            )
+        self.notes += get(config.method).training_notes(config.method_options, self.objective, self.device.type)
         self.target = frozen_target(self.inputs, self.objective.target_layer_ids)
         self.model = wrap_model(DraftWithObjective(self.draft, self.objective), self.context, fsdp=config.fsdp)
         self.optimizer = make_optimizer(self.draft, lr=config.peak_lr, weight_decay=config.weight_decay)
@@ -193,7 +188,7 @@ class Trainer(CheckpointSteps):
     def _make_objective(self) -> Any:
         from spectool.training.objectives import make_objective
 
-        return make_objective(self.config.method, self.draft, **self.config.objective_hparams())
+        return make_objective(self.config.method, self.draft, **self.config.options_of("objective"))
 
     # --- The loop -------------------------------------------------------------------------------------------
 

@@ -154,6 +154,34 @@ def test_resume(chat_target_dir, data_file, tmp_path):
     assert load_draft(out).metadata.training["steps"] == 3
 
 
+def test_method_options_are_the_methods_own(chat_target_dir, data_file, tmp_path):
+    """A method's options reach its run (at the top level of train_config.json, another method's absent), are
+    locked on resume, and are refused for a method that does not declare them; a train_config.json written before
+    the options moved (every method's option listed, the others' as null) still resumes."""
+    out = tmp_path / "run"
+    assert (
+        train(chat_target_dir, data_file, out, "--max-steps", "2", "--save-every", "1", "--gamma", "2.5").exit_code == 0
+    )
+    saved = saved_config(out)
+    assert (saved["gamma"], saved["num_anchors"], saved["block_size"]) == (2.5, 4, 8)
+    assert "markov_rank" not in saved and "ttt_steps" not in saved and "method_options" not in saved
+    result = invoke("train", "--out", str(out), "--resume", "--max-steps", "3", "--num-anchors", "8")
+    assert result.exit_code == 2 and "--num-anchors 8 (saved 4)" in result.stderr
+    older = {**saved, "draft_vocab_size": None, "markov_rank": None, "ttt_steps": None, "ce_weight": None}
+    (out / "train_config.json").write_text(json.dumps({**older, "l1_weight": None}))
+    result = invoke("train", "--out", str(out), "--resume", "--max-steps", "3")
+    assert result.exit_code == 0, result.output
+    args = ["train", "--target", str(chat_target_dir), "--data", str(data_file), "--out", str(tmp_path / "x")]
+    result = invoke(*args, "--method", "eagle3", "--gamma", "2")
+    assert result.exit_code == 2 and "--gamma does not apply to EAGLE-3 drafts" in result.stderr
+    result = invoke(*args, "--method", "dspark", "--ce-weight", "0", "--l1-weight", "0")
+    assert result.exit_code == 2 and "--ce-weight and --l1-weight are both 0" in result.stderr
+    config = tmp_path / "run.toml"
+    config.write_text("method = 'dflash'\nmarkov_rank = 16\n")
+    result = invoke(*args, "--config", str(config))
+    assert result.exit_code == 2 and "--markov-rank does not apply to DFlash drafts" in result.stderr
+
+
 def test_bad_rows_are_named_by_line(chat_target_dir, data_file, tmp_path):
     lines = data_file.read_text().splitlines()
     lines[2] = '{"messages": [{"role": "user", "content": "no answer here"}]}'

@@ -62,7 +62,7 @@ def make_config(target_dir: Path, data: Path, out: Path, **overrides) -> TrainCo
         mask_token_id=6,  # "[UNK]": never produced by the word-level tokenizer on this data
     )
     fields.update(overrides)
-    return TrainConfig(**fields)
+    return TrainConfig.from_dict(fields)
 
 
 def draft_state(trainer: Trainer) -> dict[str, torch.Tensor]:

@@ -10,13 +10,13 @@ once per batch of target features::
                     generator=generator, position_ids=position_ids, document_ids=document_ids)
     out.loss.backward(); log(out.metrics)
 
-Methods, classes and hyper-parameters (defaults):
+Methods and classes (each class's constructor takes its hyper-parameters with their defaults; those a user may
+set are the method's declared objective options, `DraftMethod.options`):
 
-* ``eagle1``: ``Eagle1Objective(regression_weight=1.0, distill_weight=0.1, feature_noise=0.1, chain_steps=4)``
-* ``eagle3``: ``Eagle3Objective(ttt_steps=7, step_decay=0.8)``, the only one that needs target logits
-* ``dflash``: ``DFlashObjective(num_anchors=512, gamma=None)``; gamma None = ``default_gamma(block_size - 1)``
-* ``dspark``: ``DSparkObjective(num_anchors=None, gamma=None, ce_weight=0.1, l1_weight=0.9, confidence_weight=1.0)``;
-  num_anchors None = the draft config's, gamma None = ``default_gamma(block_size)``
+* ``eagle1``: ``Eagle1Objective``
+* ``eagle3``: ``Eagle3Objective``, the only one that needs target logits
+* ``dflash``: ``DFlashObjective``
+* ``dspark``: ``DSparkObjective``
 
 Every objective reports ``loss``, its components, ``acc@k``, ``prefix@k`` and ``acceptance_length`` (bonus token
 included), with the same meaning for every method (draft position k = the k-th drafted token, counted over the
