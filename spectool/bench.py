@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from spectool import baselines as loops
+from spectool.baselines import timed_hf, timed_hf_batch, timed_zlab, zlab_draft
 from spectool.bench_prompts import BenchPrompt
 from spectool.decoding.accept import SamplingParams
 from spectool.decoding.engine import Engine, GenerationStats
@@ -151,7 +151,7 @@ def run_bench(
             runtime, [p.messages for p in prompts], batch_size, max_new_tokens, sampling, baselines, seed,
             stop_strings, max_drafts, on_prompt,
         )  # fmt: skip
-    zlab = loops.zlab_draft(runtime) if "dflash-package" in baselines else None
+    zlab = zlab_draft(runtime) if "dflash-package" in baselines else None
     kwargs = {"max_new_tokens": max_new_tokens, "sampling": sampling, "stop_token_ids": runtime.stop_token_ids}
     hf_stops: dict[str, Any] = {}
     if stop_strings:
@@ -303,16 +303,16 @@ class _PromptRun:
             tally.add("full-block", full_out, full_stats.seconds)
             tally.full_rounds += full_stats.verify_rounds
         if zlab is not None:
-            z_out, z_seconds, z_rounds = loops.timed_zlab(zlab, runtime, ids, self.max_new_tokens, sampling)
+            z_out, z_seconds, z_rounds = timed_zlab(zlab, runtime, ids, self.max_new_tokens, sampling)
             tally.add("dflash-package", z_out, z_seconds)
             tally.zlab_rounds.append(z_rounds)
         if "hf" in baselines:
-            hf_out, hf_seconds = loops.timed_hf(runtime, ids, self.max_new_tokens, sampling, **self.hf_stops)
+            hf_out, hf_seconds = timed_hf(runtime, ids, self.max_new_tokens, sampling, **self.hf_stops)
             tally.add("hf", hf_out, hf_seconds)
             if tally.hf_mismatched is not None and out != hf_out:
                 tally.hf_mismatched.append(index)
         if "prompt-lookup" in baselines:
-            pl_out, pl_seconds = loops.timed_hf(
+            pl_out, pl_seconds = timed_hf(
                 runtime, ids, self.max_new_tokens, sampling, prompt_lookup_num_tokens=PROMPT_LOOKUP_TOKENS,
                 **self.hf_stops,
             )  # fmt: skip
@@ -434,9 +434,7 @@ def _run_batched(
                     first + i for i, (a, b) in enumerate(zip(rows, reference, strict=True)) if a.tokens != b.tokens
                 ]
         if "hf" in baselines:
-            answers, hf_seconds = loops.timed_hf_batch(
-                runtime, group, max_new_tokens, sampling, kwargs.get("stop_strings")
-            )
+            answers, hf_seconds = timed_hf_batch(runtime, group, max_new_tokens, sampling, kwargs.get("stop_strings"))
             seconds["hf"] += hf_seconds
             tokens["hf"] += sum(len(a) for a in answers)
             if hf_mismatched is not None:
@@ -465,7 +463,7 @@ def cost_profile(runtime: Runtime, rounds: Sequence[Any]) -> dict[str, Any]:
     in one forward), the draft's cost per round (measured in this run's drafting rounds), for each number of
     drafted tokens k the acceptance it needs to break even with plain target steps, and the speedup a full round
     would give at several acceptance lengths."""
-    from spectool.decoding.schedule import profile_verify_cost
+    from spectool.decoding.draft_length import profile_verify_cost
 
     engine = runtime.engine
     proposer = engine.proposer

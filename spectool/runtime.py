@@ -14,13 +14,13 @@ import torch
 
 from spectool.chat_format import ChatFormat, Message
 from spectool.checkpoint import LoadedDraft, check_against_target, load_draft
+from spectool.decoding.draft_length import DraftLengthController, profile_verify_cost
 from spectool.decoding.engine import Engine, target_session
 from spectool.decoding.kernels import plan_draft
 from spectool.decoding.proposers import make_proposer
-from spectool.decoding.schedule import DraftLengthController, profile_verify_cost
-from spectool.device import check_device
 from spectool.errors import SpectoolError, UsageError
 from spectool.gguf import progress_line
+from spectool.hardware import check_device
 from spectool.hub import TargetInfo, load_model_and_tokenizer, resolve_model
 from spectool.registry import get, methods
 from spectool.target import FrozenTarget

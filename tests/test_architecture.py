@@ -33,8 +33,8 @@ APPS = {
     "spectool.export",
     "spectool.answers",
     "spectool.serve",
+    "spectool.inspection",
     "spectool.report",
-    "spectool.plots",
 }
 MODELS = {"spectool.checkpoint", "spectool.target"}
 

@@ -87,7 +87,7 @@ def test_ship_copies_the_draft_into_the_package_and_its_metrics_into_examples(tm
 def test_readme_images_exist_and_the_side_by_side_runs_read_in_todays_names():
     import re
 
-    from spectool.plots import RunSource, load_sources
+    from spectool.report import RunSource, load_sources
 
     readme = (ROOT / "README.md").read_text()
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", readme)

@@ -106,7 +106,7 @@ def bench_command(
     if unknown:
         raise UsageError(f"unknown baseline(s) {', '.join(unknown)}; choose from {', '.join(CHOOSABLE_BASELINES)}")
     if plot is not None:
-        from spectool.plots import check_figure_path, require_matplotlib
+        from spectool.report import check_figure_path, require_matplotlib
 
         check_figure_path(plot, force=force, option="--plot")
         require_matplotlib()
@@ -155,7 +155,7 @@ def bench_command(
     else:
         _render(report)
     if plot is not None:
-        from spectool.plots import BenchSource, write_figure
+        from spectool.report import BenchSource, write_figure
 
         figure, data = write_figure([BenchSource("bench", None, report.to_json())], plot)
         (error_console() if as_json else console()).print(f"wrote {figure} (plotted data: {data})", markup=False)

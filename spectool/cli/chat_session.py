@@ -217,7 +217,7 @@ def _turns(count: int) -> str:
 
 def target_step_seconds(runtime) -> float:
     """One plain target step after a short context, timed (the median of a few; under a second)."""
-    from spectool.decoding.schedule import profile_verify_cost
+    from spectool.decoding.draft_length import profile_verify_cost
 
     return profile_verify_cost(runtime.target_engine.session, 1, budget_seconds=0.5, repeats=5).seconds[0]
 

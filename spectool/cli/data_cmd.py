@@ -289,6 +289,6 @@ def features_command(
 
 
 def _check_device(device: str | None) -> str:
-    from spectool.device import check_device  # torch: loaded only when a command runs
+    from spectool.hardware import check_device  # torch: loaded only when a command runs
 
     return check_device(device)

@@ -57,7 +57,7 @@ def demo_command(
         if out.is_dir() and any(out.iterdir()):
             raise UsageError(f"--out {out} is not empty; give a new or empty directory to keep the demo's draft in")
     from spectool.bench_prompts import load_prompts
-    from spectool.report import method_report
+    from spectool.inspection import method_report
     from spectool.runtime import load_runtime
 
     screen = console()

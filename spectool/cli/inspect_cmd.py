@@ -12,8 +12,8 @@ from spectool.cli.help import method_option
 from spectool.cli.method_options import with_method_options
 from spectool.cli.render import console, handles_errors, method_panel, print_json, target_panel
 from spectool.hub import default_model_ref, resolve_model
+from spectool.inspection import inspect_report, target_json
 from spectool.registry import UnsupportedArchitecture, get, method_names
-from spectool.report import inspect_report, target_json
 
 
 @app.command("inspect")

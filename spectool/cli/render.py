@@ -23,7 +23,7 @@ from spectool.registry import get
 
 if TYPE_CHECKING:
     from spectool.hub import TargetInfo
-    from spectool.report import MethodReport
+    from spectool.inspection import MethodReport
 
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -28,7 +28,7 @@ def report_command(
     """Summarise training runs and benchmarks: per run its steps, final loss, eval loss, acceptance length and
     tokens/s with sparklines of loss and acceptance length; per benchmark its acceptance length and tokens/s
     against the baselines. Several runs share the figure's axes, one colour each."""
-    from spectool.plots import check_figure_path, load_sources, require_matplotlib, summary_tables, write_figure
+    from spectool.report import check_figure_path, load_sources, require_matplotlib, summary_tables, write_figure
 
     if out is not None:
         check_figure_path(out, force=force)

@@ -30,9 +30,9 @@ from spectool.decoding.accept import (
     sample,
     walk_tree,
 )
+from spectool.decoding.draft_length import DraftLengthController, PrefixScheduler
 from spectool.decoding.fast_target import FastTargetSession
 from spectool.decoding.proposers import Proposal, Proposer
-from spectool.decoding.schedule import DraftLengthController, PrefixScheduler
 from spectool.decoding.stops import StopStrings
 from spectool.target import FrozenTarget
 

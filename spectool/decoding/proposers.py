@@ -26,7 +26,7 @@ from spectool.decoding.draft_cache import RaggedDraftCache
 from spectool.registry import get
 
 if TYPE_CHECKING:
-    from spectool.decoding.schedule import PrefixScheduler, VerifyCostProfile
+    from spectool.decoding.draft_length import PrefixScheduler, VerifyCostProfile
 
 
 @dataclass
@@ -45,7 +45,8 @@ class Proposal:
 class Proposer(ABC):
     """The draft side of the engines: drafts for each row of a batch (a single prompt is a batch of one)."""
 
-    #: the most tokens one round can draft
+    #: the most drafted tokens one round can accept: a chain's or block's length, a tree's depth (a tree drafts
+    #: `tree_size` nodes a round, of which verification accepts one root-to-leaf path)
     max_drafts: int
     #: nodes of the tree a round drafts (EAGLE-2), None for a chain or a block
     tree_size: int | None = None
@@ -249,7 +250,7 @@ class DSparkProposer(BlockProposer):
         config = self.draft.config
         if not config.enable_confidence_head:
             return None
-        from spectool.decoding.schedule import PrefixScheduler
+        from spectool.decoding.draft_length import PrefixScheduler
 
         return PrefixScheduler(profile, getattr(config, "confidence_temperatures", None))
 

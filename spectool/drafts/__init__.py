@@ -34,7 +34,7 @@ from .dflash import (
     default_mask_token_id,
 )
 from .dspark import DSparkBlockDraft, DSparkDraftConfig, Qwen3DSparkModel, teacher_forced_prev_tokens
-from .eagle import EagleDraftConfig, LlamaEagleDraftModel
+from .eagle1 import EagleDraftConfig, LlamaEagleDraftModel
 from .eagle3 import (
     Eagle3DraftConfig,
     Eagle3Output,

@@ -35,8 +35,8 @@ class Eagle1(DraftMethod):
     fixed_feature_count = 1
     stores_target_tensors = True
     supports_tree = True
-    draft_model = "spectool.drafts.eagle:LlamaEagleDraftModel"
-    draft_config = "spectool.drafts.eagle:EagleDraftConfig"
+    draft_model = "spectool.drafts.eagle1:LlamaEagleDraftModel"
+    draft_config = "spectool.drafts.eagle1:EagleDraftConfig"
     objective = "spectool.training.objectives.eagle1:Eagle1Objective"
     proposer = "spectool.decoding.proposers:Eagle1Proposer"
 

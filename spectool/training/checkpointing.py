@@ -26,8 +26,8 @@ from spectool.training.distributed import (
     optimizer_state,
     trainable_weights_finite,
 )
+from spectool.training.optimization import restart_schedule
 from spectool.training.progress import TrainingDiverged
-from spectool.training.schedule import restart_schedule
 
 
 class CheckpointSteps:

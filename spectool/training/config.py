@@ -98,7 +98,7 @@ class TrainConfig:
     # hardware
     device: str | None = None  # cpu, cuda, cuda:1 ... (default cuda when available); torchrun picks cuda:LOCAL_RANK
     # auto: on CUDA the target in bf16 and the draft under bf16 autocast; on CPU the target in bf16 where the CPU
-    # multiplies bf16 natively (AMX), else fp32, and the draft in fp32 (spectool.device)
+    # multiplies bf16 natively (AMX), else fp32, and the draft in fp32 (spectool.hardware)
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     save_dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # dtype of the final draft's weights
     fsdp: bool = False  # shard the draft with FSDP2 (fully_shard) instead of replicating it (DDP)
@@ -160,7 +160,7 @@ class TrainConfig:
 
         resolve_report_to(self.report_to)
         if self.device is not None:
-            from spectool.device import check_device
+            from spectool.hardware import check_device
 
             check_device(self.device)
 

@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from spectool.device import auto_device
 from spectool.errors import SpectoolError, UsageError
+from spectool.hardware import auto_device
 from spectool.training.batches import Batch
 
 #: How long a process waits for the others at a collective before giving up (a crashed peer otherwise hangs it).

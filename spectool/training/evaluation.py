@@ -63,7 +63,7 @@ def evaluate(model: nn.Module, feed: TrainingFeed, *, seed: int, batch_size: int
 def calibrate_confidence(calibration: list[tuple[torch.Tensor, ...]], context: DistributedContext) -> tuple[Any, int]:
     """DSpark: the prefix scheduler's confidence temperatures (`calibrate_temperatures`) fitted on every
     process's share of an evaluation's calibration data, and the number of held-out blocks behind the fit."""
-    from spectool.decoding.schedule import calibrate_temperatures
+    from spectool.decoding.draft_length import calibrate_temperatures
 
     local = tuple(torch.cat(parts) for parts in zip(*calibration, strict=True))
     shares = context.all_gather_object(local)

@@ -328,7 +328,9 @@ class FeaturesConfig:
     shard_size: int = 1000  # examples per shard file
     batch_size: int = 8  # rows per target forward
     device: str | None = None
-    dtype: str | None = None  # the target's dtype (default: `spectool.device.target_dtype`); features are stored in it
+    dtype: str | None = (
+        None  # the target's dtype (default: `spectool.hardware.target_dtype`); features are stored in it
+    )
 
     def validate(self) -> None:
         for name in ("shard_size", "batch_size", "max_length"):
@@ -385,8 +387,8 @@ def extract_features(
 
     Under torchrun every process tokenizes the data the same way and writes its share of the shards.
     """
-    from spectool.device import target_dtype
     from spectool.drafts.from_target import target_metadata
+    from spectool.hardware import target_dtype
     from spectool.hub import load_model_and_tokenizer, resolve_model
     from spectool.layers import LayerIdWarning
     from spectool.registry import resolve

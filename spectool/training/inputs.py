@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from spectool import device as precision
+from spectool import hardware
 from spectool.errors import SpectoolError, UsageError
 from spectool.hub import TargetInfo
 from spectool.training.batches import pad_token_id, split_heldout
@@ -48,7 +48,7 @@ def load_inputs(config: TrainConfig, device: torch.device, context: DistributedC
     if store is not None and config.shard_target:
         raise UsageError("--shard-target shards the target's forward; with --features the target does not run")
     info = resolve_model(config.target or (store.manifest["target"] if store else None))
-    target_dtype = precision.target_dtype(device, config.dtype)
+    target_dtype = hardware.target_dtype(device, config.dtype)
     notes: list[str] = []
     limit = info.arch.max_position_embeddings
     if store is None and limit and config.max_length > limit:

@@ -3,7 +3,7 @@
 Per optimizer step, for each of ``grad_accum`` micro-batches: take this process's rows of the next global batch,
 run the frozen target once over them (or read the stored features of ``--features``), run the method's objective,
 and backpropagate. Then average the gradients over everything the step saw, clip them, and step AdamW (the draft's
-trainable parameters only) under a linear-warmup + cosine learning rate (`spectool.training.schedule`).
+trainable parameters only) under a linear-warmup + cosine learning rate (`spectool.training.optimization`).
 
 Micro-batches are weighted by how many predictions they supervise: the step's gradient is that of
 ``sum_i n_i * loss_i / sum_i n_i`` over all micro-batches and processes, so the update does not depend on how the
@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from spectool import device as precision
+from spectool import hardware
 from spectool.errors import SpectoolError, UsageError
 from spectool.paths import quoted, remove_entries
 from spectool.registry import get
@@ -53,9 +53,7 @@ from spectool.training.evaluation import calibrate_confidence, evaluate
 from spectool.training.features import IndexedBatches
 from spectool.training.feed import TrainingFeed
 from spectool.training.inputs import frozen_target, load_inputs, share_target_copies, split_examples
-from spectool.training.progress import MetricsWindow, TrainEvent, TrainingDiverged, TrainingInterrupted, TrainResult
-from spectool.training.reporting import Reporter, open_reporter
-from spectool.training.schedule import (
+from spectool.training.optimization import (
     make_optimizer,
     make_scheduler,
     plan_due,
@@ -63,6 +61,8 @@ from spectool.training.schedule import (
     planned_steps,
     set_total_steps,
 )
+from spectool.training.progress import MetricsWindow, TrainEvent, TrainingDiverged, TrainingInterrupted, TrainResult
+from spectool.training.reporting import Reporter, open_reporter
 from spectool.training.signals import EXIT_CODES, StopRequests
 
 
@@ -108,7 +108,7 @@ class Trainer(CheckpointSteps):
         self.checked = rundir.check_run_directory(config, context, resume=resume, force=force)
         self.notes.extend(self.checked.skipped)
         self.resume_from: Path | None = self.checked.resume_from
-        self.autocast_dtype = precision.draft_autocast_dtype(self.device, config.dtype)
+        self.autocast_dtype = hardware.draft_autocast_dtype(self.device, config.dtype)
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         self._load_inputs()

@@ -287,9 +287,9 @@ def _corrupt_one_answer(answer: list[int]) -> list[int]:
 
 def test_bench_fails_loudly_when_hf_generate_disagrees(dspark_draft, prompts_file, monkeypatch):
     """HF generate's answer to prompt 2 made to differ in its last token: bench names the prompt and exits 1."""
-    from spectool import baselines
+    from spectool import bench
 
-    real, calls = baselines.timed_hf, []
+    real, calls = bench.timed_hf, []
 
     def one_wrong(runtime, ids, *args, **kwargs):
         answer, seconds = real(runtime, ids, *args, **kwargs)
@@ -299,7 +299,7 @@ def test_bench_fails_loudly_when_hf_generate_disagrees(dspark_draft, prompts_fil
                 answer = _corrupt_one_answer(answer)
         return answer, seconds
 
-    monkeypatch.setattr(baselines, "timed_hf", one_wrong)
+    monkeypatch.setattr(bench, "timed_hf", one_wrong)
     args = ["bench", "-d", str(dspark_draft), "-p", str(prompts_file), "-n", "6", "--baselines", "target,hf"]
     result = invoke(*args, "--json")
     assert result.exit_code == 1, result.output
@@ -313,9 +313,9 @@ def test_bench_fails_loudly_when_hf_generate_disagrees(dspark_draft, prompts_fil
 
 
 def test_bench_batched_fails_when_hf_generate_disagrees(dspark_draft, prompts_file, monkeypatch):
-    from spectool import baselines
+    from spectool import bench
 
-    real = baselines.timed_hf_batch
+    real = bench.timed_hf_batch
 
     def one_wrong(*args, **kwargs):
         answers, seconds = real(*args, **kwargs)
@@ -323,7 +323,7 @@ def test_bench_batched_fails_when_hf_generate_disagrees(dspark_draft, prompts_fi
             answers[1] = _corrupt_one_answer(answers[1])
         return answers, seconds
 
-    monkeypatch.setattr(baselines, "timed_hf_batch", one_wrong)
+    monkeypatch.setattr(bench, "timed_hf_batch", one_wrong)
     args = ["bench", "-d", str(dspark_draft), "-p", str(prompts_file), "-n", "6", "--batch-size", "3", "--json"]
     result = invoke(*args)
     assert result.exit_code == 1, result.output

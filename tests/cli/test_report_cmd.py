@@ -187,7 +187,7 @@ def test_bench_plot_writes_the_bench_figure(chat_target_dir, tmp_path):
 
 
 def test_a_bench_shares_the_colour_of_the_run_it_measured(tmp_path):
-    from spectool.plots import BenchSource, RunSource, _colours
+    from spectool.report import BenchSource, RunSource, _colours
 
     cycle = ["c0", "c1", "c2", "c3", "c4"]
     runs = [RunSource("eagle3", tmp_path / "eagle3"), RunSource("run-b", tmp_path / "run-b" / "metrics.jsonl")]
@@ -206,7 +206,7 @@ def test_a_bench_shares_the_colour_of_the_run_it_measured(tmp_path):
 
 
 def test_acceptance_sparklines_start_at_one_so_a_small_change_reads_small():
-    from spectool.plots import sparkline
+    from spectool.report import sparkline
 
     taus = [1.058, 1.07, 1.091]
     assert sparkline(taus) == "▁▄█"  # min to max: a flat run looks like a climb

@@ -16,8 +16,8 @@ from spectool.cli.chat_cmd import legend_text
 from spectool.cli.demo_cmd import reading
 from spectool.cli.render import method_panel, prose_wrapping, target_panel
 from spectool.hub import resolve_model
+from spectool.inspection import method_report
 from spectool.registry import method_names
-from spectool.report import method_report
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 

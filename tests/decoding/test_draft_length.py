@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from spectool.decoding.accept import SamplingParams, probabilities
+from spectool.decoding.draft_length import DraftLengthController, VerifyCostProfile, _RunningMean
 from spectool.decoding.engine import Engine
 from spectool.decoding.proposers import Proposal, make_proposer
-from spectool.decoding.schedule import DraftLengthController, VerifyCostProfile, _RunningMean
 from spectool.drafts import build_draft
 from spectool.target import FrozenTarget
 from tests.decoding.test_accept import CHI2_CRIT_001, chi_square
@@ -268,7 +268,7 @@ def test_positions_beyond_the_chosen_length_are_explored_now_and_then():
 def test_the_prefix_scheduler_follows_the_live_verify_cost():
     """DSpark's prefix cut and the draft length are chosen against the same V(n): the controller's, rescaled by
     live verify forwards (the scheduler used to keep the raw start-up profile)."""
-    from spectool.decoding.schedule import PrefixScheduler
+    from spectool.decoding.draft_length import PrefixScheduler
 
     scheduler = PrefixScheduler(CPU)
     controller = DraftLengthController(CPU, per_token_drafting=False)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from spectool.decoding.schedule import profile_verify_cost, profiled_sizes
+from spectool.decoding.draft_length import profile_verify_cost, profiled_sizes
 
 
 class SlowSession:
@@ -35,16 +35,16 @@ class SlowSession:
 def test_profile_keeps_to_its_time_budget(monkeypatch, base, per_token, sweeps):
     """A slow target (a large model on a CPU) gets fewer sweeps and, past the budget, fewer sizes, interpolated;
     the profile still covers every size and follows the (linear) cost."""
-    from spectool.decoding import schedule
+    from spectool.decoding import draft_length
 
     clock = [0.0]
-    monkeypatch.setattr(schedule.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(draft_length.time, "perf_counter", lambda: clock[0])
     session = SlowSession(clock, base, per_token)
     profile = profile_verify_cost(session, 40, context_length=8, budget_seconds=2.0)
     warm_up = 3  # the context, then 1, 1 and 40 tokens
     assert clock[0] <= 2.0 + (base + 40 * per_token) * warm_up + base + 8 * per_token
     timed_forwards = session.forwards - 1 - warm_up
-    sizes = schedule.profiled_sizes(40, int(2.0 / (base + 20.5 * per_token)))
+    sizes = draft_length.profiled_sizes(40, int(2.0 / (base + 20.5 * per_token)))
     assert timed_forwards == sweeps * len(sizes)
     assert (len(sizes) < 40) == (sweeps == 1)
     assert len(profile.seconds) == 40 and session.length == 0

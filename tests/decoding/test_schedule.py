@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from spectool.decoding.schedule import (
+from spectool.decoding.draft_length import (
     CALIBRATION_GRID,
     PrefixScheduler,
     VerifyCostProfile,

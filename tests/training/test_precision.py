@@ -1,4 +1,4 @@
-"""Training runs the target in the dtype `spectool.device` chooses and keeps the draft's weights in fp32."""
+"""Training runs the target in the dtype `spectool.hardware` chooses and keeps the draft's weights in fp32."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from spectool import device
+from spectool import hardware
 from spectool.checkpoint import load_draft
 from spectool.training.trainer import Trainer
 from tests.training.conftest import write_jsonl
@@ -19,7 +19,7 @@ from tests.training.test_trainer import METHOD_OPTIONS, conversations, make_conf
 def test_an_fp32_draft_trains_against_the_target_in_the_chosen_dtype(
     method, amx, tiny_target_dir, tmp_path, monkeypatch
 ):
-    monkeypatch.setattr(device, "cpu_multiplies_bf16", lambda: amx)
+    monkeypatch.setattr(hardware, "cpu_multiplies_bf16", lambda: amx)
     data_file = write_jsonl(tmp_path / "data.jsonl", conversations(16))
     trainer = Trainer(make_config(tiny_target_dir, data_file, tmp_path / "out", max_steps=3, **METHOD_OPTIONS[method]))
     trainer.run()

@@ -15,9 +15,9 @@ import spectool.checkpoint as checkpoint_module
 import spectool.training.objectives as objectives_module
 from spectool.checkpoint import load_draft
 from spectool.training.config import TrainConfig
+from spectool.training.optimization import planned_steps
 from spectool.training.progress import TrainingDiverged, TrainingInterrupted
 from spectool.training.rundir import STATE_FILE, latest_checkpoint
-from spectool.training.schedule import planned_steps
 from spectool.training.trainer import Trainer, train
 from tests.training.conftest import write_jsonl
 
@@ -361,7 +361,7 @@ def test_max_minutes_counts_loading_evaluations_and_checkpoints(tiny_target_dir,
 
 
 def test_dspark_confidence_temperatures_are_calibrated_on_the_held_out_split(tiny_target_dir, data_file, tmp_path):
-    from spectool.decoding.schedule import CALIBRATION_GRID
+    from spectool.decoding.draft_length import CALIBRATION_GRID
 
     options = {**METHOD_OPTIONS["dspark"], "max_steps": 2, "eval_fraction": 0.25}
     Trainer(make_config(tiny_target_dir, data_file, tmp_path / "run", **options)).run()

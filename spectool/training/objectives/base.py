@@ -42,7 +42,7 @@ class ObjectiveOutput:
     metrics: dict[str, float]
     num_supervised: int
     # DSpark with a confidence head: (confidence logits, greedy hits, supervised), each [blocks, K], detached;
-    # what `spectool.decoding.schedule.calibrate_temperatures` fits the scheduler's temperatures on.
+    # what `spectool.decoding.draft_length.calibrate_temperatures` fits the scheduler's temperatures on.
     calibration: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
