@@ -16,22 +16,30 @@ from pathlib import Path
 
 from spectool.errors import SpectoolError, UsageError
 
+# The names of what spectool writes, each spelled here only (the modules that write and read them import them).
 #: The files of a draft directory that spectool writes (`spectool.checkpoint.save_draft`).
 DRAFT_FILES = ("model.safetensors", "config.json", "spectool.json")
 #: A training run's metrics, one JSON row per log step (`spectool.training.rundir` writes, `spectool report` reads).
 METRICS_FILE = "metrics.jsonl"
+#: A training run's resolved configuration, what `--resume` continues (`spectool.training.rundir`).
+RUN_CONFIG_FILE = "train_config.json"
+#: A training run's checkpoints, ``step-<7-digit step>/`` each, holding the draft and `TRAINER_STATE_FILE`.
+CHECKPOINTS_DIR = "checkpoints"
+TRAINER_STATE_FILE = "trainer_state.pt"
+#: What a `spectool data features` directory computed (`spectool.training.features`).
+FEATURES_MANIFEST = "features.json"
 #: What a training run adds beside its final draft (`spectool.training.rundir`).
 RUN_FILES = (
-    "train_config.json",
+    RUN_CONFIG_FILE,
     METRICS_FILE,
-    "checkpoints",
+    CHECKPOINTS_DIR,
     ".final-draft",
     "tensorboard",
     "wandb",
     "wandb_run_id",
 )
 #: Files whose presence says spectool wrote the directory.
-MARKER_FILES = ("spectool.json", "train_config.json")
+MARKER_FILES = ("spectool.json", RUN_CONFIG_FILE)
 _OWN_NAMES = frozenset(DRAFT_FILES + RUN_FILES)
 
 
@@ -265,3 +273,33 @@ def short_path(path: str | os.PathLike[str]) -> str:
         return str(resolved.relative_to(Path.cwd().resolve()))
     except ValueError:
         return str(path)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading a run or features directory before torch loads (the command line answers at once)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def saved_run_config(out: Path) -> dict:
+    """The options a run in `out` saved (its train_config.json), for `train --resume`; a usage error when there is
+    no complete checkpoint to resume (the trainer checks the checkpoint itself when it loads)."""
+    if not any((out / CHECKPOINTS_DIR).glob(f"step-*/{TRAINER_STATE_FILE}")):
+        fresh = "leave out --resume to start a fresh run"
+        if not out.is_dir():
+            raise UsageError(f"nothing to resume: {out} does not exist; {fresh} there")
+        if any(out.iterdir()):
+            fresh += " (with --force to replace the files spectool wrote there)"
+        raise UsageError(f"nothing to resume in {out}: no complete checkpoint under {out / CHECKPOINTS_DIR}; {fresh}")
+    path = out / RUN_CONFIG_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        raise UsageError(f"cannot read {path}, which a resumed run continues from") from None
+
+
+def features_method(features: Path) -> str | None:
+    """The method a `spectool data features` directory was made for (None when unreadable: the store reports it)."""
+    try:
+        return json.loads((features / FEATURES_MANIFEST).read_text(encoding="utf-8")).get("method")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None

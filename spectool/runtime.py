@@ -56,6 +56,49 @@ class Runtime:
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
+    @property
+    def max_positions(self) -> int | None:
+        """The target's max_position_embeddings: prompt + answer must fit in it (None when the config has none)."""
+        limit = self.info.arch.max_position_embeddings
+        return limit if isinstance(limit, int) and limit > 0 else None
+
+    def fit_conversation(
+        self, system: str | None, history: list[dict[str, str]], user_text: str, max_new_tokens: int
+    ) -> FittedPrompt:
+        """The prompt of a chat turn within the target's positions: the oldest turns of `history` (user message +
+        answer pairs) dropped until a full answer fits; when the message alone leaves room for fewer than
+        `max_new_tokens`, the history goes and the answer is capped. A message that leaves no room for an answer
+        even alone is a usage error."""
+        head = [{"role": "system", "content": system}] if system else []
+        user = [{"role": "user", "content": user_text}]
+        ids = self.prompt_ids(head + history + user)
+        limit = self.max_positions
+        if limit is None or len(ids) + max_new_tokens <= limit:
+            return FittedPrompt(ids, max_new_tokens, history, 0, limit)
+        alone = len(self.prompt_ids(head + user))
+        if alone >= limit:
+            with_system = " and the system prompt" if system else ""
+            raise UsageError(
+                f"the prompt is {alone} tokens with the chat template{with_system}, which leaves no room for an answer "
+                f"in the target's {limit} positions (max_position_embeddings); shorten it"
+            )
+        budget, dropped = min(max_new_tokens, limit - alone), 0
+        while len(ids) + budget > limit and history:
+            history, dropped = history[2:], dropped + 1  # one turn: the user's message and its answer
+            ids = self.prompt_ids(head + history + user)
+        return FittedPrompt(ids, budget, history, dropped, limit)
+
+
+@dataclass
+class FittedPrompt:
+    """A chat turn's prompt fitted into the target's positions (`Runtime.fit_conversation`)."""
+
+    ids: list[int]
+    max_new_tokens: int  # the answer's budget: the asked one, or less when the message alone leaves less room
+    history: list[dict[str, str]]  # the history kept
+    dropped_turns: int  # the oldest turns dropped to fit
+    limit: int | None  # the target's positions
+
 
 def stop_token_ids(model: Any, chat: ChatFormat | None, tokenizer: Any) -> list[int]:
     """End-of-answer ids: the chat template's end-of-turn token, the tokenizer's eos, the generation config's."""

@@ -11,7 +11,6 @@ from rich.console import Console
 from rich.text import Text
 
 from spectool.cli.render import error_console
-from spectool.errors import UsageError
 
 if TYPE_CHECKING:
     from spectool.decoding.accept import SamplingParams
@@ -104,53 +103,23 @@ class ChatSession:
     def reset(self) -> None:
         self.messages = []
 
-    def conversation(self, user_text: str, history: list[dict[str, str]] | None = None) -> list[dict[str, str]]:
-        """The system prompt, the history (this session's unless given) and the user's new message."""
-        head = [{"role": "system", "content": self.system}] if self.system else []
-        history = self.messages if history is None else history
-        return head + history + [{"role": "user", "content": user_text}]
-
-    @property
-    def max_positions(self) -> int | None:
-        """The target's max_position_embeddings: prompt + answer must fit in it (None when the config has none)."""
-        limit = self.runtime.info.arch.max_position_embeddings
-        return limit if isinstance(limit, int) and limit > 0 else None
-
     def fit(self, user_text: str) -> tuple[list[int], int]:
-        """The prompt ids of this turn and the answer's token budget, within the target's positions.
-
-        A message that leaves no room for an answer even without the history is refused (UsageError) and the
-        history kept. Otherwise the oldest turns are dropped, saying so, until a full answer fits; when the
-        message alone leaves room for fewer than max_new_tokens, the history goes and the answer is capped, saying
-        so."""
-        ids = self.runtime.prompt_ids(self.conversation(user_text))
-        limit = self.max_positions
-        if limit is None or len(ids) + self.max_new_tokens <= limit:
-            return ids, self.max_new_tokens
-        alone = len(self.runtime.prompt_ids(self.conversation(user_text, history=[])))
-        if alone >= limit:
-            system = " and the system prompt" if self.system else ""
-            raise UsageError(
-                f"the prompt is {alone} tokens with the chat template{system}, which leaves no room for an answer in "
-                f"the target's {limit} positions (max_position_embeddings); shorten it"
-            )
-        budget = min(self.max_new_tokens, limit - alone)
-        dropped = 0
-        while len(ids) + budget > limit and self.messages:
-            self.messages = self.messages[2:]  # one turn: the user's message and its answer
-            dropped += 1
-            ids = self.runtime.prompt_ids(self.conversation(user_text))
-        if dropped:
+        """The prompt ids of this turn and the answer's token budget, within the target's positions
+        (`Runtime.fit_conversation`): the oldest turns dropped, or the answer capped, saying so."""
+        fitted = self.runtime.fit_conversation(self.system, self.messages, user_text, self.max_new_tokens)
+        self.messages = fitted.history
+        if fitted.dropped_turns:
             self.note(
-                f"dropped the oldest {_turns(dropped)} of the conversation to fit the target's {limit} positions "
-                f"(max_position_embeddings); {_turns(len(self.messages) // 2)} kept"
+                f"dropped the oldest {_turns(fitted.dropped_turns)} of the conversation to fit the target's "
+                f"{fitted.limit} positions (max_position_embeddings); {_turns(len(fitted.history) // 2)} kept"
             )
-        if budget < self.max_new_tokens:
+        if fitted.max_new_tokens < self.max_new_tokens:
             self.note(
-                f"answer capped at {budget} tokens (not {self.max_new_tokens}): the prompt is {len(ids)} tokens "
-                f"and the target takes at most {limit} positions (max_position_embeddings)"
+                f"answer capped at {fitted.max_new_tokens} tokens (not {self.max_new_tokens}): the prompt is "
+                f"{len(fitted.ids)} tokens and the target takes at most {fitted.limit} positions "
+                "(max_position_embeddings)"
             )
-        return ids, budget
+        return fitted.ids, fitted.max_new_tokens
 
     def note(self, text: str) -> None:
         error_console().print(Text(f"note: {text}", style="yellow"))

@@ -213,7 +213,6 @@ def features_command(
     """Store target features for offline training (help text: `_FEATURES_HELP`); the work is in `training.features`."""
     check_model_argument(target)  # before torch loads: a mistyped path answers at once
     check_data_argument(data)
-    import os
 
     from spectool.cli.render import human_bytes
     from spectool.layers import parse_layer_ids
@@ -244,7 +243,9 @@ def features_command(
         dtype=dtype,
     )
     out_console = console()
-    main_process = os.environ.get("RANK", "0") == "0"
+    from spectool.training.distributed import launched_as_main
+
+    main_process = launched_as_main()
     columns = (
         TextColumn("computing features"),
         BarColumn(),

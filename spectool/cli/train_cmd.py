@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,15 @@ from spectool.cli.render import console, error_console, handles_errors, human_co
 from spectool.datasets import check_data_argument
 from spectool.errors import UsageError
 from spectool.hub import check_model_argument
-from spectool.paths import check_force_target, check_input_file, check_output_path, quoted, refuse_inputs_inside
+from spectool.paths import (
+    check_force_target,
+    check_input_file,
+    check_output_path,
+    features_method,
+    quoted,
+    refuse_inputs_inside,
+    saved_run_config,
+)
 
 _HELP = (
     "Train a draft for a target: run the frozen target over your conversations and fit the method's objective.\n\n"
@@ -149,7 +156,7 @@ def train_command(
     given = {name: value for name, value in options.items() if value is not None}
     file_values = read_config_file(config_file) if config_file is not None else {}
     if "method" not in given and "method" not in file_values and given.get("features") and not resume:
-        method_of_features = _features_method(Path(given["features"]).expanduser())
+        method_of_features = features_method(Path(given["features"]).expanduser())
         if method_of_features is not None:
             given["method"] = method_of_features
     out_dir = given.get("out") or file_values.get("out")
@@ -160,7 +167,7 @@ def train_command(
     if resume:
         if force:
             raise UsageError("--resume continues the run in OUT and --force replaces it: pick one")
-        saved = _saved_config(Path(out_dir).expanduser())
+        saved = saved_run_config(Path(out_dir).expanduser())
     config = resolve_config({**given, "out": out_dir}, config_file=config_file, saved=saved)
     _check_inputs(config)
     if not resume:  # the trainer checks OUT again (for Python callers); here it answers before torch loads
@@ -176,7 +183,9 @@ def train_command(
     try:
         _run(config, resume=resume, force=force, as_json=as_json)
     except BaseException:
-        if os.environ.get("RANK", "0") == "0":
+        from spectool.training.distributed import launched_as_main
+
+        if launched_as_main():
             _remove_empty_dirs(created)
         raise
 
@@ -226,30 +235,6 @@ def _remove_empty_dirs(created: list[Path]) -> None:
             return
 
 
-def _features_method(features: Path) -> str | None:
-    """The method a features directory was made for (so --method may be left out with --features)."""
-    try:
-        return json.loads((features / "features.json").read_text(encoding="utf-8")).get("method")
-    except (OSError, json.JSONDecodeError):
-        return None  # FeatureStore reports the problem with the directory
-
-
-def _saved_config(out: Path) -> dict[str, Any]:
-    """The run's saved options, read without torch; the trainer checks the checkpoint itself when it loads."""
-    if not any((out / "checkpoints").glob("step-*/trainer_state.pt")):
-        fresh = "leave out --resume to start a fresh run"
-        if not out.is_dir():
-            raise UsageError(f"nothing to resume: {out} does not exist; {fresh} there")
-        if any(out.iterdir()):
-            fresh += " (with --force to replace the files spectool wrote there)"
-        raise UsageError(f"nothing to resume in {out}: no complete checkpoint under {out / 'checkpoints'}; {fresh}")
-    path = out / "train_config.json"
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        raise UsageError(f"cannot read {path}, which a resumed run continues from") from None
-
-
 def progress_columns(out: Any) -> tuple:
     """The training bar: step count, bar, running figures (cut first when the line is short), elapsed, eta."""
     return (
@@ -264,10 +249,11 @@ def progress_columns(out: Any) -> tuple:
 
 
 def _run(config: Any, *, resume: bool, force: bool, as_json: bool) -> None:
+    from spectool.training.distributed import launched_as_main
     from spectool.training.progress import TrainEvent, TrainingInterrupted
     from spectool.training.trainer import Trainer
 
-    main_process = os.environ.get("RANK", "0") == "0"
+    main_process = launched_as_main()
     out_console = console()
     show = out_console.is_terminal and not as_json and main_process
     plain = not out_console.is_terminal and not as_json and main_process  # a log file: one line per logged row

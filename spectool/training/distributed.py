@@ -106,6 +106,12 @@ class DistributedContext:
         return slice(self.rank * per, (self.rank + 1) * per)
 
 
+def launched_as_main() -> bool:
+    """Whether this process is the main one of its launch: torchrun's rank 0, or a process torchrun did not start
+    (readable before the process group is joined, and after it is left)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def init_distributed(device: str | None = None) -> DistributedContext:
     """Join the process group that torchrun describes in the environment (RANK, WORLD_SIZE, LOCAL_RANK,
     MASTER_ADDR/PORT), or return a single-process context. CUDA processes use ``cuda:LOCAL_RANK`` and nccl;

@@ -36,12 +36,12 @@ from torch import nn
 from spectool.chat_format import AssistantTurns, ChatFormat, TokenizedExample
 from spectool.checkpoint import chat_template_sha256
 from spectool.errors import SpectoolError, UsageError
-from spectool.paths import file_mode, fsync_dir
+from spectool.paths import FEATURES_MANIFEST, file_mode, fsync_dir
 from spectool.target import FrozenTarget, TargetBatch
 from spectool.training.batches import Batch, ShuffledBatches, TokenizeReport, collate, tokenize_conversations
 from spectool.training.conversations import LoadReport, load_conversations
 
-MANIFEST = "features.json"
+MANIFEST = FEATURES_MANIFEST
 FORMAT = "spectool-features"
 FORMAT_VERSION = 1
 #: Manifest entries that must agree for a rerun to continue writing into an existing directory.

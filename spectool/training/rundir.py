@@ -33,14 +33,23 @@ from torch import nn
 
 from spectool.checkpoint import DraftMetadata, save_draft
 from spectool.errors import SpectoolError, UsageError
-from spectool.paths import METRICS_FILE, check_force_target, fsync_dir, make_output_dir, refuse_inputs_inside
+from spectool.paths import (
+    CHECKPOINTS_DIR,
+    DRAFT_FILES,
+    METRICS_FILE,
+    RUN_CONFIG_FILE,
+    TRAINER_STATE_FILE,
+    check_force_target,
+    fsync_dir,
+    make_output_dir,
+    refuse_inputs_inside,
+)
 from spectool.training.config import TrainConfig
 from spectool.training.distributed import DistributedContext
 
-CONFIG_FILE = "train_config.json"
-CHECKPOINTS_DIR = "checkpoints"
-STATE_FILE = "trainer_state.pt"
-FINAL_FILES = ("model.safetensors", "config.json", "spectool.json")
+CONFIG_FILE = RUN_CONFIG_FILE
+STATE_FILE = TRAINER_STATE_FILE
+FINAL_FILES = DRAFT_FILES
 _CHECKPOINT_NAME = re.compile(r"^step-(\d{7})$")
 
 #: What a trainer_state.pt must hold (see `write_checkpoint`).
