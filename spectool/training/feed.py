@@ -10,8 +10,9 @@ from typing import Any
 import torch
 
 from spectool.training.batches import Batch, collate
+from spectool.training.capture import capture_batch
 from spectool.training.distributed import DistributedContext, shard_batch
-from spectool.training.features import IndexedBatches, capture_batch
+from spectool.training.features import IndexedBatches
 from spectool.training.inputs import ExampleSplit, TrainingInputs
 
 

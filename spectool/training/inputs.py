@@ -13,9 +13,10 @@ from spectool import hardware
 from spectool.errors import SpectoolError, UsageError
 from spectool.hub import TargetInfo
 from spectool.training.batches import pad_token_id, split_heldout
+from spectool.training.capture import prepare_examples
 from spectool.training.config import TrainConfig
 from spectool.training.distributed import DistributedContext
-from spectool.training.features import FeatureStore, prepare_examples
+from spectool.training.features import FeatureStore
 
 
 @dataclass

@@ -12,11 +12,11 @@ from spectool.chat_format import TokenizedExample
 from spectool.errors import UsageError
 from spectool.target import FrozenTarget
 from spectool.training.batches import ShuffledBatches, collate, pack_examples
+from spectool.training.capture import capture_batch
 from spectool.training.features import (
     FeaturesConfig,
     FeatureStore,
     IndexedBatches,
-    capture_batch,
     extract_features,
     shard_name,
 )
