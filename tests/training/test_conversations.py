@@ -208,6 +208,21 @@ def test_regeneration_needs_a_user_turn_first(tmp_path):
         load_conversations(write_jsonl(tmp_path / "d.jsonl", [row]), require="prompt")
 
 
+def test_a_sharegpt_row_that_opens_with_an_assistant_turn_loses_that_turn(tmp_path):
+    """FastChat's and EAGLE's ShareGPT readers drop a conversation's opening gpt turn (ShareGPT splits long
+    conversations, so a piece can open mid-answer); OpenAI-style rows keep the strict check above."""
+    turns = [
+        {"from": "gpt", "value": "...the rest"},
+        {"from": "human", "value": "go on"},
+        {"from": "gpt", "value": "ok"},
+    ]
+    path = write_jsonl(tmp_path / "d.jsonl", [{"id": "x", "conversations": turns}])
+    for require in ("prompt", "assistant"):
+        conversations, report = load_conversations(path, require=require)
+        assert [(m.role, m.content) for m in conversations[0].messages] == [("user", "go on"), ("assistant", "ok")]
+        assert report.leading_assistant_dropped == 1 and "open with an assistant turn" in report.notes[0]
+
+
 def test_ids_are_stable_and_unique(tmp_path):
     other = {"messages": [{"role": "user", "content": "yo"}, {"role": "assistant", "content": "hey"}]}
     path = write_jsonl(tmp_path / "d.jsonl", [OPENAI_ROW, other, OPENAI_ROW, {**other, "id": "mine"}])
