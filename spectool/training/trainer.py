@@ -12,7 +12,7 @@ split leaves every part the same share of supervised positions).
 
 What the run reads comes from `spectool.training.inputs` (target, examples) and `spectool.training.draft_setup`
 (the draft); what it writes goes through `spectool.training.rundir` (checkpoints, metrics.jsonl, the final draft),
-and the checkpoint, resume and final-draft steps are `spectool.training.checkpointing.CheckpointSteps`.
+and the state a checkpoint saves and a resume puts back is `spectool.training.run_state`'s (`RunCheckpoints`).
 Ctrl-C or SIGTERM finishes the current step, writes a checkpoint and stops (`TrainingInterrupted`); a second Ctrl-C
 stops at once. A non-finite loss or gradient stops without writing anything (`TrainingDiverged`).
 """
@@ -32,11 +32,12 @@ from typing import Any
 import torch
 
 from spectool import hardware
+from spectool.checkpoint import DraftMetadata
+from spectool.drafts.from_target import target_metadata
 from spectool.errors import SpectoolError, UsageError
 from spectool.paths import quoted, remove_entries
 from spectool.registry import get
 from spectool.training import rundir
-from spectool.training.checkpointing import CheckpointSteps
 from spectool.training.config import TrainConfig
 from spectool.training.distributed import (
     DistributedContext,
@@ -59,14 +60,16 @@ from spectool.training.optimization import (
     plan_due,
     plan_schedule,
     planned_steps,
+    restart_schedule,
     set_total_steps,
 )
 from spectool.training.progress import MetricsWindow, TrainEvent, TrainingDiverged, TrainingInterrupted, TrainResult
 from spectool.training.reporting import Reporter, open_reporter
+from spectool.training.run_state import RunCheckpoints, RunCounters, TrainingParts
 from spectool.training.signals import EXIT_CODES, StopRequests
 
 
-class Trainer(CheckpointSteps):
+class Trainer:
     """One training run; ``Trainer(config).run()`` trains and writes the final draft (see the module docstring).
 
     Construction does the setup: the process group (under torchrun), the run directory, the target, the data,
@@ -130,8 +133,9 @@ class Trainer(CheckpointSteps):
             autocast_dtype=self.autocast_dtype,
         )
         self._set_up_schedule()
+        self.checkpoints = RunCheckpoints(self.out, context, method=config.method, keep_last=config.keep_last)
         if self.resume_from is not None:
-            self._load_trainer_state(self.resume_from)
+            self._resume(self.resume_from)
         elif context.is_main:
             # Every check passed and everything loaded: only now replace what --force said to replace.
             remove_entries(self.checked.to_remove)
@@ -418,6 +422,74 @@ class Trainer(CheckpointSteps):
             else ("no checkpoint was written yet (lower --lr, or check the data)")
         )
         return f"{what} became NaN or infinite at step {self.step + 1}; stopped without saving: {kept}"
+
+    # --- Checkpoints and the final draft (`run_state`) ---------------------------------------------------------
+
+    @property
+    def parts(self) -> TrainingParts:
+        """What a checkpoint holds the state of."""
+        return TrainingParts(self.model, self.draft, self.optimizer, self.scheduler, self.generator, self.batches)
+
+    def _metadata(self, metrics: dict[str, Any] | None = None) -> DraftMetadata:
+        """spectool.json of a checkpoint or of the final draft: the target, and a summary of the training so far."""
+        metadata = target_metadata(self.info, self.spec)
+        metadata.target_layer_ids = list(self.spec.target_layer_ids)
+        metadata.training = rundir.training_summary(
+            self.config,
+            step=self.step,
+            total_steps=self.total_steps,
+            tokens=self.tokens,
+            seconds=self.seconds,
+            metrics=metrics,
+            calibration_blocks=getattr(self, "calibration_blocks", None),
+        )
+        return metadata
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoints/step-<7-digit step>`` (every process must call this), keep the last --keep-last."""
+        counters = RunCounters(self.step, self.tokens, self.seconds, self.overhead_seconds, self.once_seconds)
+        config = self.resolved_config.to_json()
+        path = self.checkpoints.save(self.parts, counters, self.total_steps, self._metadata(), config)
+        self._emit("checkpoint", path=str(path))
+        return path
+
+    def save_final(self, metrics: dict[str, Any], eval_metrics: dict[str, Any]) -> Path:
+        """The trained draft in OUT itself, with a ``training`` summary of these metrics in spectool.json."""
+        final_metrics = {k: v for k, v in {**metrics, **eval_metrics}.items() if isinstance(v, (int, float))}
+        return self.checkpoints.save_final(self.parts, self.step, self._metadata(final_metrics), self.config.save_dtype)
+
+    def _resume(self, path: Path) -> None:
+        """Continue from the checkpoint at `path` (its weights came with the draft): its state, counters and plan."""
+        restored = self.checkpoints.restore(
+            path, self.parts, self.resolved_config.to_json(), seed=self.config.seed, state=self.checked.resume_state
+        )
+        self.checked.resume_state = None
+        counters = restored.counters
+        self.step, self.tokens, self.seconds = counters.step, counters.tokens, counters.seconds
+        self.overhead_seconds, self.once_seconds = counters.overhead_seconds, counters.once_seconds
+        self.notes.extend(restored.notes)
+        if self.config.max_minutes:
+            self._plan()  # the budget counts the time already spent
+        if self.step >= self.total_steps:
+            if rundir.final_draft_steps(self.out) == self.step:
+                raise UsageError(
+                    f"the run in {self.out} already finished ({self.step} of {self.total_steps} steps); raise "
+                    "--max-steps, --epochs or --max-minutes to train longer"
+                )
+            # Stopped after its last checkpoint but before (or while) writing the final draft: write it now.
+            self.finish_only = True
+            self.notes.append(f"all {self.step} steps were done; writing the final draft the run did not finish")
+        restart_schedule(
+            self.scheduler,
+            total_steps=self.total_steps,
+            warmup_steps=self.warmup_steps,
+            peak_lr=self.config.peak_lr,
+            min_lr_ratio=self.config.min_lr_ratio,
+            step=self.step,
+        )
+        if self.context.is_main:
+            rundir.truncate_metrics(self.out, self.step)
+            rundir.write_config(self.out, self.resolved_config.to_json())
 
     # --- Evaluation -----------------------------------------------------------------------------------------
 
