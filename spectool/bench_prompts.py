@@ -93,40 +93,24 @@ def _rows(path: Path) -> list[Any]:
 
 
 def load_prompts(path: str | Path) -> list[list[dict[str, str]]]:
-    """Conversations to answer from a JSONL file of `{"prompt": ...}` or `{"messages": [...]}` rows.
+    """Conversations to answer from a file of `{"prompt": ...}` or `{"messages": [...]}` rows (or ShareGPT
+    `{"conversations": [...]}` ones), read as training data is (`spectool.conversations`).
 
-    A trailing assistant turn in `messages` is dropped (the benchmark generates it).
+    Trailing assistant turns are dropped (the benchmark generates the answer).
     """
-    from spectool.training.conversations import read_utf8
+    from spectool.conversations import load_conversations
 
     path = Path(path).expanduser()
     if path.is_dir():
         raise UsageError(f"{path} is a directory; --prompts takes a JSONL file")
     if not path.is_file():
         raise UsageError(f"no such prompts file: {path}")
-    text = read_utf8(path)
-    prompts: list[list[dict[str, str]]] = []
-    for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise SpectoolError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-        if isinstance(row, dict) and isinstance(row.get("prompt"), str):
-            prompts.append([{"role": "user", "content": row["prompt"]}])
-            continue
-        messages = row.get("messages") if isinstance(row, dict) else None
-        if not isinstance(messages, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages
-        ):
-            raise SpectoolError(f'{path}:{number}: expected {{"prompt": str}} or {{"messages": [{{role, content}}]}}')
-        while messages and messages[-1]["role"] == "assistant":
-            messages = messages[:-1]
-        if not messages:
-            raise SpectoolError(f"{path}:{number}: no user turn to answer")
-        prompts.append([{"role": m["role"], "content": m["content"]} for m in messages])
-    if not prompts:
+    if not path.read_bytes().strip():
         raise UsageError(f"{path} holds no prompts")
+    prompts = []
+    for conversation in load_conversations(path, require="prompt", bad_row_hint=None)[0]:
+        messages = conversation.to_dicts()
+        while messages[-1]["role"] == "assistant":
+            messages = messages[:-1]
+        prompts.append(messages)
     return prompts

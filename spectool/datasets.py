@@ -162,7 +162,7 @@ _HUB_DATASET_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 def check_data_argument(ref: str) -> None:
     """Refuse a --data that is neither an existing path, a named data set nor a Hub dataset id (exit 2), without
-    the network or torch (`spectool.training.conversations` reads it later)."""
+    the network or torch (`spectool.conversations` reads it later)."""
     path = Path(ref).expanduser()
     if path.exists() or is_named(ref):
         return

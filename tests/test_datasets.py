@@ -8,8 +8,8 @@ import pytest
 from huggingface_hub import constants
 
 from spectool import datasets, hub
+from spectool.conversations import load_conversations
 from spectool.errors import SpectoolError, UsageError
-from spectool.training.conversations import load_conversations
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

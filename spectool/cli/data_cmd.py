@@ -89,8 +89,8 @@ def regen_command(
     check_data_argument(prompts)
 
     from spectool.chat_format import ChatFormat
+    from spectool.conversations import load_conversations
     from spectool.hub import load_model_and_tokenizer, resolve_model
-    from spectool.training.conversations import load_conversations
     from spectool.training.regen import RegenConfig, RegenProgress, check_regen_output, regenerate
 
     config = RegenConfig(

@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 
 from spectool.chat_format import AssistantTurns, ChatFormat, ChatTemplateError, TokenizedExample
+from spectool.conversations import MAX_REASONS, Conversation
 from spectool.errors import SpectoolError, UsageError
-from spectool.training.conversations import MAX_REASONS, Conversation
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

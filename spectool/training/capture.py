@@ -14,10 +14,10 @@ import torch
 
 from spectool.chat_format import ChatFormat, TokenizedExample
 from spectool.checkpoint import chat_template_sha256
+from spectool.conversations import LoadReport, load_conversations
 from spectool.errors import SpectoolError, UsageError
 from spectool.target import FrozenTarget, TargetBatch
 from spectool.training.batches import Batch, ShuffledBatches, TokenizeReport, tokenize_conversations
-from spectool.training.conversations import LoadReport, load_conversations
 
 
 def capture_batch(target: FrozenTarget, batch: Batch, *, return_logits: bool = False) -> TargetBatch:

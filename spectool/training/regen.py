@@ -21,9 +21,9 @@ from typing import IO, TYPE_CHECKING, Any
 import torch
 
 from spectool.chat_format import ChatFormat, ChatTemplateError, Message
+from spectool.conversations import Conversation
 from spectool.errors import SpectoolError, UsageError
 from spectool.training.batches import pad_token_id
-from spectool.training.conversations import Conversation
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel

@@ -110,7 +110,7 @@ def test_bench_missing_draft_dir(tmp_path, prompts_file):
 def test_load_prompts_errors(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"messages": "nope"}\n')
-    with pytest.raises(SpectoolError, match=r"bad.jsonl:2: expected"):
+    with pytest.raises(SpectoolError, match=r"bad.jsonl:2: .messages. must be a non-empty list of turns$"):
         load_prompts(bad)
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(UsageError, match="holds no prompts"):

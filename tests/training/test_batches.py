@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from spectool.chat_format import ChatFormat, Message, TokenizedExample
+from spectool.conversations import Conversation
 from spectool.errors import SpectoolError, UsageError
 from spectool.training.batches import (
     ShuffledBatches,
@@ -16,7 +17,6 @@ from spectool.training.batches import (
     split_heldout,
     tokenize_conversations,
 )
-from spectool.training.conversations import Conversation
 
 
 def example(ids: list[int], mask: list[int] | None = None) -> TokenizedExample:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from spectool.chat_format import ChatFormat, ChatTemplateError, Message
+from spectool.conversations import Conversation
 from spectool.errors import SpectoolError
 from spectool.training.batches import tokenize_conversations
-from spectool.training.conversations import Conversation
 from tests.training.conftest import CHATML_TEMPLATE, QWEN3_LIKE_TEMPLATE, build_tokenizer
 
 CONVERSATION = Conversation(

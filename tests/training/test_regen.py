@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from spectool.chat_format import ChatFormat, Message
 from spectool.cli import app
+from spectool.conversations import load_conversations
 from spectool.hub import load_model_and_tokenizer, resolve_model
-from spectool.training.conversations import load_conversations
 from spectool.training.regen import cut_at_stop, read_finished_ids
 from tests.training.conftest import write_jsonl
 
@@ -266,7 +266,7 @@ def test_max_turns_and_max_prompt_tokens(tmp_path, tiny_target_dir):
 
 
 def test_rows_are_batched_by_length_within_windows():
-    from spectool.training.conversations import Conversation
+    from spectool.conversations import Conversation
     from spectool.training.regen import _length_sorted
 
     rows = [Conversation([Message("user", "x" * n)], "f", i, id=str(i)) for i, n in enumerate([5, 1, 9, 3, 7, 2])]

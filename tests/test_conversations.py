@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from spectool.chat_format import Message
+from spectool.conversations import load_conversations
 from spectool.errors import SpectoolError, UsageError
-from spectool.training.conversations import load_conversations
 from tests.training.conftest import write_jsonl
 
 OPENAI_ROW = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}

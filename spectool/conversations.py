@@ -1,4 +1,5 @@
-"""Conversation readers: training and regeneration data from files, directories or Hub datasets.
+"""Conversation readers, the one home of reading conversations and prompts: training and regeneration data, and
+benchmark prompt files (`spectool.bench_prompts`), from files, directories or Hub datasets.
 
 `load_conversations` reads OpenAI ``messages`` rows, ShareGPT ``conversations`` rows or plain ``prompt`` rows from
 JSONL, JSON, parquet, a directory of such files, or a Hub dataset (`resolve_data_files` finds the files), into
@@ -100,6 +101,7 @@ def load_conversations(
     require: Requirement = "assistant",
     skip_bad_rows: bool = False,
     revision: str | None = None,
+    bad_row_hint: str | None = "skip such rows with --skip-bad-rows",
 ) -> tuple[list[Conversation], LoadReport]:
     """Read conversations from a file, a directory of data files, or a Hub dataset id.
 
@@ -132,7 +134,7 @@ def load_conversations(
             except _RowError as exc:
                 reason = f"{raw.label}: {exc}"
                 if not skip_bad_rows:
-                    raise SpectoolError(f"{reason} (skip such rows with --skip-bad-rows)") from None
+                    raise SpectoolError(f"{reason} ({bad_row_hint})" if bad_row_hint else reason) from None
                 report.skip(reason)
                 continue
             row_id = raw.value.get("id")
