@@ -6,7 +6,7 @@ checked against the target (width, vocabulary, depth, mask token) before anythin
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,11 @@ class Runtime:
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def drafting_every_round(self) -> Runtime:
+        """This runtime with an engine whose draft proposes every round (no `--verify auto` controller, no prefix
+        scheduler), so every round shows what the draft got accepted."""
+        return replace(self, engine=Engine(self.engine.session.target, self.engine.proposer))
 
     @property
     def max_positions(self) -> int | None:

@@ -156,14 +156,10 @@ def _train(screen: Console, config) -> None:
 
 def _chat(screen: Console, runtime, question: str, max_new_tokens: int) -> None:
     """Answer one held-out question with the inline acceptance view."""
-    from dataclasses import replace
-
     from spectool.decoding.accept import SamplingParams
-    from spectool.decoding.engine import Engine
 
     screen.print(Text(f"you> {question}", style="bold"))
-    # The draft proposes every round here, so its accepted tokens show (as `chat` does by default).
-    drafting = replace(runtime, engine=Engine(runtime.engine.session.target, runtime.engine.proposer))
+    drafting = runtime.drafting_every_round()  # so its accepted tokens show (as `chat` does by default)
     session = ChatSession(drafting, system=None, sampling=SamplingParams(), max_new_tokens=max_new_tokens, out=screen)
     session.answer(question)
     legend = Text("highlighted: draft tokens the target accepted (one colour per round); plain: the target's own")
