@@ -147,10 +147,8 @@ def run_bench(
             raise UsageError("--profile measures one prompt at a time; drop --batch-size")
         if any(p.followups for p in prompts):
             raise UsageError("later turns follow each answer one prompt at a time; with --batch-size pass --turns 1")
-        return _run_batched(
-            runtime, [p.messages for p in prompts], batch_size, max_new_tokens, sampling, baselines, seed,
-            stop_strings, max_drafts, on_prompt,
-        )  # fmt: skip
+        settings = _Settings(max_new_tokens, sampling, max_drafts, batch_size=min(batch_size, len(prompts)))
+        return _run_batched(runtime, [p.messages for p in prompts], settings, baselines, seed, stop_strings, on_prompt)
     zlab = zlab_draft(runtime) if "dflash-package" in baselines else None
     kwargs = {"max_new_tokens": max_new_tokens, "sampling": sampling, "stop_token_ids": runtime.stop_token_ids}
     hf_stops: dict[str, Any] = {}
@@ -167,39 +165,27 @@ def run_bench(
     # With `--verify auto`, the same draft drafting (and verifying) all it offers is the baseline that shows the gain.
     full_block = None
     if runtime.engine.controller is not None:
-        full_block = Engine(runtime.engine.session.target, runtime.engine.proposer)
+        full_block = runtime.drafting_every_round().engine
         baselines = [*baselines, "full-block"]
 
     tally = _Tally(hf_mismatched=[] if "hf" in baselines and sampling.greedy else None)
-    answers = 0
     for index, prompt in enumerate(prompts):
         messages = list(prompt.messages)
         for turn, followup in enumerate([None, *prompt.followups], start=1):
             if followup is not None:
                 messages.append({"role": "user", "content": followup})
             ids = runtime.prompt_ids(messages)
-            run = _PromptRun(runtime, ids, seed + answers, max_new_tokens, sampling, kwargs, spec_kwargs, hf_stops)
+            answer = tally.answers
+            run = _PromptRun(runtime, ids, seed + answer, max_new_tokens, sampling, kwargs, spec_kwargs, hf_stops)
             before = tally.snapshot()
-            out = run.measure(tally, answers, baselines, full_block, zlab)
+            out = run.measure(tally, answer, baselines, full_block, zlab)
             tally.record([prompt.category, f"turn {turn}"] if prompt.followups else [prompt.category], before)
             messages.append({"role": "assistant", "content": runtime.tokenizer.decode(out, skip_special_tokens=True)})
-            answers += 1
+            tally.answers += 1
         if on_prompt:
             on_prompt(index)
 
-    summary = GenerationStats(tally.rounds, tally.spec_seconds)
-    tps = tally.spec_tokens / tally.spec_seconds if tally.spec_seconds else 0.0
-    table = _speedups(tps, baselines, tally.tokens, tally.seconds)
-    if tally.full_rounds:
-        table["full-block"]["acceptance_length"] = GenerationStats(tally.full_rounds).acceptance_length
-    if tally.zlab_rounds:  # its own acceptance length, to show both loops accept the same
-        verified = sum(f for _, f in tally.zlab_rounds)
-        accepted = sum(t for t, _ in tally.zlab_rounds)
-        table["dflash-package"]["acceptance_length"] = accepted / verified if verified else None
-    report = _report(
-        runtime, summary, tps, tally.spec_tokens, answers, max_new_tokens, sampling, tally.mismatched, table,
-        max_drafts, tally.hf_mismatched,
-    )  # fmt: skip
+    report = _report(runtime, tally, baselines, _Settings(max_new_tokens, sampling, max_drafts))
     report.turns = max(p.turns for p in prompts)
     report.categories = tally.breakdown() if len(tally.parts) > 1 or report.turns > 1 else {}
     if profile:
@@ -229,6 +215,7 @@ class _Tally:
     differ from the target's (and from HF generate's, None when that is not checked)."""
 
     hf_mismatched: list[int] | None
+    answers: int = 0
     spec_tokens: float = 0.0
     spec_seconds: float = 0.0
     rounds: list[Any] = field(default_factory=list)
@@ -328,45 +315,53 @@ def _speedups(tps: float, baselines: Sequence[str], tokens: Counter, seconds: Co
     return table
 
 
-def _report(
-    runtime: Runtime,
-    summary: GenerationStats,
-    tps: float,
-    spec_tokens: float,
-    num_prompts: int,
-    max_new_tokens: int,
-    sampling: SamplingParams,
-    mismatched: list[int],
-    table: dict[str, dict[str, float]],
-    max_drafts: int | None,
-    hf_mismatched: list[int] | None,
-    batch_size: int = 1,
-) -> BenchReport:
-    """`mismatched`: prompts whose greedy output differs from the target's through spectool's loop;
-    `hf_mismatched`: from HF generate's, None when that was not checked (sampling, or no hf baseline)."""
+@dataclass(frozen=True)
+class _Settings:
+    """How a bench decoded: tokens per answer, sampling, the cap on drafted tokens per round, and how many prompts
+    were decoded together."""
+
+    max_new_tokens: int
+    sampling: SamplingParams
+    max_drafts: int | None
+    batch_size: int = 1
+
+
+def _report(runtime: Runtime, tally: _Tally, baselines: Sequence[str], settings: _Settings) -> BenchReport:
+    """The report of a bench's runs (one prompt at a time or batched): tokens/s and speedups over each baseline,
+    acceptance, and the losslessness checks (`tally.mismatched`: answers whose greedy tokens differ from the
+    target's through spectool's loop; `tally.hf_mismatched`: from HF generate's, None when not checked)."""
+    summary = GenerationStats(tally.rounds, tally.spec_seconds)
+    tps = tally.spec_tokens / tally.spec_seconds if tally.spec_seconds else 0.0
+    table = _speedups(tps, baselines, tally.tokens, tally.seconds)
+    if tally.full_rounds:
+        table["full-block"]["acceptance_length"] = GenerationStats(tally.full_rounds).acceptance_length
+    if tally.zlab_rounds:  # its own acceptance length, to show both loops accept the same
+        verified = sum(f for _, f in tally.zlab_rounds)
+        accepted_tokens = sum(t for t, _ in tally.zlab_rounds)
+        table["dflash-package"]["acceptance_length"] = accepted_tokens / verified if verified else None
     accepted, drafted = summary.accepted_per_position()
-    draft = runtime.draft
+    draft, sampling = runtime.draft, settings.sampling
     return BenchReport(
         method=draft.method,
         verify="auto" if "full-block" in table else "full",
         target=runtime.info.ref,
         draft=str(draft.path),
-        num_prompts=num_prompts,
-        max_new_tokens=max_new_tokens,
+        num_prompts=tally.answers,
+        max_new_tokens=settings.max_new_tokens,
         temperature=sampling.temperature,
-        lossless=(not mismatched) if sampling.greedy else None,
-        mismatched_prompts=mismatched,
+        lossless=(not tally.mismatched) if sampling.greedy else None,
+        mismatched_prompts=tally.mismatched,
         acceptance_length=summary.acceptance_length if summary.verify_rounds else None,
         tokens_per_second=tps,
-        new_tokens=int(spec_tokens),
+        new_tokens=int(tally.spec_tokens),
         baselines=table,
         acceptance_histogram=dict(Counter(len(r.tokens) for r in summary.verify_rounds)),
         drafted_per_round=dict(Counter(r.num_drafted for r in summary.verify_rounds)),
         accepted_per_position=[a / d if d else 0.0 for a, d in zip(accepted, drafted, strict=True)],
-        max_drafts=max_drafts,
-        batch_size=batch_size,
-        lossless_vs_hf_generate=(not hf_mismatched) if hf_mismatched is not None else None,
-        hf_mismatched_prompts=hf_mismatched or [],
+        max_drafts=settings.max_drafts,
+        batch_size=settings.batch_size,
+        lossless_vs_hf_generate=(not tally.hf_mismatched) if tally.hf_mismatched is not None else None,
+        hf_mismatched_prompts=tally.hf_mismatched or [],
         machine=machine_description(runtime.model.device),
     )
 
@@ -378,16 +373,14 @@ BATCH_BASELINES = ("target", "hf")
 def _run_batched(
     runtime: Runtime,
     prompts: Sequence[list[dict[str, str]]],
-    batch_size: int,
-    max_new_tokens: int,
-    sampling: SamplingParams,
+    settings: _Settings,
     baselines: Sequence[str],
     seed: int,
     stop_strings: Sequence[str],
-    max_drafts: int | None,
     on_prompt: Callable[[int], None] | None,
 ) -> BenchReport:
-    """`run_bench` with `batch_size` prompts decoded together, by the speculative loop and by each baseline."""
+    """`run_bench` with `settings.batch_size` prompts decoded together, by the speculative loop and by each
+    baseline."""
     from spectool.decoding.batch import BatchEngine
     from spectool.decoding.proposers import EagleTreeProposer
 
@@ -405,53 +398,47 @@ def _run_batched(
     spec = BatchEngine(runtime.engine.session.target, proposer)
     alone = BatchEngine(runtime.target_engine.session.target)
     encoded = [runtime.prompt_ids(p) for p in prompts]
-    kwargs: dict[str, Any] = {"max_new_tokens": max_new_tokens, "sampling": sampling}
+    sampling, size, max_drafts = settings.sampling, settings.batch_size, settings.max_drafts
+    kwargs: dict[str, Any] = {"max_new_tokens": settings.max_new_tokens, "sampling": sampling}
     kwargs["stop_token_ids"] = runtime.stop_token_ids
     if stop_strings:
         kwargs["stop_strings"] = StopStrings(runtime.tokenizer.decode, list(stop_strings))
-    groups = [encoded[i : i + batch_size] for i in range(0, len(encoded), batch_size)]
+    groups = [encoded[i : i + size] for i in range(0, len(encoded), size)]
     spec.generate(groups[0], **{**kwargs, "max_new_tokens": 8}, max_drafts=max_drafts, seed=seed)  # warm-up
     alone.generate(groups[0], **{**kwargs, "max_new_tokens": 8}, seed=seed)
 
-    rounds, mismatched = [], []
-    hf_mismatched = [] if "hf" in baselines and sampling.greedy else None  # None: no check against HF generate
-    seconds, tokens = Counter(), Counter()
-    spec_seconds = spec_tokens = 0.0
+    tally = _Tally(hf_mismatched=[] if "hf" in baselines and sampling.greedy else None)  # None: not checked
     for number, group in enumerate(groups):
-        first = number * batch_size
+        first = number * size
         start = time.perf_counter()
         rows = spec.generate(group, **kwargs, max_drafts=max_drafts, seed=seed + first)
-        spec_seconds += time.perf_counter() - start
-        spec_tokens += sum(len(r.tokens) for r in rows)
-        rounds += [event for r in rows for event in r.rounds]
+        tally.spec_seconds += time.perf_counter() - start
+        tally.spec_tokens += sum(len(r.tokens) for r in rows)
+        tally.rounds += [event for r in rows for event in r.rounds]
+        tally.answers += len(group)
         if "target" in baselines or sampling.greedy:
             start = time.perf_counter()
             reference = alone.generate(group, **kwargs, seed=seed + first)
-            seconds["target"] += time.perf_counter() - start
-            tokens["target"] += sum(len(r.tokens) for r in reference)
+            tally.seconds["target"] += time.perf_counter() - start
+            tally.tokens["target"] += sum(len(r.tokens) for r in reference)
             if sampling.greedy:
-                mismatched += [
+                tally.mismatched += [
                     first + i for i, (a, b) in enumerate(zip(rows, reference, strict=True)) if a.tokens != b.tokens
                 ]
         if "hf" in baselines:
-            answers, hf_seconds = timed_hf_batch(runtime, group, max_new_tokens, sampling, kwargs.get("stop_strings"))
-            seconds["hf"] += hf_seconds
-            tokens["hf"] += sum(len(a) for a in answers)
-            if hf_mismatched is not None:
-                hf_mismatched += [
+            answers, hf_seconds = timed_hf_batch(
+                runtime, group, settings.max_new_tokens, sampling, kwargs.get("stop_strings")
+            )
+            tally.seconds["hf"] += hf_seconds
+            tally.tokens["hf"] += sum(len(a) for a in answers)
+            if tally.hf_mismatched is not None:
+                tally.hf_mismatched += [
                     first + i for i, (a, b) in enumerate(zip(rows, answers, strict=True)) if a.tokens != b
                 ]
         if on_prompt:
             for index in range(first, first + len(group)):
                 on_prompt(index)
-    summary = GenerationStats(rounds, spec_seconds)
-    tps = spec_tokens / spec_seconds if spec_seconds else 0.0
-    table = _speedups(tps, baselines, tokens, seconds)
-    batched = min(batch_size, len(encoded))  # prompts really decoded together, not the --batch-size asked for
-    return _report(
-        runtime, summary, tps, spec_tokens, len(encoded), max_new_tokens, sampling, mismatched, table, max_drafts,
-        hf_mismatched, batched,
-    )  # fmt: skip
+    return _report(runtime, tally, baselines, settings)
 
 
 #: Acceptance lengths for which `cost_profile` gives the speedup a full-length round would reach here.
