@@ -410,22 +410,54 @@ def model_directory(info: TargetInfo) -> Path:
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
 
 
-def load_model_and_tokenizer(info: TargetInfo, *, dtype: str | None = None, device: str = "cpu"):
+#: accelerate's placements `--device-map` accepts: the target over every GPU, then the CPU, then disk, as transformers'
+#: own `device_map=` does.
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def check_device_map(device_map: str | None, device: str | None) -> None:
+    """`--device-map`, refused with the fix when unknown, given with `--device`, or when accelerate is missing."""
+    if device_map is None:
+        return
+    if device_map not in DEVICE_MAPS:
+        raise UsageError(f"--device-map must be one of {', '.join(DEVICE_MAPS)}, got {device_map!r}")
+    if device is not None:
+        raise UsageError("--device-map places the target over the devices itself; leave out --device")
+    import importlib.util
+
+    if importlib.util.find_spec("accelerate") is None:
+        raise UsageError("--device-map needs accelerate: pip install accelerate")
+
+
+def load_model_and_tokenizer(
+    info: TargetInfo,
+    *,
+    dtype: str | None = None,
+    device: str = "cpu",
+    device_map: str | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
+):
     """(model, tokenizer) for a resolved target, frozen and in eval mode. `dtype` None keeps float32 on CPU
-    and uses bfloat16 on CUDA."""
+    and uses bfloat16 on CUDA. `device_map` (`--device-map`: auto, balanced, sequential ...) spreads the target
+    over the GPUs, then the CPU, then disk, through accelerate (`max_memory` caps each device, as transformers'
+    own argument does), instead of putting it whole on `device`."""
     import torch
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # a per-tensor bar for a local load is noise; downloads keep theirs
     directory = model_directory(info)
-    torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    on_gpu = torch.cuda.is_available() if device_map else device.startswith("cuda")
+    torch_dtype = getattr(torch, dtype) if dtype else (torch.bfloat16 if on_gpu else torch.float32)
     tokenizer = load_tokenizer(info, directory)
+    spread = {} if device_map is None else {"device_map": device_map, "max_memory": max_memory}
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype)
-    except OSError as exc:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype, **spread)
+    except (OSError, ValueError) as exc:
         raise SpectoolError(f"cannot load {info.ref} from {directory}: {str(exc).splitlines()[0]}") from None
-    model.to(device).eval().requires_grad_(False)
+    if device_map is None:
+        model.to(device)
+    model.eval().requires_grad_(False)
     return model, tokenizer
 
 

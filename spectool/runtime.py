@@ -23,7 +23,7 @@ from spectool.gguf import progress_line
 from spectool.hardware import check_device
 from spectool.hub import TargetInfo, load_model_and_tokenizer, resolve_model
 from spectool.registry import get, methods
-from spectool.target import FrozenTarget
+from spectool.target import FrozenTarget, home_device
 
 #: Tokens drafted per round by the EAGLE chains (DFlash / DSpark draft a whole block).
 DEFAULT_CHAIN_LENGTH = 6
@@ -136,6 +136,8 @@ def load_runtime(
     chain_length: int = DEFAULT_CHAIN_LENGTH,
     verify: str = "full",
     tree: str | None = None,
+    device_map: str | None = None,
+    max_memory: dict[int | str, int | str] | None = None,
 ) -> Runtime:
     """Load the draft (if any) and its target, check they fit, and build both engines.
 
@@ -144,22 +146,26 @@ def load_runtime(
     acceptance; a DSpark draft with a confidence head also stops each block at its first unprofitable slot.
     `"full"` drafts and verifies as much as the draft offers (or `--max-drafts`). `tree="TOP_K,DEPTH,TOTAL"`
     drafts an EAGLE-2 dynamic tree with an EAGLE-1 / EAGLE-3 draft (greedy or sampled). `device` None picks CUDA
-    when available (the target then runs in bfloat16), else the CPU (float32).
+    when available (the target then runs in bfloat16), else the CPU (float32). `device_map` (`--device-map`)
+    spreads the target over the GPUs (then the CPU and disk) instead, `max_memory` capping each device; the draft
+    then runs where the target's embedding does, and the target through the transformers forward.
     """
     if verify not in ("full", "auto"):
         raise UsageError(f"--verify must be full or auto, got {verify!r}")
     if chain_length < 1:
         raise UsageError(f"--chain-length must be at least 1, got {chain_length}")
     tree_shape = parse_tree(tree) if tree is not None else None
-    device = check_device(device)
+    device = check_device(device) if device_map is None else "cpu"  # the draft's, until the target is placed
     draft = (
         load_draft(draft_dir, device=device, dtype=torch.float32 if device == "cpu" else None) if draft_dir else None
     )
     if draft is None and target is None:
         raise UsageError("give --draft DIR (or --target MODEL to run the target alone)")
     info = resolve_model(target_ref_of(draft, target) if draft else target)
-    model, tokenizer = load_model_and_tokenizer(info, device=device)
-    warnings: list[str] = list(draft.notes) if draft else []
+    model, tokenizer = load_model_and_tokenizer(info, device=device, device_map=device_map, max_memory=max_memory)
+    if draft is not None and device_map is not None:
+        draft.model.to(home_device(model))
+    warnings = (list(draft.notes) if draft else []) + placement_notes(model)
     if draft is not None:
         warnings += check_against_target(draft, info.arch, info.tokenizer_length)
         if draft.model.dtype != model.dtype:
@@ -191,6 +197,26 @@ def load_runtime(
     chat = ChatFormat(tokenizer) if getattr(tokenizer, "chat_template", None) else None
     stops = stop_token_ids(model, chat, tokenizer)
     return Runtime(info, model, tokenizer, draft, engine, target_engine, stops, warnings, chat)
+
+
+def placement_notes(model: Any) -> list[str]:
+    """What a target placed by `--device-map` costs: the transformers forward instead of the lean one when it is
+    spread over several devices, and a read of every offloaded module at every forward when some sit on disk."""
+    where = list((getattr(model, "hf_device_map", None) or {}).values())
+    notes = []
+    if len(set(where)) > 1:
+        named = [f"cuda:{place}" if isinstance(place, int) else place for place in where]
+        places = ", ".join(f"{named.count(place)} on {place}" for place in dict.fromkeys(named))
+        notes.append(
+            f"the target is spread over several devices ({places} of its modules): it runs the transformers forward, "
+            "not spectool's lean one"
+        )
+    if "disk" in where:
+        notes.append(
+            "part of the target is offloaded to disk: every forward reads it back, so decoding is slow; free GPU or "
+            "CPU memory to keep it off the disk"
+        )
+    return notes
 
 
 def parse_tree(text: str) -> tuple[int, int, int]:

@@ -69,6 +69,22 @@ def find_decoder(model: nn.Module) -> nn.Module:
     )
 
 
+def home_device(model: nn.Module) -> torch.device:
+    """Where a target's input embedding runs: the device its tokens go to, and where the decoding engine keeps its
+    tensors and the draft. For a model spread by accelerate (`hf_device_map`) the map says (an offloaded embedding
+    runs on the CPU); otherwise the first parameter's device."""
+    placement = getattr(model, "hf_device_map", None)
+    if not placement:
+        return next(model.parameters()).device
+    embedding = model.get_input_embeddings()
+    name = next(name for name, module in model.named_modules() if module is embedding)
+    owners = [key for key in placement if key == "" or name == key or name.startswith(key + ".")]
+    where = placement[max(owners, key=len)] if owners else next(iter(placement.values()))
+    if isinstance(where, int):
+        return torch.device("cuda", where)
+    return torch.device("cpu" if where == "disk" else where)
+
+
 class FrozenTarget:
     """A target model in eval mode with frozen weights, capturing the features at ``target_layer_ids``.
 
@@ -139,7 +155,7 @@ class FrozenTarget:
     def features_from(self, store: dict[int | str, torch.Tensor]) -> torch.Tensor:
         """``[B, S, K*H]``: the selected ids from a store filled under ``capture_hooks`` (N-1 = post-norm)."""
         last = store["final_norm"]
-        selected = [last if i == self.num_layers - 1 else store[i] for i in self.target_layer_ids]
+        selected = [last if i == self.num_layers - 1 else store[i].to(last.device) for i in self.target_layer_ids]
         return torch.cat(selected, dim=-1) if selected else last.new_zeros(*last.shape[:-1], 0)
 
     @torch.no_grad()

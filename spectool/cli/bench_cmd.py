@@ -11,10 +11,11 @@ from rich.text import Text
 
 from spectool.bench_prompts import load_prompt_set
 from spectool.cli.application import app
+from spectool.cli.help import device_map_option
 from spectool.cli.render import console, error_console, handles_errors, print_json
 from spectool.datasets import is_named, names
 from spectool.errors import UsageError
-from spectool.hub import check_model_argument
+from spectool.hub import check_device_map, check_model_argument
 from spectool.paths import check_input_file, resolve_draft_dir, short_path
 from spectool.sampling import SamplingParams
 
@@ -74,6 +75,7 @@ def bench_command(
         1, "--batch-size", help="Decode N prompts together (no --tree / --verify auto; baselines target and hf)."
     ),
     device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... \\[cuda when available, in bf16]."),
+    device_map: str = device_map_option(),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     plot: Path = typer.Option(
         None, "--plot", help="Also draw the results into this .png or .html (as `spectool report` does; + .csv)."
@@ -86,6 +88,7 @@ def bench_command(
     """
     # Every check that needs no model runs first, so a mistyped option answers before torch loads.
     draft = resolve_draft_dir(draft)
+    check_device_map(device_map, device)
     if target is not None:
         check_model_argument(target)
     if max_new_tokens < 1:
@@ -126,7 +129,9 @@ def bench_command(
     from spectool.bench import run_bench
     from spectool.runtime import load_runtime
 
-    runtime = load_runtime(draft, target, device=device, chain_length=chain_length, verify=verify, tree=tree)
+    runtime = load_runtime(
+        draft, target, device=device, chain_length=chain_length, verify=verify, tree=tree, device_map=device_map
+    )
     for warning in runtime.warnings:
         error_console().print(Text(f"warning: {warning}", style="yellow"))
 

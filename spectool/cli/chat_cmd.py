@@ -12,9 +12,10 @@ from rich.text import Text
 
 from spectool.cli.application import app
 from spectool.cli.chat_session import ROUND_STYLES, ChatSession, target_step_seconds
-from spectool.cli.help import draft_option
+from spectool.cli.help import device_map_option, draft_option
 from spectool.cli.render import console, error_console, handles_errors, prose_wrapping
 from spectool.errors import UsageError
+from spectool.hub import check_device_map
 from spectool.paths import resolve_draft_dir, user_data_dir
 
 HELP = """commands:
@@ -106,10 +107,12 @@ def chat_command(
     stop: list[str] = typer.Option(None, "--stop", help="End answers at this text (repeatable); eos always ends."),
     max_drafts: int = typer.Option(None, "--max-drafts", help="Draft at most N tokens per round \\[the whole block]."),
     device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... \\[cuda when available, in bf16]."),
+    device_map: str = device_map_option(),
 ) -> None:
     """Chat with the target through the draft: accepted draft tokens are highlighted inline, one colour per round;
     the target's own tokens (corrections and bonus tokens) are plain. The output is exactly the target's."""
     resolve_draft_dir(draft)  # before torch loads: a wrong path answers at once
+    check_device_map(device_map, device)
     from spectool.sampling import SamplingParams  # torch-free: out-of-range settings answer before torch loads
 
     if max_new_tokens < 1:
@@ -127,7 +130,7 @@ def chat_command(
     from spectool.runtime import load_runtime
 
     out = prose_wrapping(Console(color_system=None, highlight=False)) if plain else console()
-    runtime = load_runtime(draft, target, device=device, verify=verify, tree=tree)
+    runtime = load_runtime(draft, target, device=device, verify=verify, tree=tree, device_map=device_map)
     # Drafting every round shows the draft at work but may be slower than the target alone: time a plain step
     # once so each stats line can say so (under a second).
     target_step = target_step_seconds(runtime) if runtime.engine.controller is None else None

@@ -91,6 +91,18 @@ def draft_option() -> Any:
     )
 
 
+def device_map_option() -> Any:
+    """`--device-map` of the commands that decode (chat, bench, serve): a target bigger than one device."""
+    from spectool.hub import DEVICE_MAPS
+
+    return typer.Option(
+        None,
+        "--device-map",
+        help=f"Spread the target over every GPU, then the CPU and disk, with accelerate ({', '.join(DEVICE_MAPS)}), "
+        "instead of --device: for targets bigger than one device.",
+    )
+
+
 def choices_text(choices: list[str]) -> str:
     return "One of: " + ", ".join(choices) + "."
 

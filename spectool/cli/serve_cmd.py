@@ -9,9 +9,10 @@ import typer
 from rich.text import Text
 
 from spectool.cli.application import app
-from spectool.cli.help import draft_option
+from spectool.cli.help import device_map_option, draft_option
 from spectool.cli.render import error_console, handles_errors
 from spectool.errors import SpectoolError, UsageError
+from spectool.hub import check_device_map
 from spectool.paths import resolve_draft_dir
 
 SERVE_EXTRA = 'serving needs FastAPI and uvicorn: pip install "spectool[serve]"'
@@ -50,12 +51,14 @@ def serve_command(
         "auto", "--verify", help="auto: draft only as much as pays each round (the fastest); full: draft all."
     ),
     device: str = typer.Option(None, "--device", help="cpu, cuda, cuda:1 ... \\[cuda when available, in bf16]."),
+    device_map: str = device_map_option(),
 ) -> None:
     """Serve the target, sped up by the draft, through an OpenAI-compatible API: /v1/chat/completions and
     /v1/completions (streamed or not), /v1/models, /health. Greedy answers (temperature 0) are exactly the
     target's own. Answers are decoded one at a time, in arrival order. SIGTERM or Ctrl-C finishes the answers
     under way, then exits."""
     resolve_draft_dir(draft)  # before torch loads: a wrong path answers at once
+    check_device_map(device_map, device)
     if verify not in ("auto", "full"):
         raise UsageError(f"--verify must be auto or full, got {verify!r}")
     if api_key is not None and not api_key.strip():
@@ -69,7 +72,7 @@ def serve_command(
     sock = listening_socket(host, port)
     from spectool.runtime import load_runtime
 
-    runtime = load_runtime(draft, target, device=device, verify=verify)
+    runtime = load_runtime(draft, target, device=device, verify=verify, device_map=device_map)
     for warning in runtime.warnings:
         error_console().print(Text(f"warning: {warning}", style="yellow"))
     server = Server(runtime, model_name=runtime.info.ref, api_key=api_key)

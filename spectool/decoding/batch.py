@@ -26,7 +26,7 @@ from spectool.decoding.fast_target import FastTargetSession, fast_path_problem
 from spectool.decoding.proposers import Proposal, RowProposer
 from spectool.decoding.stops import StopStrings
 from spectool.errors import UsageError
-from spectool.target import FrozenTarget
+from spectool.target import FrozenTarget, home_device
 
 
 @dataclass
@@ -49,7 +49,7 @@ class BatchEngine:
             raise UsageError("batched decoding drafts blocks or chains; an EAGLE-2 tree decodes one prompt at a time")
         self.session = FastTargetSession(target)  # re-shaped per call to the batch's row count
         self.proposer = proposer
-        self.device = next(target.model.parameters()).device
+        self.device = home_device(target.model)
 
     @torch.no_grad()
     def generate(

@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from spectool.target import home_device
+
 
 @dataclass(frozen=True)
 class VerifyCostProfile:
@@ -64,7 +66,7 @@ def profile_verify_cost(
     max_tokens tokens) say a sweep over every size would not fit the budget, e.g. a large target on a CPU, only
     a geometric selection of sizes is timed (1 and max_tokens included) and the sizes between are interpolated
     linearly."""
-    device = next(session.model.parameters()).device
+    device = home_device(session.model)
     vocab = session.model.get_input_embeddings().weight.shape[0]
     generator = torch.Generator().manual_seed(seed)
     context = torch.randint(0, vocab, (1, context_length), generator=generator).to(device)

@@ -34,7 +34,7 @@ from spectool.decoding.draft_length import DraftLengthController, PrefixSchedule
 from spectool.decoding.fast_target import FastTargetSession
 from spectool.decoding.proposers import Proposal, Proposer
 from spectool.decoding.stops import StopStrings
-from spectool.target import FrozenTarget
+from spectool.target import FrozenTarget, home_device
 
 FinishReason = Literal["eos", "stop", "length"]
 
@@ -109,6 +109,7 @@ class TargetSession:
         self.model = target.model
         self.cache = DynamicCache()
         self.cache_keyword = cache_keyword(self.model)
+        self.home = home_device(self.model)  # a target spread over devices returns its logits and features here
 
     def reset(self) -> None:
         self.cache = DynamicCache()
@@ -129,12 +130,13 @@ class TargetSession:
         with self.target.capture_hooks(store):
             extra[self.cache_keyword] = self.cache  # the cache grows in place
             out = self.model(input_ids=tokens, use_cache=True, **extra)
-        return out.logits[0], self.target.features_from(store)
+        return out.logits[0].to(self.home), self.target.features_from(store).to(self.home)
 
     def keep(self, base: int, rows: list[int]) -> None:
         """After a tree verify: keep the first `base` positions and then only the tree `rows` (the accepted path)."""
-        index = torch.tensor(rows, device=self.cache.layers[0].keys.device) + base
-        for layer in self.cache.layers:
+        rows_tensor = torch.tensor(rows) + base
+        for layer in self.cache.layers:  # a spread target keeps each layer's cache on that layer's device
+            index = rows_tensor.to(layer.keys.device)
             layer.keys = torch.cat((layer.keys[..., :base, :], layer.keys.index_select(-2, index)), dim=-2)
             layer.values = torch.cat((layer.values[..., :base, :], layer.values.index_select(-2, index)), dim=-2)
 
@@ -176,7 +178,7 @@ class Engine:
         self.proposer = proposer
         self.scheduler = scheduler
         self.controller = controller
-        self.device = next(target.model.parameters()).device
+        self.device = home_device(target.model)
 
     @torch.no_grad()
     def generate(

@@ -225,7 +225,8 @@ class DFlashProposer(BlockProposer):
 
     def draw_block(self, hidden, anchors, limits, sampling, generator) -> list[Proposal]:
         width = min(max(limits), self.max_drafts)
-        tokens, probs = draw(self.lm_head(hidden[:, 1 : 1 + width]), sampling, generator)
+        logits = self.lm_head(hidden[:, 1 : 1 + width]).to(self.device)  # the target's lm_head may sit on another GPU
+        tokens, probs = draw(logits, sampling, generator)
         return row_proposals(tokens, probs, limits)
 
 
@@ -370,7 +371,7 @@ class Eagle1Proposer(EagleChainProposer):
         return hidden, hidden
 
     def target_logits(self, head_input: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(head_input.to(self.lm_head.weight.dtype))
+        return self.lm_head(head_input.to(self.lm_head.weight.dtype)).to(head_input.device)  # a spread target's head
 
 
 class Eagle3Proposer(EagleChainProposer):
