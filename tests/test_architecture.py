@@ -35,6 +35,7 @@ APPS = {
     "spectool.serve",
     "spectool.inspection",
     "spectool.report",
+    "spectool.demo",
 }
 MODELS = {"spectool.checkpoint", "spectool.target"}
 

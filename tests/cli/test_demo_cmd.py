@@ -12,7 +12,8 @@ import pytest
 from rich.console import Console
 
 from spectool import gguf
-from spectool.cli.demo_cmd import _train_config, free_directory, print_next_commands, train_command
+from spectool.cli.demo_cmd import print_next_commands
+from spectool.demo import free_directory, train_command, train_config
 from spectool.hub import ASSETS_DIR, DEFAULT_MODEL_DIR
 
 
@@ -85,7 +86,7 @@ def test_next_commands_paste_back_with_the_draft_path(tmp_path):
     as a shell splits them."""
     draft = tmp_path / "my drafts" / "it's [bold]:smile: 1"
     screen = Console(file=io.StringIO(), width=40, highlight=False)
-    config = _train_config("tiny target", draft, 600)
+    config = train_config("tiny target", draft, 600)
     print_next_commands(screen, draft, train_command(config, draft.parent / "again [1]"))
     lines = screen.file.getvalue().splitlines()
     commands = [shlex.split(line, comments=True) for line in lines if line.startswith("spectool ")]

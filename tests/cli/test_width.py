@@ -13,8 +13,8 @@ from rich.console import Console
 
 from spectool.cli import render
 from spectool.cli.chat_cmd import legend_text
-from spectool.cli.demo_cmd import reading
 from spectool.cli.render import method_panel, prose_wrapping, target_panel
+from spectool.demo import reading
 from spectool.hub import resolve_model
 from spectool.inspection import method_report
 from spectool.registry import method_names
