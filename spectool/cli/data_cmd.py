@@ -37,7 +37,8 @@ _DTYPES = ("float32", "bfloat16", "float16")
 _REGEN_HELP = (
     "Regenerate the assistant turns of a data set with the target, so a draft learns the target's own answers.\n\n"
     "Every assistant turn of a row is regenerated in order, each answer conditioned on the regenerated earlier "
-    "ones; a row that ends with a user turn (or a plain prompt) gets one answer.\n\n"
+    "ones; a row that ends with a user turn (or a plain prompt) gets one answer. Llama, Mistral, Qwen2 and Qwen3 "
+    "targets answer through spectool's batched target loop, others through HF generate.\n\n"
     'Rows are appended to --out as {"messages": [...], "id": ...} and flushed after every batch; a rerun skips '
     "the ids already there, so a killed run continues where it stopped."
 )
@@ -57,7 +58,7 @@ def regen_command(
     out: Path = typer.Option(..., "--out", "-o", help="JSONL file to append regenerated rows to (resumable)."),
     temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy; above 0 = sampling with --seed."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Most tokens per regenerated answer."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Rows generated together (left-padded)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Rows generated together."),
     system: str = typer.Option(None, "--system", help="System prompt for rows that have none."),
     limit: int = typer.Option(None, "--limit", help="Use only the first N input rows."),
     max_turns: int = typer.Option(

@@ -22,7 +22,11 @@ import torch
 
 from spectool.chat_format import ChatFormat, ChatTemplateError, Message
 from spectool.conversations import Conversation
+from spectool.decoding.batch import BatchEngine
+from spectool.decoding.fast_target import fast_path_problem
 from spectool.errors import SpectoolError, UsageError
+from spectool.sampling import SamplingParams
+from spectool.target import FrozenTarget
 from spectool.training.batches import pad_token_id
 
 if TYPE_CHECKING:
@@ -209,9 +213,7 @@ def regenerate(
         [conversation for conversation in conversations if conversation.id not in done], config.batch_size * 16
     )
     already = len(conversations) - len(pending)
-    positions = getattr(model.config, "max_position_embeddings", None)
-    stop_ids = sorted(set(chat_format.stop_token_ids) | set(_generation_eos_ids(model)))
-    pad_id = pad_token_id(chat_format.tokenizer)
+    answerer = _Answerer(model, chat_format, config)
     torch.manual_seed(config.seed)
     started = time.perf_counter()
     tally = _RegenTally()
@@ -220,7 +222,7 @@ def regenerate(
     with handle:
         for first in range(0, len(pending), config.batch_size):
             batch = pending[first : first + config.batch_size]
-            results = _regenerate_batch(model, chat_format, batch, config, stop_ids, pad_id, positions)
+            results = _regenerate_batch(answerer, batch)
             _append_rows(handle, batch, results, tally)
             if progress is not None:
                 elapsed = time.perf_counter() - started
@@ -236,7 +238,7 @@ def regenerate(
         seconds=time.perf_counter() - started,
         dropped_partial_line=dropped,
         rows_too_long=tally.too_long,
-        max_positions=positions,
+        max_positions=answerer.positions,
     )
 
 
@@ -327,15 +329,8 @@ def _regeneration_steps(messages: Sequence[Message], max_turns: int | None = Non
     return steps
 
 
-def _regenerate_batch(
-    model: PreTrainedModel,
-    chat_format: ChatFormat,
-    batch: Sequence[Conversation],
-    config: RegenConfig,
-    stop_ids: list[int],
-    pad_id: int,
-    positions: int | None = None,
-) -> list[_RegenRow]:
+def _regenerate_batch(answerer: _Answerer, batch: Sequence[Conversation]) -> list[_RegenRow]:
+    chat_format, config, positions = answerer.chat_format, answerer.config, answerer.positions
     rows, plans = [], []
     for conversation in batch:
         messages = list(conversation.messages)
@@ -364,9 +359,7 @@ def _regenerate_batch(
             asking = [row for row in asking if not row.too_long]
             if not asking:
                 continue
-        for row, (text, count, finished) in zip(
-            asking, _generate(model, chat_format, prompts, config, stop_ids, pad_id, positions), strict=True
-        ):
+        for row, (text, count, finished) in zip(asking, answerer.answers(prompts), strict=True):
             row.messages.append(Message("assistant", text))
             row.turns += 1
             row.new_tokens += count
@@ -381,43 +374,66 @@ def _too_long(prompt_tokens: int, positions: int | None, max_prompt_tokens: int 
     )
 
 
-def _generate(
-    model: PreTrainedModel,
-    chat_format: ChatFormat,
-    prompts: list[list[int]],
-    config: RegenConfig,
-    stop_ids: list[int],
-    pad_id: int,
-    positions: int | None = None,
-) -> list[tuple[str, int, bool]]:
-    """Batched HF generate with left padding. Returns (answer text, tokens generated incl. the stop token,
-    stopped before max_new_tokens) per prompt; the answer text excludes the stop token. With ``positions`` (the
-    target's max_position_embeddings) the longest prompt plus its answer never exceed it."""
-    longest = max(len(prompt) for prompt in prompts)
-    max_new_tokens = config.max_new_tokens if positions is None else min(config.max_new_tokens, positions - longest)
-    input_ids = torch.full((len(prompts), longest), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(prompts), longest), dtype=torch.long)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, longest - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-        attention_mask[row, longest - len(prompt) :] = 1
-    options: dict[str, Any] = {"do_sample": False}
-    if config.temperature > 0:
-        options = {"do_sample": True, "temperature": config.temperature, "top_k": 0, "top_p": 1.0}
-    with torch.inference_mode():
-        output = model.generate(
-            input_ids=input_ids.to(model.device),
-            attention_mask=attention_mask.to(model.device),
+class _Answerer:
+    """The target answering a batch of prompts, built once per run: targets spectool's lean forward covers (Llama,
+    Mistral, Qwen2, Qwen3) through its batched target loop (`BatchEngine` without a draft: each row at its own
+    length, nothing padded after the prompt), the others through HF generate with left padding."""
+
+    def __init__(self, model: PreTrainedModel, chat_format: ChatFormat, config: RegenConfig) -> None:
+        self.model, self.chat_format, self.config = model, chat_format, config
+        self.positions = getattr(model.config, "max_position_embeddings", None)
+        self.stop_ids = sorted(set(chat_format.stop_token_ids) | set(_generation_eos_ids(model)))
+        self.pad_id = pad_token_id(chat_format.tokenizer)
+        target = FrozenTarget(model, [])
+        self.engine = BatchEngine(target) if fast_path_problem(target) is None else None
+
+    def answers(self, prompts: list[list[int]]) -> list[tuple[str, int, bool]]:
+        """(answer text, tokens generated incl. the stop token, stopped before max_new_tokens) per prompt; the text
+        excludes the stop token. The longest prompt plus its answer never exceed the target's positions."""
+        longest = max(len(prompt) for prompt in prompts)
+        limit = self.config.max_new_tokens
+        max_new_tokens = limit if self.positions is None else min(limit, self.positions - longest)
+        generated = self._lean(prompts, max_new_tokens) if self.engine else self._hf(prompts, max_new_tokens)
+        answers = []
+        for ids in generated:
+            ids, finished = cut_at_stop(ids, self.stop_ids)
+            text = self.chat_format.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            answers.append((text, len(ids) + (1 if finished else 0), finished))
+        return answers
+
+    def _lean(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        """A sampled batch's seed is drawn from the stream `regenerate` seeded: a run is reproducible and its
+        batches draw independently."""
+        seed = int(torch.randint(0, 2**62, (1,)))
+        rows = self.engine.generate(
+            prompts,
             max_new_tokens=max_new_tokens,
-            eos_token_id=stop_ids or None,
-            pad_token_id=pad_id,
-            **options,
+            sampling=SamplingParams(temperature=self.config.temperature),
+            stop_token_ids=self.stop_ids,
+            seed=seed,
         )
-    answers = []
-    for generated in output[:, longest:].tolist():
-        ids, finished = cut_at_stop(generated, stop_ids)
-        text = chat_format.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        answers.append((text, len(ids) + (1 if finished else 0), finished))
-    return answers
+        return [row.tokens for row in rows]
+
+    def _hf(self, prompts: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+        model, longest = self.model, max(len(prompt) for prompt in prompts)
+        input_ids = torch.full((len(prompts), longest), self.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(prompts), longest), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            input_ids[row, longest - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            attention_mask[row, longest - len(prompt) :] = 1
+        options: dict[str, Any] = {"do_sample": False}
+        if self.config.temperature > 0:
+            options = {"do_sample": True, "temperature": self.config.temperature, "top_k": 0, "top_p": 1.0}
+        with torch.inference_mode():
+            output = model.generate(
+                input_ids=input_ids.to(model.device),
+                attention_mask=attention_mask.to(model.device),
+                max_new_tokens=max_new_tokens,
+                eos_token_id=self.stop_ids or None,
+                pad_token_id=self.pad_id,
+                **options,
+            )
+        return output[:, longest:].tolist()
 
 
 def cut_at_stop(generated: Sequence[int], stop_ids: Sequence[int]) -> tuple[list[int], bool]:

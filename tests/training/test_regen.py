@@ -96,6 +96,22 @@ def test_regen_rows_and_greedy_fidelity(tmp_path, tiny_target_dir, target):
                 assert message.content == greedy_answer(target, messages[:index], 6)
 
 
+def test_targets_outside_the_lean_forward_regenerate_through_hf_generate(tmp_path, tiny_target_dir, monkeypatch):
+    """Llama / Mistral / Qwen2 / Qwen3 targets answer through spectool's batched target loop, the others through
+    HF generate (left-padded): both give the target's greedy answers, so the same rows."""
+    from spectool.training import regen
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", ROWS)
+    lean, hf = tmp_path / "lean.jsonl", tmp_path / "hf.jsonl"
+    assert run_regen(tiny_target_dir, prompts, lean, "--batch-size", "3").exit_code == 0
+    calls = []
+    original = regen._Answerer._hf
+    monkeypatch.setattr(regen, "fast_path_problem", lambda _target: "not covered")
+    monkeypatch.setattr(regen._Answerer, "_hf", lambda self, *args: calls.append(1) or original(self, *args))
+    assert run_regen(tiny_target_dir, prompts, hf, "--batch-size", "3").exit_code == 0
+    assert calls and hf.read_text() == lean.read_text()
+
+
 def test_regen_resumes_after_a_kill(tmp_path, tiny_target_dir):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", ROWS)
     reference = tmp_path / "reference.jsonl"
