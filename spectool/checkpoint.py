@@ -30,7 +30,7 @@ from spectool import __version__
 from spectool.arch import TargetArch
 from spectool.errors import SpectoolError, UsageError
 from spectool.hub import read_json
-from spectool.methods.base import DraftMethod, strip_prefixes
+from spectool.methods.base import DraftMethod, PublishedConfig, strip_prefixes
 from spectool.paths import (
     check_output_path,
     file_mode,
@@ -193,7 +193,7 @@ def load_draft(
     tensors = _normalise_keys(method, raw, notes)
     shapes = {k: tuple(v.shape) for k, v in tensors.items()}
     depth = metadata.num_target_layers if metadata else None
-    config = method.normalise_config(config, shapes, notes, where=where, depth=depth)
+    config = method.normalise_config(PublishedConfig(config, shapes, where, depth, notes))
     method.check_feature_layers(config, shapes, where)
     try:
         model = _build_empty(method, config)

@@ -86,6 +86,19 @@ def feature_count(config: Mapping[str, Any], shapes: Mapping[str, Sequence[int]]
     return fc[1] / width
 
 
+@dataclass
+class PublishedConfig:
+    """A draft directory's config.json as loading reads it, with what a method needs to read it: the weights'
+    shapes, the file's path (for errors), the target's depth when spectool.json records it, and the notes the
+    load shows (a method appends to them)."""
+
+    config: dict[str, Any]
+    shapes: Mapping[str, Sequence[int]]
+    where: str
+    depth: int | None = None
+    notes: list[str] = field(default_factory=list)
+
+
 class DraftMethod(ABC):
     """One speculative-decoding draft method, declared once: facts, defaults and the method-specific steps.
 
@@ -236,18 +249,10 @@ class DraftMethod(ABC):
         """A published checkpoint key (prefixes already removed) as spectool's module names it."""
         return name
 
-    def normalise_config(
-        self,
-        config: dict[str, Any],
-        shapes: Mapping[str, Sequence[int]],
-        notes: list[str],
-        *,
-        where: str,
-        depth: int | None,
-    ) -> dict[str, Any]:
+    def normalise_config(self, published: PublishedConfig) -> dict[str, Any]:
         """A published config.json as this method's config class reads it (facts kept elsewhere moved where
-        spectool expects them, with a note). `depth`: the target's layer count when spectool.json records it."""
-        return dict(config)
+        spectool expects them, with a note in `published.notes`)."""
+        return dict(published.config)
 
     def config_layer_ids(self, config: Mapping[str, Any]) -> list[int] | None:
         """The feature-layer ids a (normalised) config.json names, or None."""

@@ -8,13 +8,13 @@ names none gets the dflash package's own default for its target depth.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from spectool.errors import SpectoolError
 from spectool.layers import dflash_layer_ids, zlab_dflash_layer_ids
 from spectool.layout import Tensor
-from spectool.methods.base import DraftSpec
+from spectool.methods.base import DraftSpec, PublishedConfig
 from spectool.methods.blocks import BLOCK_TARGETS, GAMMA, MASK_TOKEN, BlockMethod, anchors_option, block_size_option
 
 
@@ -74,19 +74,11 @@ class DFlash(BlockMethod):
     def claims(self, config: Mapping[str, Any]) -> bool:
         return "dflash_config" in config
 
-    def normalise_config(
-        self,
-        config: dict[str, Any],
-        shapes: Mapping[str, Sequence[int]],
-        notes: list[str],
-        *,
-        where: str,
-        depth: int | None,
-    ) -> dict[str, Any]:
-        config = dict(config)
+    def normalise_config(self, published: PublishedConfig) -> dict[str, Any]:
+        config, notes = dict(published.config), published.notes
         nested = config.get("dflash_config") if isinstance(config.get("dflash_config"), dict) else {}
         if not nested.get("target_layer_ids") and not config.get("target_layer_ids"):
-            n, k = config.get("num_target_layers") or depth, config.get("num_hidden_layers")
+            n, k = config.get("num_target_layers") or published.depth, config.get("num_hidden_layers")
             if isinstance(n, int) and isinstance(k, int) and n >= 1 and k >= 1:
                 ids = zlab_dflash_layer_ids(n, k)  # the z-lab dflash package's default when a config names none
                 config["dflash_config"] = {**nested, "target_layer_ids": ids}

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from spectool.layout import Tensor, attention_tensors, mlp_tensors, norm_tensor
-from spectool.methods.base import DraftMethod, DraftSpec, strip_prefixes
+from spectool.methods.base import DraftMethod, DraftSpec, PublishedConfig, strip_prefixes
 
 #: The dense targets both EAGLE formats serve.
 DENSE_TARGETS = ("LlamaForCausalLM", "Phi3ForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
@@ -81,16 +81,8 @@ class Eagle1(DraftMethod):
             and not any(k.startswith(("model.layers.", "midlayer.")) for k in shapes)
         )
 
-    def normalise_config(
-        self,
-        config: dict[str, Any],
-        shapes: Mapping[str, Sequence[int]],
-        notes: list[str],
-        *,
-        where: str,
-        depth: int | None,
-    ) -> dict[str, Any]:
-        config = dict(config)
+    def normalise_config(self, published: PublishedConfig) -> dict[str, Any]:
+        config, shapes = dict(published.config), published.shapes
         if set(config.get("architectures") or []) & set(self.checkpoint_architectures):
             return config
         config["architectures"] = [self.checkpoint_architectures[0]]
@@ -98,7 +90,7 @@ class Eagle1(DraftMethod):
         config.setdefault("final_norm", "norm.weight" in shapes)
         if "qkv_bias" in config:
             config.setdefault("attention_bias", bool(config["qkv_bias"]))
-        notes.append(
+        published.notes.append(
             "read a SafeAILab EAGLE layout (a one-layer LlamaForCausalLM config; fc bias "
             f"{'yes' if config['fc_bias'] else 'no'}, final norm {'yes' if config['final_norm'] else 'no'})"
         )

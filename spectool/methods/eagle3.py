@@ -18,7 +18,7 @@ from typing import Any
 from spectool.errors import SpectoolError, UsageError
 from spectool.layers import eagle3_layer_ids, engine_default_eagle3_ids, engine_ids, from_engine_ids
 from spectool.layout import Tensor, attention_tensors, mlp_tensors, norm_tensor
-from spectool.methods.base import DraftMethod, DraftSpec, feature_count, int_list, load_reference
+from spectool.methods.base import DraftMethod, DraftSpec, PublishedConfig, feature_count, int_list, load_reference
 from spectool.methods.eagle1 import DENSE_TARGETS
 from spectool.methods.options import MethodOption
 
@@ -177,19 +177,12 @@ class Eagle3(DraftMethod):
         # NeMo AutoModel and vLLM speculators name the EAGLE-3 layer layers.0
         return "midlayer." + name[len("layers.0.") :] if name.startswith("layers.0.") else name
 
-    def normalise_config(
-        self,
-        config: dict[str, Any],
-        shapes: Mapping[str, Sequence[int]],
-        notes: list[str],
-        *,
-        where: str,
-        depth: int | None,
-    ) -> dict[str, Any]:
-        config, depth = _published_eagle3(config, notes, where, depth)
+    def normalise_config(self, published: PublishedConfig) -> dict[str, Any]:
+        notes, where = published.notes, published.where
+        config, depth = _published_eagle3(published.config, notes, where, published.depth)
         depth = depth or (config.get("num_target_layers") if isinstance(config.get("num_target_layers"), int) else None)
         ids = _layer_ids(config, notes, where)
-        if not ids and depth and feature_count(config, shapes) == NUM_FEATURE_LAYERS:
+        if not ids and depth and feature_count(config, published.shapes) == NUM_FEATURE_LAYERS:
             try:
                 ids = engine_default_eagle3_ids(depth)
             except UsageError:
