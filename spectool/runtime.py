@@ -193,6 +193,8 @@ def load_runtime(
     engine = Engine(frozen, proposer, scheduler, controller)
     if draft is not None and getattr(getattr(engine.session, "kernel_plan", None), "tables", None):
         plan_draft(draft.model, report=progress_line)  # the target's products have a plan: the draft's get theirs
+        if getattr(proposer, "lm_head", None) is frozen.lm_head:  # DFlash and EAGLE-1 borrow the target's lm_head:
+            proposer.lm_head = engine.session.head_op  # a block's rows through the kernels measured for it
     target_engine = Engine(FrozenTarget(model, []))
     chat = ChatFormat(tokenizer) if getattr(tokenizer, "chat_template", None) else None
     stops = stop_token_ids(model, chat, tokenizer)

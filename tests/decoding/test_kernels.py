@@ -206,3 +206,27 @@ def test_a_draft_beside_a_small_target_keeps_f_linear(weights, monkeypatch, qwen
     assert not engine.session.kernel_plan.tables  # a tiny target: plain
     monkeypatch.setenv("SPECTOOL_KERNELS", "plain")
     assert kernels.plan_draft(engine.proposer.draft) is kernels.PLAIN
+
+
+@pytest.mark.parametrize("method", ["dflash", "eagle3"])
+def test_a_borrowed_target_lm_head_runs_through_the_targets_plan(method, monkeypatch):
+    """DFlash drafts a block through the target's lm_head: where the target's products have a plan, `load_runtime`
+    gives the proposer the session's planned head (EAGLE-3 has its own head, planned with the draft). Either way
+    the answers and the acceptance are those of the plain run."""
+    from spectool.runtime import load_runtime
+
+    def run_answers(runtime):
+        prompt = runtime.prompt_ids([{"role": "user", "content": "Tell me about ships."}])
+        return run(runtime.engine, prompt, max_new_tokens=24)
+
+    plain = load_runtime(method, verify="full")
+    assert not plain.engine.session.kernel_plan.tables
+    expected, expected_stats = run_answers(plain)
+    monkeypatch.setattr(fast_target, "plan_for", lambda *_a, **_k: PLANS["wx-padded"])
+    monkeypatch.setattr(kernels, "plan_for", lambda weights, **_k: forced("wx", lambda m: m + m % 2))
+    planned = load_runtime(method, verify="full")
+    borrowed = getattr(planned.engine.proposer, "lm_head", None) is planned.engine.session.head_op
+    assert borrowed == (method == "dflash")
+    tokens, stats = run_answers(planned)
+    assert tokens == expected
+    assert [r.num_accepted for r in stats.rounds] == [r.num_accepted for r in expected_stats.rounds]
