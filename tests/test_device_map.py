@@ -16,18 +16,17 @@ from spectool.errors import UsageError
 from spectool.hub import check_device_map
 from spectool.runtime import load_runtime, placement_notes
 from tests.cli.conftest import invoke
+from tests.decoding.test_engine import run
 
 #: The embedded tiny target's embedding, lm_head and first layer fit in this; the other layers go to disk.
 CPU_MEMORY = {"cpu": "12MB"}
 QUESTION = [{"role": "user", "content": "Tell me about rivers and the sea."}]
 
 
-def _answer(engine, prompt, **options) -> tuple[list[int], int]:
-    tokens, accepted = [], 0
-    for event in engine.generate(prompt, max_new_tokens=40, **options):
-        tokens += event.tokens
-        accepted += event.num_accepted
-    return tokens, accepted
+def _answer(engine, prompt, **options) -> tuple[list[int], list[int]]:
+    """The answer's tokens and the tokens accepted in each round."""
+    tokens, stats = run(engine, prompt, max_new_tokens=40, **options)
+    return tokens, [event.num_accepted for event in stats.rounds]
 
 
 @pytest.mark.parametrize(("draft", "tree"), [("eagle3", None), ("eagle3", "4,4,12"), ("dflash", None)])
