@@ -284,16 +284,10 @@ class Engine:
         nodes, parents = proposal.tokens.tolist(), proposal.parents
         base, n = session.length, len(nodes)
         rows_parent = [-1] + [p + 1 for p in parents]  # row 0 is `last`, node i is row i + 1
-        depth = [0] * (n + 1)
-        mask = torch.zeros(1, 1, n + 1, base + n + 1, dtype=torch.bool, device=device)
-        mask[..., :base] = True
-        for row in range(n + 1):
-            if row:
-                depth[row] = depth[rows_parent[row]] + 1
-            ancestor = row
-            while ancestor != -1:
-                mask[0, 0, row, base + ancestor] = True
-                ancestor = rows_parent[ancestor]
+        visible, depth = tree_visibility(rows_parent)
+        # built on the host and moved once: filling a device tensor element by element costs a transfer each
+        tree = torch.tensor(visible, dtype=torch.bool)
+        mask = torch.cat((tree.new_ones(n + 1, base), tree), dim=1).view(1, 1, n + 1, base + n + 1).to(device)
         tokens = torch.tensor([[last, *nodes]], device=device)
         positions = torch.tensor([[base + d for d in depth]], device=device)
         logits, features = session.forward(tokens, mask, positions)
@@ -308,6 +302,21 @@ class Engine:
             self.proposer.extend_context(0, features[0, [0, *path]])
         full = not children.get(path[-1] if path else 0)  # reached a leaf: the target's token is a bonus
         return [nodes[r - 1] for r in path], next_token, max(depth), full
+
+
+def tree_visibility(parents: Sequence[int]) -> tuple[list[list[bool]], list[int]]:
+    """Which rows of a tree each row attends to (itself and its ancestors) and each row's depth, for rows listed
+    parents first (`parents[row]` < row; -1 for the root)."""
+    visible: list[list[bool]] = []
+    depth: list[int] = []
+    for row, parent in enumerate(parents):
+        if parent >= row:
+            raise ValueError(f"tree row {row} comes before its parent {parent}")
+        own = list(visible[parent]) if parent >= 0 else [False] * len(parents)
+        own[row] = True
+        visible.append(own)
+        depth.append(depth[parent] + 1 if parent >= 0 else 0)
+    return visible, depth
 
 
 def choose_token(logits: torch.Tensor, sampling: SamplingParams, generator: torch.Generator) -> int:

@@ -6,7 +6,7 @@ import torch
 from transformers import Qwen3ForCausalLM
 
 from spectool.decoding.accept import SamplingParams
-from spectool.decoding.engine import Engine, GenerationStats, TargetSession, cache_keyword
+from spectool.decoding.engine import Engine, GenerationStats, TargetSession, cache_keyword, tree_visibility
 from spectool.decoding.proposers import Proposal, Proposer, make_proposer
 from spectool.drafts import build_draft
 from spectool.target import FrozenTarget
@@ -180,6 +180,23 @@ def test_tree_walks_the_matching_branch(qwen3_target):
     )
     assert tokens == truth[:10]
     assert stats.verify_rounds[0].num_accepted == 3 and stats.verify_rounds[0].kind == "bonus"
+
+
+def test_tree_visibility_is_each_row_and_its_ancestors():
+    """Rows: 0 the root (the last committed token), 1 and 2 its children, 3 and 4 under 1, 5 under 4."""
+    visible, depth = tree_visibility([-1, 0, 0, 1, 1, 4])
+    expected = [
+        [1, 0, 0, 0, 0, 0],
+        [1, 1, 0, 0, 0, 0],
+        [1, 0, 1, 0, 0, 0],
+        [1, 1, 0, 1, 0, 0],
+        [1, 1, 0, 0, 1, 0],
+        [1, 1, 0, 0, 1, 1],
+    ]
+    assert visible == [[bool(v) for v in row] for row in expected]
+    assert depth == [0, 1, 1, 2, 2, 3]
+    with pytest.raises(ValueError, match="before its parent"):
+        tree_visibility([-1, 2, 0])
 
 
 @pytest.mark.parametrize("tree", [None, (3, 3, 8)])
