@@ -238,9 +238,9 @@ class DraftLengthController:
     ``r_i`` the running acceptance rate of draft position i given the earlier ones were accepted. A k = 0 round
     yields ``1 / V(1)``. A tree (EAGLE-2) is all or nothing: its running tokens per round against a plain step.
 
-    While drafting does not pay, the controller still probes a full draft now and then (every `probe_every`-th
-    round; the interval doubles, up to `max_probe_every`, each time a probe confirms it), so it notices when the
-    draft starts to pay. The decision reads past rounds and the clock only, never the current round's verdict, so
+    While drafting does not pay, the controller still probes now and then (every `probe_every`-th round), so it
+    notices when the draft starts to pay: a block or tree drafts whole, and the interval doubles, up to
+    `max_probe_every`, each time such a probe confirms it; a chain drafts one token, at its interval. The decision reads past rounds and the clock only, never the current round's verdict, so
     decoding stays lossless.
     """
 
@@ -360,7 +360,9 @@ class DraftLengthController:
         if self.plain_rounds >= self.probe_every:
             self.probing = True
             self.plain_rounds = 0
-            return limit
+            # A chain probes its first position: the cheapest round that tells whether any draft pays (a longer
+            # one pays only through it). A block or a tree costs one forward whatever its size: it drafts whole.
+            return 1 if self.per_token_drafting else limit
         return 0
 
     def observe(
@@ -393,9 +395,12 @@ class DraftLengthController:
                 while j >= len(self.rates):
                     self.rates.append(_RunningMean(self.DECAY))
                 self.rates[j].add(1.0 if j < accepted else 0.0)
-        if self.probing and self.best(max(drafted, 1), tree_size) == 0:
-            # A probe that shows drafting still does not pay: wait twice as long for the next one. (One that pays
-            # lets the draft run; the interval comes back down once drafting has paid for a while.)
+        if self.probing and not self.per_token_drafting and self.best(max(drafted, 1), tree_size) == 0:
+            # A block or tree probe that shows drafting still does not pay: wait twice as long for the next one
+            # (one that pays lets the draft run; the interval comes back down once drafting has paid a while). A
+            # chain's one-token probe costs a fraction of a step, so it keeps its interval: a first-position rate
+            # estimated from a handful of probes is too noisy to stop looking (a draft accepted in a third of its
+            # first positions could read 0.14 after seven probes and never draft again).
             self.probe_every = min(self.max_probe_every, self.probe_every * 2)
 
 

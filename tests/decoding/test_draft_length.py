@@ -111,6 +111,22 @@ def test_plain_steps_then_probes_with_a_doubling_interval():
     assert gaps[:4] == [4, 8, 16, 16] and set(gaps) == {4, 8, 16}
 
 
+def test_a_chain_probes_one_token_at_a_steady_interval():
+    """A chain whose first position rarely pays probes with one drafted token (a fraction of a step), every
+    `probe_every` rounds without doubling: its first-position rate keeps being measured (a full-chain probe
+    with a doubling interval left it at a handful of noisy observations)."""
+    c = controller_with(CPU, [0.1], 0.05, per_token=True)
+    choices = []
+    for _ in range(70):
+        k = c.choose(4)
+        choices.append(k)
+        if k:
+            c.observe(k, 0, 0.05)
+    probes = [i for i, k in enumerate(choices) if k]
+    assert len(probes) == 4 and all(choices[i] == 1 for i in probes)
+    assert [b - a for a, b in itertools.pairwise(probes)] == [16] * 3 and c.probe_every == 16
+
+
 def test_a_probe_that_pays_brings_drafting_back():
     c = DraftLengthController(FLAT, per_token_drafting=False, probe_every=2)
     c.choose(4)
