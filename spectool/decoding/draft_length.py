@@ -240,8 +240,8 @@ class DraftLengthController:
 
     While drafting does not pay, the controller still probes now and then (every `probe_every`-th round), so it
     notices when the draft starts to pay: a block or tree drafts whole, and the interval doubles, up to
-    `max_probe_every`, each time such a probe confirms it; a chain drafts one token, at its interval. The decision reads past rounds and the clock only, never the current round's verdict, so
-    decoding stays lossless.
+    `max_probe_every`, each time such a probe confirms it; a chain drafts one token, at its interval. The
+    decision reads past rounds and the clock only, never the current round's verdict, so decoding stays lossless.
     """
 
     #: the newest observation's weight in the running estimates, once they hold 1 / DECAY observations
