@@ -28,6 +28,7 @@ from torch import nn
 
 from spectool import __version__
 from spectool.arch import TargetArch
+from spectool.draft_vocab import VOCAB_FILE, check_draft_vocab, read_draft_vocab
 from spectool.errors import SpectoolError, UsageError
 from spectool.hub import read_json
 from spectool.methods.base import DraftMethod, PublishedConfig, strip_prefixes
@@ -82,6 +83,7 @@ class LoadedDraft:
     config: dict[str, Any]
     metadata: DraftMetadata | None
     notes: list[str] = field(default_factory=list)
+    vocab: torch.Tensor | None = None  # a decode-time draft vocabulary (`spectool.draft_vocab`), when the draft has one
 
     @property
     def target_layer_ids(self) -> list[int]:
@@ -206,7 +208,25 @@ def load_draft(
     stored = next((v.dtype for v in tensors.values() if v.is_floating_point()), torch.float32)
     model = model.to(device=device, dtype=dtype or stored).eval()
     model.freeze_target_copies()
-    return LoadedDraft(method.name, model, directory, config, metadata, notes)
+    vocab = _draft_vocab(method, directory, config)
+    if vocab is not None:
+        notes.append(f"drafting over {vocab.numel():,} of the target's tokens ({VOCAB_FILE}; remove it for all)")
+    return LoadedDraft(method.name, model, directory, config, metadata, notes, vocab)
+
+
+def _draft_vocab(method: DraftMethod, directory: Path, config: dict[str, Any]) -> torch.Tensor | None:
+    """The draft's decode-time vocabulary (draft_vocab.safetensors), checked against its method and vocabulary."""
+    ids = read_draft_vocab(directory)
+    if ids is None:
+        return None
+    if not method.takes_draft_vocab:
+        raise SpectoolError(
+            f"{directory / VOCAB_FILE}: {with_article(method.name)} draft does not read a full-vocabulary head, so a "
+            "draft vocabulary does not apply (EAGLE-3 keeps its own in d2t / t2d); remove the file"
+        )
+    if isinstance(config.get("vocab_size"), int):
+        check_draft_vocab(ids, config["vocab_size"], str(directory / VOCAB_FILE))
+    return ids
 
 
 def _check_weights(

@@ -177,7 +177,9 @@ def load_runtime(
         titles = " or ".join(m.title for m in methods() if m.supports_tree)
         raise UsageError(f"--tree needs an {titles} draft (EAGLE-2 is their dynamic-tree decoding)")
     proposer = (
-        make_proposer(draft.method, draft.model, model, num_steps=chain_length, tree=tree_shape) if draft else None
+        make_proposer(draft.method, draft.model, model, num_steps=chain_length, tree=tree_shape, vocab=draft.vocab)
+        if draft
+        else None
     )
     scheduler = controller = None
     if verify == "auto":
@@ -195,6 +197,8 @@ def load_runtime(
         plan_draft(draft.model, report=progress_line)  # the target's products have a plan: the draft's get theirs
         if getattr(proposer, "lm_head", None) is frozen.lm_head:  # DFlash and EAGLE-1 borrow the target's lm_head:
             proposer.lm_head = engine.session.head_op  # a block's rows through the kernels measured for it
+        if getattr(proposer, "vocab_head", None) is not None:  # a draft vocabulary's rows: planned like the draft's
+            plan_draft(proposer.vocab_head, report=progress_line)
     target_engine = Engine(FrozenTarget(model, []))
     chat = ChatFormat(tokenizer) if getattr(tokenizer, "chat_template", None) else None
     stops = stop_token_ids(model, chat, tokenizer)

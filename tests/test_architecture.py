@@ -36,6 +36,7 @@ APPS = {
     "spectool.inspection",
     "spectool.report",
     "spectool.demo",
+    "spectool.vocabulary",
 }
 MODELS = {"spectool.checkpoint", "spectool.target"}
 

@@ -17,7 +17,7 @@ from spectool.cli.render import console, error_console, handles_errors, print_js
 from spectool.datasets import check_data_argument
 from spectool.errors import UsageError
 from spectool.hub import check_model_argument
-from spectool.paths import check_output_path, quoted, refuse_inputs_inside
+from spectool.paths import check_output_path, quoted, refuse_inputs_inside, short_path
 
 if TYPE_CHECKING:
     from spectool.training.regen import RegenSummary
@@ -294,3 +294,47 @@ def _check_device(device: str | None) -> str:
     from spectool.hardware import check_device  # torch: loaded only when a command runs
 
     return check_device(device)
+
+
+_VOCAB_HELP = (
+    "Give an EAGLE-1, DFlash or DSpark draft a decode-time draft vocabulary: the --size most frequent supervised "
+    "tokens of the data (default: the data the draft was trained on), written beside it as "
+    "draft_vocab.safetensors.\n\n"
+    "Those drafts score the target's whole vocabulary at every drafted token; with the file, chat, bench and serve "
+    "score only the kept rows (EAGLE-3 prunes its own at training). Decoding stays lossless: the target verifies "
+    "every token, and a token outside the kept ids is never drafted. Remove the file to draft over the whole "
+    "vocabulary again."
+)
+
+
+@data_app.command("vocab", help=_VOCAB_HELP)
+@handles_errors
+def vocab_command(
+    draft: str = typer.Option(..., "--draft", "-d", help="Draft checkpoint directory (the file is written there)."),
+    size: int = typer.Option(..., "--size", "-n", help="Tokens to keep, e.g. 8192."),
+    data: str = typer.Option(None, "--data", help="Conversations to count \\[the draft's training data]."),
+    target: str = typer.Option(None, "--target", "-t", help="Target MODEL (default: the one the draft records)."),
+    max_length: int = typer.Option(2048, "--max-length", help="Tokens per example (longer ones are cut)."),
+    skip_bad_rows: bool = typer.Option(False, "--skip-bad-rows", help="Count and skip malformed rows."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+) -> None:
+    """Write a draft's draft_vocab.safetensors (help text: `_VOCAB_HELP`); the work is in `spectool.vocabulary`."""
+    if data is not None:
+        check_data_argument(data)
+    if target is not None:
+        check_model_argument(target)
+    from spectool.vocabulary import build_vocab_file
+
+    summary = build_vocab_file(
+        draft, size=size, data=data, target=target, max_length=max_length, skip_bad_rows=skip_bad_rows
+    )
+    if as_json:
+        print_json(asdict(summary))
+        return
+    console().print(
+        f"Kept {summary.size:,} of {summary.vocab_size:,} tokens, covering {summary.coverage:.1%} of the "
+        f"{summary.supervised_tokens:,} supervised tokens of {summary.data} ({summary.examples:,} examples): "
+        f"{short_path(summary.path)}",
+        markup=False,
+        soft_wrap=True,
+    )

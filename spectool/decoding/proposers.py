@@ -23,6 +23,8 @@ from torch import nn
 
 from spectool.decoding.accept import SamplingParams, probabilities, sample
 from spectool.decoding.draft_cache import RaggedDraftCache
+from spectool.decoding.vocab_head import DraftVocabHead
+from spectool.errors import SpectoolError
 from spectool.registry import get
 
 if TYPE_CHECKING:
@@ -81,6 +83,12 @@ class Proposer(ABC):
         """The scheduler that cuts each block at its first unprofitable slot (`--verify auto`), for drafts that
         say how sure they are of each slot (DSpark's confidence head); None for the others."""
         return None
+
+    def use_draft_vocab(self, ids: torch.Tensor) -> None:
+        """Score only these target ids (`spectool.draft_vocab`) where the draft reads a full-vocabulary head."""
+        raise SpectoolError(
+            f"{type(self).__name__} does not read a full-vocabulary head; a draft vocabulary does not apply"
+        )
 
     def as_tree(self, top_k: int, depth: int, total_tokens: int) -> Proposer:
         """The EAGLE-2 dynamic tree drafted with this proposer's draft (EAGLE chains only)."""
@@ -159,6 +167,7 @@ class BlockProposer(RowProposer):
 
     def __init__(self, draft: nn.Module, embed_tokens: nn.Module, lm_head: nn.Module, max_drafts: int) -> None:
         self.embed_tokens, self.lm_head = embed_tokens, lm_head
+        self.vocab_head: DraftVocabHead | None = None
         self.block_size = int(draft.config.block_size)
         self.mask_token_id = int(draft.config.mask_token_id)
         super().__init__(draft, max_drafts)
@@ -223,10 +232,18 @@ class DFlashProposer(BlockProposer):
         """Wired to the target's embedding and lm_head (`num_steps` is a chain's; a block drafts B-1)."""
         return cls(draft, target_model.get_input_embeddings(), target_model.get_output_embeddings())
 
+    def use_draft_vocab(self, ids: torch.Tensor) -> None:
+        head = self.lm_head.weight
+        self.vocab_head = DraftVocabHead(ids.to(self.device), head.shape[0], lm_head=head.to(self.device))
+
     def draw_block(self, hidden, anchors, limits, sampling, generator) -> list[Proposal]:
         width = min(max(limits), self.max_drafts)
-        logits = self.lm_head(hidden[:, 1 : 1 + width]).to(self.device)  # the target's lm_head may sit on another GPU
-        tokens, probs = draw(logits, sampling, generator)
+        slots = hidden[:, 1 : 1 + width]
+        if self.vocab_head is not None:
+            tokens, probs = self.vocab_head.draw(self.vocab_head.lm_head(slots), sampling, generator)
+        else:
+            logits = self.lm_head(slots).to(self.device)  # the target's lm_head may sit on another GPU
+            tokens, probs = draw(logits, sampling, generator)
         return row_proposals(tokens, probs, limits)
 
 
@@ -255,9 +272,15 @@ class DSparkProposer(BlockProposer):
 
         return PrefixScheduler(profile, getattr(config, "confidence_temperatures", None))
 
+    def use_draft_vocab(self, ids: torch.Tensor) -> None:
+        markov = self.draft.markov_head.markov_w2.weight
+        self.vocab_head = DraftVocabHead(ids, markov.shape[0], lm_head=self.lm_head.weight, markov_w2=markov)
+
     def draw_block(self, hidden, anchors, limits, sampling, generator) -> list[Proposal]:
         width = min(max(limits), self.max_drafts)
-        base = self.lm_head(hidden[:, :width])  # [B, n, V], once; the Markov bias depends on the previous token
+        vocab = self.vocab_head
+        head = self.lm_head if vocab is None else vocab.lm_head
+        base = head(hidden[:, :width])  # [B, n, V], once; the Markov bias depends on the previous token
         admissions = None if self.scheduler is None else [self.scheduler.admission() for _ in limits]
         counts = list(limits)  # drafted per row: a row stops at its limit or at its first unadmitted slot
         prev, drawn, dists = anchors, [], []
@@ -269,7 +292,11 @@ class DSparkProposer(BlockProposer):
                         counts[row] = k
                 if max(counts) <= k:
                     break
-            prev, dist = draw(base[:, k] + self.draft.markov_bias(prev), sampling, generator)
+            if vocab is None:
+                prev, dist = draw(base[:, k] + self.draft.markov_bias(prev), sampling, generator)
+            else:
+                bias = vocab.markov_w2(self.draft.markov_head.markov_w1(prev))
+                prev, dist = vocab.draw(base[:, k] + bias, sampling, generator)
             drawn.append(prev)
             dists += [dist] if dist is not None else []
         if not drawn:
@@ -357,6 +384,7 @@ class Eagle1Proposer(EagleChainProposer):
 
     def __init__(self, draft: nn.Module, lm_head: nn.Module, num_steps: int) -> None:
         self.lm_head = lm_head
+        self.vocab_head: DraftVocabHead | None = None
         super().__init__(draft, num_steps)
 
     @classmethod
@@ -370,7 +398,14 @@ class Eagle1Proposer(EagleChainProposer):
         )
         return hidden, hidden
 
+    def use_draft_vocab(self, ids: torch.Tensor) -> None:
+        head = self.lm_head.weight
+        self.vocab_head = DraftVocabHead(ids.to(self.device), head.shape[0], lm_head=head.to(self.device))
+
     def target_logits(self, head_input: torch.Tensor) -> torch.Tensor:
+        if self.vocab_head is not None:  # the kept rows only, the rest -inf (chains and EAGLE-2 trees alike)
+            head = self.vocab_head.lm_head
+            return self.vocab_head.scatter(head(head_input.to(head.weight.dtype)))
         return self.lm_head(head_input.to(self.lm_head.weight.dtype)).to(head_input.device)  # a spread target's head
 
 
@@ -516,11 +551,15 @@ def make_proposer(
     *,
     num_steps: int = 6,
     tree: tuple[int, int, int] | None = None,
+    vocab: torch.Tensor | None = None,
 ) -> Proposer:
     """The proposer of a loaded draft, wired to the target's embedding / lm_head where the method borrows them
     (`num_steps`: EAGLE chain length). It drafts for one prompt (`Engine`) or several (`BatchEngine`).
 
     `tree` = (top_k, depth, total_tokens) drafts an EAGLE-2 dynamic tree with an EAGLE-1 or EAGLE-3 draft.
+    `vocab`: the draft's decode-time vocabulary (`spectool.draft_vocab`), for drafts that read a full-vocabulary head.
     """
     proposer = get(method).proposer_class().for_target(draft, target_model, num_steps=num_steps)
+    if vocab is not None:
+        proposer.use_draft_vocab(vocab)
     return proposer if tree is None else proposer.as_tree(*tree)

@@ -145,6 +145,9 @@ class DraftMethod(ABC):
     package_baselines: ClassVar[tuple[str, ...]] = ()
     #: Whether EAGLE-2's dynamic tree can draft with it (`--tree`).
     supports_tree: ClassVar[bool] = False
+    #: Whether the draft scores a full-vocabulary head, which a decode-time draft vocabulary
+    #: (`spectool.draft_vocab`, draft_vocab.safetensors) narrows (False: none, or its own, like EAGLE-3's d2t).
+    takes_draft_vocab: ClassVar[bool] = False
     #: The method's own options (`spectool.methods.options`): the command line, `TrainConfig`, `DraftSpec` and
     #: the resume check are built from them. Shape options go to `resolve` besides target_layer_ids and
     #: num_draft_layers (`spectool inspect` passes every method's to every method, which ignores others' options);

@@ -44,6 +44,7 @@ class DFlash(BlockMethod):
     draft_config = "spectool.drafts.dflash:DFlashDraftConfig"
     objective = "spectool.training.objectives.dflash:DFlashObjective"
     proposer = "spectool.decoding.proposers:DFlashProposer"
+    takes_draft_vocab = True
 
     # -- shape ----------------------------------------------------------------------------------------------------
 

@@ -57,6 +57,7 @@ class DSpark(BlockMethod):
     draft_config = "spectool.drafts.dspark:DSparkDraftConfig"
     objective = "spectool.training.objectives.dspark:DSparkObjective"
     proposer = "spectool.decoding.proposers:DSparkProposer"
+    takes_draft_vocab = True
 
     def default_feature_count(self, num_target_layers: int, num_draft_layers: int) -> int | None:
         return min(5, max(1, num_target_layers - 1))

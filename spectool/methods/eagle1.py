@@ -39,6 +39,7 @@ class Eagle1(DraftMethod):
     draft_config = "spectool.drafts.eagle1:EagleDraftConfig"
     objective = "spectool.training.objectives.eagle1:Eagle1Objective"
     proposer = "spectool.decoding.proposers:Eagle1Proposer"
+    takes_draft_vocab = True
 
     def layout(self, spec: DraftSpec, arch: Any) -> list[Tensor]:
         h, v = arch.hidden_size, arch.vocab_size

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from spectool.checkpoint import DraftMetadata, save_draft
+from spectool.checkpoint import METADATA_FILE, DraftMetadata, save_draft
 from spectool.errors import SpectoolError, UsageError
 from spectool.paths import (
     CHECKPOINTS_DIR,
@@ -303,8 +303,10 @@ def training_summary(
     metrics: dict[str, Any] | None = None,
     calibration_blocks: int | None = None,
 ) -> dict[str, Any]:
-    """The ``training`` entry of a checkpoint's or a final draft's spectool.json."""
-    summary = {
+    """The ``training`` entry of a checkpoint's or a final draft's spectool.json. A run from ``--init`` names the
+    draft it started from and carries that draft's own ``training`` entry (`init_record`), so the figures of a
+    draft trained in stages add up."""
+    summary: dict[str, Any] = {
         "steps": step,
         "total_steps": total_steps,
         "tokens": tokens,
@@ -315,11 +317,26 @@ def training_summary(
         "lr": config.peak_lr,
         "seed": config.seed,
     }
+    if config.init:
+        summary["init"] = init_record(config.init)
     if metrics:
         summary["final_metrics"] = metrics
     if calibration_blocks:
         summary["confidence_calibration_blocks"] = calibration_blocks  # held-out blocks behind the fit
     return summary
+
+
+def init_record(init: str) -> dict[str, Any]:
+    """``{"from": init, "training": ...}``: the ``--init`` draft and the ``training`` entry of its spectool.json (left
+    out when the directory no longer holds a readable one, e.g. a resumed run whose --init draft was removed)."""
+    record: dict[str, Any] = {"from": init}
+    try:
+        previous = json.loads((Path(init).expanduser() / METADATA_FILE).read_text(encoding="utf-8")).get("training")
+    except (OSError, ValueError, AttributeError):
+        previous = None
+    if isinstance(previous, dict) and previous:
+        record["training"] = previous
+    return record
 
 
 def final_draft_steps(out: Path) -> int | None:

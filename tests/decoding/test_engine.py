@@ -214,6 +214,37 @@ def test_pruned_eagle3_vocabulary_is_lossless(tree, qwen3_target, qwen3_config):
         assert all(t % 4 == 0 for r in stats.verify_rounds for t in r.tokens[: r.num_accepted])
 
 
+@pytest.mark.parametrize(
+    ("method", "tree"), [("eagle1", None), ("eagle1", (3, 3, 8)), ("dflash", None), ("dspark", None)]
+)
+def test_a_draft_vocabulary_drafts_only_kept_ids_and_stays_lossless(method, tree, qwen3_target, qwen3_config):
+    """A decode-time draft vocabulary (draft_vocab.safetensors) for drafts that read a full-vocabulary head."""
+    kept = torch.arange(0, 256, 4)
+    engine = make_engine(method, qwen3_target, qwen3_config)
+    proposer = make_proposer(method, engine.proposer.draft, qwen3_target, num_steps=3, tree=tree, vocab=kept)
+    engine = Engine(FrozenTarget(qwen3_target, LAYER_IDS[method]), proposer)
+    for prompt in PROMPTS[:2]:
+        tokens, stats = run(engine, prompt, max_new_tokens=16)
+        assert tokens == reference_greedy(qwen3_target, prompt, 16)
+        assert all(t % 4 == 0 for r in stats.verify_rounds for t in r.tokens[: r.num_accepted])
+    proposer.reset()
+    proposer.extend_context(0, engine.session.forward(torch.tensor([PROMPTS[0]]))[1][0])
+    drafted = proposer.propose([PROMPTS[0]], [3], SamplingParams(), torch.Generator())[0].tokens
+    assert drafted.numel() > 0 and bool((drafted % 4 == 0).all())
+    sampled = make_proposer(method, engine.proposer.draft, qwen3_target, num_steps=3, vocab=kept)
+    engine = Engine(FrozenTarget(qwen3_target, LAYER_IDS[method]), sampled)
+    tokens, _ = run(engine, PROMPTS[0], max_new_tokens=12, sampling=SamplingParams(temperature=0.8), seed=3)
+    again, _ = run(engine, PROMPTS[0], max_new_tokens=12, sampling=SamplingParams(temperature=0.8), seed=3)
+    assert tokens == again and len(tokens) == 12
+
+
+def test_eagle3_keeps_its_own_vocabulary():
+    from spectool.errors import SpectoolError
+
+    with pytest.raises(SpectoolError, match="does not read a full-vocabulary head"):
+        Proposer.use_draft_vocab(ScriptedProposer([], None, 1), torch.arange(4))
+
+
 #: What this transformers release calls the cache argument of Qwen3ForCausalLM.forward (`cache` from 5.24 on).
 RELEASE_KEYWORD = cache_keyword(Qwen3ForCausalLM)
 

@@ -296,6 +296,18 @@ def test_init_starts_from_an_existing_draft(tiny_target_dir, data_file, tmp_path
         )
 
 
+def test_a_run_from_init_records_the_draft_it_started_from(tiny_target_dir, data_file, tmp_path):
+    """Stage 2 of a draft names stage 1 and carries stage 1's own training entry, so the stages add up."""
+    Trainer(make_config(tiny_target_dir, data_file, tmp_path / "stage1", max_steps=1)).run()
+    stage1 = json.loads((tmp_path / "stage1" / "spectool.json").read_text())["training"]
+    assert "init" not in stage1
+    Trainer(
+        make_config(tiny_target_dir, data_file, tmp_path / "stage2", init=str(tmp_path / "stage1"), max_steps=2)
+    ).run()
+    stage2 = json.loads((tmp_path / "stage2" / "spectool.json").read_text())["training"]
+    assert stage2["steps"] == 2 and stage2["init"] == {"from": str(tmp_path / "stage1"), "training": stage1}
+
+
 def test_planned_steps():
     assert planned_steps(10, 5.0, 60.0, None) == 120  # 0.5 s per step, 55 s left
     assert planned_steps(10, 5.0, 60.0, 50) == 50
