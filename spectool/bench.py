@@ -274,14 +274,20 @@ class _PromptRun:
     hf_stops: dict[str, Any]
 
     def measure(self, tally: _Tally, index: int, baselines: Sequence[str], full_block: Any, zlab: Any) -> list[int]:
-        """Time the prompt in every loop; returns the speculative answer's tokens."""
+        """Time the prompt in every loop; returns the speculative answer's tokens. The speculative loop and the
+        target alone take turns going first (prompt by prompt), so neither always runs after another loop's work."""
         runtime, ids, sampling = self.runtime, self.ids, self.sampling
+        reference = ref_stats = None
+        target_first = index % 2 == 1 and ("target" in baselines or sampling.greedy)
+        if target_first:
+            reference, ref_stats = _timed_engine(runtime.target_engine, ids, **self.kwargs, seed=self.seed)
         out, stats = _timed_engine(runtime.engine, ids, **self.spec_kwargs, seed=self.seed)
         tally.spec_tokens += len(out)
         tally.spec_seconds += stats.seconds
         tally.rounds += stats.rounds
         if "target" in baselines or sampling.greedy:
-            reference, ref_stats = _timed_engine(runtime.target_engine, ids, **self.kwargs, seed=self.seed)
+            if reference is None:
+                reference, ref_stats = _timed_engine(runtime.target_engine, ids, **self.kwargs, seed=self.seed)
             tally.add("target", reference, ref_stats.seconds)
             if sampling.greedy and out != reference:
                 tally.mismatched.append(index)

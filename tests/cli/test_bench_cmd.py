@@ -458,3 +458,24 @@ def test_humaneval_from_the_packaged_gzip(monkeypatch, tmp_path):
     monkeypatch.setattr(datasets, "installed_copy", lambda d: path)
     (prompt,) = load_prompt_set("humaneval").prompts
     assert prompt.messages == [{"role": "user", "content": "def add(a, b):\n"}] and prompt.followups == []
+
+
+def test_the_speculative_loop_and_the_target_alone_take_turns_going_first(dspark_draft, monkeypatch):
+    """A loop that always runs right after another one's work pays for it (measured: 0.957x vs 0.991x for the
+    same draft under --verify auto on a 2-core EPYC), so the two alternate prompt by prompt."""
+    from spectool import bench
+    from spectool.runtime import load_runtime
+
+    runtime = load_runtime(dspark_draft, verify="full")
+    order = []
+    timed = bench._timed_engine
+
+    def recording(engine, ids, **kwargs):
+        order.append("spec" if engine is runtime.engine else "target")
+        return timed(engine, ids, **kwargs)
+
+    monkeypatch.setattr(bench, "_timed_engine", recording)
+    prompts = [[{"role": "user", "content": text}] for text in PROMPTS[:3]]
+    report = bench.run_bench(runtime, prompts, max_new_tokens=4, baselines=["target"])
+    assert report.lossless
+    assert order[2:] == ["spec", "target", "target", "spec", "spec", "target"]  # after the two warm-up runs
