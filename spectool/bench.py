@@ -278,14 +278,14 @@ class _PromptRun:
         target alone take turns going first (prompt by prompt), so neither always runs after another loop's work."""
         runtime, ids, sampling = self.runtime, self.ids, self.sampling
         reference = ref_stats = None
-        target_first = index % 2 == 1 and ("target" in baselines or sampling.greedy)
-        if target_first:
+        needs_reference = "target" in baselines or sampling.greedy
+        if needs_reference and index % 2 == 1:
             reference, ref_stats = _timed_engine(runtime.target_engine, ids, **self.kwargs, seed=self.seed)
         out, stats = _timed_engine(runtime.engine, ids, **self.spec_kwargs, seed=self.seed)
         tally.spec_tokens += len(out)
         tally.spec_seconds += stats.seconds
         tally.rounds += stats.rounds
-        if "target" in baselines or sampling.greedy:
+        if needs_reference:
             if reference is None:
                 reference, ref_stats = _timed_engine(runtime.target_engine, ids, **self.kwargs, seed=self.seed)
             tally.add("target", reference, ref_stats.seconds)

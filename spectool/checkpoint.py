@@ -83,7 +83,6 @@ class LoadedDraft:
     config: dict[str, Any]
     metadata: DraftMetadata | None
     notes: list[str] = field(default_factory=list)
-    vocab: torch.Tensor | None = None  # a decode-time draft vocabulary (`spectool.draft_vocab`), when the draft has one
 
     @property
     def target_layer_ids(self) -> list[int]:
@@ -208,17 +207,17 @@ def load_draft(
     stored = next((v.dtype for v in tensors.values() if v.is_floating_point()), torch.float32)
     model = model.to(device=device, dtype=dtype or stored).eval()
     model.freeze_target_copies()
-    vocab = _draft_vocab(method, directory, config)
-    if vocab is not None:
-        notes.append(f"drafting over {vocab.numel():,} of the target's tokens ({VOCAB_FILE}; remove it for all)")
-    return LoadedDraft(method.name, model, directory, config, metadata, notes, vocab)
+    return LoadedDraft(method.name, model, directory, config, metadata, notes)
 
 
-def _draft_vocab(method: DraftMethod, directory: Path, config: dict[str, Any]) -> torch.Tensor | None:
-    """The draft's decode-time vocabulary (draft_vocab.safetensors), checked against its method and vocabulary."""
+def draft_vocab(loaded: LoadedDraft) -> torch.Tensor | None:
+    """The draft's decode-time vocabulary (draft_vocab.safetensors), checked against its method and vocabulary; None
+    without the file. Read by decoding only, so `spectool data vocab` can still rewrite a file that fails here."""
+    directory, config = loaded.path, loaded.config
     ids = read_draft_vocab(directory)
     if ids is None:
         return None
+    method = get(loaded.method)
     if not method.takes_draft_vocab:
         raise SpectoolError(
             f"{directory / VOCAB_FILE}: {with_article(method.name)} draft does not read a full-vocabulary head, so a "

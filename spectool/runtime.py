@@ -13,11 +13,12 @@ from typing import Any
 import torch
 
 from spectool.chat_format import ChatFormat, Message
-from spectool.checkpoint import LoadedDraft, check_against_target, load_draft
+from spectool.checkpoint import LoadedDraft, check_against_target, draft_vocab, load_draft
 from spectool.decoding.draft_length import DraftLengthController, profile_verify_cost
 from spectool.decoding.engine import Engine, target_session
 from spectool.decoding.kernels import plan_draft
 from spectool.decoding.proposers import make_proposer
+from spectool.draft_vocab import VOCAB_FILE
 from spectool.errors import SpectoolError, UsageError
 from spectool.gguf import progress_line
 from spectool.hardware import check_device
@@ -176,8 +177,11 @@ def load_runtime(
     if tree_shape and (draft is None or not get(draft.method).supports_tree):
         titles = " or ".join(m.title for m in methods() if m.supports_tree)
         raise UsageError(f"--tree needs an {titles} draft (EAGLE-2 is their dynamic-tree decoding)")
+    vocab = draft_vocab(draft) if draft else None
+    if vocab is not None:
+        warnings.append(f"drafting over {vocab.numel():,} of the target's tokens ({VOCAB_FILE}; remove it for all)")
     proposer = (
-        make_proposer(draft.method, draft.model, model, num_steps=chain_length, tree=tree_shape, vocab=draft.vocab)
+        make_proposer(draft.method, draft.model, model, num_steps=chain_length, tree=tree_shape, vocab=vocab)
         if draft
         else None
     )

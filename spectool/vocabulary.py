@@ -3,7 +3,7 @@ from data the way EAGLE-3's trainer picks its own: the most frequent supervised 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from spectool.chat_format import ChatFormat
@@ -30,7 +30,6 @@ class VocabSummary:
     supervised_tokens: int
     examples: int
     data: str
-    notes: list[str] = field(default_factory=list)
 
 
 def build_vocab_file(

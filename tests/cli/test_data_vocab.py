@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from spectool.checkpoint import load_draft
+from spectool.checkpoint import draft_vocab, load_draft
 from spectool.draft_init import init_draft
 from spectool.draft_vocab import VOCAB_FILE, read_draft_vocab, write_draft_vocab
 from spectool.errors import SpectoolError
@@ -39,7 +39,7 @@ def test_vocab_keeps_the_most_frequent_answer_tokens_and_decoding_stays_lossless
     seven, space = tokenizer.convert_tokens_to_ids(["seven", " "])  # 7 and 6 of the answers' tokens, by hand
     assert read_draft_vocab(draft).tolist() == sorted([seven, space])
     assert summary["size"] == 2 and summary["examples"] == 3 and 0.5 < summary["coverage"] < 1
-    assert load_draft(draft).vocab.tolist() == sorted([seven, space])
+    assert draft_vocab(load_draft(draft)).tolist() == sorted([seven, space])
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"prompt": "hi there"}\n{"prompt": "tell me about cats"}\n')
     bench = ["bench", "--draft", str(draft), "--prompts", str(prompts), "-n", "12", "--verify", "full"]
@@ -63,13 +63,22 @@ def test_a_bad_vocabulary_file_is_one_line_error(chat_target_dir, tmp_path):
     draft = init_draft(str(chat_target_dir), "dflash", tmp_path / "dflash", dtype="float32").path
     write_draft_vocab(draft, torch.tensor([3, 1, 100000]))
     with pytest.raises(SpectoolError, match="written for another target"):
-        load_draft(draft)
+        draft_vocab(load_draft(draft))
     (draft / VOCAB_FILE).write_bytes(b"not safetensors")
     with pytest.raises(SpectoolError, match="not a readable safetensors file"):
-        load_draft(draft)
+        draft_vocab(load_draft(draft))
     with pytest.raises(SpectoolError, match="distinct, non-negative and ascending"):
         write_draft_vocab(draft, torch.tensor([1, 1]))
     eagle3 = init_draft(str(chat_target_dir), "eagle3", tmp_path / "eagle3", dtype="float32").path
     write_draft_vocab(eagle3, torch.tensor([1, 2]))
     with pytest.raises(SpectoolError, match="keeps its own in d2t"):
-        load_draft(eagle3)
+        draft_vocab(load_draft(eagle3))
+
+
+def test_vocab_rewrites_a_file_that_no_longer_loads(chat_target_dir, conversations, tmp_path):
+    """The errors above say "rewrite it with `spectool data vocab`": that command must not trip over the file."""
+    draft = init_draft(str(chat_target_dir), "dflash", tmp_path / "dflash", dtype="float32").path
+    (draft / VOCAB_FILE).write_bytes(b"not safetensors")
+    result = invoke("data", "vocab", "--draft", str(draft), "--size", "2", "--data", str(conversations))
+    assert result.exit_code == 0, result.output
+    assert draft_vocab(load_draft(draft)).numel() == 2
