@@ -45,8 +45,8 @@ class Runtime:
     target_engine: Engine  # the target alone through the same loop (the honest baseline)
     stop_token_ids: list[int] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-
     chat: ChatFormat | None = None
+    notes: list[str] = field(default_factory=list)  # what the user may want to know, not a problem
 
     def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a conversation rendered with the target's chat template, ready for the answer."""
@@ -178,8 +178,9 @@ def load_runtime(
         titles = " or ".join(m.title for m in methods() if m.supports_tree)
         raise UsageError(f"--tree needs an {titles} draft (EAGLE-2 is their dynamic-tree decoding)")
     vocab = draft_vocab(draft) if draft else None
+    notes = []
     if vocab is not None:
-        warnings.append(f"drafting over {vocab.numel():,} of the target's tokens ({VOCAB_FILE}; remove it for all)")
+        notes.append(f"drafting over {vocab.numel():,} of the target's tokens ({VOCAB_FILE}; remove it for all)")
     proposer = (
         make_proposer(draft.method, draft.model, model, num_steps=chain_length, tree=tree_shape, vocab=vocab)
         if draft
@@ -206,7 +207,7 @@ def load_runtime(
     target_engine = Engine(FrozenTarget(model, []))
     chat = ChatFormat(tokenizer) if getattr(tokenizer, "chat_template", None) else None
     stops = stop_token_ids(model, chat, tokenizer)
-    return Runtime(info, model, tokenizer, draft, engine, target_engine, stops, warnings, chat)
+    return Runtime(info, model, tokenizer, draft, engine, target_engine, stops, warnings, chat, notes)
 
 
 def placement_notes(model: Any) -> list[str]:

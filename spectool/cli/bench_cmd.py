@@ -12,7 +12,7 @@ from rich.text import Text
 from spectool.bench_prompts import load_prompt_set
 from spectool.cli.application import app
 from spectool.cli.help import device_map_option
-from spectool.cli.render import console, error_console, handles_errors, print_json
+from spectool.cli.render import console, error_console, handles_errors, print_json, print_runtime_messages
 from spectool.datasets import is_named, names
 from spectool.errors import UsageError
 from spectool.hub import check_device_map, check_model_argument
@@ -132,8 +132,7 @@ def bench_command(
     runtime = load_runtime(
         draft, target, device=device, chain_length=chain_length, verify=verify, tree=tree, device_map=device_map
     )
-    for warning in runtime.warnings:
-        error_console().print(Text(f"warning: {warning}", style="yellow"))
+    print_runtime_messages(runtime)
 
     progress = Progress(
         TextColumn("[bold]bench"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -13,7 +13,7 @@ from rich.text import Text
 from spectool.cli.application import app
 from spectool.cli.chat_session import ROUND_STYLES, ChatSession, target_step_seconds
 from spectool.cli.help import device_map_option, draft_option
-from spectool.cli.render import console, error_console, handles_errors, prose_wrapping
+from spectool.cli.render import console, error_console, handles_errors, print_runtime_messages, prose_wrapping
 from spectool.errors import UsageError
 from spectool.hub import check_device_map
 from spectool.paths import resolve_draft_dir, user_data_dir
@@ -134,8 +134,7 @@ def chat_command(
     # Drafting every round shows the draft at work but may be slower than the target alone: time a plain step
     # once so each stats line can say so (under a second).
     target_step = target_step_seconds(runtime) if runtime.engine.controller is None else None
-    for warning in runtime.warnings:
-        error_console().print(Text(f"warning: {warning}", style="yellow"))
+    print_runtime_messages(runtime)
     stop_strings = StopStrings(runtime.tokenizer.decode, stop) if stop else None
     session = ChatSession(
         runtime,

@@ -70,6 +70,14 @@ def handles_errors(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def print_runtime_messages(runtime: Any) -> None:
+    """A loaded runtime's warnings (yellow) and notes (dim) on stderr, one line each."""
+    for warning in runtime.warnings:
+        error_console().print(Text(f"warning: {warning}", style="yellow"))
+    for note in runtime.notes:
+        error_console().print(Text(f"note: {note}", style="dim"))
+
+
 def print_json(data: Any) -> None:
     """One JSON object on stdout, nothing else (for scripts)."""
     sys.stdout.write(json.dumps(data, indent=2) + "\n")

@@ -6,11 +6,10 @@ import signal
 import socket
 
 import typer
-from rich.text import Text
 
 from spectool.cli.application import app
 from spectool.cli.help import device_map_option, draft_option
-from spectool.cli.render import error_console, handles_errors
+from spectool.cli.render import handles_errors, print_runtime_messages
 from spectool.errors import SpectoolError, UsageError
 from spectool.hub import check_device_map
 from spectool.paths import resolve_draft_dir
@@ -73,8 +72,7 @@ def serve_command(
     from spectool.runtime import load_runtime
 
     runtime = load_runtime(draft, target, device=device, verify=verify, device_map=device_map)
-    for warning in runtime.warnings:
-        error_console().print(Text(f"warning: {warning}", style="yellow"))
+    print_runtime_messages(runtime)
     server = Server(runtime, model_name=runtime.info.ref, api_key=api_key)
     bound_host, bound_port = sock.getsockname()[:2]
     shown = f"[{bound_host}]" if ":" in bound_host else bound_host

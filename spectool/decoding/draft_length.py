@@ -279,6 +279,14 @@ class DraftLengthController:
         self.probing = False
         self.longest_draft = 0  # the most tokens any round drafted: a steady round catches up at most that + 1
 
+    def new_answer(self) -> None:
+        """A new answer begins: each running estimate, which follows the text of the answer before, restarts from
+        its mean over every round so far. A draft's acceptance differs far more between answers than the running
+        estimates can follow while plain steps probe now and then (SmolLM2's EAGLE-3 draft on HumanEval: first-slot
+        rates of 0.12 to 0.63 from one answer to the next), so one hard answer kept the next ones from drafting."""
+        for mean in (*self.rates, self.tree_tokens):
+            mean.restart_from_overall_mean()
+
     def verify_seconds(self, num_tokens: int) -> float:
         """V(n): the profiled verify forward over n tokens, scaled by what the live rounds measure."""
         return self.verify_scale.value / self.profile.steps_per_second(num_tokens)
@@ -412,10 +420,17 @@ class _RunningMean:
         self.decay = decay
         self.value = prior
         self.count = 0 if prior is None else 1
+        self.observed, self.total = 0, 0.0  # every observation so far, with no decay and no prior
 
     def add(self, observation: float) -> None:
         self.count += 1
+        self.observed, self.total = self.observed + 1, self.total + observation
         if self.value is None:
             self.value = observation
         else:
             self.value += max(self.decay, 1.0 / self.count) * (observation - self.value)
+
+    def restart_from_overall_mean(self) -> None:
+        """Set the value to the plain mean of every observation so far (kept as it is before the first)."""
+        if self.observed:
+            self.value = self.total / self.observed

@@ -205,6 +205,8 @@ class Engine:
         ends = StopConditions(frozenset(stop_token_ids), stop_strings, max_new_tokens)
         session, proposer, controller = self.session, self.proposer, self.controller
         session.reset()
+        if controller is not None:
+            controller.new_answer()
 
         start = time.perf_counter()
         prompt = list(prompt_ids)

@@ -46,6 +46,7 @@ def test_vocab_keeps_the_most_frequent_answer_tokens_and_decoding_stays_lossless
     result = invoke(*bench, "--baselines", "target", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["lossless"] is True
+    assert "note: drafting over 2 of the target's tokens" in result.stderr and "warning" not in result.stderr
 
 
 def test_vocab_usage_errors(chat_target_dir, conversations, tmp_path):

@@ -36,6 +36,24 @@ def test_train_writes_a_draft_that_chat_loads(chat_target_dir, data_file, tmp_pa
     assert rt.info.ref == str(chat_target_dir.resolve()) and rt.draft.method == "dflash"
 
 
+def test_a_draft_over_a_large_vocabulary_is_pointed_at_data_vocab(chat_target_dir, data_file, tmp_path):
+    from spectool.cli.train_cmd import VOCAB_HINT_TOKENS, vocab_hint
+
+    out = tmp_path / "run"
+    result = train(chat_target_dir, data_file, out, "--max-steps", "1")
+    assert result.exit_code == 0, result.output
+    assert "data vocab" not in result.output  # the tiny target's vocabulary is small: no note
+    metadata = out / "spectool.json"
+    for method, vocab, expected in [("dflash", VOCAB_HINT_TOKENS, True), ("dspark", 151936, True),
+                                    ("eagle1", 49152, True), ("dflash", VOCAB_HINT_TOKENS - 1, False),
+                                    ("eagle3", 151936, False)]:  # fmt: skip
+        metadata.write_text(json.dumps({"method": method, "target_vocab_size": vocab}))
+        hint = vocab_hint(out)
+        assert (hint is not None and f"spectool data vocab --draft {out} --size 8192" in hint) is expected, hint
+    metadata.write_text("{not json")
+    assert vocab_hint(out) is None
+
+
 def test_config_file_values_yield_to_command_line_options(chat_target_dir, data_file, tmp_path):
     config = tmp_path / "train.toml"
     config.write_text('max_steps = 3\nbatch_size = 4\nlr = 0.01\nsave-every = 0\nassistant_turns = "last"\n')

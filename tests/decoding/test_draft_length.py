@@ -142,6 +142,56 @@ def test_a_probe_that_pays_brings_drafting_back():
     assert k == 4 and c.plain_rounds == 0 and c.probe_every == 2
 
 
+def test_a_new_answer_restarts_from_the_rate_over_every_round():
+    """One good answer (first slot accepted every other round), then a hard one (never accepted): the chain goes
+    to plain steps and probes. The next answer starts from the rate over both (not from the hard answer's), so it
+    drafts again (on today's HumanEval run the running rate carried one answer's 0.12 into the next)."""
+    flat_two = VerifyCostProfile(seconds=(1.0, 1.0, 1.5, 2.0), context_length=64)  # V(2) = V(1): memory-bound
+    c = DraftLengthController(flat_two, per_token_drafting=True)
+    c.draft_seconds = settled(0.1)
+    reached = accepted = 0
+    for i in range(100):
+        c.observe(1, i % 2, 0.1)
+        reached, accepted = reached + 1, accepted + i % 2
+    assert c.choose(3) >= 1
+    c.new_answer()
+    drafting_rounds = 0
+    for _ in range(200):
+        if c.choose(1):
+            c.observe(1, 0, 0.1)
+            reached, drafting_rounds = reached + 1, drafting_rounds + 1
+    assert c.choose(1) == 0 and drafting_rounds < 60  # plain steps, probing now and then
+    c.new_answer()
+    assert c.rates[0].value == pytest.approx(accepted / reached)  # 50 / (100 + the hard answer's drafts)
+    assert c.choose(1) == 1  # 1.3 tokens for 1.1 steps against 1.05
+
+
+def test_a_new_answer_restarts_a_tree_from_its_mean_tokens():
+    c = DraftLengthController(FLAT, per_token_drafting=True, tree=True)
+    c.draft_seconds = settled(0.2)
+    for accepted in [3] * 40 + [0] * 60:
+        c.observe(4, accepted, 0.2, 8)
+    assert c.choose(4, 8) == 0  # the running mean follows the last rounds: ~1.14 tokens for 1.2 steps
+    c.new_answer()
+    assert c.tree_tokens.value == pytest.approx(2.2) and c.choose(4, 8) == 4  # (40 x 4 + 60 x 1) / 100 for 1.2
+
+
+def test_the_engine_starts_every_answer_with_new_answer(qwen3_target):
+    calls = []
+
+    class Counting(DraftLengthController):
+        def new_answer(self):
+            calls.append(1)
+            super().new_answer()
+
+    for prompt in PROMPTS[:2]:
+        proposer = ScriptedProposer(prompt, lambda done, limit: Proposal(torch.tensor([1] * limit)), 2)
+        engine = Engine(FrozenTarget(qwen3_target, []), proposer, controller=Counting(FLAT, per_token_drafting=False))
+        list(engine.generate(prompt, max_new_tokens=4))
+        list(engine.generate(prompt, max_new_tokens=4))
+    assert len(calls) == 4
+
+
 def test_live_verify_times_rescale_the_profile():
     """Profiled at 1 s per verify, the rounds now take 0.1 s (a quieter machine, a warmer cache): the draft's 0.3 s
     per block now outweighs what 80% first-slot acceptance returns."""
