@@ -26,25 +26,13 @@ from spectool.decoding.limits import memory_bandwidth, step_weight_bytes
 from spectool.decoding.stops import StopStrings
 from spectool.errors import UsageError
 from spectool.export import uniform_rate
+from spectool.hardware import cpu_name
 from spectool.runtime import Runtime
 
 BASELINES = ("target", "hf", "prompt-lookup")
 #: Opt-in: the z-lab `dflash` package's own loop on the same DFlash checkpoint (engine-overhead comparison).
 OPTIONAL_BASELINES = ("dflash-package",)
 PROMPT_LOOKUP_TOKENS = 10
-
-
-def cpu_name() -> str:
-    """The CPU's model name (from /proc/cpuinfo on Linux, else the platform's processor string), or ""."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
-            for line in info:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and value.strip():
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def machine_description(device: torch.device | None = None) -> str:

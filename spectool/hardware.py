@@ -11,9 +11,24 @@ they load the target in float32 on CPU.
 
 from __future__ import annotations
 
+import platform
+
 import torch
 
 from spectool.errors import UsageError
+
+
+def cpu_name() -> str:
+    """The CPU's model name (from /proc/cpuinfo on Linux, else the platform's processor string), or ""."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def auto_device(device: str | None) -> str:

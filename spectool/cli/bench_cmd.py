@@ -271,6 +271,11 @@ def _render_profile(out, profile: dict) -> None:
             f"matrix kernels timed on this CPU: at 1 token {one}; at 4 tokens {four} (SPECTOOL_KERNELS=plain: "
             "F.linear everywhere)",
         )
+        if kernels.get("native_unavailable"):
+            out.print(
+                f"spectool's native kernel is not built here ({kernels['native_unavailable']}): a C compiler with "
+                "OpenMP (cc, or $CC) builds it once, and it reads 1-8 token rows at close to the memory's speed",
+            )
     table = Table(show_edge=False)
     table.add_column("drafted", justify="right")
     table.add_column("tokens per round to break even", justify="right")

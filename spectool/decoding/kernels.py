@@ -6,8 +6,10 @@ EPYC, SmolLM2's lm_head (49,152 x 576) takes 8.9 ms for one row and 20-30 ms for
 weight stored column-major reads one row in 4.8 ms and `(W @ x.T).T` on the row-major weight does four rows in
 8.6 ms. Which formulation wins depends on the CPU, the BLAS, the shape and the row count, so it is measured:
 
-* three forms: ``linear`` (F.linear on the row-major weight, the model's own), ``wx`` ((W @ x.T).T on the same
-  weight) and ``col`` (F.linear on a column-major copy);
+* four forms: ``linear`` (F.linear on the row-major weight, the model's own), ``wx`` ((W @ x.T).T on the same
+  weight), ``col`` (F.linear on a column-major copy) and ``native`` (spectool's own kernel, `native.few_rows`:
+  fp32 weights, where a C compiler is at hand; it reads the weight once for all rows and prefetches it, so eight
+  rows cost little more than one, and each token's result does not depend on the rows beside it);
 * each for every token count in `MEASURED_TOKENS`, timed cold: each call reads a different layer's weight, as the
   forward does (one weight timed in a loop stays in the cache and lies);
 * per token count the fastest (form, rows) pair wins, where a product may be padded with zero rows to a larger
@@ -28,7 +30,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -38,9 +39,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from spectool.decoding import native
+from spectool.hardware import cpu_name
 from spectool.paths import cache_dir, write_text_atomically
 
-FORMS = ("linear", "wx", "col")
+FORMS = ("linear", "wx", "col", "native")
+#: The forms that need no copy of the weight.
+ROW_MAJOR_FORMS = ("linear", "wx", "native")
 #: Token counts timed; a count in between is padded up to the next one timed, a count above the last runs F.linear.
 MEASURED_TOKENS = (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16)
 #: Below this many weight bytes a model lives in the CPU caches: no choice is made (plain F.linear).
@@ -51,7 +56,7 @@ COLUMN_COPY_SHARE = 0.25
 MARGIN = 0.03
 #: The kinds are timed over the first layers whose weights add up to this many bytes (so reads come from memory).
 COLD_BYTES = 96 << 20
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: the native form
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,8 @@ class KernelPlan:
         """For reports: per kind, the form used at each token count up to 8 ("wx/4": wx on 4 rows)."""
         return {
             "chosen": bool(self.tables),
+            # why spectool's own kernel was not among the forms timed (None: it was, or nothing was timed)
+            "native_unavailable": (native.unavailable_reason() or None) if self.tables else None,
             "column_copies": sorted(self.columns),
             "forms": {
                 kind: {
@@ -133,6 +140,8 @@ class PlannedLinear:
         self.column = column_major(weight) if column else None
         if self.column is None and any(c.form == "col" for c in self.table.values()):
             raise ValueError("a plan that reads a column-major copy the weight does not have")
+        if any(c.form == "native" for c in self.table.values()) and not native_fits(weight):
+            raise ValueError("a plan that runs the native kernel on a weight it does not take (or without it)")
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.table:  # the plain plan (small models, GPUs): no per-call bookkeeping on the hot path
@@ -141,6 +150,9 @@ class PlannedLinear:
         choice = self.table.get(tokens)
         if choice is None:
             return F.linear(x, self.weight, self.bias)
+        if choice.form == "native" and choice.rows == tokens and x.is_contiguous():  # any shape, no copies
+            out = native.few_rows(x, self.weight)
+            return out if self.bias is None else out.add_(self.bias)
         flat = x.reshape(tokens, x.shape[-1])
         if choice.rows > tokens:
             flat = torch.cat((flat, flat.new_zeros(choice.rows - tokens, flat.shape[1])))
@@ -158,25 +170,26 @@ def run_form(form: str, x: torch.Tensor, weight: torch.Tensor, column: torch.Ten
         return torch.mm(weight, x.t()).t()
     if form == "col":
         return F.linear(x, column)
+    if form == "native":
+        return native.few_rows(x, weight)
     return F.linear(x, weight)
+
+
+def native_fits(weight: torch.Tensor) -> bool:
+    """Whether the native kernel is built here and takes this weight (a contiguous float32 CPU tensor)."""
+    return (
+        weight.dtype == torch.float32
+        and weight.device.type == "cpu"
+        and weight.is_contiguous()
+        and native.kernel() is not None
+    )
 
 
 def machine_key(dtype: torch.dtype, shapes: Mapping[str, tuple[int, int, int]]) -> str:
     """What a plan depends on: the CPU, the thread count, torch, the dtype and each kind's (out, in, layers)."""
     kinds = ",".join(f"{k}={o}x{i}x{n}" for k, (o, i, n) in sorted(shapes.items()))
-    return f"{cpu_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}|{dtype}|{kinds}"
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux: /proc/cpuinfo), else what the platform module says."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                if line.lower().startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown cpu"
+    built = "native" if dtype == torch.float32 and native.kernel() is not None else "no-native"
+    return f"{cpu_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}|{dtype}|{built}|{kinds}"
 
 
 def plan_for(
@@ -258,6 +271,7 @@ def measure_plan(weights: Mapping[str, Sequence[torch.Tensor]], *, sweeps: int =
     bytes_per_kind = {k: sum(w.numel() * w.element_size() for w in ws) for k, ws in weights.items()}
     allowance = COLUMN_COPY_SHARE * sum(bytes_per_kind.values())
     columns = {k: [column_major(w) for w in ws] if bytes_per_kind[k] <= allowance else None for k, ws in sample.items()}
+    runs_native = {k: all(native_fits(w) for w in ws) for k, ws in sample.items()}
     calls: dict[tuple[str, str, int], list[float]] = {}
     for _ in range(sweeps):
         for tokens in MEASURED_TOKENS:
@@ -266,7 +280,7 @@ def measure_plan(weights: Mapping[str, Sequence[torch.Tensor]], *, sweeps: int =
                 order = [(k, i) for i in range(count) for k in layered]
                 order += [(k, i) for k in sample if k not in layered for i in range(len(sample[k]))]
                 for kind, i in order:
-                    if form == "col" and columns[kind] is None:
+                    if (form == "col" and columns[kind] is None) or (form == "native" and not runs_native[kind]):
                         calls.setdefault((kind, form, tokens), []).append(math.inf)
                         continue
                     start = time.perf_counter()
@@ -284,10 +298,14 @@ def measure_plan(weights: Mapping[str, Sequence[torch.Tensor]], *, sweeps: int =
 def choose(timings: Mapping[str, Mapping[str, Sequence[float]]], bytes_per_kind: Mapping[str, int]) -> KernelPlan:
     """The plan from measured seconds per call (kind -> form -> per MEASURED_TOKENS): which kinds keep a column
     copy (the best savings at one token per byte first, within COLUMN_COPY_SHARE of all bytes), then per token
-    count the fastest (form, padded rows) among the forms the kind has, F.linear unless another beats it by MARGIN."""
+    count the fastest (form, padded rows) among the forms the kind has, F.linear unless another beats it by MARGIN.
+
+    The native kernel runs on the rows it is given (padding only ever wins it by timing noise), and wherever it is
+    timed within MARGIN of the fastest it is taken: then a token's products do not depend on how many tokens are
+    verified beside it, so the verify reads exactly what plain steps would."""
     saving = {}
     for kind, forms in timings.items():
-        row_best = min(_best(forms, ("linear", "wx"), 1))
+        row_best = min(_best(forms, ROW_MAJOR_FORMS, 1))
         gain = row_best - forms["col"][0]
         if gain > MARGIN * row_best:
             saving[kind] = gain
@@ -299,14 +317,17 @@ def choose(timings: Mapping[str, Mapping[str, Sequence[float]]], bytes_per_kind:
             allowance -= bytes_per_kind[kind]
     tables = {}
     for kind, forms in timings.items():
-        allowed = FORMS if kind in columns else ("linear", "wx")
+        allowed = FORMS if kind in columns else ROW_MAJOR_FORMS
         table = {}
         for index, tokens in enumerate(MEASURED_TOKENS):
             plain = forms["linear"][index]
             seconds, choice = min(_candidates(forms, allowed, index), key=lambda pair: pair[0])
-            if seconds < (1 - MARGIN) * plain:
-                for count in range(MEASURED_TOKENS[index - 1] + 1 if index else 1, tokens + 1):
-                    table[count] = choice
+            own = forms["native"][index] if "native" in forms else math.inf
+            counts = range(MEASURED_TOKENS[index - 1] + 1 if index else 1, tokens + 1)
+            if own <= (1 + MARGIN) * seconds:
+                table.update({count: Choice("native", count) for count in counts})
+            elif seconds < (1 - MARGIN) * plain:
+                table.update({count: choice for count in counts})
         tables[kind] = table
     return KernelPlan(tables, frozenset(columns), {k: {f: list(v) for f, v in t.items()} for k, t in timings.items()})
 
@@ -318,6 +339,6 @@ def _best(forms: Mapping[str, Sequence[float]], allowed: Sequence[str], tokens: 
 
 def _candidates(forms: Mapping[str, Sequence[float]], allowed: Sequence[str], index: int):
     """(seconds, Choice) for every allowed form run on MEASURED_TOKENS[index] rows or padded to a larger count."""
-    for form in allowed:
-        for padded in range(index, len(MEASURED_TOKENS)):
+    for form in (f for f in allowed if f in forms):  # a kind timed without a form never gets it
+        for padded in range(index, index + 1 if form == "native" else len(MEASURED_TOKENS)):
             yield forms[form][padded], Choice(form, MEASURED_TOKENS[padded])

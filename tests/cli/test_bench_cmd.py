@@ -266,7 +266,7 @@ def test_machine_names_the_cpu_model(monkeypatch, tmp_path):
     import builtins
     import platform
 
-    from spectool import bench
+    from spectool import bench, hardware
 
     fake = tmp_path / "cpuinfo"
     fake.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Example CPU 9000 @ 3.0GHz\n")
@@ -274,7 +274,7 @@ def test_machine_names_the_cpu_model(monkeypatch, tmp_path):
     monkeypatch.setattr(
         builtins, "open", lambda path, *a, **k: real_open(fake if path == "/proc/cpuinfo" else path, *a, **k)
     )
-    assert bench.cpu_name() == "Example CPU 9000 @ 3.0GHz"
+    assert hardware.cpu_name() == "Example CPU 9000 @ 3.0GHz"
     assert f"{platform.machine()} (Example CPU 9000 @ 3.0GHz), " in bench.machine_description()
     fake.write_text("processor\t: 0\n")  # no model name: the platform's string, never a duplicate of the machine
     monkeypatch.setattr(platform, "processor", lambda: platform.machine())
@@ -371,7 +371,7 @@ def test_bench_profile_reports_the_cost_model(dspark_draft, prompts_file):
             r = row["break_even_rate"]
             assert sum(r**j for j in range(k + 1)) == pytest.approx(row["break_even_tokens"], abs=0.02)
     assert profile["draft_steps_per_token"] == pytest.approx(draft / (len(curve) - 1), abs=2e-3)
-    assert profile["kernels"] == {"chosen": False, "column_copies": [], "forms": {}}  # the tiny target: F.linear
+    assert profile["kernels"] == {"chosen": False, "native_unavailable": None, "column_copies": [], "forms": {}}  # tiny
     full = draft + curve[-1]
     for tau, speedup in profile["speedup_at_acceptance_length"].items():
         assert speedup == pytest.approx(float(tau) / full, abs=2e-3)
@@ -479,3 +479,33 @@ def test_the_speculative_loop_and_the_target_alone_take_turns_going_first(dspark
     report = bench.run_bench(runtime, prompts, max_new_tokens=4, baselines=["target"])
     assert report.lossless
     assert order[2:] == ["spec", "target", "target", "spec", "spec", "target"]  # after the two warm-up runs
+
+
+def test_the_profile_names_the_kernels_and_why_the_native_one_is_missing():
+    from rich.console import Console
+
+    from spectool.cli.bench_cmd import _render_profile
+
+    forms = {str(m): "native" if m > 1 else "wx/2" for m in range(1, 9)}
+    profile = {
+        "step_seconds": 0.025,
+        "verify_curve": [1.0, 1.05, 1.1],
+        "draft_cost": 0.2,
+        "draft_steps_per_token": 0.1,
+        "drafting_rounds_measured": 12,
+        "weight_bytes_per_step": 538 << 20,
+        "memory_bandwidth_gb_s": 30.0,
+        "floor_ms": 18.8,
+        "step_over_floor": 1.33,
+        "break_even": [{"drafted": 1, "break_even_tokens": 1.25, "break_even_rate": 0.25}],
+        "speedup_at_acceptance_length": {"1.5": 1.1},
+        "kernels": {"chosen": True, "native_unavailable": None, "column_copies": [], "forms": {"qkv": forms}},
+    }
+    console = Console(record=True, width=400)
+    _render_profile(console, profile)
+    text = console.export_text()
+    assert "at 1 token qkv wx/2; at 4 tokens qkv native" in text and "native kernel is not built" not in text
+    profile["kernels"]["native_unavailable"] = "no C compiler (cc) on PATH"
+    console = Console(record=True, width=400)
+    _render_profile(console, profile)
+    assert "spectool's native kernel is not built here (no C compiler (cc) on PATH)" in console.export_text()

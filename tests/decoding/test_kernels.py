@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from spectool.decoding import fast_target, kernels
+from spectool.decoding import fast_target, kernels, native
 from spectool.decoding.engine import Engine
 from spectool.decoding.kernels import MEASURED_TOKENS, Choice, KernelPlan, PlannedLinear, choose, plan_for
 from spectool.target import FrozenTarget
@@ -19,6 +19,8 @@ from tests.decoding.test_fast_target import CONFIGS, assert_same, both, build
 @pytest.mark.parametrize("form", kernels.FORMS)
 @pytest.mark.parametrize("bias", [False, True])
 def test_every_form_and_padding_computes_the_linear_product(form, bias):
+    if form == "native" and native.kernel() is None:
+        pytest.skip(f"no native kernel: {native.unavailable_reason()}")
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(48, 32, generator=gen)
     b = torch.randn(48, generator=gen) if bias else None
@@ -63,6 +65,29 @@ def test_choose_pads_to_a_cheaper_count_and_keeps_linear_within_the_margin():
     assert plan.columns == frozenset()
     near = choose({"mlp": timings(linear, [x * 0.99 for x in linear], 100.0)}, {"mlp": 1000})
     assert near.tables["mlp"] == {}  # 1% faster is noise: F.linear stays
+
+
+def test_choose_takes_the_native_kernel_where_it_is_fastest_and_then_keeps_no_column_copy():
+    linear = [float(m) for m in MEASURED_TOKENS]
+    forms = timings(linear, 50.0, 0.8)  # the column copy would beat F.linear at one token...
+    forms["native"] = [0.5] * 6 + [20.0] * (len(MEASURED_TOKENS) - 6)  # ...but the native kernel beats both
+    plan = choose({"mlp": forms}, {"mlp": 1000})
+    assert plan.columns == frozenset()
+    assert all(plan.tables["mlp"][m] == Choice("native", m) for m in range(1, 7))
+    assert 7 not in plan.tables["mlp"] and 16 not in plan.tables["mlp"]  # F.linear's 7.0 beats 20.0 there
+    assert choose({"mlp": timings(linear, 50.0, 100.0)}, {"mlp": 1000}).tables["mlp"] == {}  # native not timed
+
+
+def test_choose_keeps_the_native_kernel_within_the_margin_and_never_pads_it():
+    """Within MARGIN of the fastest form the native kernel is taken (a token's products then do not depend on the
+    rows beside it); beyond the margin the faster form wins; a cheaper larger count never pads the native kernel."""
+    linear = [10.0] * len(MEASURED_TOKENS)
+    forms = timings(linear, 1.0, 100.0)
+    forms["native"] = [1.02] * 3 + [1.5] * 3 + [0.5] * (len(MEASURED_TOKENS) - 6)
+    table = choose({"mlp": forms}, {"mlp": 1000}).tables["mlp"]
+    assert [table[m] for m in (1, 2, 3)] == [Choice("native", m) for m in (1, 2, 3)]  # 1.02 vs wx's 1.0
+    assert [table[m] for m in (4, 5, 6)] == [Choice("wx", m) for m in (4, 5, 6)]  # 1.5 vs 1.0: not padded to 7
+    assert table[9] == Choice("native", 9) and table[16] == Choice("native", 16)
 
 
 def test_choose_pads_up_when_a_larger_count_is_faster():
@@ -151,12 +176,15 @@ PLANS = {
     "wx-padded": forced("wx", lambda m: 16 if m > 8 else max(2, m + m % 2)),
     "col": forced("col", lambda m: m),
     "linear-padded": forced("linear", lambda m: 16),
+    "native": forced("native", lambda m: m),
 }
 
 
 @pytest.mark.parametrize("plan", list(PLANS))
 @pytest.mark.parametrize("name", ["qwen3", "llama-biases"])
 def test_the_lean_forward_through_forced_plans_matches_transformers(plan, name, monkeypatch):
+    if plan == "native" and native.kernel() is None:
+        pytest.skip(f"no native kernel: {native.unavailable_reason()}")
     monkeypatch.setattr(fast_target, "plan_for", lambda *_a, **_k: PLANS[plan])
     model = build(CONFIGS[name]())
     slow, fast = both(model, [0, model.config.num_hidden_layers - 1])
