@@ -181,14 +181,14 @@ def native_fits(weight: torch.Tensor) -> bool:
         weight.dtype == torch.float32
         and weight.device.type == "cpu"
         and weight.is_contiguous()
-        and native.kernel() is not None
+        and native.library() is not None
     )
 
 
 def machine_key(dtype: torch.dtype, shapes: Mapping[str, tuple[int, int, int]]) -> str:
     """What a plan depends on: the CPU, the thread count, torch, the dtype and each kind's (out, in, layers)."""
     kinds = ",".join(f"{k}={o}x{i}x{n}" for k, (o, i, n) in sorted(shapes.items()))
-    built = "native" if dtype == torch.float32 and native.kernel() is not None else "no-native"
+    built = "native" if dtype == torch.float32 and native.library() is not None else "no-native"
     return f"{cpu_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}|{dtype}|{built}|{kinds}"
 
 

@@ -10,6 +10,7 @@ from transformers import (
     Qwen2Config,
 )
 
+from spectool.decoding import fast_target, native
 from spectool.decoding.engine import Engine, TargetSession, target_session
 from spectool.decoding.fast_target import FastTargetSession, fast_path_problem
 from spectool.target import FrozenTarget
@@ -56,12 +57,23 @@ def assert_same(a, b):
     torch.testing.assert_close(features_b, features_a, rtol=1e-4, atol=1e-4)
 
 
+@pytest.fixture(params=["torch-glue", "native-glue"])
+def glue(request, monkeypatch):
+    """The layers' glue (RMSNorm, rotary + cache writes) by torch ops, or forced through the native kernels
+    (which large float32 CPU models get)."""
+    if request.param == "native-glue":
+        if native.library() is None:
+            pytest.skip(f"no native kernels: {native.unavailable_reason()}")
+        monkeypatch.setattr(fast_target, "native_glue_fits", lambda *_a: True)
+    return request.param == "native-glue"
+
+
 @pytest.mark.parametrize("name", list(CONFIGS))
-def test_matches_the_transformers_forward_through_a_decoding_session(name):
+def test_matches_the_transformers_forward_through_a_decoding_session(name, glue):
     model = build(CONFIGS[name]())
     n = model.config.num_hidden_layers
     slow, fast = both(model, [-1, 0, n - 1])
-    assert fast_path_problem(fast.target) is None
+    assert fast_path_problem(fast.target) is None and fast.native_glue == glue
     gen = torch.Generator().manual_seed(3)
     prompt = torch.randint(0, TINY_VOCAB, (1, 11), generator=gen)
     assert_same(slow.forward(prompt), fast.forward(prompt))
@@ -75,9 +87,10 @@ def test_matches_the_transformers_forward_through_a_decoding_session(name):
 
 
 @pytest.mark.parametrize("name", ["qwen3", "llama3-rope"])
-def test_tree_verify_and_keep_match(name):
+def test_tree_verify_and_keep_match(name, glue):
     model = build(CONFIGS[name]())
     slow, fast = both(model, [0, 1])
+    assert fast.native_glue == glue
     prompt = torch.arange(3, 12).unsqueeze(0)
     assert_same(slow.forward(prompt), fast.forward(prompt))
     base = slow.length
@@ -102,9 +115,10 @@ def test_tree_verify_and_keep_match(name):
     assert_same(slow.forward(nxt), fast.forward(nxt))
 
 
-def test_cache_grows_past_its_first_capacity():
+def test_cache_grows_past_its_first_capacity(glue):
     model = build(CONFIGS["qwen3"]())
     slow, fast = both(model, [1])
+    assert fast.native_glue == glue
     first = fast.capacity
     long_prompt = torch.randint(0, TINY_VOCAB, (1, first - 3), generator=torch.Generator().manual_seed(0))
     assert_same(slow.forward(long_prompt), fast.forward(long_prompt))

@@ -19,7 +19,7 @@ from tests.decoding.test_fast_target import CONFIGS, assert_same, both, build
 @pytest.mark.parametrize("form", kernels.FORMS)
 @pytest.mark.parametrize("bias", [False, True])
 def test_every_form_and_padding_computes_the_linear_product(form, bias):
-    if form == "native" and native.kernel() is None:
+    if form == "native" and native.library() is None:
         pytest.skip(f"no native kernel: {native.unavailable_reason()}")
     gen = torch.Generator().manual_seed(0)
     weight = torch.randn(48, 32, generator=gen)
@@ -183,7 +183,7 @@ PLANS = {
 @pytest.mark.parametrize("plan", list(PLANS))
 @pytest.mark.parametrize("name", ["qwen3", "llama-biases"])
 def test_the_lean_forward_through_forced_plans_matches_transformers(plan, name, monkeypatch):
-    if plan == "native" and native.kernel() is None:
+    if plan == "native" and native.library() is None:
         pytest.skip(f"no native kernel: {native.unavailable_reason()}")
     monkeypatch.setattr(fast_target, "plan_for", lambda *_a, **_k: PLANS[plan])
     model = build(CONFIGS[name]())

@@ -11,7 +11,7 @@ import torch
 from spectool.decoding import kernels, native
 from spectool.decoding.kernels import Choice, PlannedLinear
 
-needs_kernel = pytest.mark.skipif(native.kernel() is None, reason=f"no native kernel: {native.unavailable_reason()}")
+needs_kernel = pytest.mark.skipif(native.library() is None, reason=f"no native kernel: {native.unavailable_reason()}")
 
 
 @pytest.fixture
@@ -59,11 +59,11 @@ def test_built_once_into_the_cache_and_rebuilt_when_damaged(fresh):
     library = native._built(compiler)  # built, not loaded
     library.unlink()
     library.write_bytes(b"not a shared library")  # a damaged file in the cache
-    assert native.kernel() is not None and native.unavailable_reason() == ""
+    assert native.library() is not None and native.unavailable_reason() == ""
     assert library.read_bytes()[:4] == b"\x7fELF"
     built = library.stat().st_mtime_ns
     native._loaded = None  # a new process: the cached build answers
-    assert native.kernel() is not None and library.stat().st_mtime_ns == built
+    assert native.library() is not None and library.stat().st_mtime_ns == built
     assert list((fresh / "native").iterdir()) == [library]
     x, weight = torch.randn(2, 16), torch.randn(5, 16)
     torch.testing.assert_close(native.few_rows(x, weight), x @ weight.T)
@@ -71,7 +71,7 @@ def test_built_once_into_the_cache_and_rebuilt_when_damaged(fresh):
 
 def test_no_compiler_leaves_the_planner_without_it(fresh, monkeypatch):
     monkeypatch.setenv("CC", str(fresh / "no-such-cc"))
-    assert native.kernel() is None and "no C compiler" in native.unavailable_reason()
+    assert native.library() is None and "no C compiler" in native.unavailable_reason()
     weight = torch.randn(4, 8)
     assert not kernels.native_fits(weight)
     with pytest.raises(ValueError, match="native kernel"):
@@ -88,6 +88,79 @@ def test_a_failing_compiler_is_a_reason_not_an_error(fresh, monkeypatch):
     )
     os.chmod(broken, 0o755)
     monkeypatch.setenv("CC", str(broken))
-    assert native.kernel() is None
-    assert native.unavailable_reason() == "the kernel did not build or load: cc: fatal error: no"
+    assert native.library() is None
+    assert native.unavailable_reason() == "the kernels did not build or load: cc: fatal error: no"
     assert not list((fresh / "native").glob("*"))  # no partial file left behind
+
+
+@needs_kernel
+@pytest.mark.parametrize("scaled", [True, False])
+def test_rms_norm_is_transformers_rms_norm(scaled):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 76, generator=gen) * 3
+    weight = torch.randn(76, generator=gen) if scaled else None
+    variance = x.double().pow(2).mean(-1, keepdim=True)
+    expected = (x.double() * torch.rsqrt(variance + 1e-5)).float()
+    expected = weight * expected if scaled else expected
+    got = native.rms_norm(x, weight, 1e-5)
+    assert got.shape == x.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="another width"):
+        native.rms_norm(x, torch.randn(75), 1e-5)
+    with pytest.raises(ValueError, match="another width"):
+        native.rms_norm(x.transpose(0, 1), weight, 1e-5)  # not contiguous
+
+
+@needs_kernel
+def test_rotary_store_rotates_like_torch_and_writes_the_caches_at_their_positions():
+    gen = torch.Generator().manual_seed(0)
+    n, heads, kv_heads, d, capacity, start = 3, 4, 2, 8, 16, 5
+    qkv = torch.randn(1, n, heads + 2 * kv_heads, d, generator=gen)
+    qk, v = qkv[:, :, : heads + kv_heads], qkv[:, :, heads + kv_heads :]
+    cos, sin = torch.randn(n, d, generator=gen), torch.randn(n, d, generator=gen)
+    keys, values = torch.zeros(2, kv_heads, capacity, d), torch.zeros(2, kv_heads, capacity, d)
+    q = native.rotary_store(qk, v, cos, sin, keys, values, start)
+    half = d // 2
+    rotated = (qk * cos[:, None] + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin[:, None]).transpose(1, 2)
+    assert torch.equal(q, rotated[:, :heads])  # the same products and sums as torch's: bit for bit
+    assert torch.equal(keys[:1, :, start : start + n], rotated[:, heads:])
+    assert torch.equal(values[:1, :, start : start + n], v.transpose(1, 2))
+    untouched = torch.ones(capacity, dtype=torch.bool)
+    untouched[start : start + n] = False
+    assert not keys[:, :, untouched].any() and not values[:, :, untouched].any() and not keys[1:].any()
+    with pytest.raises(ValueError, match="at position 14"):
+        native.rotary_store(qk, v, cos, sin, keys, values, capacity - 2)  # would write past the cache
+    with pytest.raises(ValueError, match="native rotary"):
+        native.rotary_store(qk, v, cos[:2], sin[:2], keys, values, 0)
+    with pytest.raises(ValueError, match="native rotary"):
+        native.rotary_store(qk.transpose(2, 3), v, cos, sin, keys, values, 0)
+
+
+@needs_kernel
+def test_attention_is_torchs_attention_and_each_query_stands_alone():
+    import torch.nn.functional as F
+
+    gen = torch.Generator().manual_seed(0)
+    n, heads, kv_heads, d, capacity, length = 4, 6, 2, 16, 32, 11
+    q = torch.randn(1, heads, n, d, generator=gen)
+    keys, values = (
+        torch.randn(2, kv_heads, capacity, d, generator=gen),
+        torch.randn(2, kv_heads, capacity, d, generator=gen),
+    )
+    causal = torch.ones(n, length, dtype=torch.bool).tril(length - n)
+    tree = torch.rand(n, length, generator=gen) < 0.6
+    tree[:, 0] = True  # every query sees at least one position
+    for mask in (None, causal, tree, causal[None, None]):
+        got = native.attention(q, keys, values, mask, length, 0.3)
+        expected = F.scaled_dot_product_attention(
+            q, keys[:1, :, :length], values[:1, :, :length], attn_mask=mask, scale=0.3, enable_gqa=True
+        )
+        assert got.shape == (1, n, heads * d)
+        torch.testing.assert_close(got, expected.transpose(1, 2).reshape(1, n, -1), rtol=1e-5, atol=1e-5)
+    for t in range(n):  # one query alone reads what it read beside the others, bit for bit
+        alone = native.attention(q[:, :, t : t + 1].contiguous(), keys, values, causal[t : t + 1], length, 0.3)
+        assert torch.equal(alone[0, 0], native.attention(q, keys, values, causal, length, 0.3)[0, t])
+    with pytest.raises(ValueError, match="native attention"):
+        native.attention(q, keys, values, causal, capacity + 1, 0.3)
+    with pytest.raises(ValueError, match="native attention"):
+        native.attention(q, keys, values, causal.float(), length, 0.3)
