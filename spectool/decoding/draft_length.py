@@ -253,6 +253,7 @@ class DraftLengthController:
     #: one before it (acceptance falls along a draft), each counted as PRIOR_WEIGHT observations
     PRIOR_RATE = 0.5
     PRIOR_WEIGHT = 2.0
+    ELAPSED = True
 
     def __init__(
         self,
@@ -268,7 +269,10 @@ class DraftLengthController:
         self.tree = tree
         self.probe_every = self.base_probe_every = probe_every
         self.max_probe_every = max_probe_every
-        self.draft_seconds = _RunningMean(self.DECAY)  # a block / tree round, or one chain step
+        self.draft_seconds = _RunningMean(self.DECAY)  # a block / tree round, or one chain step (on average)
+        # A chain's first token costs its feed over the committed positions too; each further token one draft step
+        self.first_seconds = _RunningMean(self.DECAY)
+        self.next_seconds = _RunningMean(self.DECAY)
         self.rates: list[_RunningMean] = []  # r_i: acceptance of position i given positions < i were accepted
         self.paying_rounds = 0  # drafting rounds in a row chosen because they pay (not probes)
         self.tree_tokens = _RunningMean(self.DECAY)  # tokens per tree round (accepted + the target's own)
@@ -277,6 +281,8 @@ class DraftLengthController:
         self.verify_scale = _RunningMean(self.DECAY, prior=1.0)
         self.plain_rounds = 0  # k = 0 rounds since the last draft
         self.probing = False
+        self.rounds = 0  # rounds chosen so far
+        self.last_seen: dict[int, int] = {}  # position -> the round its rate was last observed in
         self.longest_draft = 0  # the most tokens any round drafted: a steady round catches up at most that + 1
 
     def new_answer(self) -> None:
@@ -298,9 +304,18 @@ class DraftLengthController:
             self.verify_scale.add(seconds / expected)
 
     def draft_cost(self, k: int) -> float:
+        """D(k): a block or tree costs one forward; a chain its first token (when measured apart: the feed over
+        the committed positions and one step) plus a step per further token (until those are measured, the first
+        token's cost)."""
         if k == 0 or self.draft_seconds.value is None:
             return 0.0
-        return self.draft_seconds.value * (k if self.per_token_drafting else 1)
+        if not self.per_token_drafting:
+            return self.draft_seconds.value
+        first = self.first_seconds.value
+        if first is None:
+            return self.draft_seconds.value * k
+        further = self.next_seconds.value if self.next_seconds.value is not None else first
+        return first + (k - 1) * further
 
     def acceptance_rates(self, k: int) -> list[float]:
         """r_0 .. r_{k-1}, each shrunk towards the position before it while it has few observations (a rarely
@@ -350,6 +365,7 @@ class DraftLengthController:
     def choose(self, limit: int, tree_size: int | None = None) -> int:
         """Tokens to draft next round (at most ``limit``; a tree: ``limit`` or 0)."""
         self.probing = False
+        self.rounds += 1
         if limit <= 0:
             return 0
         if self.draft_seconds.value is None:  # nothing measured yet: draft fully to measure (not a probe: a
@@ -382,6 +398,7 @@ class DraftLengthController:
         *,
         ran: bool | None = None,
         catch_up: int = 1,
+        first_seconds: float | None = None,
     ) -> None:
         """Fold in a round that drafted ``drafted`` tokens (a tree: ``tree_size`` nodes, ``drafted`` deep) of which
         ``accepted`` were accepted, drafting in ``draft_seconds``.
@@ -389,12 +406,17 @@ class DraftLengthController:
         ``ran``: the draft forward ran (default: ``drafted > 0``); a block whose confidence cut admitted no slot
         ran for nothing, which counts as its cost and as a miss at the first position. ``catch_up``: the committed
         positions the draft had to read first; a round after plain steps (or the prompt) reads more than a
-        steady round ever does, so its time says nothing about the cost of drafting and is not counted."""
+        steady round ever does, so its time says nothing about the cost of drafting and is not counted.
+        ``first_seconds``: of ``draft_seconds``, what a chain's first token took (its feed and one step)."""
         ran = drafted > 0 if ran is None else ran
         if not ran:
             return
         if catch_up <= self.longest_draft + 1:
             self.draft_seconds.add(draft_seconds / max(drafted, 1) if self.per_token_drafting else draft_seconds)
+            if self.per_token_drafting and first_seconds is not None:
+                self.first_seconds.add(first_seconds)
+                if drafted > 1:
+                    self.next_seconds.add(max(0.0, draft_seconds - first_seconds) / (drafted - 1))
         self.longest_draft = max(self.longest_draft, drafted)
         if self.tree:
             self.tree_tokens.add(accepted + 1.0)
@@ -402,7 +424,9 @@ class DraftLengthController:
             for j in range(min(max(drafted, 1), accepted + 1)):  # positions reached: all before them accepted
                 while j >= len(self.rates):
                     self.rates.append(_RunningMean(self.DECAY))
-                self.rates[j].add(1.0 if j < accepted else 0.0)
+                elapsed = max(1, self.rounds - self.last_seen.get(j, 0)) if self.ELAPSED else 1
+                self.rates[j].add(1.0 if j < accepted else 0.0, elapsed)
+                self.last_seen[j] = self.rounds
         if self.probing and not self.per_token_drafting and self.best(max(drafted, 1), tree_size) == 0:
             # A block or tree probe that shows drafting still does not pay: wait twice as long for the next one
             # (one that pays lets the draft run; the interval comes back down once drafting has paid a while). A
@@ -422,13 +446,18 @@ class _RunningMean:
         self.count = 0 if prior is None else 1
         self.observed, self.total = 0, 0.0  # every observation so far, with no decay and no prior
 
-    def add(self, observation: float) -> None:
+    def add(self, observation: float, elapsed: int = 1) -> None:
+        """Fold in an observation made `elapsed` rounds after the one before (each round between would have
+        moved the average by the decay)."""
         self.count += 1
         self.observed, self.total = self.observed + 1, self.total + observation
         if self.value is None:
             self.value = observation
         else:
-            self.value += max(self.decay, 1.0 / self.count) * (observation - self.value)
+            weight = max(self.decay, 1.0 / self.count)
+            if elapsed > 1:
+                weight = 1.0 - (1.0 - weight) ** elapsed
+            self.value += weight * (observation - self.value)
 
     def restart_from_overall_mean(self) -> None:
         """Set the value to the plain mean of every observation so far (kept as it is before the first)."""

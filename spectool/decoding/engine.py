@@ -230,8 +230,15 @@ class Engine:
             accepted, target_token, num_drafted, full = verify(answer[-1], proposal, sampling, generator)
             verify_seconds = time.perf_counter() - t1
             if controller is not None:
+                first = getattr(proposer, "first_seconds", None) if drafting else None
                 controller.observe(
-                    num_drafted, len(accepted), t1 - t0, len(proposal.tokens), ran=drafting, catch_up=catch_up
+                    num_drafted,
+                    len(accepted),
+                    t1 - t0,
+                    len(proposal.tokens),
+                    ran=drafting,
+                    catch_up=catch_up,
+                    first_seconds=first,
                 )
                 controller.observe_verify(1 + len(proposal.tokens), verify_seconds)
             kind = "bonus" if full else "correction"

@@ -14,6 +14,7 @@ One class per method: `DFlashProposer` and `DSparkProposer` draft a block per dr
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -314,6 +315,7 @@ class EagleChainProposer(RowProposer):
     """
 
     per_token_drafting = True
+    first_seconds: float | None = None  # the last round's feed and first token (what its first token cost)
 
     def reset(self, rows: int = 1) -> None:
         super().reset(rows)
@@ -361,6 +363,7 @@ class EagleChainProposer(RowProposer):
     def propose(
         self, histories: list[list[int]], limits: list[int], sampling: SamplingParams, generator: torch.Generator
     ) -> list[Proposal]:
+        began, self.first_seconds = time.perf_counter(), None
         hidden, logits = self.feed(histories)
         steps = min(max(limits), self.max_drafts)
         drafted, dists = [], []
@@ -368,6 +371,8 @@ class EagleChainProposer(RowProposer):
             token, dist = draw(logits, sampling, generator)
             drafted.append(token)
             dists += [dist] if dist is not None else []
+            if step == 0:  # the feed over the committed positions and the first token: `--verify auto` costs it apart
+                self.first_seconds = time.perf_counter() - began
             if step + 1 == steps:
                 break
             positions = self.cache.positions(1)

@@ -343,3 +343,42 @@ def test_the_prefix_scheduler_follows_the_live_verify_cost():
         controller.observe_verify(1, 3.0)  # the machine got three times slower since start-up
     assert scheduler.round_seconds(1) == pytest.approx(3.0, rel=1e-3)
     assert scheduler.round_seconds(5) == pytest.approx(3.0 * 2.0, rel=1e-3)
+
+
+def test_an_observation_after_a_gap_weighs_the_rounds_it_stands_for():
+    """A running rate that saw nothing for 16 rounds moves as if each of them had moved it by the decay."""
+    mean = settled(0.2)
+    mean.add(1.0)
+    assert mean.value == pytest.approx(0.2 + 0.05 * 0.8)
+    mean = settled(0.2)
+    mean.add(1.0, elapsed=16)
+    assert mean.value == pytest.approx(0.2 + (1 - 0.95**16) * 0.8)
+
+
+def test_a_probe_after_plain_rounds_counts_for_the_rounds_it_waited():
+    """A chain fell into plain steps on a low first-position estimate (0.2, needs 0.37 to pay here): one accepted
+    probe 16 rounds later stands for those rounds and brings drafting back (it moved the estimate by 5% before,
+    so a draft whose estimate dipped under the bar stayed plain for hundreds of rounds)."""
+    c = controller_with(FLAT, [0.2], 0.3, per_token=True)
+    choices = []
+    while not (choices and choices[-1]):
+        choices.append(c.choose(4))
+    assert len(choices) == 16 and choices[-1] == 1 and c.probing
+    c.observe(1, 1, 0.3)
+    assert c.rates[0].value == pytest.approx(0.2 + (1 - 0.95**16) * 0.8, abs=1e-6)
+    assert c.choose(4) >= 1
+
+
+def test_a_chain_costs_its_first_token_apart_from_the_further_ones():
+    """A chain's first token carries the feed over the committed positions (0.3 here), each further token one
+    step (0.02): two tokens pay where the average cost per token (0.3) said one."""
+    c = controller_with(FLAT, [0.4, 0.4], 0.3, per_token=True)
+    assert c.best(2) == 1  # E(2) = 1.56 / (1 + 0.6) < E(1) = 1.4 / 1.3
+    c.first_seconds, c.next_seconds = settled(0.3), settled(0.02)
+    assert c.draft_cost(3) == pytest.approx(0.34)
+    assert c.best(2) == 2  # 1.56 / 1.32 = 1.18 > 1.4 / 1.3 = 1.08
+    fresh = DraftLengthController(FLAT, per_token_drafting=True)
+    fresh.observe(3, 0, 0.5, first_seconds=0.3)
+    assert fresh.first_seconds.value == pytest.approx(0.3) and fresh.next_seconds.value == pytest.approx(0.1)
+    fresh.observe(1, 0, 0.4, first_seconds=0.4)  # one token: no further step to measure
+    assert fresh.next_seconds.count == 1 and fresh.draft_cost(2) == pytest.approx(0.35 + 0.1)
