@@ -253,7 +253,6 @@ class DraftLengthController:
     #: one before it (acceptance falls along a draft), each counted as PRIOR_WEIGHT observations
     PRIOR_RATE = 0.5
     PRIOR_WEIGHT = 2.0
-    ELAPSED = True
 
     def __init__(
         self,
@@ -292,6 +291,7 @@ class DraftLengthController:
         rates of 0.12 to 0.63 from one answer to the next), so one hard answer kept the next ones from drafting."""
         for mean in (*self.rates, self.tree_tokens):
             mean.restart_from_overall_mean()
+        self.last_seen = dict.fromkeys(range(len(self.rates)), self.rounds)  # each estimate is as of now
 
     def verify_seconds(self, num_tokens: int) -> float:
         """V(n): the profiled verify forward over n tokens, scaled by what the live rounds measure."""
@@ -424,7 +424,8 @@ class DraftLengthController:
             for j in range(min(max(drafted, 1), accepted + 1)):  # positions reached: all before them accepted
                 while j >= len(self.rates):
                     self.rates.append(_RunningMean(self.DECAY))
-                elapsed = max(1, self.rounds - self.last_seen.get(j, 0)) if self.ELAPSED else 1
+                # an observation after a gap (a probe after plain rounds) weighs the rounds it stands for
+                elapsed = max(1, self.rounds - self.last_seen.get(j, 0))
                 self.rates[j].add(1.0 if j < accepted else 0.0, elapsed)
                 self.last_seen[j] = self.rounds
         if self.probing and not self.per_token_drafting and self.best(max(drafted, 1), tree_size) == 0:

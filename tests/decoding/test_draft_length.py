@@ -382,3 +382,16 @@ def test_a_chain_costs_its_first_token_apart_from_the_further_ones():
     assert fresh.first_seconds.value == pytest.approx(0.3) and fresh.next_seconds.value == pytest.approx(0.1)
     fresh.observe(1, 0, 0.4, first_seconds=0.4)  # one token: no further step to measure
     assert fresh.next_seconds.count == 1 and fresh.draft_cost(2) == pytest.approx(0.35 + 0.1)
+
+
+def test_a_new_answer_starts_its_estimates_as_of_now():
+    """`new_answer` restarts each rate from its overall mean, an estimate as of that moment: the answer's first
+    observation moves it by the decay, whatever gap the answer before ended with."""
+    c = controller_with(FLAT, [0.2], 0.3, per_token=True)
+    for _ in range(40):
+        c.choose(4)  # plain rounds (and probes, left unobserved): a long gap for position 0
+    c.new_answer()
+    c.choose(4)
+    before = c.rates[0].value
+    c.observe(1, 1, 0.3)
+    assert c.rates[0].value == pytest.approx(before + 0.05 * (1 - before))
