@@ -233,16 +233,47 @@ def plan_draft(draft: torch.nn.Module, *, report: Callable[[str], None] | None =
     """Run the draft's own linear layers through kernels chosen for them (each layer its own kind), for
     decoding beside a target whose products have a plan: the draft is small, but it runs after the target's
     forward has evicted it from the caches, at the same few-token shapes. Inference only: the layers' forward is
-    replaced (a column-major copy would not follow an optimizer's updates)."""
+    replaced (a column-major or bf16 copy would not follow an optimizer's updates).
+
+    A layer whose float32 weights are all exact in bfloat16 (a draft saved in bf16, as shipped drafts are) reads a
+    bf16 copy through the native kernel instead (`HalfStoredLinear`): the same values and sums, half the bytes."""
     linears = {name: m for name, m in draft.named_modules() if isinstance(m, torch.nn.Linear)}
-    if not linears:
+    halved = {name for name, m in linears.items() if exact_in_bf16(m.weight) and native_fits(m.weight)}
+    for name in halved:
+        linears[name].forward = HalfStoredLinear(linears[name].weight, linears[name].bias)
+    rest = {name: m for name, m in linears.items() if name not in halved}
+    if not rest:
         return PLAIN
-    plan = plan_for({f"draft.{name}": [m.weight] for name, m in linears.items()}, report=report, small_bytes=0)
-    for name, module in linears.items():
+    plan = plan_for({f"draft.{name}": [m.weight] for name, m in rest.items()}, report=report, small_bytes=0)
+    for name, module in rest.items():
         kind = f"draft.{name}"
         if plan.tables.get(kind):
             module.forward = PlannedLinear(module.weight, module.bias, plan.tables[kind], kind in plan.columns)
     return plan
+
+
+def exact_in_bf16(weight: torch.Tensor) -> bool:
+    """Whether a float32 weight holds only values a bfloat16 holds exactly (so a bf16 copy loses nothing)."""
+    return weight.dtype == torch.float32 and torch.equal(weight.detach().to(torch.bfloat16).float(), weight.detach())
+
+
+class HalfStoredLinear:
+    """`F.linear(x, weight, bias)` for a float32 weight that is exact in bfloat16: up to the last measured token
+    count, the native kernel reads a bf16 copy (half the bytes; bit for bit what it computes on the float32
+    weight); more rows, or rows it does not take, go through F.linear."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        if not (exact_in_bf16(weight) and native_fits(weight)):
+            raise ValueError("a bf16 copy of a weight that bf16 does not hold exactly (or without the native kernel)")
+        self.weight, self.bias = weight, bias
+        self.half = weight.detach().to(torch.bfloat16).contiguous()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = x.numel() // x.shape[-1] if x.numel() else 0
+        if 0 < tokens <= MEASURED_TOKENS[-1] and x.dtype == torch.float32 and x.is_contiguous():
+            out = native.few_rows_bf16(x, self.half)
+            return out if self.bias is None else out.add_(self.bias)
+        return F.linear(x, self.weight, self.bias)
 
 
 def _read_plans(path: Path) -> dict:

@@ -24,7 +24,7 @@
 typedef float v8 __attribute__((vector_size(32)));
 
 #define ROWS_PER_CALL 8           /* token rows per pass over the weight; more rows run in passes of 8 */
-#define PREFETCH_AHEAD 4096       /* floats (16 KiB) ahead in the weight stream */
+#define PREFETCH_BYTES 16384      /* how far ahead in the weight stream to prefetch */
 
 static inline v8 load8(const float *p)
 {
@@ -33,16 +33,41 @@ static inline v8 load8(const float *p)
     return v;
 }
 
+/* Eight bfloat16 values widened to float32 (exact: a bf16 is the top half of a float). */
+static inline v8 load8_bf16(const unsigned short *p)
+{
+    typedef unsigned short u16x8 __attribute__((vector_size(16)));
+    typedef unsigned int u32x8 __attribute__((vector_size(32)));
+    u16x8 half;
+    memcpy(&half, p, sizeof half);
+    u32x8 wide = __builtin_convertvector(half, u32x8) << 16;
+    v8 v;
+    memcpy(&v, &wide, sizeof v);
+    return v;
+}
+
+static inline float bf16_value(unsigned short h)
+{
+    unsigned int bits = (unsigned int)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
 static inline float lanes_sum(v8 a)
 {
     return ((a[0] + a[4]) + (a[2] + a[6])) + ((a[1] + a[5]) + (a[3] + a[7]));
 }
 
-/* R weight rows from n0 times M token rows: R * M accumulators, all constants after inlining. */
-static inline __attribute__((always_inline)) void tile(const float *restrict x, const float *restrict w,
-                                                       float *restrict y, long n0, const int R, const int M,
-                                                       long K, long ldy)
+/* R weight rows from n0 times M token rows: R * M accumulators, all constants after inlining. The weight is
+   float32, or bfloat16 (`bf16`) widened as it is read: half the bytes, the same products as its float32 copy. */
+static inline __attribute__((always_inline)) void tile(const float *restrict x, const void *restrict w,
+                                                       const int bf16, float *restrict y, long n0, const int R,
+                                                       const int M, long K, long ldy)
 {
+    const float *w32 = (const float *)w;
+    const unsigned short *w16 = (const unsigned short *)w;
+    const long ahead = bf16 ? PREFETCH_BYTES / 2 : PREFETCH_BYTES / 4;
     v8 acc[8][8];
     for (int r = 0; r < R; r++)
         for (int m = 0; m < M; m++)
@@ -53,9 +78,15 @@ static inline __attribute__((always_inline)) void tile(const float *restrict x, 
         for (int m = 0; m < M; m++)
             xs[m] = load8(x + m * K + k);
         for (int r = 0; r < R; r++) {
-            const float *row = w + (n0 + r) * K + k;
-            __builtin_prefetch(row + PREFETCH_AHEAD, 0, 1); /* into L2: measured best */
-            v8 ws = load8(row);
+            long at = (n0 + r) * K + k;
+            v8 ws;
+            if (bf16) {
+                __builtin_prefetch(w16 + at + ahead, 0, 1); /* into L2: measured best */
+                ws = load8_bf16(w16 + at);
+            } else {
+                __builtin_prefetch(w32 + at + ahead, 0, 1);
+                ws = load8(w32 + at);
+            }
             for (int m = 0; m < M; m++)
                 acc[r][m] += ws * xs[m];
         }
@@ -63,8 +94,10 @@ static inline __attribute__((always_inline)) void tile(const float *restrict x, 
     for (int r = 0; r < R; r++)
         for (int m = 0; m < M; m++) {
             float s = lanes_sum(acc[r][m]);
-            for (long t = k; t < K; t++)
-                s += w[(n0 + r) * K + t] * x[m * K + t];
+            for (long t = k; t < K; t++) {
+                long at = (n0 + r) * K + t;
+                s += (bf16 ? bf16_value(w16[at]) : w32[at]) * x[m * K + t];
+            }
             y[m * ldy + n0 + r] = s;
         }
 }
@@ -75,9 +108,9 @@ static inline __attribute__((always_inline)) void tile(const float *restrict x, 
         long tiles = N / (R);                                                            \
         _Pragma("omp parallel for schedule(static) num_threads(threads)")                \
         for (long b = 0; b < tiles; b++)                                                 \
-            tile(x, w, y, b * (R), (R), (M), K, N);                                      \
+            tile(x, w, BF16, y, b * (R), (R), (M), K, N);                                \
         for (long n = tiles * (R); n < N; n++)                                           \
-            tile(x, w, y, n, 1, (M), K, N);                                              \
+            tile(x, w, BF16, y, n, 1, (M), K, N);                                        \
     } while (0)
 
 /* With 32 vector registers (AVX-512VL) tiles may hold 16 accumulators; with 16 registers, 8. */
@@ -87,26 +120,40 @@ static inline __attribute__((always_inline)) void tile(const float *restrict x, 
 #define WIDE 1
 #endif
 
-static void pass(const float *x, const float *w, float *y, long M, long N, long K, int threads)
-{
-    switch (M) {
-    case 1: PASS(8, 1); break;
-    case 2: PASS(4 * WIDE, 2); break;
-    case 3: PASS(2 * WIDE, 3); break;
-    case 4: PASS(2 * WIDE, 4); break;
-    case 5: PASS(1 * WIDE, 5); break;
-    case 6: PASS(1 * WIDE, 6); break;
-    case 7: PASS(1 * WIDE, 7); break;
-    default: PASS(1 * WIDE, 8); break;
+#define DEFINE_PASS(name, BF16_FLAG)                                                              \
+    static void name(const float *x, const void *w, float *y, long M, long N, long K, int threads) \
+    {                                                                                             \
+        const int BF16 = (BF16_FLAG);                                                             \
+        switch (M) {                                                                              \
+        case 1: PASS(8, 1); break;                                                                \
+        case 2: PASS(4 * WIDE, 2); break;                                                         \
+        case 3: PASS(2 * WIDE, 3); break;                                                         \
+        case 4: PASS(2 * WIDE, 4); break;                                                         \
+        case 5: PASS(1 * WIDE, 5); break;                                                         \
+        case 6: PASS(1 * WIDE, 6); break;                                                         \
+        case 7: PASS(1 * WIDE, 7); break;                                                         \
+        default: PASS(1 * WIDE, 8); break;                                                        \
+        }                                                                                         \
     }
-}
 
-/* The entry point: any M >= 1, in passes of up to ROWS_PER_CALL token rows. x, w, y contiguous. */
+DEFINE_PASS(pass_f32, 0)
+DEFINE_PASS(pass_bf16, 1)
+
+/* The entry points: any M >= 1, in passes of up to ROWS_PER_CALL token rows; x, w, y contiguous; w float32 or
+   bfloat16 (stored as its 16 bits). */
 void spectool_few_rows(const float *x, const float *w, float *y, long M, long N, long K, int threads)
 {
     for (long m0 = 0; m0 < M; m0 += ROWS_PER_CALL) {
         long rows = M - m0 < ROWS_PER_CALL ? M - m0 : ROWS_PER_CALL;
-        pass(x + m0 * K, w, y + m0 * N, rows, N, K, threads);
+        pass_f32(x + m0 * K, w, y + m0 * N, rows, N, K, threads);
+    }
+}
+
+void spectool_few_rows_bf16(const float *x, const unsigned short *w, float *y, long M, long N, long K, int threads)
+{
+    for (long m0 = 0; m0 < M; m0 += ROWS_PER_CALL) {
+        long rows = M - m0 < ROWS_PER_CALL ? M - m0 : ROWS_PER_CALL;
+        pass_bf16(x + m0 * K, w, y + m0 * N, rows, N, K, threads);
     }
 }
 
@@ -217,4 +264,4 @@ void spectool_attention(const float *q, const float *keys, const float *values, 
 }
 
 /* Which build this is: lets the loader check it opened what it compiled. */
-int spectool_native_version(void) { return 3; }
+int spectool_native_version(void) { return 4; }

@@ -3,6 +3,7 @@
 * `few_rows`: fp32 token rows times a row-major weight, the weight read once per call and prefetched far enough
   ahead that eight rows cost little more than one (BLAS spends 2-3x longer there on CPUs); each token's result is
   bit-identical whatever the number of rows beside it. One more form the kernel planner times (`kernels.FORMS`).
+  `few_rows_bf16` reads a bfloat16 copy instead: a draft saved in bf16 keeps its exact weights in half the bytes.
 * `rms_norm`, `rotary_store` and `attention`: the lean forward's per-layer glue (an RMSNorm is ~8 small torch
   ops; the rotary embedding and the two cache writes ~8 more; attention over a few new tokens, with its
   transposes, ~5), one call each, where the products run natively too.
@@ -31,7 +32,7 @@ from spectool.paths import cache_dir
 SOURCE = Path(__file__).with_name("native.c")
 #: -ffp-contract=off: no multiply-add is fused in one tile shape and not in another (each token's sum stays the same)
 FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC")
-VERSION = 3  # what spectool_native_version() returns for this source
+VERSION = 4  # what spectool_native_version() returns for this source
 
 _loaded: tuple[ctypes.CDLL | None, str] | None = None  # (the library or None, why not) once looked up
 
@@ -68,14 +69,28 @@ def few_rows(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     _check_float32(x, weight)
     if not (x.is_contiguous() and weight.is_contiguous()):
         raise ValueError("the native kernel multiplies contiguous float32 tensors")
+    return _product(handle.spectool_few_rows, x, weight)
+
+
+def few_rows_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`few_rows` reading a bfloat16 `weight` [out, in] (widened exactly as it is read): half the bytes, and the
+    same result, bit for bit, as `few_rows` on its float32 copy. `x` stays float32."""
+    handle = _required()
+    _check_float32(x)
+    if weight.dtype != torch.bfloat16 or not weight.is_cpu or not (x.is_contiguous() and weight.is_contiguous()):
+        raise ValueError("the native bf16 kernel multiplies contiguous float32 rows by a contiguous bfloat16 weight")
+    return _product(handle.spectool_few_rows_bf16, x, weight)
+
+
+def _product(entry, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`x` [..., in] times `weight` [out, in] transposed by a product entry point (dtypes and layout checked)."""
     if weight.dim() != 2 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"the native kernel cannot multiply {tuple(x.shape)} by {tuple(weight.shape)}.T")
     out = torch.empty((*x.shape[:-1], weight.shape[0]))
     width = weight.shape[1]
     rows = x.numel() // width if width else 0
     if rows and weight.shape[0]:
-        threads = torch.get_num_threads()
-        handle.spectool_few_rows(x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, weight.shape[0], width, threads)
+        entry(x.data_ptr(), weight.data_ptr(), out.data_ptr(), rows, weight.shape[0], width, torch.get_num_threads())
     elif weight.shape[0]:
         out.zero_()  # no inputs to sum over (in = 0)
     return out
@@ -205,12 +220,14 @@ def _load() -> tuple[ctypes.CDLL | None, str]:
         return None, f"the kernels did not build or load: {lines[-1][:200]}"
     pointer, long = ctypes.c_void_p, ctypes.c_long
     handle.spectool_few_rows.argtypes = [pointer] * 3 + [long] * 3 + [ctypes.c_int]
+    handle.spectool_few_rows_bf16.argtypes = [pointer] * 3 + [long] * 3 + [ctypes.c_int]
     handle.spectool_rms_norm.argtypes = [pointer] * 3 + [long] * 2 + [ctypes.c_float]
     handle.spectool_rotary_store.argtypes = (
         [pointer, long, pointer, long, pointer, pointer] + [long] * 4 + [pointer] * 3 + [long] * 2
     )
     handle.spectool_attention.argtypes = [pointer] * 5 + [long] * 6 + [ctypes.c_float]
-    for name in ("spectool_few_rows", "spectool_rms_norm", "spectool_rotary_store", "spectool_attention"):
+    names = ("spectool_few_rows", "spectool_few_rows_bf16", "spectool_rms_norm", "spectool_rotary_store")
+    for name in (*names, "spectool_attention"):
         getattr(handle, name).restype = None
     return handle, ""
 

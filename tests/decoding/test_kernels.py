@@ -225,6 +225,34 @@ def test_a_planned_draft_proposes_what_the_plain_draft_proposes(method, monkeypa
         assert [r.num_accepted for r in stats.rounds] == [r.num_accepted for r in expected_stats.rounds]
 
 
+def test_a_draft_saved_in_bf16_reads_bf16_copies_and_proposes_the_same(monkeypatch, qwen3_target, qwen3_config):
+    """A draft whose weights are all exact in bfloat16 (saved in bf16, loaded in float32) reads bf16 copies through
+    the native kernel: no layer is timed, and the drafts and rounds are those of the same draft through F.linear."""
+    from tests.decoding.test_engine import make_engine
+
+    if native.library() is None:
+        pytest.skip(f"no native kernel: {native.unavailable_reason()}")
+    engines = [make_engine("eagle3", qwen3_target, qwen3_config) for _ in range(2)]
+    for engine in engines:
+        with torch.no_grad():
+            for module in engine.proposer.draft.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.weight.copy_(module.weight.to(torch.bfloat16).float())
+    plain, halved = engines
+    monkeypatch.setattr(kernels, "plan_for", lambda *_a, **_k: pytest.fail("a bf16 draft needs no timing"))
+    assert kernels.plan_draft(halved.proposer.draft) is kernels.PLAIN
+    linears = [m for m in halved.proposer.draft.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(isinstance(m.forward, kernels.HalfStoredLinear) for m in linears)
+    assert all(m.forward.half.dtype == torch.bfloat16 for m in linears)
+    for prompt in PROMPTS:
+        expected, expected_stats = run(plain, prompt, max_new_tokens=20)
+        tokens, stats = run(halved, prompt, max_new_tokens=20)
+        assert tokens == expected == reference_greedy(qwen3_target, prompt, 20)
+        assert [r.num_accepted for r in stats.rounds] == [r.num_accepted for r in expected_stats.rounds]
+    with pytest.raises(ValueError, match="does not hold exactly"):
+        kernels.HalfStoredLinear(torch.randn(4, 8), None)
+
+
 def test_a_draft_beside_a_small_target_keeps_f_linear(weights, monkeypatch, qwen3_target, qwen3_config):
     """`load_runtime` plans the draft only where the target's products have a plan; `plan_draft` itself times a
     draft of any size (it runs after the target evicted it), unless kernels are turned off."""

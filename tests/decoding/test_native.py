@@ -164,3 +164,14 @@ def test_attention_is_torchs_attention_and_each_query_stands_alone():
         native.attention(q, keys, values, causal, capacity + 1, 0.3)
     with pytest.raises(ValueError, match="native attention"):
         native.attention(q, keys, values, causal.float(), length, 0.3)
+
+
+@needs_kernel
+@pytest.mark.parametrize(("rows", "out", "width"), [(1, 64, 32), (3, 100, 36), (11, 130, 72)])
+def test_the_bf16_product_is_the_float32_product_of_the_same_values(rows, out, width):
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, width, generator=gen)
+    half = torch.randn(out, width, generator=gen).to(torch.bfloat16)
+    assert torch.equal(native.few_rows_bf16(x, half), native.few_rows(x, half.float()))  # bit for bit
+    with pytest.raises(ValueError, match="bfloat16 weight"):
+        native.few_rows_bf16(x, half.float())
