@@ -140,10 +140,7 @@ def rotary_store(
         and cos.shape == sin.shape == (n, d)
         and cos.is_contiguous()
         and sin.is_contiguous()
-        and keys.shape == values.shape
-        and keys.shape[3] == d
-        and keys.is_contiguous()
-        and values.is_contiguous()
+        and _caches_fit(keys, values, d)
         and heads > 0
         and d % 2 == 0
         and 0 <= start
@@ -180,10 +177,7 @@ def attention(
     fits = (
         q.shape[0] == 1
         and q.is_contiguous()
-        and keys.shape == values.shape
-        and keys.shape[3] == d
-        and keys.is_contiguous()
-        and values.is_contiguous()
+        and _caches_fit(keys, values, d)
         and kv_heads > 0
         and heads % kv_heads == 0
         and 0 < length <= capacity
@@ -200,6 +194,11 @@ def attention(
         n, heads, kv_heads, d, length, capacity, scale,
     )  # fmt: skip
     return out
+
+
+def _caches_fit(keys: torch.Tensor, values: torch.Tensor, d: int) -> bool:
+    """Whether `keys` / `values` are one contiguous [B, heads, capacity, d] cache pair (4-d checked by the caller)."""
+    return keys.shape == values.shape and keys.shape[3] == d and keys.is_contiguous() and values.is_contiguous()
 
 
 def _load() -> tuple[ctypes.CDLL | None, str]:
